@@ -1,0 +1,303 @@
+"""Loading and saving models without running untrusted code.
+
+Formats read (see README "Model files"):
+- edgec model files (`edgec.model/1`, written by `prune`, `distill`, `demo`): architecture spec, input
+  shape, module structure (channel counts after pruning) and weights; load with `weights_only=True`.
+- checkpoints / state_dicts (bare, `{"state_dict": ...}`, `{"model": ...}`, `module.` prefixes) + `--arch`.
+- TorchScript (`torch.jit.save`) and `torch.export` programs (`.pt2`).
+- a fully pickled nn.Module only with `trust_pickle=True` (`--trust-pickle`).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgec.errors import ModelError
+from edgec.fsutil import atomic_path
+
+MODEL_FORMAT = "edgec.model/1"
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+# Attributes that fix a module's shape: recorded so a pruned model is rebuilt from its spec, not unpickled.
+_SHAPE_ATTRS = {
+    nn.modules.conv._ConvNd: ("in_channels", "out_channels", "groups"),
+    nn.modules.batchnorm._BatchNorm: ("num_features",),
+    nn.Linear: ("in_features", "out_features"),
+    nn.LayerNorm: ("normalized_shape",),
+    nn.GroupNorm: ("num_groups", "num_channels"),
+}
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    kind: str                      # "edgec" | "checkpoint" | "torchscript" | "exported" | "pickle"
+    path: Path
+    arch: str | None = None        # architecture spec, when the model can be rebuilt from it
+    input_shape: tuple | None = None
+    meta: dict = field(default_factory=dict)  # history (prune/distill records), preprocess, ...
+
+    @property
+    def eager(self) -> bool:
+        """Pruning and distillation (as student) need a plain eager module."""
+        return self.kind in ("edgec", "checkpoint", "pickle")
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "kind": self.kind, "arch": self.arch,
+                "input_shape": list(self.input_shape) if self.input_shape else None}
+
+
+# ---------------------------------------------------------------- architecture specs
+
+def _parse_value(text: str):
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def build_arch(spec: str) -> nn.Module:
+    """`torchvision:NAME[?k=v&...]`, `path/to/file.py:factory[?k=v]` or `package.module:factory[?k=v]`."""
+    if ":" not in spec:
+        raise ModelError(f"--arch {spec!r} is not a spec; use torchvision:resnet18?num_classes=10, "
+                         "path/to/file.py:factory or package.module:factory")
+    target, _, query = spec.partition("?")
+    kwargs = {}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ModelError(f"--arch {spec!r}: option {item!r} needs key=value")
+        kwargs[key] = _parse_value(value)
+    source, _, name = target.rpartition(":")
+    if source == "torchvision":
+        import torchvision
+        try:
+            return torchvision.models.get_model(name, weights=None, **kwargs)
+        except ValueError:
+            known = ", ".join(torchvision.models.list_models()[:8])
+            raise ModelError(f"--arch {spec!r}: torchvision has no model {name!r} (e.g. {known}, ...)") from None
+        except TypeError as e:
+            raise ModelError(f"--arch {spec!r}: bad option for {name}: {e}") from None
+    factory = _load_factory(source, name, spec)
+    try:
+        model = factory(**kwargs)
+    except TypeError as e:
+        raise ModelError(f"--arch {spec!r}: calling {name}({query}) failed: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"--arch {spec!r}: {name}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _load_factory(source: str, name: str, spec: str):
+    if source.endswith(".py"):
+        path = Path(source)
+        if not path.is_file():
+            raise ModelError(f"--arch {spec!r}: file {source} not found")
+        mod_spec = importlib.util.spec_from_file_location(f"edgec_arch_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(source)
+        except ImportError as e:
+            raise ModelError(f"--arch {spec!r}: cannot import {source} ({e}); is it installed or on PYTHONPATH?") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ModelError(f"--arch {spec!r}: {source} has no callable {name!r}")
+    return factory
+
+
+# ---------------------------------------------------------------- structure (pruned shapes)
+
+def record_structure(model: nn.Module) -> dict:
+    """Shape attributes of every module, so a pruned model can be rebuilt from its arch spec."""
+    out = {}
+    for name, module in model.named_modules():
+        for cls, attrs in _SHAPE_ATTRS.items():
+            if isinstance(module, cls):
+                out[name] = {a: (list(v) if isinstance(v, tuple) else v)
+                             for a in attrs for v in [getattr(module, a)]}
+    return out
+
+
+def apply_structure(model: nn.Module, structure: dict, state_dict: dict) -> None:
+    """Resize modules to the recorded shapes: set their attributes and re-create parameters and
+    buffers with the saved tensors' shapes (values are loaded afterwards by load_state_dict)."""
+    modules = dict(model.named_modules())
+    for name, attrs in structure.items():
+        module = modules.get(name)
+        if module is None:
+            raise ModelError(f"model file records module {name!r}, which the architecture does not have; "
+                             "was it saved from a different --arch?")
+        for attr, value in attrs.items():
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+        prefix = f"{name}." if name else ""
+        for pname, param in list(module.named_parameters(recurse=False)):
+            saved = state_dict.get(prefix + pname)
+            if saved is not None and saved.shape != param.shape:
+                setattr(module, pname, nn.Parameter(torch.empty_like(saved), requires_grad=param.requires_grad))
+        for bname, buf in list(module.named_buffers(recurse=False)):
+            saved = state_dict.get(prefix + bname)
+            if buf is not None and saved is not None and saved.shape != buf.shape:
+                module.register_buffer(bname, torch.empty_like(saved))
+
+
+# ---------------------------------------------------------------- loading
+
+def _zip_names(path: Path) -> list[str] | None:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except zipfile.BadZipFile:
+        return None
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _unwrap_state_dict(obj):
+    if isinstance(obj, dict):
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        return None
+    if all(k.startswith("module.") for k in obj):  # saved from DataParallel / DDP
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_weights(model: nn.Module, state_dict: dict, path, arch: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            parts.append(f"{len(wrong)} with other shapes (e.g. {wrong[0]})")
+        raise ModelError(f"{path} does not fit --arch {arch}: " + "; ".join(parts) +
+                         "; check the architecture and its options (e.g. ?num_classes=)")
+    model.load_state_dict(state_dict)
+
+
+def load_model(path, arch: str | None = None, *, trust_pickle: bool = False,
+               input_shape: tuple | None = None) -> LoadedModel:
+    """Load any supported model file; never unpickles arbitrary objects unless trust_pickle."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model file {path} not found")
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder; pass a model file (.pt, .pth, .pt2)")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path} is empty; re-save the model")
+    names = _zip_names(path)
+    if names is not None:
+        if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
+            return _load_torchscript(path, input_shape)
+        if any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json")
+               for n in names):
+            return _load_exported(path, input_shape)
+    elif zipfile.is_zipfile(path) is False and _looks_truncated_zip(path):
+        raise ModelError(f"{path} is truncated or corrupt (incomplete zip archive); copy or save it again")
+    obj = _torch_load(path, trust_pickle)
+    if isinstance(obj, nn.Module):  # only reachable with trust_pickle
+        return LoadedModel(obj.eval(), "pickle", path, arch=arch, input_shape=input_shape)
+    if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
+        return _from_edgec_dict(obj, path, input_shape)
+    state_dict = _unwrap_state_dict(obj)
+    if state_dict is None:
+        raise ModelError(f"{path} holds a {type(obj).__name__}, not a model, checkpoint or state_dict")
+    if arch is None:
+        raise ModelError(f"{path} is a state_dict (weights only); pass --arch, e.g. "
+                         "--arch torchvision:resnet18?num_classes=10 or --arch my_model.py:build")
+    model = build_arch(arch)
+    load_weights(model, state_dict, path, arch)
+    return LoadedModel(model.eval(), "checkpoint", path, arch=arch, input_shape=input_shape)
+
+
+def _looks_truncated_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _torch_load(path: Path, trust_pickle: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+            raise ModelError(
+                f"{path} contains pickled Python objects (e.g. a whole nn.Module), which could run code; "
+                "save model.state_dict() and pass --arch, or pass --trust-pickle if you trust this file") from None
+        raise ModelError(f"{path} is not a PyTorch model file ({e}); expected .pt/.pth/.pt2") from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a file that is not its own
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "zip" in first.lower() or "central directory" in first.lower() or isinstance(e, EOFError):
+            raise ModelError(f"{path} is truncated or corrupt ({first}); copy or save it again") from None
+        raise ModelError(f"{path} is not a PyTorch model file ({type(e).__name__}: {first}); expected a file "
+                         "from torch.save, torch.jit.save or torch.export.save") from None
+
+
+def _load_torchscript(path: Path, input_shape) -> LoadedModel:
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad archive
+        raise ModelError(f"{path} looks like TorchScript but does not load ({str(e).splitlines()[0]})") from None
+    return LoadedModel(module.eval(), "torchscript", path, input_shape=input_shape)
+
+
+def _load_exported(path: Path, input_shape) -> LoadedModel:
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"{path} looks like a torch.export program but does not load "
+                         f"({str(e).splitlines()[0]})") from None
+    if input_shape is None:
+        args = program.example_inputs[0] if program.example_inputs else ()
+        if args and isinstance(args[0], torch.Tensor):
+            input_shape = (1, *args[0].shape[1:])
+    return LoadedModel(program.module(), "exported", path, input_shape=input_shape)
+
+
+def _from_edgec_dict(obj: dict, path: Path, input_shape) -> LoadedModel:
+    arch = obj["arch"]
+    model = build_arch(arch)
+    apply_structure(model, obj.get("structure", {}), obj["state_dict"])
+    load_weights(model, obj["state_dict"], path, arch)
+    shape = input_shape or (tuple(obj["input_shape"]) if obj.get("input_shape") else None)
+    return LoadedModel(model.eval(), "edgec", path, arch=arch, input_shape=shape,
+                       meta={k: obj[k] for k in ("history", "preprocess", "metrics") if k in obj})
+
+
+def save_model(path, model: nn.Module, arch: str, input_shape, *, history=(), preprocess=None,
+               metrics=None, force: bool = False) -> Path:
+    """Write an `edgec.model/1` file: rebuildable from `arch` + structure, loadable with weights_only=True."""
+    obj = {
+        "format": MODEL_FORMAT,
+        "arch": arch,
+        "input_shape": [int(d) for d in input_shape] if input_shape else None,
+        "structure": record_structure(model),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "history": list(history),
+    }
+    if preprocess:
+        obj["preprocess"] = preprocess
+    if metrics:
+        obj["metrics"] = metrics
+    with atomic_path(path, force=force) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)

@@ -1,0 +1,30 @@
+"""Model size figures shared by every stage: parameter count and FLOPs (torch.utils.flop_counter).
+
+FLOPs are counted as torch counts them: 2 per multiply-accumulate, for one sample (batch 1).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, input_shape) -> int | None:
+    """FLOPs of one forward pass at batch 1; None when the model cannot be traced by the counter."""
+    shape = (1, *tuple(input_shape)[1:])
+    was_training = getattr(model, "training", False)
+    try:
+        model.eval()
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(shape))
+        return int(counter.get_total_flops())
+    except Exception:  # noqa: BLE001 - e.g. TorchScript ops without a flop formula: report unknown, not fail
+        return None
+    finally:
+        if was_training:
+            model.train()

@@ -1,0 +1,41 @@
+"""The built-in default scenario: a torchvision ResNet18 trained on the embedded digits, cached.
+
+First run trains it (deterministic: fixed seeds, fixed split; about 3 minutes on 2 cores), later runs
+reuse the cached edgec model file. Cache: $EDGEC_CACHE or ~/.cache/edgec.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edgec.models.zoo import DEMO_ARCH, DEMO_INPUT_SHAPE
+
+DEMO_EPOCHS = 8
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGEC_CACHE") or Path.home() / ".cache" / "edgec")
+
+
+def demo_model_path() -> Path:
+    return cache_dir() / "demo" / f"resnet18-digits-e{DEMO_EPOCHS}.pt"
+
+
+def demo_model(retrain: bool = False) -> Path:
+    """Path of the trained demo ResNet18 (an edgec model file), training it if not cached."""
+    from edgec.data import load_data
+    from edgec.modelio import build_arch, save_model
+    from edgec.progress import note
+    from edgec.train import TrainConfig, train
+
+    path = demo_model_path()
+    if path.is_file() and not retrain:
+        return path
+    note(f"training the demo ResNet18 on builtin:digits ({DEMO_EPOCHS} epochs, cached in {path.parent})")
+    model = build_arch(DEMO_ARCH)
+    cfg = TrainConfig(epochs=DEMO_EPOCHS, lr=0.05, seed=0)
+    record = train(model, load_data("builtin:digits:train"), cfg, eval_data=load_data("builtin:digits:test"),
+                   label="demo training")
+    save_model(path, model, DEMO_ARCH, DEMO_INPUT_SHAPE, force=True,
+               history=[{"stage": "train", "data": "builtin:digits:train", **record}])
+    return path

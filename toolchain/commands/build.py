@@ -1,0 +1,174 @@
+"""edgec demo | build | export | quantize."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgec.commands.options import (data_options, emit_json, model_options, output_options, quant_options,
+                                    quant_options_from)
+
+build_options = [
+    click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17)."),
+    click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
+                 help="Fail when INT8 accuracy is more than this many points below FP32 (labelled eval data)."),
+    click.option("--ep", "providers", multiple=True, default=["cpu"], show_default=True,
+                 help="Execution provider(s) to benchmark on: cpu, cuda, tensorrt, auto."),
+    click.option("--bench-seconds", type=float, default=2.0, show_default=True,
+                 help="Benchmark time per model and provider; 0 skips the benchmark."),
+    click.option("--prune", "prune_ratio", type=float, help="Remove this fraction of channels (structured) first."),
+    click.option("--distill", is_flag=True, help="Train the (pruned) model on the original's soft targets."),
+    click.option("--epochs", type=int, default=10, show_default=True, help="Distillation epochs."),
+    click.option("--alpha", type=float, default=0.9, show_default=True,
+                 help="Weight of the teacher's soft targets (0 = plain fine-tuning)."),
+    click.option("--lr", type=float, default=0.01, show_default=True, help="Distillation learning rate."),
+]
+
+
+def _apply(options):
+    def wrap(f):
+        for o in reversed(options):
+            f = o(f)
+        return f
+    return wrap
+
+
+def _run_build(opts, as_json: bool, title: str):
+    from edgec.pipeline import build
+    from edgec.report import print_summary
+    manifest = build(opts)
+    if as_json:
+        emit_json(manifest)
+    else:
+        print_summary(manifest, title)
+        click.echo(f"package: {opts.output}  (edgec inspect {opts.output} | edgec verify {opts.output})")
+    return manifest
+
+
+def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, image_size, mean, std, output, force,
+                   calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor, opset,
+                   max_accuracy_drop, providers, bench_seconds, prune_ratio, distill, epochs, alpha, lr, extra=None):
+    from edgec.errors import OptionError
+    from edgec.pipeline import BuildOptions
+    prune_cfg = distill_cfg = None
+    if prune_ratio is not None:
+        from edgec.prune import PruneConfig
+        prune_cfg = PruneConfig(ratio=prune_ratio)
+    if distill:
+        from edgec.train import TrainConfig
+        distill_cfg = TrainConfig(epochs=epochs, alpha=alpha, lr=lr)
+    elif prune_ratio is not None:
+        click.echo("edgec: note: pruning without --distill loses accuracy; add --distill to recover it", err=True)
+    if opset < 17:
+        raise OptionError(f"--opset {opset}: edgec needs opset 17 or newer")
+    return BuildOptions(
+        model=model, output=output, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape, data=data,
+        eval_data=eval_data, image_size=image_size, mean=mean, std=std, opset=opset,
+        quant=quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor),
+        max_accuracy_drop=max_accuracy_drop, providers=tuple(providers), bench_seconds=bench_seconds,
+        prune=prune_cfg, distill=distill_cfg, force=force, extra=extra or {})
+
+
+@click.command("build")
+@model_options
+@data_options
+@output_options
+@quant_options
+@_apply(build_options)
+def build_cmd(as_json, **kw):
+    """Turn a trained PyTorch model into a verified INT8 ONNX package (NAME.edgec/)."""
+    _run_build(_build_options(**kw), as_json, f"edgec build: {kw['model']}")
+
+
+@click.command("demo")
+@click.option("-o", "--output", default="demo.edgec", show_default=True, type=click.Path())
+@click.option("--retrain", is_flag=True, help="Train the demo model again instead of using the cached one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def demo_cmd(output, retrain, as_json):
+    """The built-in default end to end: ResNet18 trained on the embedded digits -> INT8 package."""
+    from edgec.errors import OutputExists
+    from edgec.models.demo import demo_model
+    from edgec.package import read_manifest
+    force = False
+    if Path(output).exists():  # replace only an earlier demo package, never anything else
+        try:
+            force = bool(read_manifest(output).get("demo"))
+        except Exception:  # noqa: BLE001 - not a package at all: refuse below
+            force = False
+        if not force:
+            raise OutputExists(f"{output} exists and is not an earlier demo package; pass -o elsewhere")
+    model = demo_model(retrain=retrain)
+    opts = _build_options(model=str(model), arch=None, input_shape=None, trust_pickle=False, data="builtin:digits",
+                          eval_data=None, image_size=None, mean=None, std=None, output=output, force=force,
+                          calibration=None, samples=None, target=None, exclude_nodes=(), exclude_op_types=(),
+                          per_tensor=False, opset=17, max_accuracy_drop=1.0, providers=("cpu",), bench_seconds=2.0,
+                          prune_ratio=None, distill=False, epochs=0, alpha=0.0, lr=0.0, extra={"demo": True})
+    _run_build(opts, as_json, "edgec demo: torchvision ResNet18 on builtin:digits, FP32 -> INT8")
+
+
+@click.command("export")
+@model_options
+@data_options
+@output_options
+@click.option("--opset", type=int, default=17, show_default=True)
+def export_cmd(model, arch, input_shape, trust_pickle, data, eval_data, image_size, mean, std, output, force,
+               as_json, opset):
+    """Export a PyTorch model to ONNX, checked against torch on real samples."""
+    from edgec.fsutil import atomic_path
+    from edgec.pipeline import load_inputs, plain, stage_export
+    inputs = load_inputs(model, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape, data=data,
+                         eval_data=eval_data, image_size=image_size, mean=mean, std=std)
+    with atomic_path(output, force=force) as tmp:
+        stage = stage_export(inputs.model.module, inputs, tmp, opset)
+    _print_stage(stage, as_json, output)
+
+
+@click.command("quantize")
+@click.argument("model", type=click.Path(dir_okay=False))
+@data_options
+@output_options
+@quant_options
+def quantize_cmd(model, data, eval_data, image_size, mean, std, output, force, as_json, calibration, samples,
+                 target, exclude_nodes, exclude_op_types, per_tensor):
+    """Static INT8 quantization of an ONNX model with ONNX Runtime calibration on --data."""
+    from edgec.data import load_data
+    from edgec.exporters.compare import accuracy, compare_outputs
+    from edgec.exporters.quantize import quantize_int8
+    from edgec.fsutil import atomic_path
+    from edgec.pipeline import plain
+    opts = quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor)
+    calib = load_data(data, image_size=image_size, mean=mean, std=std)
+    calib.validate()
+    with atomic_path(output, force=force) as tmp:
+        info = plain(quantize_int8(model, tmp, calib, opts))
+        check = load_data(eval_data, image_size=image_size, mean=mean, std=std) if eval_data else calib
+        x = check.head(512)
+        info["agreement"] = compare_outputs(model, tmp, x)
+        if check.labelled:
+            info["fp32_accuracy"] = accuracy(model, x, check.y[:len(x)])
+            info["int8_accuracy"] = accuracy(tmp, x, check.y[:len(x)])
+    if as_json:
+        emit_json(info)
+    else:
+        _print_dict("quantize", info)
+        click.echo(f"wrote {output}")
+
+
+def _print_stage(stage, as_json, output):
+    if as_json:
+        emit_json(stage.to_dict())
+    else:
+        _print_dict(stage.name, stage.to_dict()["metrics"])
+        click.echo(f"wrote {output}")
+
+
+def _print_dict(title, d, indent=0):
+    """Nested metrics as indented key: value lines (a readable view of the JSON)."""
+    if indent == 0:
+        click.echo(f"{title}:")
+    for k, v in d.items():
+        if isinstance(v, dict):
+            click.echo(f"{'  ' * (indent + 1)}{k}:")
+            _print_dict(title, v, indent + 1)
+        else:
+            click.echo(f"{'  ' * (indent + 1)}{k}: {v}")

@@ -1,0 +1,87 @@
+"""Option groups shared by several commands, so each flag means the same everywhere."""
+from __future__ import annotations
+
+import click
+
+
+def _floats(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers like 0.485,0.456,0.406") from None
+
+
+def _shape(ctx, param, value):
+    from edgec.errors import OptionError
+    from edgec.pipeline import parse_shape
+    try:
+        return parse_shape(value)
+    except OptionError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def apply(*decorators):
+    def wrap(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return wrap
+
+
+model_options = apply(
+    click.argument("model", type=click.Path(dir_okay=False)),
+    click.option("--arch", help="Architecture for a checkpoint/state_dict: torchvision:NAME[?k=v], file.py:factory "
+                                "or package.module:factory."),
+    click.option("--input-shape", callback=_shape, help="e.g. 1,3,224,224 (default: from the model file or the data)."),
+    click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled nn.Module (runs code from the "
+                                                      "file: only for files you trust)."),
+)
+
+data_options = apply(
+    click.option("--data", default="builtin:digits", show_default=True,
+                 help="Calibration/training data: builtin:digits, a .npz (x, optional y) or an image folder."),
+    click.option("--eval-data", help="Labelled held-out data (default: builtin:digits:test for the built-in data, "
+                                     "else 20%% of --data when labelled)."),
+    click.option("--image-size", type=int, help="Image folders: resize+crop to this size (default 224)."),
+    click.option("--mean", callback=_floats, help="Per-channel mean to subtract, e.g. 0.485,0.456,0.406."),
+    click.option("--std", callback=_floats, help="Per-channel std to divide by, e.g. 0.229,0.224,0.225."),
+)
+
+output_options = apply(
+    click.option("-o", "--output", required=True, type=click.Path(), help="Output path."),
+    click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete)."),
+    click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (nothing else there)."),
+)
+
+quant_options = apply(
+    click.option("--calibration", type=click.Choice(["minmax", "entropy", "percentile", "auto"]), default=None,
+                 help="Calibration method (default: the quantizer's recommended one)."),
+    click.option("--samples", type=int, default=None, help="Calibration samples (default 256, or all if fewer)."),
+    click.option("--target", default=None, help="Device to quantize for: host, cpu-avx2, cpu-vnni, cpu-arm64, cuda, "
+                                                "tensorrt (default: this machine)."),
+    click.option("--exclude-node", "exclude_nodes", multiple=True, help="Node name to keep in FP32 (repeatable)."),
+    click.option("--exclude-op-type", "exclude_op_types", multiple=True,
+                 help="Operator type to keep in FP32, e.g. Gemm (repeatable)."),
+    click.option("--per-tensor", is_flag=True, help="Per-tensor instead of per-channel weight scales."),
+)
+
+
+def quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor):
+    """CLI flags -> the quantizer's typed options (only what the user set; the rest are its defaults)."""
+    from edgec.exporters.quantize import QuantOptions
+    kw = {"exclude_nodes": list(exclude_nodes), "exclude_op_types": list(exclude_op_types),
+          "per_channel": not per_tensor}
+    if calibration:
+        kw["method"] = calibration
+    if samples:
+        kw["num_samples"] = samples
+    if target:
+        kw["target"] = target
+    return QuantOptions(**kw)
+
+
+def emit_json(obj) -> None:
+    import json
+    click.echo(json.dumps(obj, indent=2))

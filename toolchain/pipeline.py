@@ -1,0 +1,274 @@
+"""`edgec build`: model.pt -> (prune) -> (distill) -> ONNX FP32 -> INT8 -> accuracy check -> bench -> package.
+
+Each stage is one function that takes the previous artifact and its options and returns the next
+artifact plus a record (`Stage`); the manifest is the sum of those records. Everything is written into
+a temporary folder that is renamed to NAME.edgec only when every stage has passed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgec.data import Dataset, load_data, split
+from edgec.errors import BudgetExceeded, DataError, OptionError
+from edgec.fsutil import atomic_path
+from edgec.metrics import count_flops, count_params
+from edgec.modelio import LoadedModel, load_model
+from edgec.progress import note
+
+EVAL_FRACTION = 0.2      # held out of --data when no --eval-data is given
+EXPORT_CHECK_SAMPLES = 64
+
+
+def plain(obj):
+    """Dataclasses, numpy scalars and paths -> JSON-ready values."""
+    if dataclasses.is_dataclass(obj):
+        return plain(obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+@dataclass
+class Stage:
+    """What a stage needs, what it gives, with which options, what it measured, how long it took."""
+    name: str
+    needs: str
+    gives: str
+    options: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return plain({"name": self.name, "needs": self.needs, "gives": self.gives, "options": self.options,
+                      "metrics": self.metrics, "seconds": round(self.seconds, 3)})
+
+
+class timed:
+    def __init__(self, stage: Stage):
+        self.stage = stage
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        note(f"{self.stage.name}: {self.stage.gives}")
+        return self.stage
+
+    def __exit__(self, *exc):
+        self.stage.seconds = time.perf_counter() - self.t0
+        return False
+
+
+# ---------------------------------------------------------------- inputs
+
+@dataclass
+class Inputs:
+    model: LoadedModel
+    input_shape: tuple
+    calib: Dataset
+    eval: Dataset | None
+    num_outputs: int
+
+
+def parse_shape(text: str | None) -> tuple | None:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise OptionError(f"--input-shape {text!r}: expected integers like 1,3,224,224") from None
+    if len(shape) < 2 or any(d <= 0 for d in shape):
+        raise OptionError(f"--input-shape {text!r}: expected a batch and at least one positive dimension")
+    return shape
+
+
+def load_inputs(model_path, *, arch=None, trust_pickle=False, input_shape=None, data="builtin:digits",
+                eval_data=None, image_size=None, mean=None, std=None) -> Inputs:
+    """Load and validate model and data before any work starts."""
+    loaded = load_model(model_path, arch, trust_pickle=trust_pickle, input_shape=input_shape)
+    kw = dict(image_size=image_size, mean=mean, std=std)
+    calib = load_data(data, **kw)
+    shape = loaded.input_shape or (1, *calib.sample_shape)
+    calib.validate(shape)
+    if eval_data:
+        evaluation = load_data(eval_data, **kw)
+    elif calib.source == "builtin:digits:train":
+        evaluation = load_data("builtin:digits:test")
+    elif calib.labelled and len(calib) >= 10:
+        calib, evaluation = split(calib, EVAL_FRACTION)
+        note(f"no --eval-data: holding out {len(evaluation)} of {calib.source}'s samples for evaluation")
+    else:
+        evaluation = None
+    example = torch.from_numpy(calib.head(1))
+    try:
+        with torch.no_grad():
+            out = loaded.module(example)
+    except Exception as e:  # noqa: BLE001 - any failure here means data and model do not fit
+        raise DataError(f"the model fails on a sample of shape {tuple(example.shape)} from {calib.source} "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); check --input-shape/--image-size") from None
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    num_outputs = int(out.shape[-1])
+    if evaluation is not None:
+        evaluation.validate(shape, num_classes=num_outputs if out.ndim == 2 else None)
+    return Inputs(loaded, shape, calib, evaluation, num_outputs)
+
+
+# ---------------------------------------------------------------- stages
+
+def stage_load(inputs: Inputs) -> Stage:
+    m = inputs.model
+    return Stage("load", "model file + data", "eager/TorchScript module, validated data",
+                 options=m.describe(),
+                 metrics={"params": count_params(m.module), "flops": count_flops(m.module, inputs.input_shape),
+                          "calib": inputs.calib.describe(),
+                          "eval": inputs.eval.describe() if inputs.eval is not None else None})
+
+
+def stage_export(module, inputs: Inputs, path: Path, opset: int) -> Stage:
+    from edgec.exporters.onnx_export import check_onnx_against_torch, export_onnx
+    stage = Stage("export", "torch module + example input", "model.fp32.onnx checked against torch",
+                  options={"opset": opset, "dynamic_batch": True})
+    with timed(stage):
+        example = torch.from_numpy(inputs.calib.head(1))
+        info = export_onnx(module, example, path, opset=opset)
+        check_data = inputs.eval if inputs.eval is not None else inputs.calib
+        check = check_onnx_against_torch(module, path, check_data.head(EXPORT_CHECK_SAMPLES))
+        stage.metrics = {"export": plain(info), "check": check}
+    return stage
+
+
+def stage_quantize(fp32: Path, int8: Path, inputs: Inputs, options) -> Stage:
+    from edgec.exporters.quantize import quantize_int8
+    stage = Stage("quantize", "model.fp32.onnx + calibration data (no labels needed)",
+                  "model.onnx: static INT8 (QDQ), ONNX Runtime calibration", options=plain(options))
+    with timed(stage):
+        info = quantize_int8(fp32, int8, inputs.calib, options)
+        stage.metrics = plain(info)
+    return stage
+
+
+def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | None) -> Stage:
+    """FP32 vs INT8 on held-out data: accuracy with labels, agreement with the FP32 model always."""
+    from edgec.exporters.compare import accuracy, compare_outputs
+    stage = Stage("evaluate", "both ONNX models + eval data", "accuracy (labels) or agreement with FP32",
+                  options={"max_accuracy_drop": max_drop})
+    with timed(stage):
+        data = inputs.eval if inputs.eval is not None else inputs.calib
+        x = data.head(len(data))
+        stage.metrics["data"] = data.describe()
+        stage.metrics["agreement"] = compare_outputs(fp32, int8, x)
+        if data.labelled:
+            fp, q = accuracy(fp32, x, data.y), accuracy(int8, x, data.y)
+            stage.metrics.update(fp32_accuracy=fp, int8_accuracy=q, accuracy_drop=round(fp - q, 4))
+            if max_drop is not None and fp - q > max_drop:
+                raise BudgetExceeded(
+                    f"INT8 accuracy {q:.2f}% is {fp - q:.2f} points below FP32 {fp:.2f}% (allowed "
+                    f"{max_drop}); try --calibration entropy|percentile, --exclude-op-types, or raise "
+                    "--max-accuracy-drop")
+    return stage
+
+
+def stage_bench(int8: Path, fp32: Path, providers: list[str], seconds: float) -> Stage:
+    from edgec.runtime import benchmark
+    stage = Stage("bench", "ONNX models", "latency per execution provider (INT8 and FP32, interleaved)",
+                  options={"providers": providers, "seconds_per_model": seconds})
+    with timed(stage):
+        results = {}
+        for ep in providers:
+            res = benchmark([int8, fp32], providers=[ep], duration=seconds)
+            results[ep] = {"int8": res[0].to_json(), "fp32": res[1].to_json()}
+        stage.metrics = results
+    return stage
+
+
+# ---------------------------------------------------------------- build
+
+@dataclass
+class BuildOptions:
+    model: str
+    output: str
+    arch: str | None = None
+    trust_pickle: bool = False
+    input_shape: tuple | None = None
+    data: str = "builtin:digits"
+    eval_data: str | None = None
+    image_size: int | None = None
+    mean: tuple | None = None
+    std: tuple | None = None
+    opset: int = 17
+    quant: object = None                 # edgec.exporters.quantize.QuantOptions; None = defaults for this host
+    max_accuracy_drop: float | None = 1.0
+    providers: tuple = ("cpu",)
+    bench_seconds: float = 2.0           # per model and provider; 0 = no benchmark
+    prune: object = None                 # edgec.prune.PruneConfig or None
+    distill: object = None               # edgec.train.TrainConfig or None (fine-tune/distill after pruning)
+    force: bool = False
+    extra: dict = field(default_factory=dict)  # recorded verbatim in the manifest (e.g. {"demo": true})
+
+
+def build(opts: BuildOptions) -> dict:
+    """Run every stage and write the package; returns its manifest."""
+    from edgec import package
+    from edgec.exporters.quantize import QuantOptions
+
+    started = time.perf_counter()
+    Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
+    from edgec.fsutil import check_writable
+    check_writable(opts.output, opts.force)  # fail before hours of work, not after
+    inputs = load_inputs(opts.model, arch=opts.arch, trust_pickle=opts.trust_pickle,
+                         input_shape=opts.input_shape, data=opts.data, eval_data=opts.eval_data,
+                         image_size=opts.image_size, mean=opts.mean, std=opts.std)
+    stages = [stage_load(inputs)]
+    module = inputs.model.module
+    original = module
+    if opts.prune is not None:
+        module, stage = stage_prune(inputs, opts.prune)
+        stages.append(stage)
+    if opts.distill is not None:
+        stages.append(stage_distill(original, module, inputs, opts.distill))
+    quant = opts.quant if opts.quant is not None else QuantOptions()
+    with atomic_path(opts.output, force=opts.force, directory=True) as tmp:
+        fp32, int8 = tmp / package.FP32_FILE, tmp / package.MODEL_FILE
+        stages.append(stage_export(module, inputs, fp32, opts.opset))
+        stages.append(stage_quantize(fp32, int8, inputs, quant))
+        stages.append(stage_evaluate(fp32, int8, inputs, opts.max_accuracy_drop))
+        if opts.bench_seconds > 0 and opts.providers:
+            stages.append(stage_bench(int8, fp32, list(opts.providers), opts.bench_seconds))
+        manifest = package.make_manifest(tmp, inputs, module, stages, extra=opts.extra,
+                                         seconds=time.perf_counter() - started)
+        package.write_package_files(tmp, manifest)
+    return manifest
+
+
+def stage_prune(inputs: Inputs, cfg) -> tuple:
+    from edgec.prune import prune_model
+    if not inputs.model.eager:
+        raise OptionError(f"--prune needs an eager model (checkpoint + --arch or an edgec model file); "
+                          f"{inputs.model.path} is {inputs.model.kind}")
+    stage = Stage("prune", "eager module (+ data for Taylor importance)", "module with channels removed",
+                  options=plain(cfg))
+    with timed(stage):
+        import copy
+        pruned, record = prune_model(copy.deepcopy(inputs.model), cfg, inputs.calib)
+        stage.metrics = plain(record)
+    return pruned, stage
+
+
+def stage_distill(teacher, student, inputs: Inputs, cfg) -> Stage:
+    from edgec.train import train
+    stage = Stage("distill", "teacher + student + training data", "student trained on the teacher's soft targets",
+                  options=plain(cfg))
+    with timed(stage):
+        stage.metrics = plain(train(student, inputs.calib, cfg, eval_data=inputs.eval, teacher=teacher,
+                                    label="distill"))
+    return stage

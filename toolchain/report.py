@@ -1,0 +1,100 @@
+"""Human views of a manifest: the summary table (terminal) and report.md. Rendered from the manifest alone."""
+from __future__ import annotations
+
+
+def _mb(n):
+    return f"{n / 1e6:.2f} MB" if n is not None else "-"
+
+
+def _count(n, unit=""):
+    if n is None:
+        return "-"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n}{unit}"
+
+
+def _quality(m):
+    if m.get("accuracy") is not None:
+        return f"{m['accuracy']:.2f}%"
+    agreement = m.get("agreement") or {}
+    top1 = agreement.get("top1_agreement", agreement.get("top1"))
+    return f"{top1:.2f}% agree" if top1 is not None else "-"
+
+
+def _latency(m, ep):
+    lat = (m.get("latency") or {}).get(ep) if "latency" in m else None
+    return f"{lat['p50_ms']:.3f} ms" if lat and lat.get("p50_ms") is not None else "-"
+
+
+def summary_rows(manifest: dict) -> list[tuple[str, str, str, str]]:
+    """(metric, FP32, INT8, change) rows: what a user wants to see first."""
+    m = manifest["metrics"]
+    fp, q = m["fp32"], m["int8"]
+    rows = [("file size", _mb(fp["bytes"]), _mb(q["bytes"]), f"{m['compression_ratio']:.2f}x smaller")]
+    if "original" in m:
+        rows.append(("params (original)", _count(m["original"]["params"]), "", ""))
+        rows.append(("FLOPs (original)", _count(m["original"]["flops"]), "", ""))
+    rows.append(("params", _count(fp["params"]), _count(q["params"]), "INT8 weights"))
+    rows.append(("FLOPs / sample", _count(fp["flops"]), _count(q["flops"]), "same ops, 8-bit"))
+    change = ""
+    if fp.get("accuracy") is not None and q.get("accuracy") is not None:
+        change = f"{q['accuracy'] - fp['accuracy']:+.2f} points"
+    else:
+        cos = (q.get("agreement") or {}).get("mean_cosine")
+        change = f"mean cosine {cos:.4f}" if cos is not None else ""
+    rows.append(("accuracy" if fp.get("accuracy") is not None else "agreement with FP32",
+                 _quality(fp), _quality(q), change))
+    fp_lat = fp.get("latency") or {}
+    for ep, lat in (manifest.get("latency") or {}).items():
+        base = fp_lat.get(ep)
+        speed = f"{base['p50_ms'] / lat['p50_ms']:.2f}x faster" if base and lat.get("p50_ms") else ""
+        rows.append((f"latency p50 ({ep})", _latency({"latency": fp_lat}, ep), _latency(manifest, ep), speed))
+    return rows
+
+
+def print_summary(manifest: dict, title: str, file=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=title)
+    for col in ("", "FP32", "INT8", "change"):
+        table.add_column(col, justify="left" if not col else "right")
+    for row in summary_rows(manifest):
+        table.add_row(*row)
+    Console(file=file, width=110).print(table)
+
+
+def _md_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(manifest: dict) -> str:
+    src = manifest["source"]
+    tc = manifest["toolchain"]
+    out = [f"# edgec package: {src['path']}", "",
+           f"Built {manifest['created']} by edgec {tc['edgec']} (torch {tc['torch']}, onnx {tc['onnx']}, "
+           f"onnxruntime {tc['onnxruntime']}) in {manifest.get('build_seconds', 0):.0f} s.", "",
+           "## Summary", "", _md_table(["", "FP32", "INT8", "change"], summary_rows(manifest)), "",
+           "## Input and output", "",
+           f"- input `{manifest['input']['name']}` {manifest['input']['shape']} {manifest['input']['dtype']}; "
+           f"preprocess: `{manifest['input'].get('preprocess')}`"]
+    out += [f"- output `{o['name']}` {o['shape']} {o['dtype']}" for o in manifest["output"]]
+    out += [f"- ONNX opset {manifest['opset']}", ""]
+    quant = manifest.get("quantization") or {}
+    scheme = quant.get("scheme") or {}
+    if scheme:
+        out += ["## Quantization", "",
+                f"- method {quant.get('method')}, {quant.get('samples')} calibration samples; "
+                f"activations {scheme.get('activation_type')}, weights {scheme.get('weight_type')}, "
+                f"per-channel {scheme.get('per_channel')}, reduce_range {scheme.get('reduce_range')}, "
+                f"format {scheme.get('quant_format')}; target {scheme.get('target')}"]
+        out += [f"- why: {r}" for r in scheme.get("reasons", [])]
+        excluded = quant.get("excluded_nodes") or []
+        out += [f"- kept in FP32: {', '.join(map(str, excluded)) if excluded else 'none'}", ""]
+    out += ["## Stages", "", _md_table(["stage", "needs", "gives", "seconds"],
+                                       [(s["name"], s["needs"], s["gives"], f"{s['seconds']:.1f}")
+                                        for s in manifest["stages"]]), ""]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,62 @@
+"""Shared fixtures: a small CNN really trained on the embedded digits (real data, not random weights:
+a random-init network makes accuracy and quantization checks meaningless)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+SMALL_ARCH = "edgec.models.zoo:digits_cnn"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    # the demo model cache must not leak between the user's machine and the tests
+    os.environ.setdefault("EDGEC_CACHE", str(tmp_path_factory.mktemp("edgec-cache")))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from edgec.data import load_data
+    return load_data("builtin:digits:train"), load_data("builtin:digits:test")
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(tmp_path_factory, digits):
+    """An edgec model file of digits_cnn trained for 5 epochs (about 98% on the test split, ~15 s)."""
+    import torch
+    from edgec.modelio import build_arch, save_model
+    from edgec.train import TrainConfig, train
+    torch.manual_seed(0)
+    train_ds, test_ds = digits
+    model = build_arch(SMALL_ARCH)
+    record = train(model, train_ds, TrainConfig(epochs=5, lr=0.05, batch_size=32), eval_data=test_ds, label="fixture")
+    path = tmp_path_factory.mktemp("models") / "cnn.pt"
+    save_model(path, model, SMALL_ARCH, (1, 3, 32, 32), history=[{"stage": "train", **record}])
+    return path, record["best_accuracy"]
+
+
+@pytest.fixture(scope="session")
+def cnn_state_dict(tmp_path_factory, trained_cnn):
+    """The same trained weights as a plain state_dict (needs --arch)."""
+    import torch
+    from edgec.modelio import load_model
+    path = tmp_path_factory.mktemp("models") / "cnn_state_dict.pt"
+    torch.save(load_model(trained_cnn[0]).module.state_dict(), path)
+    return path
+
+
+def run_cli(*args):
+    """Run the real CLI entry point in-process; returns (exit_code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from edgec.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return code, out.getvalue(), err.getvalue()

@@ -1,0 +1,129 @@
+"""Every model format loads; every bad file is one clear error; a hostile pickle never runs."""
+import os
+
+import pytest
+import torch
+import torchvision
+
+from edgec.errors import ModelError
+from edgec.modelio import build_arch, load_model, save_model
+
+ARCH = "torchvision:resnet18?num_classes=10"
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("resnet")
+    m = torchvision.models.resnet18(num_classes=10).eval()
+    return d, m
+
+
+def _same(a, b, shape=(2, 3, 32, 32)):
+    x = torch.randn(shape)
+    with torch.no_grad():
+        return torch.allclose(a(x), b(x), atol=1e-5)
+
+
+def test_state_dict_and_wrappers(resnet):
+    d, m = resnet
+    torch.save(m.state_dict(), d / "sd.pt")
+    torch.save({"state_dict": {"module." + k: v for k, v in m.state_dict().items()}, "epoch": 3}, d / "ddp.pt")
+    torch.save({"model": m.state_dict()}, d / "model.pt")
+    for name in ("sd.pt", "ddp.pt", "model.pt"):
+        loaded = load_model(d / name, ARCH)
+        assert loaded.kind == "checkpoint" and loaded.eager
+        assert _same(loaded.module, m)
+
+
+def test_torchscript_and_exported(resnet):
+    d, m = resnet
+    torch.jit.save(torch.jit.trace(m, torch.randn(1, 3, 32, 32)), d / "ts.pt")
+    ts = load_model(d / "ts.pt")
+    assert ts.kind == "torchscript" and not ts.eager and _same(ts.module, m)
+    torch.export.save(torch.export.export(m, (torch.randn(1, 3, 32, 32),)), d / "prog.pt2")
+    ep = load_model(d / "prog.pt2")
+    assert ep.kind == "exported" and ep.input_shape == (1, 3, 32, 32)
+    assert _same(ep.module, m, (1, 3, 32, 32))
+
+
+def test_edgec_file_roundtrip_with_changed_structure(tmp_path):
+    # channel counts that differ from the architecture's defaults are replayed from the file
+    m = build_arch("edgec.models.zoo:digits_cnn?width=16")
+    conv = m[0][0]
+    m[0][0] = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+    m[0][0].weight.data = conv.weight.data.clone()
+    save_model(tmp_path / "m.pt", m, "edgec.models.zoo:digits_cnn?width=16", (1, 3, 32, 32),
+               history=[{"stage": "test"}])
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)  # loadable without unpickling code
+    assert raw["format"] == "edgec.model/1"
+    loaded = load_model(tmp_path / "m.pt")
+    assert loaded.input_shape == (1, 3, 32, 32) and loaded.meta["history"] == [{"stage": "test"}]
+    assert _same(loaded.module, m.eval())
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_hostile_pickle_never_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"state_dict": {}, "payload": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ModelError, match="--trust-pickle"):
+        load_model(tmp_path / "evil.pt", ARCH)
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+def test_full_module_needs_trust(tmp_path, resnet):
+    _, m = resnet
+    torch.save(m, tmp_path / "full.pt")
+    with pytest.raises(ModelError, match="pickled Python objects"):
+        load_model(tmp_path / "full.pt")
+    assert load_model(tmp_path / "full.pt", trust_pickle=True).kind == "pickle"
+
+
+@pytest.mark.parametrize("setup,arch,message", [
+    (lambda p: None, ARCH, "not found"),
+    (lambda p: p.write_bytes(b""), ARCH, "empty"),
+    (lambda p: p.write_text("this is not a model"), ARCH, "not a PyTorch model file"),
+    (lambda p: torch.save({"a": 1, "b": "x"}, p), ARCH, "not a model"),
+])
+def test_bad_files(tmp_path, setup, arch, message):
+    path = tmp_path / "bad.pt"
+    setup(path)
+    with pytest.raises(ModelError, match=message):
+        load_model(path, arch)
+
+
+def test_truncated_checkpoint(tmp_path, resnet):
+    _, m = resnet
+    torch.save(m.state_dict(), tmp_path / "ok.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelError, match="truncated or corrupt"):
+        load_model(tmp_path / "cut.pt", ARCH)
+
+
+def test_arch_errors(tmp_path, resnet):
+    _, m = resnet
+    torch.save(m.state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(ModelError, match="pass --arch"):
+        load_model(tmp_path / "sd.pt")
+    with pytest.raises(ModelError, match="does not fit --arch.*num_classes"):
+        load_model(tmp_path / "sd.pt", "torchvision:resnet18")
+    with pytest.raises(ModelError, match="has no model 'resnet_nope'"):
+        load_model(tmp_path / "sd.pt", "torchvision:resnet_nope")
+    with pytest.raises(ModelError, match="not a spec"):
+        load_model(tmp_path / "sd.pt", "resnet18")
+    with pytest.raises(ModelError, match="cannot import"):
+        load_model(tmp_path / "sd.pt", "no_such_package_xyz:build")
+
+
+def test_arch_from_python_file(tmp_path, resnet):
+    _, m = resnet
+    (tmp_path / "arch.py").write_text(
+        "import torchvision\ndef build(classes=1000):\n    return torchvision.models.resnet18(num_classes=classes)\n")
+    torch.save(m.state_dict(), tmp_path / "sd.pt")
+    loaded = load_model(tmp_path / "sd.pt", f"{tmp_path / 'arch.py'}:build?classes=10")
+    assert _same(loaded.module, m)

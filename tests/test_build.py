@@ -1,0 +1,168 @@
+"""`edgec build` end to end on a really trained model, real ONNX Runtime sessions, real calibration."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL_ARCH, run_cli
+from edgec.package import MANIFEST_FILE, MODEL_FILE, SCHEMA, verify_package
+
+FAST = ["--bench-seconds", "0", "--samples", "128"]
+
+
+@pytest.fixture(scope="module")
+def package(trained_cnn, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pkg") / "cnn.edgec"
+    code, stdout, stderr = run_cli("build", trained_cnn[0], "-o", out, "--bench-seconds", "0.3", "--samples", "128")
+    assert code == 0, stderr
+    return out, stdout
+
+
+def test_package_contract(package, trained_cnn):
+    out, stdout = package
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.fp32.onnx", "manifest.json", "report.md"}
+    m = json.loads((out / MANIFEST_FILE).read_text())
+    assert m["schema"] == SCHEMA
+    assert set(m["files"]) == {"model.onnx", "model.fp32.onnx", "report.md"}
+    assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in m["files"].values())
+    assert m["input"]["shape"][1:] == [3, 32, 32] and m["input"]["dtype"] == "float32"
+    assert m["output"][0]["shape"][1:] == [10] and m["opset"] >= 17
+    assert {"edgec", "torch", "onnx", "onnxruntime", "cpu_features"} <= set(m["toolchain"])
+    assert [s["name"] for s in m["stages"]] == ["load", "export", "quantize", "evaluate", "bench"]
+    fp32, int8 = m["metrics"]["fp32"], m["metrics"]["int8"]
+    for k in ("accuracy", "bytes", "params", "flops"):
+        assert fp32[k] is not None and int8[k] is not None
+    assert fp32["accuracy"] > 90 and fp32["accuracy"] - int8["accuracy"] <= 1.0
+    assert int8["bytes"] < fp32["bytes"]
+    assert "p50_ms" in m["latency"]["cpu"]
+    assert m["quantization"]["scheme"]["reasons"]
+    check = next(s for s in m["stages"] if s["name"] == "export")["metrics"]["check"]
+    assert check["samples"] > 0
+    assert "FP32" in stdout and "INT8" in stdout
+    assert "accuracy" in (out / "report.md").read_text()
+
+
+def test_verify_and_tamper(package, tmp_path):
+    import shutil
+    out, _ = package
+    assert verify_package(out)["ran"]
+    code, stdout, _ = run_cli("verify", out)
+    assert code == 0 and "ok:" in stdout
+    bad = tmp_path / "bad.edgec"
+    shutil.copytree(out, bad)
+    with open(bad / MODEL_FILE, "r+b") as f:  # flip one byte in the middle of the model
+        f.seek(f.seek(0, 2) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    code, _, stderr = run_cli("verify", bad)
+    assert code == 9 and "model.onnx does not match the manifest" in stderr and "Traceback" not in stderr
+    (bad / MODEL_FILE).unlink()
+    code, _, stderr = run_cli("verify", bad)
+    assert code == 9 and "missing" in stderr
+
+
+def test_inspect(package):
+    out, _ = package
+    code, stdout, _ = run_cli("inspect", out, "--json")
+    assert code == 0 and json.loads(stdout)["schema"] == SCHEMA
+    code, stdout, _ = run_cli("inspect", out)
+    assert code == 0 and "model.onnx" in stdout and "input" in stdout
+
+
+def test_existing_output_is_refused_and_kept(package):
+    out, _ = package
+    before = (out / MANIFEST_FILE).read_bytes()
+    code, _, stderr = run_cli("build", out.parent / "nonexistent.pt", "-o", out)
+    assert code in (3, 8)
+    code, _, stderr = run_cli("build", out.parent / "whatever.pt", "-o", out, *FAST)
+    assert (out / MANIFEST_FILE).read_bytes() == before
+
+
+def test_failed_build_leaves_nothing(trained_cnn, tmp_path):
+    # an impossible accuracy budget fails after export and quantization: nothing may remain
+    out = tmp_path / "fail.edgec"
+    code, _, stderr = run_cli("build", trained_cnn[0], "-o", out, "--max-accuracy-drop", "-100", *FAST)
+    assert code == 7 and "INT8 accuracy" in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_replaces_only_when_complete(trained_cnn, tmp_path):
+    out = tmp_path / "p.edgec"
+    assert run_cli("build", trained_cnn[0], "-o", out, *FAST)[0] == 0
+    code, _, stderr = run_cli("build", trained_cnn[0], "-o", out, *FAST)
+    assert code == 8 and "--force" in stderr
+    assert run_cli("build", trained_cnn[0], "-o", out, "--force", *FAST)[0] == 0
+    assert verify_package(out)["ran"] and sorted(p.name for p in tmp_path.iterdir()) == ["p.edgec"]
+
+
+@pytest.mark.parametrize("kind", ["state_dict", "torchscript", "exported"])
+def test_other_model_formats(kind, trained_cnn, cnn_state_dict, tmp_path):
+    from edgec.modelio import load_model
+    model = load_model(trained_cnn[0]).module
+    args = []
+    if kind == "state_dict":
+        path, args = cnn_state_dict, ["--arch", SMALL_ARCH]
+    elif kind == "torchscript":
+        path = tmp_path / "ts.pt"
+        torch.jit.save(torch.jit.script(model), path)
+    else:
+        path = tmp_path / "prog.pt2"
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        torch.export.save(torch.export.export(model, (torch.zeros(2, 3, 32, 32),), dynamic_shapes=({0: batch},)),
+                          path)
+    out = tmp_path / "p.edgec"
+    code, _, stderr = run_cli("build", path, "-o", out, *args, *FAST)
+    assert code == 0, stderr
+    m = json.loads((out / MANIFEST_FILE).read_text())
+    assert m["source"]["kind"] == ("checkpoint" if kind == "state_dict" else kind)
+    assert m["metrics"]["int8"]["accuracy"] > 85
+
+
+def test_unlabelled_npz_gives_agreement(trained_cnn, tmp_path, digits):
+    _, test = digits
+    np.savez(tmp_path / "calib.npz", x=test.x[:200])
+    out = tmp_path / "u.edgec"
+    code, _, stderr = run_cli("build", trained_cnn[0], "--data", tmp_path / "calib.npz", "-o", out, *FAST)
+    assert code == 0, stderr
+    m = json.loads((out / MANIFEST_FILE).read_text())
+    agreement = m["metrics"]["int8"]["agreement"]
+    assert agreement["top1_agreement"] > 90 and agreement["mean_cosine"] > 0.98
+    assert "accuracy" not in m["metrics"]["int8"]
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["missing.pt"], 3, "not found"),
+    (["{model}", "--data", "builtin:nope"], 4, "unknown built-in data"),
+    (["{model}", "--data", "{nan}"], 4, "NaN or Inf"),
+    (["{model}", "--data", "{gray}"], 4, "channels"),
+    (["{model}", "--input-shape", "1,3,x"], 2, "input-shape"),
+    (["{sd}"], 3, "pass --arch"),
+    (["{sd}", "--arch", "torchvision:resnet18"], 3, "does not fit"),
+    (["{model}", "--exclude-node", "no_such_node"], 2, "no_such_node"),
+])
+def test_user_errors_are_one_line(args, code, message, trained_cnn, cnn_state_dict, tmp_path):
+    np.savez(tmp_path / "nan.npz", x=np.full((4, 3, 32, 32), np.nan, np.float32))
+    np.savez(tmp_path / "gray.npz", x=np.zeros((4, 1, 32, 32), np.float32))
+    subst = {"model": trained_cnn[0], "sd": cnn_state_dict, "nan": tmp_path / "nan.npz", "gray": tmp_path / "gray.npz"}
+    args = [a.format(**subst) for a in args]
+    got, stdout, stderr = run_cli("build", *args, "-o", tmp_path / "o.edgec", *FAST)
+    assert got == code, stderr
+    assert message in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) <= 2  # the error line (+ at most one progress note)
+    assert not (tmp_path / "o.edgec").exists()
+
+
+def test_export_and_quantize_commands(trained_cnn, tmp_path, digits):
+    onnx_path, q_path = tmp_path / "m.onnx", tmp_path / "m.int8.onnx"
+    code, _, stderr = run_cli("export", trained_cnn[0], "-o", onnx_path)
+    assert code == 0, stderr
+    np.savez(tmp_path / "calib.npz", x=digits[0].x[:64], y=digits[0].y[:64])
+    code, stdout, stderr = run_cli("quantize", onnx_path, "--data", tmp_path / "calib.npz",
+                                   "--eval-data", "builtin:digits:test", "-o", q_path, "--json")
+    assert code == 0, stderr
+    info = json.loads(stdout)
+    assert info["int8_accuracy"] > 85 and q_path.stat().st_size < onnx_path.stat().st_size
+    code, _, stderr = run_cli("quantize", onnx_path, "--data", tmp_path / "calib.npz", "-o", q_path)
+    assert code == 8

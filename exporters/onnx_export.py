@@ -1,0 +1,283 @@
+"""torch -> ONNX export, verified: opset actually written, checker, shape inference, and ORT vs torch.
+
+Exporter choice: the TorchScript-based exporter (dynamo=False) runs first. Measured here it is 5-10x faster
+(0.4-0.7 s vs 2.4-5.5 s for ResNet18), honours the requested opset and writes one file; it is also the only
+one that takes a torch.jit.ScriptModule. The dynamo exporter is the fallback for what the tracer cannot handle
+(e.g. aten::fft_rfft): it may silently write a newer opset than asked, so the opset is read back from the file
+and a difference is recorded as a warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgec.errors import ExportError, ModelError
+from edgec.exporters.compare import ort_session, output_agreement, run_onnx
+from edgec.fsutil import atomic_path
+
+TWO_GB = 2 ** 31
+# protobuf's hard limit is 2 GiB for the whole message; leave room for the graph itself.
+EXTERNAL_DATA_THRESHOLD = int(1.8 * 2 ** 30)
+
+
+@dataclass
+class ExportInfo:
+    exporter: str                  # "torchscript" | "dynamo"
+    opset: int                     # read back from the written file
+    opset_requested: int
+    input_name: str
+    input_shape: list              # "batch" marks the dynamic axis
+    input_dtype: str
+    output_names: list[str]
+    output_shapes: list[list]
+    output_dtypes: list[str]
+    external_data: bool
+    file_bytes: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _as_module(model):
+    """(callable module, kind). ExportedProgram -> its .module(); ScriptModule stays scripted."""
+    import torch
+    if isinstance(model, torch.export.ExportedProgram):
+        return model.module(), "exported_program"
+    if isinstance(model, torch.jit.ScriptModule):
+        return model, "script"
+    if isinstance(model, torch.nn.Module):
+        return model, "eager"
+    raise ModelError(f"cannot export a {type(model).__name__}; pass an nn.Module, a ScriptModule or an "
+                     "ExportedProgram")
+
+
+@contextlib.contextmanager
+def _eval_mode(module):
+    """Export and compare in eval mode (BatchNorm/Dropout), and give the module back as it came."""
+    was = getattr(module, "training", False)
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # an ExportedProgram's module may refuse
+        module.eval()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            module.train(was)
+
+
+def _outputs_tuple(out) -> tuple:
+    import torch
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
+        return tuple(out)
+    raise ExportError(f"the model returns {type(out).__name__}; export needs a tensor or a tuple of tensors, "
+                      "wrap the model so that forward returns tensors")
+
+
+def _unsupported_op(message: str) -> str | None:
+    for pattern in (r"operator '([\w:.]+)'", r"unrecognized namespace ([\w:.]+)", r"OpOverload\(op='([\w.]+)'",
+                    r"No ONNX function found for ([\w:.]+)"):
+        m = re.search(pattern, message)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _written_opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
+
+
+def _param_bytes(module) -> int:
+    try:
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    except Exception:  # some ScriptModules do not expose state_dict tensors
+        return 0
+
+
+def _quiet():
+    """Both exporters print progress and deprecation chatter; keep stdout clean for --json callers."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    return stack
+
+
+def _torchscript_export(module, example, file, opset, input_name, output_names, dynamic_batch):
+    import torch
+    axes = {n: {0: "batch"} for n in [input_name, *output_names]} if dynamic_batch else None
+    torch.onnx.export(module, (example,), str(file), dynamo=False, opset_version=opset, input_names=[input_name],
+                      output_names=output_names, dynamic_axes=axes, do_constant_folding=True)
+
+
+def _dynamo_export(module, example, file, opset, input_name, output_names, dynamic_batch, large):
+    import torch
+    shapes = None
+    if dynamic_batch:
+        if example.shape[0] < 2:  # torch.export specialises a size-1 dimension to a constant
+            example = example.expand(2, *example.shape[1:]).clone()
+        shapes = ({0: torch.export.Dim("batch", min=1)},)
+    torch.onnx.export(module, (example,), str(file), dynamo=True, opset_version=opset, input_names=[input_name],
+                      output_names=output_names, dynamic_shapes=shapes, external_data=large, verbose=False)
+
+
+def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "input", output_names=None,
+                dynamic_batch: bool = True, force: bool = True) -> ExportInfo:
+    """Export `model` (nn.Module, ScriptModule or ExportedProgram) to `path`, checked and shape-inferred."""
+    import onnx
+    import torch
+
+    started = time.perf_counter()
+    module, kind = _as_module(model)
+    example = example.detach().clone()  # a slice would drag its whole base tensor along
+    with _eval_mode(module), torch.no_grad():
+        try:
+            outs = _outputs_tuple(module(example))
+        except Exception as e:
+            raise ModelError(f"the model fails on the example input of shape {tuple(example.shape)}: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; fix --input-shape") from e
+        if output_names is None:
+            output_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+        elif len(output_names) != len(outs):
+            raise ExportError(f"{len(output_names)} output names for {len(outs)} outputs; give one name per output")
+        large = _param_bytes(module) >= EXTERNAL_DATA_THRESHOLD
+        notes: list[str] = []
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.export-", dir=path.parent) as tmp:
+            raw = Path(tmp) / "raw.onnx"
+            args = (example, raw, opset, input_name, list(output_names), dynamic_batch)
+            exporter, first_error = "torchscript", None
+            if kind == "exported_program":
+                # The TorchScript exporter cannot trace a program's module (it refuses train()); dynamo takes the
+                # program itself, with the batch axis the program was exported with.
+                exporter = "dynamo"
+                try:
+                    with _quiet():
+                        torch.onnx.export(model, (example,), str(raw), dynamo=True, opset_version=opset,
+                                          input_names=[input_name], output_names=list(output_names),
+                                          external_data=large, verbose=False)
+                except Exception as e:  # noqa: BLE001
+                    raise _export_error(_unsupported_op(str(e)), e, opset) from e
+            else:
+                try:
+                    with _quiet():
+                        _torchscript_export(module, *args)
+                except Exception as e:  # noqa: BLE001 - any tracer failure means: try the other exporter
+                    first_error = e
+            if first_error is not None:
+                op = _unsupported_op(str(first_error))
+                if kind == "script":  # dynamo cannot take a ScriptModule: nothing to fall back to
+                    raise _export_error(op, first_error, opset) from first_error
+                exporter = "dynamo"
+                notes.append(f"TorchScript exporter failed ({_first_line(first_error)}); used dynamo")
+                try:
+                    with _quiet():
+                        _dynamo_export(module, *args, large)
+                except Exception as e:  # noqa: BLE001
+                    raise _export_error(_unsupported_op(str(e)) or op, e, opset) from e
+            proto = onnx.load(str(raw), load_external_data=True)
+            written = _written_opset(proto)
+            if written != opset:
+                notes.append(f"asked for opset {opset}, the {exporter} exporter wrote opset {written}")
+            info_io = _io_signature(proto, input_name)
+            if dynamic_batch and not isinstance(info_io["input_shape"][0], str):
+                notes.append(f"the batch axis is fixed at {info_io['input_shape'][0]}: for an ExportedProgram, "
+                             "export it with dynamic_shapes={0: torch.export.Dim('batch')} to get a dynamic one")
+            info = _save_checked(proto, path, tmp, large, force)
+    ex = ExportInfo(exporter=exporter, opset=written, opset_requested=opset, input_name=input_name,
+                    output_names=list(output_names), external_data=large,
+                    file_bytes=path.stat().st_size + (info or 0), seconds=round(time.perf_counter() - started, 3),
+                    warnings=notes, **info_io)
+    return ex
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _export_error(op: str | None, e: BaseException, opset: int) -> ExportError:
+    if op:
+        return ExportError(f"operator {op} cannot be exported to ONNX opset {opset}; try a higher --opset "
+                           f"(e.g. {max(opset + 1, 18)}), replace that operation, or keep that module out of the "
+                           "exported model")
+    return ExportError(f"ONNX export failed: {_first_line(e)}; try another --opset or simplify the model's forward")
+
+
+def _dims(vi) -> list:
+    return [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in vi.type.tensor_type.shape.dim]
+
+
+def _io_signature(proto, input_name) -> dict:
+    import onnx
+    inp = next((i for i in proto.graph.input if i.name == input_name), proto.graph.input[0])
+    dt = lambda vi: onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name  # noqa: E731
+    return {"input_shape": _dims(inp), "input_dtype": dt(inp),
+            "output_shapes": [_dims(o) for o in proto.graph.output],
+            "output_dtypes": [dt(o) for o in proto.graph.output]}
+
+
+def _save_checked(proto, path: Path, tmp: str, large: bool, force: bool) -> int:
+    """Write one file (or model + one .data file above 2 GB), then checker + shape inference on the result.
+    Returns the size of the external data file (0 when none)."""
+    import onnx
+    staged = Path(tmp) / path.name
+    data_name = f"{path.name}.data"
+    if large:
+        onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(staged))
+    del proto
+    try:
+        onnx.checker.check_model(str(staged))  # path-based: works above 2 GB
+        onnx.shape_inference.infer_shapes_path(str(staged), str(staged), strict_mode=False, data_prop=True)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"the exported model fails the ONNX checker: {_first_line(e)}; try another --opset") from e
+    data_bytes = 0
+    if large:
+        data_bytes = (Path(tmp) / data_name).stat().st_size
+        os.replace(Path(tmp) / data_name, path.parent / data_name)
+    with atomic_path(path, force=force) as out:
+        os.replace(staged, out)
+    return data_bytes
+
+
+def check_onnx_against_torch(model, onnx_path, samples, *, atol: float = 1e-3, cos_min: float = 0.9999,
+                             batch_size: int = 32) -> dict:
+    """Run real ORT (CPU) and torch on the same real samples; raise ExportError naming an output that disagrees."""
+    import torch
+    samples = np.asarray(samples, dtype=np.float32)
+    module, _ = _as_module(model)
+    got = run_onnx(ort_session(onnx_path), samples, batch_size)
+    with _eval_mode(module), torch.no_grad():
+        ref_parts = [_outputs_tuple(module(torch.from_numpy(samples[i:i + batch_size])))
+                     for i in range(0, len(samples), batch_size)]
+    ref = [torch.cat([p[i] for p in ref_parts]).numpy() for i in range(len(ref_parts[0]))]
+    sess_names = [o.name for o in ort_session(onnx_path).get_outputs()]
+    if len(ref) != len(got):
+        raise ExportError(f"torch returns {len(ref)} outputs, the ONNX model {len(got)}; re-export the model")
+    metrics = {"samples": int(len(samples)), "atol": atol, "cos_min": cos_min, "outputs": {}}
+    for name, r, g in zip(sess_names, ref, got):
+        if r.shape != g.shape:
+            raise ExportError(f"output {name}: torch shape {r.shape}, ONNX Runtime {g.shape}; re-export with "
+                              "dynamic_batch or the right example shape")
+        m = output_agreement(r, g)
+        metrics["outputs"][name] = m
+        if m["max_abs_err"] > atol or m["min_cosine"] < cos_min:
+            raise ExportError(f"ONNX Runtime disagrees with torch on output {name}: max abs error "
+                              f"{m['max_abs_err']:.3g} (atol {atol:g}), min cosine {m['min_cosine']:.6f} "
+                              f"(min {cos_min:g}); check for train-mode layers or export with another --opset")
+    return metrics

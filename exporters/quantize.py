@@ -1,0 +1,313 @@
+"""ONNX FP32 -> INT8 (QDQ) static quantization with ONNX Runtime, hardware-aware and calibrated by streaming.
+
+Steps: pre-process (ORT's quant_pre_process: shape inference + graph optimisation, which folds BatchNorm into
+Conv), calibrate once (edgec.exporters.calibration: bounded memory, any method), quantize with ORT's
+quantize_static fed the ranges as a calibration cache, then read the QDQ graph back to report what really
+runs in INT8. `Prepared` keeps the pre-processed model and ranges, so sensitivity analysis can re-quantize
+with other exclusions without calibrating again.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from edgec.errors import ModelError, OptionError
+from edgec.exporters.calibration import METHODS, CalibrationResult, Progress, calibrate, save_ranges
+from edgec.exporters.target import QuantScheme, scheme_for
+from edgec.fsutil import atomic_path
+
+COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+_TYPES = ("uint8", "int8")
+
+
+@dataclass
+class QuantOptions:
+    method: str = "minmax"                 # minmax | entropy | percentile | auto
+    num_samples: int | None = 256          # None = all calibration samples
+    per_channel: bool = True
+    quant_format: str = "QDQ"              # QDQ | QOperator
+    activation_type: str | None = None     # None = from the target (uint8 on CPUs, int8 on GPUs)
+    weight_type: str | None = None         # None = from the target (int8)
+    reduce_range: bool | None = None       # None = from the target's CPU features
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    target: str | None = None              # None = this machine; see edgec.exporters.target.TARGETS
+    pre_process: bool = True
+    percentile: float = 99.999
+    histogram_bins: int = 2048
+    calibration_memory_mb: float = 1024    # chunk size is chosen to keep activations under this
+    force_calibration_data: bool = False   # accept random-looking / too few samples
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise OptionError(f"unknown --calibration {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise OptionError(f"--calib-samples must be at least 1, got {self.num_samples}")
+        if self.quant_format not in ("QDQ", "QOperator"):
+            raise OptionError(f"unknown quant format {self.quant_format!r}; choose QDQ or QOperator")
+        for what, value in (("activation", self.activation_type), ("weight", self.weight_type)):
+            if value is not None and value not in _TYPES:
+                raise OptionError(f"unknown {what} type {value!r}; choose uint8 or int8")
+        if not 50.0 < self.percentile <= 100.0:
+            raise OptionError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.histogram_bins < 256 or self.histogram_bins & (self.histogram_bins - 1):
+            raise OptionError(f"histogram_bins must be a power of two >= 256, got {self.histogram_bins}")
+        if isinstance(self.exclude_nodes, str) or isinstance(self.exclude_op_types, str):
+            raise OptionError("exclude_nodes / exclude_op_types take a list of names, not one string")
+
+    def scheme(self) -> QuantScheme:
+        """The target's scheme with explicit options laid over it (each override recorded as a reason)."""
+        s = scheme_for(self.target)
+        for attr in ("activation_type", "weight_type", "reduce_range"):
+            value = getattr(self, attr)
+            if value is not None and value != getattr(s, attr):
+                s.reasons.append(f"{attr}={value} set by option (target default {getattr(s, attr)})")
+                setattr(s, attr, value)
+        if not self.per_channel and s.per_channel:
+            s.per_channel = False
+            s.reasons.append("per-tensor weights set by option")
+        if self.quant_format != s.quant_format:
+            s.reasons.append(f"quant_format={self.quant_format} set by option")
+            s.quant_format = self.quant_format
+        return s
+
+
+@dataclass
+class QuantInfo:
+    method: str
+    samples: int
+    scheme: dict
+    excluded_nodes: list[str]
+    ops: dict                              # counts: int8 / float per op type, weight share in INT8
+    float_nodes: list[str]
+    fp32_bytes: int
+    int8_bytes: int
+    size_ratio: float
+    calibration: dict
+    pre_process: dict
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _quiet_ort:
+    """quant_pre_process and quantize_static print and log chatter; keep stdout clean for --json."""
+
+    def __enter__(self):
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        self._level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger().setLevel(self._level)
+        return self._stack.__exit__(*exc)
+
+
+@dataclass
+class Prepared:
+    """Pre-processed model + calibrated ranges: quantize as often as needed without calibrating again."""
+    workdir: Path
+    model_path: Path                       # pre-processed FP32
+    cache_path: Path                       # ORT calibration cache with our ranges
+    fp32_path: Path
+    options: QuantOptions
+    scheme: QuantScheme
+    calibration: CalibrationResult
+    pre_process: dict
+    node_ops: dict                         # node name -> op type, in the graph that gets quantized
+
+    def resolve_exclusions(self, nodes: Iterable[str] = (), op_types: Iterable[str] = ()) -> list[str]:
+        nodes, op_types = list(nodes), list(op_types)
+        unknown = [n for n in nodes if n not in self.node_ops]
+        if unknown:
+            raise OptionError(f"--exclude-nodes: {', '.join(unknown[:5])} not in the model; valid names include "
+                              f"{', '.join(_examples(self.node_ops))}")
+        present = set(self.node_ops.values())
+        bad = [t for t in op_types if t not in present]
+        if bad:
+            raise OptionError(f"--exclude-op-types: {', '.join(bad)} not in the model; it has "
+                              f"{', '.join(sorted(present)[:12])}")
+        wanted = set(op_types)
+        return list(dict.fromkeys([*nodes, *(n for n, t in self.node_ops.items() if t in wanted)]))
+
+    def quantize(self, out_path, exclude: list[str]) -> Path:
+        """Quantize the pre-processed model into `out_path` (a plain path; callers make it atomic)."""
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        s = self.scheme
+        qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+        extra = {"ActivationSymmetric": s.activation_symmetric, "WeightSymmetric": s.weight_symmetric,
+                 "DedicatedQDQPair": s.dedicated_qdq_pair}
+        with _quiet_ort():
+            quantize_static(str(self.model_path), str(out_path), calibration_data_reader=None,
+                            quant_format=QuantFormat.QDQ if s.quant_format == "QDQ" else QuantFormat.QOperator,
+                            per_channel=s.per_channel, reduce_range=s.reduce_range,
+                            activation_type=qtype[s.activation_type], weight_type=qtype[s.weight_type],
+                            nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
+                            calibration_cache_path=str(self.cache_path), extra_options=extra)
+        return Path(out_path)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _examples(node_ops: dict, k: int = 5) -> list[str]:
+    compute = [n for n, t in node_ops.items() if t in COMPUTE_OPS]
+    return (compute or list(node_ops))[:k]
+
+
+def _name_nodes(model) -> int:
+    """The quantizer addresses nodes by name: give unnamed nodes a stable one."""
+    named = 0
+    seen = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in seen:
+                name += "_"
+            node.name, named = name, named + 1
+            seen.add(name)
+    return named
+
+
+def _pre_process(fp32_path: Path, out: Path, enabled: bool) -> dict:
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    before = onnx.load(str(fp32_path))
+    record = {"enabled": enabled, "symbolic_shape_inference": None, "batchnorm_before": 0, "batchnorm_after": 0}
+    record["batchnorm_before"] = sum(n.op_type == "BatchNormalization" for n in before.graph.node)
+    if enabled:
+        last_error = None
+        for skip_symbolic in (False, True):  # symbolic inference fails on some graphs; the ONNX one is enough
+            try:
+                with _quiet_ort():
+                    quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=skip_symbolic)
+                record["symbolic_shape_inference"] = not skip_symbolic
+                last_error = None
+                break
+            except Exception as e:  # noqa: BLE001
+                last_error = e
+        if last_error is not None:
+            record["error"] = str(last_error).splitlines()[0][:200] if str(last_error) else type(last_error).__name__
+            record["enabled"] = False
+    model = onnx.load(str(out)) if record["enabled"] else before
+    record["batchnorm_after"] = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+    record["batchnorm_folded"] = record["batchnorm_before"] - record["batchnorm_after"]
+    record["nodes_named"] = _name_nodes(model)
+    onnx.save_model(model, str(out))
+    return record
+
+
+def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress | None = None) -> Prepared:
+    """Pre-process and calibrate once. The caller must call .cleanup() (quantize_int8 does)."""
+    import onnx
+    options.validate()
+    fp32_path = Path(fp32_path)
+    if not fp32_path.is_file():
+        raise ModelError(f"{fp32_path} does not exist; export the model first (edgec export)")
+    scheme = options.scheme()
+    workdir = Path(tempfile.mkdtemp(prefix="edgec-quant-"))
+    try:
+        pre = workdir / "fp32.pre.onnx"
+        record = _pre_process(fp32_path, pre, options.pre_process)
+        graph = onnx.load(str(pre), load_external_data=False).graph
+        node_ops = {n.name: n.op_type for n in graph.node}
+        del graph
+        qrange = (0, 255) if scheme.activation_type == "uint8" else (-128, 127)
+        calib = calibrate(pre, calibration, method=options.method, num_samples=options.num_samples,
+                          symmetric=scheme.activation_symmetric, qrange=qrange, percentile=options.percentile,
+                          bins=options.histogram_bins, memory_mb=options.calibration_memory_mb, workdir=workdir,
+                          force=options.force_calibration_data, progress=progress)
+        cache = workdir / "ranges.json"
+        save_ranges(calib.ranges, cache)
+        p = Prepared(workdir, pre, cache, fp32_path, options, scheme, calib, record, node_ops)
+        p.resolve_exclusions(options.exclude_nodes, options.exclude_op_types)  # fail before any quantizing
+        return p
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def quantized_ops(int8_path) -> dict:
+    """What really runs in INT8: a Conv/MatMul/Gemm counts as INT8 when its weight (input 1) and its
+    activation (input 0) come through DequantizeLinear; also the share of weight parameters in INT8."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(int8_path))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    counts: dict = {}
+    float_nodes, w_int8, w_total = [], 0, 0
+    for node in model.graph.node:
+        if node.op_type not in COMPUTE_OPS or len(node.input) < 2:
+            continue
+        dq = [producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input[:2]]
+        c = counts.setdefault(node.op_type, {"int8": 0, "float": 0})
+        weight = node.input[1]
+        if weight in inits:
+            size = int(np.prod(inits[weight].dims))
+        elif dq[1] and producers[weight].input[0] in inits:
+            size = int(np.prod(inits[producers[weight].input[0]].dims))
+        else:
+            size = 0
+        w_total += size
+        if all(dq):
+            c["int8"] += 1
+            w_int8 += size
+        else:
+            c["float"] += 1
+            float_nodes.append(node.name)
+    n8 = sum(c["int8"] for c in counts.values())
+    nf = sum(c["float"] for c in counts.values())
+    return {"by_type": counts, "int8": n8, "float": nf,
+            "int8_node_share": round(n8 / max(1, n8 + nf), 4),
+            "int8_weight_share": round(w_int8 / max(1, w_total), 4)}, float_nodes
+
+
+def quantize_int8(fp32_path, out_path, calibration, options: QuantOptions | None = None, *,
+                  progress: Progress | None = None, force: bool = True) -> QuantInfo:
+    """Static INT8 quantization of an FP32 ONNX model, calibrated on `calibration` (a re-iterable of float32
+    batches for the model's single input, any batch sizes)."""
+    options = options or QuantOptions()
+    started = time.perf_counter()
+    prepared = prepare(fp32_path, calibration, options, progress=progress)
+    try:
+        exclude = prepared.resolve_exclusions(options.exclude_nodes, options.exclude_op_types)
+        return write_quantized(prepared, out_path, exclude, force=force, started=started)
+    finally:
+        prepared.cleanup()
+
+
+def write_quantized(prepared: Prepared, out_path, exclude: list[str], *, force: bool = True,
+                    started: float | None = None, extra: dict | None = None) -> QuantInfo:
+    """Quantize with `exclude` kept in FP32, write atomically, and describe the result."""
+    started = started if started is not None else time.perf_counter()
+    out_path = Path(out_path)
+    staged = prepared.quantize(prepared.workdir / "int8.onnx", exclude)
+    ops, float_nodes = quantized_ops(staged)
+    with atomic_path(out_path, force=force) as tmp:
+        os.replace(staged, tmp)
+    fp32_bytes, int8_bytes = prepared.fp32_path.stat().st_size, out_path.stat().st_size
+    calib = prepared.calibration.summary()
+    if extra:
+        calib.update(extra)
+    return QuantInfo(method=prepared.options.method, samples=prepared.calibration.samples,
+                     scheme=prepared.scheme.to_dict(), excluded_nodes=list(exclude), ops=ops,
+                     float_nodes=float_nodes, fp32_bytes=fp32_bytes, int8_bytes=int8_bytes,
+                     size_ratio=round(int8_bytes / max(1, fp32_bytes), 4), calibration=calib,
+                     pre_process=prepared.pre_process, seconds=round(time.perf_counter() - started, 2))
+
+
+__all__ = ["QuantOptions", "QuantInfo", "Prepared", "prepare", "quantize_int8", "write_quantized",
+           "quantized_ops"]

@@ -280,6 +280,19 @@ def _bytes_per_sample(shapes: dict[str, list]) -> int:
     return total
 
 
+def plan_memory(bytes_per_sample: int, memory_mb: float, avail_mb: float, current_mb: float) -> tuple[int, float]:
+    """(chunk size, estimated peak MB), or a clean error when even one sample would not fit in memory.
+
+    Every activation of a chunk is alive at once (returned as outputs), plus ORT's arena holding about as
+    much again, hence 2x."""
+    per_sample_mb = 2 * bytes_per_sample / 2 ** 20
+    if current_mb + per_sample_mb > 0.9 * avail_mb:
+        raise OptionError(f"calibration needs about {per_sample_mb:.0f} MB per sample and only {avail_mb:.0f} MB "
+                          "are available; free memory, use a smaller --input-shape or quantize on a bigger machine")
+    chunk = int(max(1, min(64, memory_mb // max(per_sample_mb, 1e-9))))
+    return chunk, current_mb + chunk * per_sample_mb
+
+
 def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_samples: int | None = 256,
               symmetric: bool = False, qrange: tuple[int, int] = (0, 255), percentile: float = 99.999,
               bins: int = 2048, memory_mb: float = 1024, workdir, force: bool = False,
@@ -304,16 +317,8 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
     onnx.save_model(model, str(aug))
     del model
 
-    # RAM estimate: every activation of a chunk is alive at once (returned as outputs), plus ORT's own arena
-    # which holds about as much again.
     per_sample = _bytes_per_sample(shapes)
-    per_sample_mb = 2 * per_sample / 2 ** 20
-    chunk = int(max(1, min(64, memory_mb // max(per_sample_mb, 1e-9))))
-    estimated = per_sample_mb * chunk + rss_mb()
-    avail = available_mb()
-    if per_sample_mb + rss_mb() > 0.9 * avail:
-        raise OptionError(f"calibration needs about {per_sample_mb:.0f} MB per sample and only {avail:.0f} MB are "
-                          "available; free memory, use a smaller --input-shape or quantize on a bigger machine")
+    chunk, estimated = plan_memory(per_sample, memory_mb, available_mb(), rss_mb())
 
     so = ort.SessionOptions()
     so.log_severity_level = 3

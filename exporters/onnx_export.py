@@ -195,7 +195,7 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
             if dynamic_batch and not isinstance(info_io["input_shape"][0], str):
                 notes.append(f"the batch axis is fixed at {info_io['input_shape'][0]}: for an ExportedProgram, "
                              "export it with dynamic_shapes={0: torch.export.Dim('batch')} to get a dynamic one")
-            info = _save_checked(proto, path, tmp, large, force)
+            info = _save_checked(proto, path, tmp, large, force, opset)
     ex = ExportInfo(exporter=exporter, opset=written, opset_requested=opset, input_name=input_name,
                     output_names=list(output_names), external_data=large,
                     file_bytes=path.stat().st_size + (info or 0), seconds=round(time.perf_counter() - started, 3),
@@ -229,7 +229,7 @@ def _io_signature(proto, input_name) -> dict:
             "output_dtypes": [dt(o) for o in proto.graph.output]}
 
 
-def _save_checked(proto, path: Path, tmp: str, large: bool, force: bool) -> int:
+def _save_checked(proto, path: Path, tmp: str, large: bool, force: bool, opset: int) -> int:
     """Write one file (or model + one .data file above 2 GB), then checker + shape inference on the result.
     Returns the size of the external data file (0 when none)."""
     import onnx
@@ -245,7 +245,8 @@ def _save_checked(proto, path: Path, tmp: str, large: bool, force: bool) -> int:
         onnx.checker.check_model(str(staged))  # path-based: works above 2 GB
         onnx.shape_inference.infer_shapes_path(str(staged), str(staged), strict_mode=False, data_prop=True)
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"the exported model fails the ONNX checker: {_first_line(e)}; try another --opset") from e
+        raise ExportError(f"the exported model fails the ONNX checker: {_first_line(e)}; try --opset {max(opset + 1, 18)} "
+                          "(the dynamo exporter's down-conversion to older opsets is unreliable)") from e
     data_bytes = 0
     if large:
         data_bytes = (Path(tmp) / data_name).stat().st_size

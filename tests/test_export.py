@@ -1,0 +1,145 @@
+"""torch -> ONNX export against real ONNX Runtime sessions.
+
+Export correctness does not depend on trained weights (ORT must equal torch for any weights), so these use
+small seeded networks in eval mode; quality checks live in test_quantize.py with a trained model.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from edgec.errors import ExportError
+from edgec.exporters.compare import ort_session
+from edgec.exporters.onnx_export import check_onnx_against_torch, export_onnx
+
+
+def small_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = small_net()
+
+    def forward(self, x):
+        y = self.body(x)
+        return y, y.softmax(1)
+
+
+@pytest.fixture()
+def x():
+    return torch.from_numpy(np.random.default_rng(0).standard_normal((4, 1, 16, 16)).astype(np.float32))
+
+
+def _written_opset(path) -> int:
+    return next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _runs_batches(path, *sizes):
+    sess = ort_session(path)
+    for b in sizes:
+        out = sess.run(None, {"input": np.zeros((b, 1, 16, 16), np.float32)})
+        assert out[0].shape[0] == b
+
+
+def test_eager_export_is_verified_and_has_a_dynamic_batch(tmp_path, x):
+    m = small_net()
+    info = export_onnx(m, x, tmp_path / "m.onnx")
+    assert info.exporter == "torchscript"
+    assert info.opset == 17 == _written_opset(tmp_path / "m.onnx")
+    assert info.input_shape[0] == "batch" and info.output_names == ["output"] and not info.external_data
+    assert info.file_bytes == (tmp_path / "m.onnx").stat().st_size
+    assert not m.training
+    _runs_batches(tmp_path / "m.onnx", 1, 7)
+    metrics = check_onnx_against_torch(m, tmp_path / "m.onnx", np.random.default_rng(1).standard_normal(
+        (7, 1, 16, 16)).astype(np.float32), atol=1e-4)
+    out = metrics["outputs"]["output"]
+    assert out["max_abs_err"] < 1e-4 and out["min_cosine"] > 0.9999 and metrics["samples"] == 7
+
+
+def test_eager_module_is_given_back_in_its_mode(tmp_path, x):
+    m = small_net().train()
+    export_onnx(m, x, tmp_path / "m.onnx")
+    assert m.training  # exported in eval mode, but the caller's module is left as it was
+
+
+def test_script_module_uses_the_torchscript_exporter(tmp_path, x):
+    m = torch.jit.script(small_net())
+    info = export_onnx(m, x, tmp_path / "s.onnx", output_names=["logits"])
+    assert info.exporter == "torchscript" and info.output_names == ["logits"]
+    _runs_batches(tmp_path / "s.onnx", 1, 7)
+    check_onnx_against_torch(m, tmp_path / "s.onnx", x.numpy())
+
+
+def test_exported_program_with_dynamic_batch(tmp_path, x):
+    ep = torch.export.export(small_net(), (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    info = export_onnx(ep, x, tmp_path / "p.onnx")
+    assert info.exporter == "dynamo"
+    assert info.opset == _written_opset(tmp_path / "p.onnx")  # whatever it wrote, it is reported as such
+    if info.opset != 17:
+        assert any("opset" in w for w in info.warnings)
+    _runs_batches(tmp_path / "p.onnx", 1, 7)
+    check_onnx_against_torch(ep, tmp_path / "p.onnx", x.numpy())
+
+
+def test_multiple_outputs_are_named_and_checked(tmp_path, x):
+    m = TwoHeads().eval()
+    info = export_onnx(m, x, tmp_path / "two.onnx")
+    assert info.output_names == ["output_0", "output_1"] and len(info.output_shapes) == 2
+    metrics = check_onnx_against_torch(m, tmp_path / "two.onnx", x.numpy())
+    assert set(metrics["outputs"]) == {"output_0", "output_1"}
+
+
+def test_mismatch_names_the_offending_output(tmp_path, x):
+    export_onnx(TwoHeads().eval(), x, tmp_path / "a.onnx", output_names=["logits", "probs"])
+    other = TwoHeads().eval()
+    with torch.no_grad():
+        other.body[-1].weight.mul_(3.0)  # logits change; softmax changes too, but logits are checked first
+    with pytest.raises(ExportError, match="output logits"):
+        check_onnx_against_torch(other, tmp_path / "a.onnx", x.numpy())
+
+
+@torch.library.custom_op("edgectest::twice", mutates_args=())
+def _twice(t: torch.Tensor) -> torch.Tensor:
+    return t * 2
+
+
+@_twice.register_fake
+def _(t):
+    return torch.empty_like(t)
+
+
+class CustomOp(nn.Module):
+    def forward(self, t):
+        return _twice(t) + 1
+
+
+def test_unsupported_operator_is_a_clean_export_error(tmp_path, x):
+    traced = torch.jit.trace(CustomOp(), x)  # a ScriptModule: no dynamo fallback, so the error is quick
+    with pytest.raises(ExportError, match=r"edgectest::twice.*--opset"):
+        export_onnx(traced, x, tmp_path / "u.onnx")
+    assert not (tmp_path / "u.onnx").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp litter
+
+
+class Spectrum(nn.Module):
+    def forward(self, t):
+        return torch.fft.rfft(t, dim=-1).abs().flatten(1)
+
+
+def test_falls_back_to_dynamo_when_the_tracer_cannot_export(tmp_path):
+    t = torch.from_numpy(np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32))
+    info = export_onnx(Spectrum(), t, tmp_path / "f.onnx", opset=18)
+    assert info.exporter == "dynamo" and info.opset == 18
+    assert any("TorchScript exporter failed" in w for w in info.warnings)
+    assert info.opset == _written_opset(tmp_path / "f.onnx")
+    sess = ort_session(tmp_path / "f.onnx")
+    assert sess.run(None, {"input": np.zeros((5, 16), np.float32)})[0].shape[0] == 5
+    check_onnx_against_torch(Spectrum(), tmp_path / "f.onnx", t.numpy(), atol=1e-4)

@@ -150,7 +150,8 @@ def test_user_errors_are_one_line(args, code, message, trained_cnn, cnn_state_di
     got, stdout, stderr = run_cli("build", *args, "-o", tmp_path / "o.edgec", *FAST)
     assert got == code, stderr
     assert message in stderr and "Traceback" not in stderr
-    assert len(stderr.strip().splitlines()) <= 2  # the error line (+ at most one progress note)
+    errors = [line for line in stderr.splitlines() if not line.startswith("[edgec]")]  # minus progress notes
+    assert len(errors) == 1 and errors[0].startswith("edgec: error: ")
     assert not (tmp_path / "o.edgec").exists()
 
 

@@ -55,8 +55,12 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("edgec: aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:  # one line like every other user error, plus where to look
+        cmd = f"{e.ctx.command_path} --help" if e.ctx is not None else "edgec --help"
+        click.echo(f"edgec: error: {e.format_message()} (see {cmd})", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"edgec: error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except EdgecError as e:
         if debug:

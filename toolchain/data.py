@@ -43,6 +43,10 @@ class Dataset:
     def labelled(self) -> bool:
         return self.y is not None
 
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """Batches of 64 samples: what calibration streams, never the whole set at once."""
+        return self.batches(64)
+
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
         n = len(self) if limit is None else min(limit, len(self))
         for start in range(0, n, batch_size):

@@ -13,13 +13,23 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def set_eval(model: nn.Module) -> bool | None:
+    """Put a module in eval mode; returns its previous mode, or None where the mode is fixed
+    (a torch.export program's module refuses train()/eval())."""
+    was_training = getattr(model, "training", None)
+    try:
+        model.eval()
+    except NotImplementedError:
+        return None
+    return was_training
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, input_shape) -> int | None:
     """FLOPs of one forward pass at batch 1; None when the model cannot be traced by the counter."""
     shape = (1, *tuple(input_shape)[1:])
-    was_training = getattr(model, "training", False)
+    was_training = set_eval(model)
     try:
-        model.eval()
         with FlopCounterMode(display=False) as counter:
             model(torch.zeros(shape))
         return int(counter.get_total_flops())

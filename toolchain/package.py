@@ -54,7 +54,7 @@ def make_manifest(folder: Path, inputs, module, stages, *, extra=None, seconds=0
     def quality(kind):
         if "fp32_accuracy" in evaluation:
             return {"accuracy": evaluation[f"{kind}_accuracy"]}
-        return {"agreement": evaluation["agreement"] if kind == "int8" else {"top1": 100.0, "mean_cosine": 1.0}}
+        return {"agreement": evaluation["agreement"] if kind == "int8" else {"top1_agreement": 100.0, "mean_cosine": 1.0}}
 
     quant = _stage(stages, "quantize")["metrics"]
     manifest = {

@@ -157,6 +157,14 @@ def stage_quantize(fp32: Path, int8: Path, inputs: Inputs, options) -> Stage:
     return stage
 
 
+def agreement(compared: dict) -> dict:
+    """The first output's agreement figures, top-1 agreement in percent like every accuracy in edgec."""
+    first = dict(next(iter(compared["outputs"].values())))
+    if "top1_agreement" in first:
+        first["top1_agreement"] = round(100 * first["top1_agreement"], 4)
+    return {"samples": compared["samples"], **first, "outputs": list(compared["outputs"])}
+
+
 def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | None) -> Stage:
     """FP32 vs INT8 on held-out data: accuracy with labels, agreement with the FP32 model always."""
     from edgec.exporters.compare import accuracy, compare_outputs
@@ -166,9 +174,9 @@ def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | Non
         data = inputs.eval if inputs.eval is not None else inputs.calib
         x = data.head(len(data))
         stage.metrics["data"] = data.describe()
-        stage.metrics["agreement"] = compare_outputs(fp32, int8, x)
+        stage.metrics["agreement"] = agreement(compare_outputs(fp32, int8, x))
         if data.labelled:
-            fp, q = accuracy(fp32, x, data.y), accuracy(int8, x, data.y)
+            fp, q = 100 * accuracy(fp32, x, data.y), 100 * accuracy(int8, x, data.y)
             stage.metrics.update(fp32_accuracy=fp, int8_accuracy=q, accuracy_drop=round(fp - q, 4))
             if max_drop is not None and fp - q > max_drop:
                 raise BudgetExceeded(

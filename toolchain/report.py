@@ -19,7 +19,7 @@ def _quality(m):
     if m.get("accuracy") is not None:
         return f"{m['accuracy']:.2f}%"
     agreement = m.get("agreement") or {}
-    top1 = agreement.get("top1_agreement", agreement.get("top1"))
+    top1 = agreement.get("top1_agreement")
     return f"{top1:.2f}% agree" if top1 is not None else "-"
 
 

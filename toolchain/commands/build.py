@@ -135,7 +135,7 @@ def quantize_cmd(model, data, eval_data, image_size, mean, std, output, force, a
     from edgec.exporters.compare import accuracy, compare_outputs
     from edgec.exporters.quantize import quantize_int8
     from edgec.fsutil import atomic_path
-    from edgec.pipeline import plain
+    from edgec.pipeline import agreement, plain
     opts = quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor)
     calib = load_data(data, image_size=image_size, mean=mean, std=std)
     calib.validate()
@@ -143,10 +143,10 @@ def quantize_cmd(model, data, eval_data, image_size, mean, std, output, force, a
         info = plain(quantize_int8(model, tmp, calib, opts))
         check = load_data(eval_data, image_size=image_size, mean=mean, std=std) if eval_data else calib
         x = check.head(512)
-        info["agreement"] = compare_outputs(model, tmp, x)
+        info["agreement"] = agreement(compare_outputs(model, tmp, x))
         if check.labelled:
-            info["fp32_accuracy"] = accuracy(model, x, check.y[:len(x)])
-            info["int8_accuracy"] = accuracy(tmp, x, check.y[:len(x)])
+            info["fp32_accuracy"] = 100 * accuracy(model, x, check.y[:len(x)])
+            info["int8_accuracy"] = 100 * accuracy(tmp, x, check.y[:len(x)])
     if as_json:
         emit_json(info)
     else:

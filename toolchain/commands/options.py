@@ -71,7 +71,7 @@ quant_options = apply(
 def quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor):
     """CLI flags -> the quantizer's typed options (only what the user set; the rest are its defaults)."""
     from edgec.exporters.quantize import QuantOptions
-    kw = {"exclude_nodes": list(exclude_nodes), "exclude_op_types": list(exclude_op_types),
+    kw = {"exclude_nodes": tuple(exclude_nodes), "exclude_op_types": tuple(exclude_op_types),
           "per_channel": not per_tensor}
     if calibration:
         kw["method"] = calibration

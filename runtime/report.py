@@ -1,0 +1,109 @@
+"""Output: the edgec.bench/1 JSON document, the table for people, and recording into a package manifest."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgec import __version__
+from edgec.errors import OptionError
+from edgec.runtime.gate import SCHEMA
+
+_INTERESTING_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8",
+                      "asimddp", "dotprod", "i8mm", "sve")
+
+
+def host_info() -> dict:
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and cpu in ("", platform.machine(), platform.processor()):
+                cpu = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                have = set(value.split())
+                flags = [f for f in _INTERESTING_FLAGS if f in have]
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "cpu_flags": flags, "machine": platform.machine(),
+            "os": platform.platform(), "python": platform.python_version(), "onnxruntime": ort.__version__,
+            "numpy": np.__version__, "edgec": __version__}
+
+
+def document(results, config: dict, gate: dict | None = None) -> dict:
+    return {"schema": SCHEMA,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": host_info(), "config": config,
+            "results": [r.to_json() for r in results],
+            "gate": gate}
+
+
+def render_table(results, console) -> None:
+    from rich.table import Table   # rich only for people; the JSON path and the Python API do not need it
+    t = Table(title="edgec bench (ms; p50 CI is 95%, distribution-free)", title_justify="left")
+    for col in ("model", "ep", "p50 [CI]", "p90", "p95", "p99", "mean", "min", "n", "items/s", "load", "first",
+                "mem MB", "ratio"):
+        t.add_column(col, justify="left" if col in ("model", "ep") else "right")
+    for r in results:
+        lat = r.latency
+        ci = f" [{lat.p50_ci[0]:.2f}-{lat.p50_ci[1]:.2f}]" if lat.p50_ci else ""
+        pct = [f"{getattr(lat, k):.2f}" + ("" if lat.reliable[k] else "~") for k in ("p90", "p95", "p99")]
+        ratio = ""
+        if r.ratio and r is not results[0]:
+            ci_r = f" [{r.ratio['ci'][0]:.2f}-{r.ratio['ci'][1]:.2f}]" if r.ratio.get("ci") else ""
+            ratio = f"{r.ratio['median']:.2f}x{ci_r}"
+        elif r.ratio:
+            ratio = "1.00 (ref)"
+        t.add_row(r.model, r.ep, f"{lat.p50:.2f}{ci}", *pct, f"{lat.mean:.2f}", f"{lat.min:.2f}", str(lat.n),
+                  f"{r.throughput:.1f}", f"{r.load_ms:.0f}", f"{r.first_ms:.2f}",
+                  "-" if r.memory_mb is None else f"{r.memory_mb:.0f}", ratio)
+    console.print(t)
+    if any(not all(r.latency.reliable.values()) for r in results):
+        console.print("~ too few runs for this percentile (needs 10 samples beyond it); indicative only")
+    if len(results) > 1:
+        console.print("ratio: median of per-round latency ratios vs the first row (rounds are interleaved)")
+    for r in results:
+        g = r.graph
+        if g and (g["quantized"] or g["fallback_nodes"]):
+            int8, flt = sum(g["int8_kernels"].values()), sum(g["float_kernels"].values())
+            console.print(f"{r.model} [{r.ep}]: {int8} INT8 kernels, {flt} float compute nodes, "
+                          f"{g['qdq_nodes_left']} Q/DQ nodes left; {len(g['fallback_nodes'])} CPU fallback nodes")
+
+
+def record(result, config: dict) -> Path:
+    """Write `latency.<ep>` into the package's manifest.json, atomically (temp file + os.replace). The manifest is
+    not itself listed in the package's sha256 `files` map, so the other hashes stay valid."""
+    if not result.path or not Path(result.path, "manifest.json").is_file():
+        raise OptionError(f"--record needs a package folder with a manifest.json; {result.path} is not one")
+    mpath = Path(result.path, "manifest.json")
+    manifest = json.loads(mpath.read_text())
+    lat = result.latency
+    manifest.setdefault("latency", {})[result.ep] = {
+        "p50_ms": lat.p50, "p90_ms": lat.p90, "p95_ms": lat.p95, "p99_ms": lat.p99, "mean_ms": lat.mean,
+        "p50_ci_ms": lat.p50_ci, "n": lat.n, "throughput_ips": result.throughput, "batch": result.batch,
+        "threads": result.threads, "load_ms": result.load_ms, "first_ms": result.first_ms,
+        "memory_mb": result.memory_mb, "host": host_info(), "config": config, "schema": SCHEMA,
+        "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=mpath.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, mpath)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return mpath
+
+
+def print_json(doc: dict, stream=None) -> None:
+    json.dump(doc, stream or sys.stdout, indent=2)
+    (stream or sys.stdout).write("\n")

@@ -1,0 +1,197 @@
+"""Open a model for benchmarking: a plain `.onnx` file or a package folder `NAME.edgec/` (model.onnx + manifest.json).
+Input names, shapes and dtypes come from the ONNX Runtime session itself; dynamic dimensions are filled from
+--shape, --batch or the package manifest, and every mismatch is a one-line error before anything runs."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgec.errors import DataError, ModelError, OptionError
+from edgec.runtime import providers as eps
+
+DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+@dataclass
+class ModelFile:
+    label: str                      # what tables and JSON call it: the file or package name
+    onnx_path: Path
+    package: Path | None = None     # the NAME.edgec folder, when it is one
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def manifest_path(self) -> Path | None:
+        return self.package / "manifest.json" if self.package else None
+
+
+def open_model(path) -> ModelFile:
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"model not found: {p}; pass a .onnx file or a NAME.edgec package folder")
+    if p.is_dir():
+        onnx_path = p / "model.onnx"
+        if not onnx_path.is_file():
+            raise ModelError(f"{p} is a folder without model.onnx, so not an edgec package; "
+                             f"build one with `edgec build` or pass the .onnx file")
+        manifest = {}
+        mpath = p / "manifest.json"
+        if mpath.is_file():
+            try:
+                manifest = json.loads(mpath.read_text())
+            except (OSError, ValueError) as e:
+                raise ModelError(f"{mpath} is not valid JSON ({e}); rebuild the package or remove the file") from None
+        return ModelFile(p.name, onnx_path, p, manifest)
+    return ModelFile(p.name, p)
+
+
+@dataclass
+class InputInfo:
+    name: str
+    shape: list            # as the model declares it: ints, or str/None for dynamic dims
+    dtype: str             # ORT type string, e.g. tensor(float)
+
+
+def create_session(model: ModelFile, providers: list[str], options: ort.SessionOptions,
+                   provider_options: list[dict] | None = None) -> tuple[ort.InferenceSession, float]:
+    """-> (session, load time in ms). Load time covers parsing, graph optimisation and kernel setup."""
+    t0 = time.perf_counter()
+    try:
+        sess = ort.InferenceSession(str(model.onnx_path), sess_options=options, providers=providers,
+                                    provider_options=provider_options)
+    except Exception as e:  # ORT raises its own pybind types (InvalidProtobuf, Fail, InvalidGraph, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{model.onnx_path} is not an ONNX model onnxruntime can load ({first[:200]}); "
+                         f"export it again with `edgec export`") from None
+    return sess, (time.perf_counter() - t0) * 1e3
+
+
+def inputs_of(sess: ort.InferenceSession) -> list[InputInfo]:
+    return [InputInfo(i.name, list(i.shape), i.type) for i in sess.get_inputs()]
+
+
+def _manifest_shapes(manifest: dict) -> dict[str, list]:
+    """Input shapes from a package manifest: `inputs` as a list of {name, shape} or a map name -> {shape}."""
+    inputs = manifest.get("inputs") or manifest.get("io", {}).get("inputs") or []
+    if isinstance(inputs, dict):
+        inputs = [{"name": k, **v} for k, v in inputs.items() if isinstance(v, dict)]
+    out = {}
+    for i in inputs:
+        if isinstance(i, dict) and "name" in i and isinstance(i.get("shape"), list):
+            out[i["name"]] = i["shape"]
+    return out
+
+
+def parse_shape_option(text: str, input_names: list[str]) -> tuple[str, list[int]]:
+    """'name=1,3,32,32' (or '1,3,32,32' for a single-input model) -> (name, dims)."""
+    name, sep, dims = text.rpartition("=")
+    if not sep:
+        if len(input_names) != 1:
+            raise OptionError(f"--shape {text} does not name an input; this model has {', '.join(input_names)}: "
+                              f"write --shape NAME=1,3,224,224")
+        name = input_names[0]
+    try:
+        shape = [int(d) for d in dims.replace("x", ",").split(",")]
+    except ValueError:
+        raise OptionError(f"--shape {text} is not a list of integers; write e.g. --shape input=1,3,224,224") from None
+    if any(d < 1 for d in shape):
+        raise OptionError(f"--shape {text} has a dimension below 1; every dimension must be positive")
+    return name, shape
+
+
+def resolve_shapes(model: ModelFile, inputs: list[InputInfo], shapes: dict[str, list[int]] | None,
+                   batch: int | None) -> dict[str, list[int]]:
+    """Concrete shape per input. Priority: --shape, then the manifest, then the model; a dynamic leading
+    dimension takes --batch (default 1). Fixed dimensions must match exactly."""
+    shapes = dict(shapes or {})
+    unknown = set(shapes) - {i.name for i in inputs}
+    if unknown:
+        raise OptionError(f"--shape names {', '.join(sorted(unknown))}, which {model.label} does not have; "
+                          f"its inputs are {', '.join(i.name for i in inputs)}")
+    from_manifest = _manifest_shapes(model.manifest)
+    out = {}
+    for inp in inputs:
+        declared = inp.shape
+        given = shapes.get(inp.name)
+        if given is not None:
+            if len(given) != len(declared):
+                raise DataError(f"--shape {inp.name}={','.join(map(str, given))} has {len(given)} dims but input "
+                                f"'{inp.name}' of {model.label} has {len(declared)} ({_fmt(declared)})")
+            if batch is not None and given and given[0] != batch:
+                raise OptionError(f"--batch {batch} contradicts --shape {inp.name}={','.join(map(str, given))}; "
+                                  f"give the batch in one place")
+        else:
+            hint = from_manifest.get(inp.name)
+            given = []
+            for axis, d in enumerate(declared):
+                if isinstance(d, int) and d > 0:
+                    given.append(batch if axis == 0 and batch is not None else d)
+                elif axis == 0:
+                    given.append(batch or 1)
+                elif hint and len(hint) == len(declared) and isinstance(hint[axis], int) and hint[axis] > 0:
+                    given.append(hint[axis])
+                else:
+                    raise DataError(f"input '{inp.name}' of {model.label} has a dynamic dimension '{d}' at axis "
+                                    f"{axis} ({_fmt(declared)}); pass --shape {inp.name}=" +
+                                    ",".join("1" if not (isinstance(x, int) and x > 0) else str(x) for x in declared))
+        for axis, (d, g) in enumerate(zip(declared, given)):
+            if isinstance(d, int) and d > 0 and d != g:
+                raise DataError(f"input '{inp.name}' of {model.label} is {_fmt(declared)} but the requested shape "
+                                f"{_fmt(given)} has {g} at axis {axis}; fix --shape/--batch to match the model")
+        out[inp.name] = given
+    return out
+
+
+def random_inputs(inputs: list[InputInfo], shapes: dict[str, list[int]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random data of the right dtype and shape. Latency of dense models does not depend on the values; integer
+    inputs get 0/1 so that index-like inputs (token ids, gather indices) stay in range."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for inp in inputs:
+        dtype = DTYPES.get(inp.dtype)
+        if dtype is None:
+            raise DataError(f"input '{inp.name}' has type {inp.dtype}, which edgec bench cannot generate data for")
+        shape = shapes[inp.name]
+        if np.issubdtype(dtype, np.floating):
+            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feed[inp.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feed
+
+
+def _fmt(shape) -> str:
+    return "[" + ",".join(str(d) if d not in (None, "") else "?" for d in shape) + "]"
+
+
+@dataclass
+class LoadedModel:
+    model: ModelFile
+    ep: str
+    session: ort.InferenceSession
+    load_ms: float
+    inputs: list[InputInfo]
+    feed: dict[str, np.ndarray]
+
+    @property
+    def batch(self) -> int:
+        first = next(iter(self.feed.values()), None)
+        return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+def load(model: ModelFile, ep: str, threads: int | None = None, shapes: dict[str, list[int]] | None = None,
+         batch: int | None = None, opt_level: str = "all", profile_prefix: str | None = None) -> LoadedModel:
+    """Create the session for `ep` (a short name) and the input feed; check the provider really started."""
+    name, chain = eps.resolve(ep)
+    sess, load_ms = create_session(model, chain, eps.session_options(threads, opt_level, profile_prefix))
+    eps.check_session_providers(name, sess)
+    inputs = inputs_of(sess)
+    feed = random_inputs(inputs, resolve_shapes(model, inputs, shapes, batch))
+    return LoadedModel(model, name, sess, load_ms, inputs, feed)

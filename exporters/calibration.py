@@ -71,13 +71,13 @@ class SampleCheck:
     problems: list[str] = field(default_factory=list)
 
 
-def check_samples(head: np.ndarray, total: int, *, min_samples: int = 32) -> SampleCheck:
+def check_samples(head: np.ndarray, total: int | None, *, min_samples: int = 32) -> SampleCheck:
     """Cheap guard against calibrating on random or too few samples (the ranges would not fit real inputs)."""
     x = head.reshape(len(head), -1, head.shape[-1]) if head.ndim >= 3 else head.reshape(len(head), 1, -1)
     a, b = x[..., :-1].ravel().astype(np.float64), x[..., 1:].ravel().astype(np.float64)
     corr = float(np.corrcoef(a, b)[0, 1]) if a.size > 2 and a.std() > 0 and b.std() > 0 else 0.0
-    chk = SampleCheck(total, round(corr, 4), float(head.std()))
-    if total < min_samples:
+    chk = SampleCheck(total if total is not None else len(head), round(corr, 4), float(head.std()))
+    if total is not None and total < min_samples:
         chk.problems.append(f"only {total} calibration samples (at least {min_samples} wanted)")
     if chk.std == 0:
         chk.problems.append("calibration samples are constant")
@@ -332,7 +332,7 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
     first = next(stream, None)
     if first is None:
         raise DataError("the calibration data is empty; give at least one sample")
-    chk = check_samples(first[:256], total=_count_hint(calibration, num_samples, first))
+    chk = check_samples(first[:256], total=_count_hint(calibration, num_samples))
     if chk.problems and not force:
         raise DataError(f"refusing to calibrate: {'; '.join(chk.problems)}; calibrate on real inputs "
                         "(or pass force to accept it)")
@@ -355,24 +355,24 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
             progress(done, total or done, f"calibrating ({method})")
     if done == 0:
         raise DataError("the calibration data is empty; give at least one sample")
-    if chk.samples != done:  # the count hint was unknown: re-check the real total
-        chk.samples = done
-        chk2 = check_samples(first[:256], total=done)
-        if chk2.problems and not force:
-            raise DataError(f"refusing to calibrate: {'; '.join(chk2.problems)}; calibrate on more real inputs "
+    if chk.samples != done:  # the count was not known up front: check the real total now
+        chk = check_samples(first[:256], total=done)
+        if chk.problems and not force:
+            raise DataError(f"refusing to calibrate: {'; '.join(chk.problems)}; calibrate on more real inputs "
                             "(or pass force to accept it)")
-        chk = chk2
     ranges, chosen = _choose(stats, method, symmetric, qrange, percentile)
     return CalibrationResult(ranges, method, done, chunk, len(stats), per_sample, estimated, peak,
                              time.perf_counter() - started, chosen, chk)
 
 
-def _count_hint(calibration, limit, first) -> int:
-    """How many samples there will be, if the container says so (no extra pass over the data)."""
-    try:
-        n = sum(len(b) for b in calibration) if isinstance(calibration, (list, tuple)) else len(calibration)
-    except TypeError:
-        n = len(first)
+def _count_hint(calibration, limit) -> int | None:
+    """How many samples there will be, if the container says so without a pass over the data."""
+    if isinstance(calibration, (list, tuple)):
+        n = sum(len(b) for b in calibration)
+    elif isinstance(calibration, np.ndarray):
+        n = len(calibration)
+    else:
+        return None
     return n if limit is None else min(n, limit)
 
 

@@ -203,6 +203,8 @@ def _pre_process(fp32_path: Path, out: Path, enabled: bool) -> dict:
     model = onnx.load(str(out)) if record["enabled"] else before
     record["batchnorm_after"] = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
     record["batchnorm_folded"] = record["batchnorm_before"] - record["batchnorm_after"]
+    if record["batchnorm_before"] == 0:
+        record["note"] = "no BatchNormalization in the FP32 graph: eval-mode BN was folded into Conv at export"
     record["nodes_named"] = _name_nodes(model)
     onnx.save_model(model, str(out))
     return record

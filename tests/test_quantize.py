@@ -1,0 +1,259 @@
+"""INT8 quantization against real ONNX Runtime sessions, on a CNN really trained on the embedded digits.
+
+A random-init network gives constant outputs and makes every quality check meaningless, so the subject is
+trained for a few seconds on real data (helper below; the official loader lives in edgec.data).
+"""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgec.errors import DataError, OptionError
+from edgec.exporters.calibration import TensorStats, check_samples, plan_memory, rechunk
+from edgec.exporters.compare import accuracy, compare_outputs
+from edgec.exporters.quantize import QuantOptions, quantize_int8, quantized_ops
+from edgec.exporters.target import parse_cpuinfo, scheme_for
+
+DIGITS = Path(__file__).resolve().parents[1] / "models" / "data" / "digits.csv.gz"
+
+
+def load_digits(size: int = 16):
+    """(x float32 N,1,size,size normalised, y int64) from the embedded sklearn digits CSV."""
+    import torch
+    import torch.nn.functional as F
+    with gzip.open(DIGITS, "rt") as f:
+        d = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    x = torch.from_numpy(d[:, :64].reshape(-1, 1, 8, 8) / 16.0)
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return ((x - 0.3) / 0.4).numpy(), d[:, 64].astype(np.int64)
+
+
+def digits_cnn():
+    """Depthwise-separable CNN with enough weights (~110k) for the size check to mean something."""
+    from torch import nn
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 256, 1), nn.BatchNorm2d(256), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def train(model, x, y, epochs: int = 4, seed: int = 0):
+    import torch
+    import torch.nn.functional as F
+    torch.manual_seed(seed)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 5e-3, total_steps=epochs * ((len(x) + 63) // 64))
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 64):
+            idx = perm[i:i + 64]
+            loss = F.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+class Batches:
+    """A re-iterable calibration source with unequal batch sizes, as a data loader would give."""
+
+    def __init__(self, x, sizes=(5, 37, 11, 64, 3, 50)):
+        self.x, self.sizes = x, sizes
+
+    def __iter__(self):
+        start, k = 0, 0
+        while start < len(self.x):
+            b = self.sizes[k % len(self.sizes)]
+            yield self.x[start:start + b]
+            start, k = start + b, k + 1
+
+
+@pytest.fixture(scope="session")
+def subject(tmp_path_factory):
+    """Trained digits CNN exported to FP32 ONNX, plus calibration / evaluation splits."""
+    import torch
+    from edgec.exporters.onnx_export import export_onnx
+    x, y = load_digits()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(x))
+    tr, te = order[:1400], order[1400:]
+    model = train(digits_cnn(), x[tr], y[tr])
+    d = tmp_path_factory.mktemp("quant")
+    export_onnx(model, torch.from_numpy(x[:2]), d / "fp32.onnx")
+    return {"dir": d, "fp32": d / "fp32.onnx", "calib": x[tr[:300]], "x": x[te], "y": y[te], "model": model}
+
+
+@pytest.fixture(scope="session")
+def default_int8(subject):
+    out = subject["dir"] / "int8.onnx"
+    info = quantize_int8(subject["fp32"], out, Batches(subject["calib"]), QuantOptions())
+    return out, info
+
+
+def test_subject_is_really_trained(subject):
+    assert accuracy(subject["fp32"], subject["x"], subject["y"]) > 0.9
+
+
+def test_default_int8_is_small_accurate_and_really_int8(subject, default_int8):
+    out, info = default_int8
+    assert info.size_ratio < 0.30 and info.int8_bytes == out.stat().st_size
+    assert info.ops["float"] == 0 and info.ops["by_type"]["Conv"]["int8"] == 4
+    assert info.ops["by_type"]["Gemm"]["int8"] == 2 and info.ops["int8_weight_share"] == 1.0
+    fp32_acc = accuracy(subject["fp32"], subject["x"], subject["y"])
+    int8_acc = accuracy(out, subject["x"], subject["y"], batch=33)
+    assert int8_acc >= fp32_acc - 0.02
+    agree = compare_outputs(subject["fp32"], out, subject["x"])["outputs"]["output"]
+    assert agree["mean_cosine"] > 0.99 and agree["top1_agreement"] > 0.97
+
+
+def test_quant_info_records_what_was_done(default_int8):
+    _, info = default_int8
+    assert info.samples == 256  # the default cap, reached through unequal batches
+    assert info.method == "minmax" and info.scheme["reasons"]
+    # eval-mode BatchNorm is folded into Conv before quantizing (by the exporter's constant folding here)
+    assert info.pre_process["batchnorm_after"] == 0
+    assert info.calibration["peak_rss_mb"] > 0 and info.calibration["tensors"] > 5
+    d = info.to_dict()
+    assert d["scheme"]["quant_format"] == "QDQ" and d["scheme"]["activation_type"] == "uint8"
+
+
+def test_every_method_gives_a_working_model_from_unequal_batches(subject):
+    for method in ("entropy", "percentile", "auto"):
+        out = subject["dir"] / f"{method}.onnx"
+        info = quantize_int8(subject["fp32"], out, Batches(subject["calib"], (7, 1, 30)),
+                             QuantOptions(method=method, num_samples=None))
+        assert info.samples == len(subject["calib"]) and info.ops["float"] == 0
+        agree = compare_outputs(subject["fp32"], out, subject["x"])["outputs"]["output"]
+        assert agree["top1_agreement"] > 0.85, method
+    assert info.calibration["auto_choices"]  # auto says which candidate won how often
+
+
+def test_exclusions_are_honoured(subject):
+    names = _conv_names(subject["fp32"])
+    out = subject["dir"] / "excl.onnx"
+    info = quantize_int8(subject["fp32"], out, [subject["calib"][:64]],
+        QuantOptions(exclude_nodes=(names[0],), exclude_op_types=("Gemm",), num_samples=64))
+    assert names[0] in info.float_nodes and names[0] in info.excluded_nodes
+    assert info.ops["by_type"]["Gemm"] == {"int8": 0, "float": 2}
+    assert info.ops["by_type"]["Conv"] == {"int8": 3, "float": 1}
+    ops, float_nodes = quantized_ops(out)  # read back from the file itself
+    assert set(float_nodes) == set(info.float_nodes)
+
+
+def _conv_names(path):
+    import onnx
+    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+
+
+def test_unknown_exclusions_are_errors_listing_valid_names(subject):
+    with pytest.raises(OptionError, match=r"no_such_node.*valid names include .*Conv"):
+        quantize_int8(subject["fp32"], subject["dir"] / "x.onnx", [subject["calib"][:40]],
+                      QuantOptions(exclude_nodes=("no_such_node",)))
+    with pytest.raises(OptionError, match="LSTM"):
+        quantize_int8(subject["fp32"], subject["dir"] / "x.onnx", [subject["calib"][:40]],
+                      QuantOptions(exclude_op_types=("LSTM",)))
+    assert not (subject["dir"] / "x.onnx").exists()
+
+
+def test_calibration_guard_refuses_noise_and_too_few_samples(subject):
+    noise = np.random.default_rng(0).standard_normal((64, 1, 16, 16)).astype(np.float32)
+    with pytest.raises(DataError, match="random noise"):
+        quantize_int8(subject["fp32"], subject["dir"] / "n.onnx", [noise], QuantOptions())
+    with pytest.raises(DataError, match="only 8 calibration samples"):
+        quantize_int8(subject["fp32"], subject["dir"] / "n.onnx", [subject["calib"][:8]], QuantOptions())
+    info = quantize_int8(subject["fp32"], subject["dir"] / "n.onnx", [subject["calib"][:8]],
+                         QuantOptions(force_calibration_data=True))
+    assert info.calibration["sample_check"]["problems"]  # accepted, but recorded
+    assert check_samples(subject["calib"][:64], 64).problems == []
+
+
+def test_bad_calibration_shapes_and_values_are_data_errors(subject):
+    with pytest.raises(DataError, match="sample shape"):
+        quantize_int8(subject["fp32"], subject["dir"] / "b.onnx", [np.zeros((40, 1, 8, 8), np.float32)])
+    bad = subject["calib"][:40].copy()
+    bad[3, 0, 2, 2] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        quantize_int8(subject["fp32"], subject["dir"] / "b.onnx", [bad])
+    with pytest.raises(OptionError, match="unknown --calibration .kl."):
+        quantize_int8(subject["fp32"], subject["dir"] / "b.onnx", [bad], QuantOptions(method="kl"))
+
+
+# ------------------------------------------------------------ pieces, no model needed
+
+def test_rechunk_keeps_every_sample_in_order():
+    batches = [np.arange(n, dtype=np.float32)[:, None] + off for n, off in ((5, 0), (37, 5), (1, 42), (20, 43))]
+    chunks = list(rechunk(iter(batches), 16))
+    assert [len(c) for c in chunks] == [16, 16, 16, 15]
+    assert np.array_equal(np.concatenate(chunks)[:, 0], np.arange(63, dtype=np.float32))
+
+
+def test_streaming_histogram_matches_one_pass_statistics():
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal(5000).astype(np.float32) * s for s in (0.1, 1.0, 0.5, 8.0, 2.0)]
+    st = TensorStats(2048, histogram=True)
+    for p in parts:
+        st.update(p)
+    allv = np.concatenate(parts)
+    assert st.minmax() == (float(allv.min()), float(allv.max()))
+    assert st.hist.sum() == allv.size and st.hist.size == 2048  # bounded: the range grew, the bins did not
+    lo, hi = st.percentile(99.0)
+    width = 2 * st.T / 2048
+    assert abs(hi - np.percentile(allv, 99.5)) < 2 * width and abs(lo - np.percentile(allv, 0.5)) < 2 * width
+    elo, ehi = st.entropy()
+    assert allv.min() <= elo < 0 < ehi <= allv.max()
+
+
+def test_memory_plan_refuses_what_cannot_fit():
+    chunk, peak = plan_memory(200_000, memory_mb=100, avail_mb=10_000, current_mb=300)
+    assert 1 <= chunk <= 64 and peak > 300
+    big = 224 * 224 * 64 * 4 * 60  # ~770 MB of activations per sample
+    assert plan_memory(big, memory_mb=1024, avail_mb=64_000, current_mb=300)[0] == 1
+    with pytest.raises(OptionError, match="MB per sample"):
+        plan_memory(big, memory_mb=1024, avail_mb=1500, current_mb=300)
+
+
+AMD_AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx fma avx2 bmi2\n"
+INTEL_VNNI = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw avx512_vnni\n"
+ARM_DOT = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 atomics asimddp\nCPU implementer\t: 0x41\n"
+ARM_OLD = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n"
+
+
+@pytest.mark.parametrize("text,arch,reduce_range", [(AMD_AVX2, "x86_64", True), (INTEL_VNNI, "x86_64", False),
+                                                    (ARM_DOT, "aarch64", False), (ARM_OLD, "aarch64", False)])
+def test_scheme_from_cpuinfo(text, arch, reduce_range):
+    cpu = parse_cpuinfo(text)
+    s = scheme_for("host", cpu)
+    assert cpu.arch == arch and s.reduce_range is reduce_range
+    assert (s.activation_type, s.weight_type, s.per_channel, s.quant_format) == ("uint8", "int8", True, "QDQ")
+    assert any(("VNNI" in r) or ("ARM" in r) for r in s.reasons)
+    assert s.to_dict()["cpu"]["features"] == cpu.features
+
+
+def test_named_targets():
+    assert scheme_for("cpu-avx2").reduce_range and not scheme_for("cpu-vnni").reduce_range
+    for gpu in ("cuda", "tensorrt"):
+        s = scheme_for(gpu)
+        assert (s.activation_type, s.activation_symmetric, s.weight_symmetric) == ("int8", True, True)
+    assert scheme_for("tensorrt").dedicated_qdq_pair
+    with pytest.raises(OptionError, match="cpu-avx2"):
+        scheme_for("tpu")
+
+
+def test_gpu_target_writes_symmetric_int8_activations(subject):
+    import onnx
+    from onnx import numpy_helper
+    out = subject["dir"] / "trt.onnx"
+    info = quantize_int8(subject["fp32"], out, [subject["calib"][:64]], QuantOptions(target="tensorrt"))
+    assert info.scheme["target"] == "tensorrt"
+    g = onnx.load(str(out)).graph
+    inits = {i.name: i for i in g.initializer}
+    zps = [numpy_helper.to_array(inits[n.input[2]]) for n in g.node if n.op_type == "QuantizeLinear"]
+    assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)

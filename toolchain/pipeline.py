@@ -191,11 +191,10 @@ def stage_bench(int8: Path, fp32: Path, providers: list[str], seconds: float) ->
     stage = Stage("bench", "ONNX models", "latency per execution provider (INT8 and FP32, interleaved)",
                   options={"providers": providers, "seconds_per_model": seconds})
     with timed(stage):
-        results = {}
-        for ep in providers:
-            res = benchmark([int8, fp32], providers=[ep], duration=seconds)
-            results[ep] = {"int8": res[0].to_json(), "fp32": res[1].to_json()}
-        stage.metrics = results
+        results = benchmark([int8, fp32], providers=providers, runs=f"{seconds}s", warmup="5")
+        per_model = len(results) // 2  # ordered models x providers
+        stage.metrics = {r.ep: {"int8": r.to_json(), "fp32": f.to_json()}
+                         for r, f in zip(results[:per_model], results[per_model:])}
     return stage
 
 

@@ -23,9 +23,14 @@ def _quality(m):
     return f"{top1:.2f}% agree" if top1 is not None else "-"
 
 
+def p50_ms(bench: dict | None) -> float | None:
+    """The median latency of an edgec.bench/1 result."""
+    return ((bench or {}).get("latency_ms") or {}).get("p50")
+
+
 def _latency(m, ep):
-    lat = (m.get("latency") or {}).get(ep) if "latency" in m else None
-    return f"{lat['p50_ms']:.3f} ms" if lat and lat.get("p50_ms") is not None else "-"
+    p50 = p50_ms((m.get("latency") or {}).get(ep))
+    return f"{p50:.3f} ms" if p50 is not None else "-"
 
 
 def summary_rows(manifest: dict) -> list[tuple[str, str, str, str]]:
@@ -49,7 +54,7 @@ def summary_rows(manifest: dict) -> list[tuple[str, str, str, str]]:
     fp_lat = fp.get("latency") or {}
     for ep, lat in (manifest.get("latency") or {}).items():
         base = fp_lat.get(ep)
-        speed = f"{base['p50_ms'] / lat['p50_ms']:.2f}x faster" if base and lat.get("p50_ms") else ""
+        speed = f"{p50_ms(base) / p50_ms(lat):.2f}x faster" if p50_ms(base) and p50_ms(lat) else ""
         rows.append((f"latency p50 ({ep})", _latency({"latency": fp_lat}, ep), _latency(manifest, ep), speed))
     return rows
 

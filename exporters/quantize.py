@@ -94,6 +94,7 @@ class QuantInfo:
     calibration: dict
     pre_process: dict
     seconds: float
+    sensitivity: dict | None = None        # set by edgec.exporters.sensitivity.fallback
 
     def to_dict(self) -> dict:
         return asdict(self)

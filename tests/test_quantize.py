@@ -257,3 +257,37 @@ def test_gpu_target_writes_symmetric_int8_activations(subject):
     inits = {i.name: i for i in g.initializer}
     zps = [numpy_helper.to_array(inits[n.input[2]]) for n in g.node if n.op_type == "QuantizeLinear"]
     assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)
+
+
+# ------------------------------------------------------------ sensitivity and accuracy-aware fallback
+
+def test_fallback_repairs_the_saturating_layer(subject):
+    """reduce_range=False on this AVX2 machine saturates the U8S8 kernels (FIELD-NOTES); the fallback must
+    find the node responsible and keep it in FP32 until the drop is within budget."""
+    from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
+    out = subject["dir"] / "fallback.onnx"
+    info, rep = quantize_with_budget(subject["fp32"], out, [subject["calib"][:256]], subject["x"], subject["y"],
+                                     QuantOptions(reduce_range=False),
+                                     FallbackOptions(max_accuracy_drop=0.5, max_excluded_share=0.5))
+    assert rep.metric == "accuracy" and rep.nodes_measured == rep.nodes_total == 6
+    assert rep.final_score >= rep.int8_score and rep.ranking[0]["error_reduction"] > 0
+    if rep.drop_points <= 0.5 and rep.int8_score < rep.fp32_score - 0.005:
+        assert rep.excluded and rep.within_budget
+    assert [e["node"] for e in rep.excluded] == info.excluded_nodes
+    assert set(info.excluded_nodes) <= set(info.float_nodes)  # the file really has them in FP32
+    assert info.sensitivity["stopped"] and accuracy(out, subject["x"], subject["y"]) == pytest.approx(rep.final_score)
+
+
+def test_fallback_without_labels_uses_agreement_and_keeps_int8_when_within_budget(subject):
+    from edgec.exporters.quantize import prepare
+    from edgec.exporters.sensitivity import FallbackOptions, fallback
+    prepared = prepare(subject["fp32"], [subject["calib"][:128]], QuantOptions())
+    try:
+        info, rep = fallback(prepared, subject["dir"] / "fb2.onnx", subject["x"], None,
+                             FallbackOptions(max_accuracy_drop=5.0))
+    finally:
+        prepared.cleanup()
+    assert rep.metric == "top1_agreement" and rep.fp32_score == 1.0
+    assert rep.excluded == [] and info.ops["float"] == 0 and rep.stopped.startswith("all-INT8")
+    with pytest.raises(OptionError, match="max-accuracy-drop"):
+        FallbackOptions(max_accuracy_drop=-1).validate()

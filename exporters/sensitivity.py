@@ -1,0 +1,170 @@
+"""Sensitivity analysis and accuracy-aware fallback: keep the fewest, most sensitive nodes in FP32.
+
+Sensitivity of a node = how much the INT8 model's output error (1 - mean cosine to FP32 on real samples)
+shrinks when only that node is left in FP32 (one quantization per node, reusing the calibrated ranges).
+Fallback: exclude nodes in that order, one more at a time, until the accuracy drop (or, without labels, the
+top-1 disagreement with FP32) is within budget; stop at the time box and always keep the best model found.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgec.errors import OptionError
+from edgec.exporters.calibration import Progress
+from edgec.exporters.compare import ort_session, output_agreement, run_onnx
+from edgec.exporters.quantize import (COMPUTE_OPS, Prepared, QuantInfo, QuantOptions, prepare,
+                                      write_quantized)
+
+
+@dataclass
+class FallbackOptions:
+    max_accuracy_drop: float = 1.0         # points (1.0 = one percentage point)
+    time_budget_s: float = 300.0
+    max_excluded_share: float = 0.10       # never keep more than this share of Conv/MatMul/Gemm nodes in FP32
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        if self.max_accuracy_drop < 0:
+            raise OptionError(f"--max-accuracy-drop must be >= 0 points, got {self.max_accuracy_drop}")
+        if self.time_budget_s <= 0:
+            raise OptionError(f"the sensitivity time budget must be positive, got {self.time_budget_s}")
+        if not 0 <= self.max_excluded_share <= 1:
+            raise OptionError(f"max_excluded_share must be within [0, 1], got {self.max_excluded_share}")
+
+
+@dataclass
+class NodeSensitivity:
+    node: str
+    op_type: str
+    error_when_excluded: float             # 1 - mean cosine with only this node in FP32
+    error_reduction: float                 # baseline error - error_when_excluded (higher = more sensitive)
+
+
+@dataclass
+class FallbackReport:
+    metric: str                            # "accuracy" | "top1_agreement"
+    fp32_score: float
+    int8_score: float                      # all nodes INT8
+    final_score: float
+    drop_points: float                     # fp32 - final, in points
+    budget_points: float
+    within_budget: bool
+    excluded: list[dict]                   # node, op_type, error figures, score after adding it
+    ranking: list[dict] = field(default_factory=list)   # the most sensitive nodes measured
+    nodes_measured: int = 0
+    nodes_total: int = 0
+    stopped: str = ""                      # why the search ended
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Evaluator:
+    """Scores a candidate INT8 model against the FP32 reference on fixed real samples."""
+
+    def __init__(self, fp32_path, x, y, batch_size: int):
+        self.x, self.y, self.batch = np.asarray(x, np.float32), y, batch_size
+        self.ref = run_onnx(ort_session(fp32_path), self.x, batch_size)[0]
+        self.metric = "accuracy" if y is not None else "top1_agreement"
+        self.fp32_score = self._score(self.ref)
+
+    def _score(self, logits) -> float:
+        flat = logits.reshape(len(logits), -1)
+        target = np.asarray(self.y) if self.y is not None else self.ref.reshape(len(self.ref), -1).argmax(1)
+        return float((flat.argmax(1) == target).mean())
+
+    def __call__(self, path) -> tuple[float, float]:
+        """(score, output error = 1 - mean cosine to FP32)."""
+        out = run_onnx(ort_session(path), self.x, self.batch)[0]
+        return self._score(out), 1.0 - output_agreement(self.ref, out)["mean_cosine"]
+
+
+def _drop(ev: _Evaluator, score: float) -> float:
+    return 100.0 * (ev.fp32_score - score)
+
+
+def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions | None = None, *,
+             progress: Progress | None = None, force: bool = True) -> tuple[QuantInfo, FallbackReport]:
+    """Quantize with the user's exclusions, then keep the most sensitive nodes in FP32 until the drop fits."""
+    options = options or FallbackOptions()
+    options.validate()
+    started = time.perf_counter()
+    deadline = started + options.time_budget_s
+    ev = _Evaluator(prepared.fp32_path, x, y, options.batch_size)
+    base_excl = prepared.resolve_exclusions(prepared.options.exclude_nodes, prepared.options.exclude_op_types)
+    work = Path(prepared.workdir)
+    cand = work / "candidate.onnx"
+
+    def trial(exclude: list[str]) -> tuple[float, float]:
+        prepared.quantize(cand, exclude)
+        return ev(cand)
+
+    int8_score, base_err = trial(base_excl)
+    report = FallbackReport(ev.metric, ev.fp32_score, int8_score, int8_score, _drop(ev, int8_score),
+                            options.max_accuracy_drop, False, [])
+    best = (int8_score, list(base_excl))
+    compute = [n for n, t in prepared.node_ops.items() if t in COMPUTE_OPS and n not in base_excl]
+    report.nodes_total = len(compute)
+    limit = int(options.max_excluded_share * len(compute))
+
+    if report.drop_points <= options.max_accuracy_drop:
+        report.stopped = "all-INT8 model already within budget"
+    elif limit == 0:
+        report.stopped = "max_excluded_share allows no node in FP32"
+    else:
+        ranking: list[NodeSensitivity] = []
+        for i, node in enumerate(compute):  # one node in FP32 at a time
+            if time.perf_counter() > deadline:
+                report.stopped = f"time box hit while measuring sensitivity ({i}/{len(compute)} nodes)"
+                break
+            _, err = trial([*base_excl, node])
+            ranking.append(NodeSensitivity(node, prepared.node_ops[node], err, base_err - err))
+            if progress:
+                progress(i + 1, len(compute), "sensitivity")
+        ranking.sort(key=lambda r: -r.error_reduction)
+        report.nodes_measured = len(ranking)
+        report.ranking = [asdict(r) for r in ranking[:20]]
+        excluded = list(base_excl)
+        for r in ranking[:limit]:
+            if r.error_reduction <= 0:
+                report.stopped = report.stopped or "no remaining node reduces the output error"
+                break
+            if time.perf_counter() > deadline:
+                report.stopped = report.stopped or "time box hit during fallback"
+                break
+            excluded.append(r.node)
+            score, err = trial(excluded)
+            report.excluded.append({**asdict(r), f"{ev.metric}_after": score, "output_error_after": err})
+            if score > best[0] or (score == best[0] and len(excluded) < len(best[1])):
+                best = (score, list(excluded))
+            if _drop(ev, score) <= options.max_accuracy_drop:
+                report.stopped = "within budget"
+                break
+        else:
+            report.stopped = report.stopped or f"reached the limit of {limit} FP32 nodes"
+    # Keep the best model found: trim the trail to the exclusions that produced it.
+    kept = set(best[1]) - set(base_excl)
+    report.excluded = [e for e in report.excluded if e["node"] in kept]
+    report.final_score = best[0]
+    report.drop_points = round(_drop(ev, best[0]), 3)
+    report.within_budget = report.drop_points <= options.max_accuracy_drop
+    report.seconds = round(time.perf_counter() - started, 2)
+    info = write_quantized(prepared, out_path, best[1], force=force, started=started)
+    info.sensitivity = report.to_dict()
+    return info, report
+
+
+def quantize_with_budget(fp32_path, out_path, calibration, x, y=None, options: QuantOptions | None = None,
+                         fallback_options: FallbackOptions | None = None, *, progress: Progress | None = None,
+                         force: bool = True) -> tuple[QuantInfo, FallbackReport]:
+    """quantize_int8 + accuracy-aware fallback, calibrating once (`--max-accuracy-drop`)."""
+    prepared = prepare(fp32_path, calibration, options or QuantOptions(), progress=progress)
+    try:
+        return fallback(prepared, out_path, x, y, fallback_options, progress=progress, force=force)
+    finally:
+        prepared.cleanup()

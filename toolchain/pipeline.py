@@ -165,6 +165,16 @@ def agreement(compared: dict) -> dict:
     return {"samples": compared["samples"], **first, "outputs": list(compared["outputs"])}
 
 
+def stage_take_int8(int8: Path, source: Path, record: dict) -> Stage:
+    """An INT8 model produced by another recipe (quantization-aware training) instead of calibration."""
+    import shutil
+    stage = Stage("quantize", "an INT8 ONNX model made by another recipe", "model.onnx: copied, not recalibrated",
+                  options={"source": str(source)}, metrics=plain(record))
+    with timed(stage):
+        shutil.copyfile(source, int8)
+    return stage
+
+
 def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | None) -> Stage:
     """FP32 vs INT8 on held-out data: accuracy with labels, agreement with the FP32 model always."""
     from edgec.exporters.compare import accuracy, compare_outputs
@@ -221,6 +231,7 @@ class BuildOptions:
     distill: object = None               # edgec.train.TrainConfig or None (fine-tune/distill after pruning)
     force: bool = False
     extra: dict = field(default_factory=dict)  # recorded verbatim in the manifest (e.g. {"demo": true})
+    prebuilt_int8: tuple | None = None   # (path, record): an INT8 model made elsewhere (compare's QAT) replaces PTQ
 
 
 def build(opts: BuildOptions) -> dict:
@@ -247,7 +258,10 @@ def build(opts: BuildOptions) -> dict:
     with atomic_path(opts.output, force=opts.force, directory=True) as tmp:
         fp32, int8 = tmp / package.FP32_FILE, tmp / package.MODEL_FILE
         stages.append(stage_export(module, inputs, fp32, opts.opset))
-        stages.append(stage_quantize(fp32, int8, inputs, quant))
+        if opts.prebuilt_int8 is not None:
+            stages.append(stage_take_int8(int8, *opts.prebuilt_int8))
+        else:
+            stages.append(stage_quantize(fp32, int8, inputs, quant))
         stages.append(stage_evaluate(fp32, int8, inputs, opts.max_accuracy_drop))
         if opts.bench_seconds > 0 and opts.providers:
             stages.append(stage_bench(int8, fp32, list(opts.providers), opts.bench_seconds))

@@ -277,10 +277,11 @@ def graph_warnings(label: str, ep: str, graph: dict) -> list[str]:
 
 # ---- the public entry point --------------------------------------------------------------------------------------
 def benchmark(models, providers=("cpu",), *, threads: int | None = None, batch: int | None = None,
-              shapes: dict[str, list[int]] | None = None, warmup="10", runs="200", include_copies: bool = False,
+              shapes: dict[str, list[int]] | list[str] | None = None, warmup="10", runs="200", include_copies: bool = False,
               inspect: bool = True, progress: ProgressFn | None = None) -> list[BenchResult]:
     """Benchmark every model on every provider, interleaved. `models`: .onnx paths or NAME.edgec folders;
-    `providers`: short names (cpu, cuda, tensorrt, auto); `warmup`/`runs`: a count ('200') or a duration per model
+    `providers`: short names (cpu, cuda, tensorrt, auto); `shapes`: {input: dims} or
+    ['input=1,3,224,224', ...]; `warmup`/`runs`: a count ('200') or a duration per model
     ('10s'). Returns one BenchResult per (model, provider), in order models x providers; results[0] is the reference
     of every `ratio`. Raises ModelError, DataError, OptionError, ProviderError (edgec.errors)."""
     warm, timed = parse_amount(warmup, "--warmup"), parse_amount(runs, "--runs")

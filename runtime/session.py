@@ -107,10 +107,13 @@ def parse_shape_option(text: str, input_names: list[str]) -> tuple[str, list[int
     return name, shape
 
 
-def resolve_shapes(model: ModelFile, inputs: list[InputInfo], shapes: dict[str, list[int]] | None,
+def resolve_shapes(model: ModelFile, inputs: list[InputInfo], shapes: dict[str, list[int]] | list[str] | None,
                    batch: int | None) -> dict[str, list[int]]:
-    """Concrete shape per input. Priority: --shape, then the manifest, then the model; a dynamic leading
+    """Concrete shape per input; `shapes` maps name -> dims or is a list of --shape strings. Priority: --shape, then the manifest, then the model; a dynamic leading
     dimension takes --batch (default 1). Fixed dimensions must match exactly."""
+    names = [i.name for i in inputs]
+    if shapes and not isinstance(shapes, dict):   # raw --shape strings, parsed now that the input names are known
+        shapes = dict(parse_shape_option(text, names) for text in shapes)
     shapes = dict(shapes or {})
     unknown = set(shapes) - {i.name for i in inputs}
     if unknown:
@@ -186,7 +189,7 @@ class LoadedModel:
         return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
-def load(model: ModelFile, ep: str, threads: int | None = None, shapes: dict[str, list[int]] | None = None,
+def load(model: ModelFile, ep: str, threads: int | None = None, shapes: dict[str, list[int]] | list[str] | None = None,
          batch: int | None = None, opt_level: str = "all", profile_prefix: str | None = None) -> LoadedModel:
     """Create the session for `ep` (a short name) and the input feed; check the provider really started."""
     name, chain = eps.resolve(ep)

@@ -1,0 +1,67 @@
+"""Tiny real ONNX models for the runtime and bench CLI tests (built with onnx.helper: no torch, milliseconds).
+Imported by test_runtime_*.py and test_bench_cli.py; pytest collects no tests here."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+
+def make_conv_model(path, batch="N", hw=(16, 16), channels=8, seed=0):
+    """x[batch,3,H,W] -> Conv 3x3 -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> y[batch,10]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((channels, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.standard_normal((10, channels)).astype(np.float32), "fw"),
+             numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fb")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1)]
+    h, w = hw
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, h, w])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory):
+    return make_conv_model(tmp_path_factory.mktemp("m") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def dynamic_hw_onnx(tmp_path_factory):
+    return make_conv_model(tmp_path_factory.mktemp("m") / "dyn.onnx", hw=("H", "W"))
+
+
+@pytest.fixture(scope="session")
+def int8_onnx(tmp_path_factory, tiny_onnx):
+    """The tiny model quantized the way edgec ships INT8 on x86 (QDQ, per-channel, reduce_range, U8/S8)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    rng = np.random.default_rng(1)
+    data = iter([{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(8)])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            return next(data, None)
+
+    out = tmp_path_factory.mktemp("q") / "tiny.int8.onnx"
+    quantize_static(str(tiny_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def make_package(folder, onnx_path, manifest=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.onnx").write_bytes(onnx_path.read_bytes())
+    (folder / "manifest.json").write_text(json.dumps(manifest if manifest is not None else
+                                                     {"schema": "edgec.package/1", "files": {"model.onnx": "x"}}))
+    return folder

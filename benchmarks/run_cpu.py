@@ -11,6 +11,7 @@ Quantization is ONNX Runtime's quantize_static (QDQ, per-channel, reduce_range=T
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import sys
@@ -139,8 +140,9 @@ def _lscpu() -> str:
         return ""
 
 
-def render(results, overhead, threads, rounds, elapsed) -> str:
+def render(results, overhead, threads, rounds, elapsed, load_before) -> str:
     host = host_info()
+    load_after = os.getloadavg()[0]
     model_name = next((l.split(":", 1)[1].strip() for l in _lscpu().splitlines() if l.startswith("Model name")),
                       host["cpu"])
     lines = [
@@ -151,7 +153,9 @@ def render(results, overhead, threads, rounds, elapsed) -> str:
         f"Machine: {model_name}, {host['cpu_count']} cores, flags: {', '.join(host['cpu_flags'])} "
         f"(no AVX-512, no VNNI); {host['os']}; Python {host['python']}, torch {torch.__version__}, "
         f"torchvision {torchvision.__version__}, onnxruntime {ort.__version__}, numpy {np.__version__}. "
-        f"{threads} intra-op threads for ORT and torch, batch 1, input 1x3x224x224.",
+        f"{threads} intra-op threads for ORT and torch, batch 1, input 1x3x224x224. "
+        f"1-minute load average {load_before:.1f} before and {load_after:.1f} after the run (other work shared "
+        f"the {host['cpu_count']} cores; absolute times are inflated by it, interleaved ratios much less).",
         "",
         "Method: the three variants of a model are timed interleaved in one process (round i runs all three, order "
         "flipping each round), so machine drift hits all of them alike. Ratios are medians of per-round ratios, "
@@ -211,7 +215,7 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="write benchmarks/RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    t0, load_before = time.perf_counter(), os.getloadavg()[0]
     images = calibration_images(64)
     results = []
     with tempfile.TemporaryDirectory(prefix="edgec-bench-") as d:
@@ -222,7 +226,7 @@ def main() -> None:
             results.append(bench_model(name, factory, tmp, args.threads, args.rounds, images))
         overhead = loop_overhead(tmp / "mobilenet_v2.int8.onnx", args.threads, blocks=20, per_block=50)
         overhead["model"] = "mobilenet_v2 INT8"
-    text = render(results, overhead, args.threads, args.rounds, time.perf_counter() - t0)
+    text = render(results, overhead, args.threads, args.rounds, time.perf_counter() - t0, load_before)
     print(text)
     if args.write:
         Path(__file__).with_name("RESULTS.md").write_text(text)

@@ -288,6 +288,12 @@ def benchmark(models, providers=("cpu",), *, threads: int | None = None, batch: 
     if timed.count == 0:
         raise OptionError("--runs 0 measures nothing; give at least 1 run or a duration like 10s")
     files = [open_model(m) for m in models]
+    paths_by_label: dict[str, set] = {}
+    for f in files:
+        paths_by_label.setdefault(f.label, set()).add(str(f.onnx_path))
+    for f in files:   # a/model.onnx and b/model.onnx must stay apart in tables, ratios and baselines
+        if len(paths_by_label[f.label]) > 1:
+            f.label = str(f.package or f.onnx_path)
     names = [eps.resolve(p)[0] for p in providers]            # fail on a missing provider before loading anything
     names = list(dict.fromkeys(names))                        # 'auto' may repeat an explicit one
     runners, facts = [], []

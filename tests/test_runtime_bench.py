@@ -154,3 +154,11 @@ def test_cuda_io_binding_and_fallback_report(tiny_onnx, int8_onnx):
     assert all(isinstance(r.graph["fallback_nodes"], list) for r in cuda)
     (copies,) = benchmark([tiny_onnx], ["cuda"], warmup="3", runs="30", include_copies=True, inspect=False)
     assert copies.latency.n == 30
+
+
+def test_same_file_names_in_different_folders_stay_apart(tiny_onnx, tmp_path):
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "model.onnx").write_bytes(tiny_onnx.read_bytes())
+    results = benchmark([tmp_path / "a" / "model.onnx", tmp_path / "b" / "model.onnx"], inspect=False, **FAST)
+    assert results[0].model != results[1].model and results[1].ratio["vs"].startswith(results[0].model)

@@ -181,6 +181,14 @@ def _name_nodes(model) -> int:
     return named
 
 
+def _needs_symbolic_shapes(model) -> bool:
+    import onnx
+    inferred = onnx.shape_inference.infer_shapes(model)
+    known = {vi.name for vi in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]
+             if vi.type.tensor_type.HasField("shape")}
+    return any(o and o not in known for n in inferred.graph.node for o in n.output)
+
+
 def _pre_process(fp32_path: Path, out: Path, enabled: bool) -> dict:
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -189,7 +197,11 @@ def _pre_process(fp32_path: Path, out: Path, enabled: bool) -> dict:
     record["batchnorm_before"] = sum(n.op_type == "BatchNormalization" for n in before.graph.node)
     if enabled:
         last_error = None
-        for skip_symbolic in (False, True):  # symbolic inference fails on some graphs; the ONNX one is enough
+        # ORT's symbolic shape inference imports onnxruntime.tools, which imports torch (6 s, ~500 MB here):
+        # only pay for it when ONNX's own inference leaves activations without a shape (then they could not be
+        # calibrated); retry without it when it fails.
+        first = (False, True) if _needs_symbolic_shapes(before) else (True,)
+        for skip_symbolic in first:
             try:
                 with _quiet_ort():
                     quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=skip_symbolic)

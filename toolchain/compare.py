@@ -181,13 +181,13 @@ def _student(ws: Workspace) -> tuple[Path, dict]:
     """Prune + distill once; prune-kd and prune-kd-ptq share the student."""
     if "student" in ws.shared:
         return ws.shared["student"]
-    from edgec.modelio import save_model
-    from edgec.prune import PruneConfig, prune_model
-    from edgec.train import TrainConfig, train
     opts, inputs = ws.opts, ws.inputs
     if not inputs.model.eager:
         raise OptionError(f"pruning needs an eager model (checkpoint + --arch or an edgec model file); "
                           f"{inputs.model.path} is {inputs.model.kind}")
+    from edgec.modelio import save_model
+    from edgec.prune import PruneConfig, prune_model
+    from edgec.train import TrainConfig, train
     student_path = ws.dir("prune-kd") / "student.pt"
     pruned, prune_record = prune_model(copy.deepcopy(inputs.model), PruneConfig(ratio=opts.prune_ratio), inputs.calib)
     cfg = TrainConfig(epochs=opts.epochs, lr=opts.lr, seed=opts.seed)

@@ -1,0 +1,93 @@
+"""`edgec compare` on a really trained CNN: rows, resumability, failures kept in their row, recommendation."""
+import json
+
+import pytest
+
+from conftest import run_cli
+from edgec.plots import pareto_front
+
+FAST = ["--bench-seconds", "0.3", "--calibration", "minmax"]
+
+
+@pytest.fixture(scope="module")
+def compared(trained_cnn, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp") / "cmp"
+    code, stdout, stderr = run_cli("compare", trained_cnn[0], "-o", out, "--recipes", "fp32,ptq-int8,fp16",
+                                   "--json", *FAST)
+    assert code == 0, stderr
+    return out, json.loads(stdout), stderr
+
+
+def test_rows_and_fields(compared):
+    out, summary, _ = compared
+    rows = {r["recipe"]: r for r in summary["recipes"]}
+    assert set(rows) == {"fp32", "ptq-int8-minmax", "fp16"}
+    for r in rows.values():
+        for key in ("params", "flops", "bytes", "compression_ratio", "accuracy", "accuracy_change", "p50_ms",
+                    "p90_ms", "speedup", "seconds"):
+            assert r[key] is not None, (r["recipe"], key)
+        assert (out / r["onnx"]).is_file()
+    assert rows["ptq-int8-minmax"]["compression_ratio"] > 2.5 and rows["fp16"]["compression_ratio"] > 1.8
+    assert abs(rows["ptq-int8-minmax"]["accuracy_change"]) < 2
+    assert summary["recommendation"]["recipe"] in rows
+    assert {"report.md", "compare.json", "accuracy_vs_latency.png", "size_flops.png"} <= {p.name for p in out.iterdir()}
+    assert "Recommended" in (out / "report.md").read_text()
+
+
+def test_rerun_reuses_finished_rows(compared, trained_cnn):
+    out, first, _ = compared
+    code, stdout, stderr = run_cli("compare", trained_cnn[0], "-o", out, "--recipes", "fp32,ptq-int8,fp16",
+                                   "--json", *FAST)
+    assert code == 0 and stderr.count("reusing the result") == 3
+    again = {r["recipe"]: r["accuracy"] for r in json.loads(stdout)["recipes"]}
+    assert again == {r["recipe"]: r["accuracy"] for r in first["recipes"]}
+
+
+def test_constraints_name_what_each_recipe_breaks(compared, trained_cnn):
+    out, _, _ = compared
+    code, stdout, _ = run_cli("compare", trained_cnn[0], "-o", out, "--recipes", "fp32,ptq-int8,fp16", "--json",
+                              "--max-size", "0.2MB", *FAST)
+    summary = json.loads(stdout)
+    rec = summary["recommendation"]
+    sizes = {r["recipe"]: r["bytes"] for r in summary["recipes"]}
+    fitting = [k for k, v in sizes.items() if v <= 200_000]
+    assert rec["recipe"] in fitting if fitting else rec["recipe"] is None
+    for recipe, why in rec["rejected"].items():
+        assert sizes[recipe] > 200_000 and "size" in why[0]
+    code, stdout, _ = run_cli("compare", trained_cnn[0], "-o", out, "--recipes", "fp32,ptq-int8,fp16", "--json",
+                              "--prefer", "size", *FAST)
+    assert json.loads(stdout)["recommendation"]["recipe"] == min(sizes, key=sizes.get)
+
+
+def test_failing_recipe_is_reported_in_its_row(trained_cnn, tmp_path):
+    import torch
+    from edgec.modelio import load_model
+    ts = tmp_path / "ts.pt"  # TorchScript cannot be pruned: that row fails, the others stand
+    torch.jit.save(torch.jit.script(load_model(trained_cnn[0]).module), ts)
+    code, stdout, stderr = run_cli("compare", ts, "-o", tmp_path / "c", "--recipes", "fp32,prune-kd", "--json", *FAST)
+    assert code == 0, stderr
+    rows = {r["recipe"]: r for r in json.loads(stdout)["recipes"]}
+    assert rows["fp32"]["error"] is None and rows["fp32"]["accuracy"] > 85
+    assert "eager" in rows["prune-kd"]["error"]
+
+
+def test_bad_options(trained_cnn, tmp_path):
+    code, _, stderr = run_cli("compare", trained_cnn[0], "-o", tmp_path / "c", "--recipes", "fp32,magic")
+    assert code == 2 and "magic" in stderr
+    code, _, stderr = run_cli("compare", trained_cnn[0], "-o", tmp_path / "c", "--max-size", "big")
+    assert code == 2 and "5MB" in stderr
+
+
+def test_package_winner(compared, trained_cnn, tmp_path):
+    out, _, _ = compared
+    pkg = tmp_path / "winner.edgec"
+    code, _, stderr = run_cli("compare", trained_cnn[0], "-o", out, "--recipes", "ptq-int8", "--package", pkg, *FAST)
+    assert code == 0, stderr
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert manifest["compare"]["recipe"] == "ptq-int8-minmax"
+    assert run_cli("verify", pkg)[0] == 0
+
+
+def test_pareto_front():
+    pts = [(10, 90, "a"), (5, 80, "b"), (12, 95, "c"), (11, 85, "d"), (5, 70, "e")]
+    assert [p[2] for p in pareto_front(pts)] == ["b", "a", "c"]

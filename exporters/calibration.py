@@ -309,12 +309,14 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
     inp = model.graph.input[0]
     sample_shape = tuple(d.dim_value for d in inp.type.tensor_type.shape.dim[1:])
     outputs = {o.name for o in model.graph.output}
-    for name, dims in shapes.items():
+    infos = {vi.name: vi for vi in model.graph.value_info}
+    for name in shapes:
         if name not in outputs and name != inp.name:
-            vi = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(infos[name])  # keeps the element type (float16 models too)
             model.graph.output.append(vi)
     aug = Path(workdir) / "calibration-augmented.onnx"
-    onnx.save_model(model, str(aug))
+    onnx.save_model(model, str(aug), save_as_external_data=model.ByteSize() > 1_800_000_000)
     del model
 
     per_sample = _bytes_per_sample(shapes)
@@ -346,7 +348,8 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
     for x in rechunk(chained(), chunk):
         feed = {inp.name: x}
         for name, value in zip(names, sess.run(None, feed)):
-            stats[name].update(value) if name in stats else None
+            if name in stats:
+                stats[name].update(value)
         if inp.name in stats:
             stats[inp.name].update(x)
         peak = max(peak, rss_mb())

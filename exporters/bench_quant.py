@@ -1,6 +1,6 @@
 """Quantization quality and calibration memory: ONNX Runtime's defaults vs edgec's, on real data.
 
-    python -m edgec.exporters.bench_quant quality --out /tmp/qbench      # digits-trained MobileNetV2 + ResNet18
+    python -m edgec.exporters.bench_quant quality --out /tmp/qbench      # digits-trained MobileNetV2-style + ResNet-style
     python -m edgec.exporters.bench_quant memory --samples 512            # 224x224 MobileNetV2, every method
 
 Each quantization runs in a fresh subprocess so that its peak RSS (ru_maxrss) is its own.
@@ -76,6 +76,16 @@ def _ort_quantize(fp32, out, calib, cfg: dict) -> None:
     quantize_static(str(fp32), str(out), Reader(), **kw)
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS. VmHWM, not ru_maxrss: a forked child's ru_maxrss starts at the parent's
+    RSS at fork time (here ~850 MB of torch), VmHWM belongs to the exec'd image alone."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 0)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0)
+
+
 def one(fp32, out, calib_path, config: str, samples: int) -> dict:
     """Quantize once (in this process) and report peak RSS; meant to run in a fresh subprocess."""
     if calib_path == "digits224":
@@ -94,7 +104,7 @@ def one(fp32, out, calib_path, config: str, samples: int) -> dict:
         result["scheme"] = {k: info.scheme[k] for k in ("activation_type", "reduce_range", "per_channel")}
         result["chunk"] = info.calibration["chunk_size"]
     result["seconds"] = round(time.perf_counter() - t, 1)
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0)
+    result["peak_rss_mb"] = _peak_rss_mb()
     return result
 
 
@@ -121,17 +131,34 @@ def _digits(size=32):
 
 
 def _model(name: str):
-    import torchvision
+    """Small models built from torchvision's own blocks (the 2-core CPU here cannot train the full ones in
+    minutes): MobileNetV2 inverted residuals (depthwise, ReLU6, linear bottlenecks) and ResNet basic blocks."""
+    from torch import nn
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock
+
+    def cbr(i, o, k=3, s=1, act=nn.ReLU6):
+        return [nn.Conv2d(i, o, k, s, k // 2, bias=False), nn.BatchNorm2d(o), act(inplace=True)]
+
     if name == "mobilenetv2":
-        return torchvision.models.mobilenet_v2(num_classes=10)
-    return torchvision.models.resnet18(num_classes=10)
+        return nn.Sequential(*cbr(3, 16), InvertedResidual(16, 16, 1, 1), InvertedResidual(16, 24, 2, 6),
+                             InvertedResidual(24, 24, 1, 6), InvertedResidual(24, 32, 2, 6),
+                             InvertedResidual(32, 32, 1, 6), InvertedResidual(32, 64, 2, 6),
+                             InvertedResidual(64, 64, 1, 6), *cbr(64, 256, 1), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(256, 10))
+
+    def down(i, o):
+        return nn.Sequential(nn.Conv2d(i, o, 1, 2, bias=False), nn.BatchNorm2d(o))
+    return nn.Sequential(*cbr(3, 32, act=nn.ReLU), BasicBlock(32, 32), BasicBlock(32, 64, 2, down(32, 64)),
+                         BasicBlock(64, 64), BasicBlock(64, 128, 2, down(64, 128)), BasicBlock(128, 128),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
 
 
 def _train(model, x, y, seconds: float):
     import torch
     import torch.nn.functional as F
     torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), 2e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), 3e-3, weight_decay=1e-4)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     model.train()
     start, epochs = time.perf_counter(), 0
@@ -153,12 +180,12 @@ def quality(out_dir: Path, train_seconds: float, samples: int, configs) -> list[
     from edgec.exporters.onnx_export import export_onnx
     from edgec.exporters.quantize import quantized_ops
     out_dir.mkdir(parents=True, exist_ok=True)
-    x, y = _digits()
+    x, y = _digits(16)
     order = np.random.default_rng(0).permutation(len(x))
     tr, te = order[:1400], order[1400:]
     np.savez(out_dir / "calib.npz", x=x[tr[:samples]])
     rows = []
-    for name in ("mobilenetv2", "resnet18"):
+    for name in ("mobilenetv2", "resnet"):
         fp32 = out_dir / f"{name}.fp32.onnx"
         model, epochs = _train(_model(name), x[tr], y[tr], train_seconds)
         export_onnx(model, torch.from_numpy(x[:2]), fp32)

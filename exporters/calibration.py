@@ -143,33 +143,53 @@ class TensorStats:
         hi = e[min(np.searchsorted(cdf, 1.0 - cut) + 1, self.bins)]
         return max(self.lo, float(lo)), min(self.hi, float(hi))
 
-    def entropy(self, quant_bins: int = 128, max_candidates: int = 256) -> tuple[float, float]:
-        """KL-divergence threshold search (TensorRT's method, as in ORT's HistogramCollector), vectorised."""
+    def entropy(self, levels: int = 256, max_candidates: int = 256) -> tuple[float, float]:
+        """KL-divergence threshold search (TensorRT's method, as in ORT's HistogramCollector), vectorised.
+
+        Non-negative tensors (after ReLU: uint8 activations) search [0, t] with all `levels` over the positive
+        side; others search symmetric windows [-t, t]. ORT's version spreads 128 levels over [-t, t] for both,
+        which models a post-ReLU tensor with 64 levels and so clips far too much."""
         hist, n = self.hist.astype(np.float64), self.bins
-        zero, halfq = n // 2, quant_bins // 2
-        if hist.sum() == 0 or zero < halfq:
+        zero = n // 2
+        if hist.sum() == 0:
             return self.minmax()
-        candidates = np.unique(np.linspace(halfq, zero, min(max_candidates, zero - halfq + 1)).astype(int))
-        best, best_i = math.inf, zero
-        csum = np.concatenate([[0.0], np.cumsum(hist)])
-        for i in candidates:
-            s, e = zero - i, zero + i
-            p = hist[s:e].copy()
-            p[0] += csum[s]
-            p[-1] += csum[n] - csum[e]
-            m = p.size // quant_bins
-            sliced = hist[s:e]
-            groups = sliced[:m * quant_bins].reshape(quant_bins, m).sum(1)
-            nz = (p[:m * quant_bins] != 0).reshape(quant_bins, m)
-            per = np.divide(groups, nz.sum(1), out=np.zeros(quant_bins), where=nz.sum(1) > 0)
-            q = np.zeros_like(p)
-            q[:m * quant_bins] = (nz * per[:, None]).ravel()
-            q[m * quant_bins:] = sliced[m * quant_bins:]
-            div = _kl(p, q)
-            if div < best:
-                best, best_i = div, i
         e = self.edges
-        return max(self.lo, float(e[zero - best_i])), min(self.hi, float(e[zero + best_i]))
+        if self.lo >= 0:
+            windows = [(zero, zero + j) for j in _candidates(levels, zero, max_candidates)]
+        else:
+            windows = [(zero - i, zero + i) for i in _candidates(max(1, levels // 2), zero, max_candidates)]
+        if not windows:
+            return self.minmax()
+        csum = np.concatenate([[0.0], np.cumsum(hist)])
+        best, best_w = math.inf, windows[-1]
+        for s, t in windows:
+            div = _window_kl(hist[s:t], csum[s], csum[n] - csum[t], levels)
+            if div < best:
+                best, best_w = div, (s, t)
+        return max(self.lo, float(e[best_w[0]])), min(self.hi, float(e[best_w[1]]))
+
+
+def _candidates(smallest: int, largest: int, k: int) -> np.ndarray:
+    if largest < smallest:
+        return np.array([], dtype=int)
+    return np.unique(np.linspace(smallest, largest, min(k, largest - smallest + 1)).astype(int))
+
+
+def _window_kl(sliced: np.ndarray, left: float, right: float, levels: int) -> float:
+    """KL(p || q): p = the window with outliers folded into its end bins, q = the window at `levels` levels."""
+    p = sliced.copy()
+    p[0] += left
+    p[-1] += right
+    levels = min(levels, p.size)
+    m = p.size // levels
+    body = m * levels
+    nz = (p[:body] != 0).reshape(levels, m)
+    counts = nz.sum(1)
+    per = np.divide(sliced[:body].reshape(levels, m).sum(1), counts, out=np.zeros(levels), where=counts > 0)
+    q = np.zeros_like(p)
+    q[:body] = (nz * per[:, None]).ravel()
+    q[body:] = sliced[body:]
+    return _kl(p, q)
 
 
 def _kl(p: np.ndarray, q: np.ndarray, eps: float = 1e-4) -> float:
@@ -363,7 +383,10 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
         if chk.problems and not force:
             raise DataError(f"refusing to calibrate: {'; '.join(chk.problems)}; calibrate on more real inputs "
                             "(or pass force to accept it)")
-    ranges, chosen = _choose(stats, method, symmetric, qrange, percentile)
+    # Graph inputs and outputs keep their full range with every method: clipping the model's own outputs
+    # (logits) is what makes entropy calibration lose whole accuracy points (measured on a digits MobileNetV2:
+    # 96.7% -> 91.9%), and inputs are bounded by preprocessing anyway.
+    ranges, chosen = _choose(stats, method, symmetric, qrange, percentile, keep_full=outputs | {inp.name})
     return CalibrationResult(ranges, method, done, chunk, len(stats), per_sample, estimated, peak,
                              time.perf_counter() - started, chosen, chk)
 
@@ -379,12 +402,13 @@ def _count_hint(calibration, limit) -> int | None:
     return n if limit is None else min(n, limit)
 
 
-def _choose(stats: dict[str, TensorStats], method: str, symmetric: bool, qrange, percentile: float):
+def _choose(stats: dict[str, TensorStats], method: str, symmetric: bool, qrange, percentile: float,
+            keep_full: set[str] = frozenset()):
     ranges, chosen = {}, {}
     for name, st in stats.items():
         if st.count == 0:
             continue
-        if method == "minmax":
+        if method == "minmax" or name in keep_full:
             lo, hi = st.minmax()
         elif method == "percentile":
             lo, hi = st.percentile(percentile)

@@ -200,16 +200,17 @@ def _kl(p: np.ndarray, q: np.ndarray, eps: float = 1e-4) -> float:
 
 
 def _smooth(p: np.ndarray, eps: float):
-    total = p.sum()
-    if total <= 0:
-        return None
-    p = p / total
+    """Give empty bins a little mass taken from the others, on raw counts (as ORT/MXNet do): then every
+    non-empty bin (a count >= 1) stays positive. None when that is impossible."""
     zeros = p == 0
-    nz = (~zeros).sum()
+    nz = int((~zeros).sum())
     if nz == 0:
         return None
-    p = p + eps * zeros - eps * zeros.sum() / nz * (~zeros)
-    return p if (p > 0).all() else None
+    eps1 = eps * zeros.sum() / nz
+    if eps1 >= 1.0:
+        return None
+    p = p.astype(np.float64) + eps * zeros - eps1 * (~zeros)
+    return p / p.sum()
 
 
 def quant_mse(stats: TensorStats, lo: float, hi: float, qmin: int, qmax: int, symmetric: bool) -> float:

@@ -291,3 +291,13 @@ def test_fallback_without_labels_uses_agreement_and_keeps_int8_when_within_budge
     assert rep.excluded == [] and info.ops["float"] == 0 and rep.stopped.startswith("all-INT8")
     with pytest.raises(OptionError, match="max-accuracy-drop"):
         FallbackOptions(max_accuracy_drop=-1).validate()
+
+
+def test_entropy_clips_rare_outliers_of_a_post_relu_tensor():
+    rng = np.random.default_rng(0)
+    v = np.abs(rng.standard_normal(100_000)).astype(np.float32)
+    v[:5] = 50.0  # five outliers far beyond the bulk
+    st = TensorStats(2048, histogram=True)
+    st.update(v)
+    lo, hi = st.entropy()
+    assert lo == st.lo >= 0 and np.percentile(v, 99.99) < hi < 50.0

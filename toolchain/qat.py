@@ -288,6 +288,11 @@ def _is_passthrough(node, modules) -> bool:
             or (node.op == "call_method" and node.target in _PASSTHROUGH_METHODS))
 
 
+def _is_avgpool(node, modules) -> bool:
+    return ((node.op == "call_module" and isinstance(modules.get(node.target), (nn.AdaptiveAvgPool2d, nn.AvgPool2d)))
+            or (node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.avg_pool2d)))
+
+
 def _fold_bn(gm: fx.GraphModule) -> int:
     from torch.nn.utils.fusion import fuse_conv_bn_eval
     modules, folded = dict(gm.named_modules()), 0
@@ -354,6 +359,8 @@ def prepare_qat(model: nn.Module, scheme, ema: float = 0.01) -> fx.GraphModule:
         if origin is node:
             return insert_fq(node, observer())
         if origin not in fq_of:  # quantize where the values are made, then pass the grid through
+            if _is_avgpool(origin, modules) and isinstance(origin.args[0], fx.Node):
+                quantized_input(origin.args[0])  # ORT runs DQ -> (Global)AveragePool -> Q as one INT8 op
             origin = insert_fq(origin, observer())
         src = fq_of[origin]
         return insert_fq(node, SharedFakeQuant(src.source if isinstance(src, SharedFakeQuant) else src))

@@ -301,3 +301,19 @@ def test_entropy_clips_rare_outliers_of_a_post_relu_tensor():
     st.update(v)
     lo, hi = st.entropy()
     assert lo == st.lo >= 0 and np.percentile(v, 99.99) < hi < 50.0
+
+
+def test_matmul_models_are_counted(tmp_path):
+    """Linear layers on a sequence export as MatMul (+Add): they must be quantized and counted as such."""
+    import torch
+    from torch import nn
+    from edgec.exporters.onnx_export import export_onnx
+    x, _ = load_digits(8)
+    rows = x[:96, 0]  # (N, 8, 8): each digit as a sequence of 8 rows of 8 real pixels
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    export_onnx(model, torch.from_numpy(rows[:2]), tmp_path / "mlp.onnx")
+    info = quantize_int8(tmp_path / "mlp.onnx", tmp_path / "mlp8.onnx", [rows], QuantOptions())
+    assert info.ops["by_type"]["MatMul"] == {"int8": 2, "float": 0}
+    agree = compare_outputs(tmp_path / "mlp.onnx", tmp_path / "mlp8.onnx", rows)["outputs"]["output"]
+    assert agree["mean_cosine"] > 0.99

@@ -437,6 +437,14 @@ def save_ranges(ranges: dict, path) -> None:
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
 
 
+def default_progress(progress: Progress | None) -> Progress | None:
+    """The caller's callback, else simple stderr lines when stderr is a terminal, else nothing."""
+    import sys
+    if progress is not None:
+        return progress
+    return stderr_progress() if sys.stderr.isatty() else None
+
+
 def stderr_progress(label: str = "edgec") -> Progress:
     """Default progress: one stderr line per ~10% (quiet when EDGEC_QUIET is set)."""
     import sys

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Iterable
 
 from edgec.errors import ModelError, OptionError
-from edgec.exporters.calibration import METHODS, CalibrationResult, Progress, calibrate, save_ranges
+from edgec.exporters.calibration import (METHODS, CalibrationResult, Progress, calibrate, default_progress,
+                                         save_ranges)
 from edgec.exporters.target import QuantScheme, scheme_for
 from edgec.fsutil import atomic_path
 
@@ -242,7 +243,7 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
         calib = calibrate(pre, calibration, method=options.method, num_samples=options.num_samples,
                           symmetric=scheme.activation_symmetric, qrange=qrange, percentile=options.percentile,
                           bins=options.histogram_bins, memory_mb=options.calibration_memory_mb, workdir=workdir,
-                          force=options.force_calibration_data, progress=progress)
+                          force=options.force_calibration_data, progress=default_progress(progress))
         cache = workdir / "ranges.json"
         save_ranges(calib.ranges, cache)
         p = Prepared(workdir, pre, cache, fp32_path, options, scheme, calib, record, node_ops)

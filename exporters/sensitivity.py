@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgec.errors import OptionError
-from edgec.exporters.calibration import Progress
+from edgec.exporters.calibration import Progress, default_progress
 from edgec.exporters.compare import ort_session, output_agreement, run_onnx
 from edgec.exporters.quantize import (COMPUTE_OPS, Prepared, QuantInfo, QuantOptions, prepare,
                                       write_quantized)
@@ -93,6 +93,7 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
     """Quantize with the user's exclusions, then keep the most sensitive nodes in FP32 until the drop fits."""
     options = options or FallbackOptions()
     options.validate()
+    progress = default_progress(progress)
     started = time.perf_counter()
     deadline = started + options.time_budget_s
     ev = _Evaluator(prepared.fp32_path, x, y, options.batch_size)

@@ -197,7 +197,7 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
                              "export it with dynamic_shapes={0: torch.export.Dim('batch')} to get a dynamic one")
             info = _save_checked(proto, path, tmp, large, force, opset)
     ex = ExportInfo(exporter=exporter, opset=written, opset_requested=opset, input_name=input_name,
-                    output_names=list(output_names), external_data=large,
+                    output_names=list(output_names), external_data=bool(info),
                     file_bytes=path.stat().st_size + (info or 0), seconds=round(time.perf_counter() - started, 3),
                     warnings=notes, **info_io)
     return ex
@@ -248,9 +248,10 @@ def _save_checked(proto, path: Path, tmp: str, large: bool, force: bool, opset: 
         raise ExportError(f"the exported model fails the ONNX checker: {_first_line(e)}; try --opset {max(opset + 1, 18)} "
                           "(the dynamo exporter's down-conversion to older opsets is unreliable)") from e
     data_bytes = 0
-    if large:
-        data_bytes = (Path(tmp) / data_name).stat().st_size
-        os.replace(Path(tmp) / data_name, path.parent / data_name)
+    staged_data = Path(tmp) / data_name
+    if large and staged_data.exists():  # absent when every tensor was under the 1 KB inline threshold
+        data_bytes = staged_data.stat().st_size
+        os.replace(staged_data, path.parent / data_name)
     with atomic_path(path, force=force) as out:
         os.replace(staged, out)
     return data_bytes

@@ -143,3 +143,16 @@ def test_falls_back_to_dynamo_when_the_tracer_cannot_export(tmp_path):
     sess = ort_session(tmp_path / "f.onnx")
     assert sess.run(None, {"input": np.zeros((5, 16), np.float32)})[0].shape[0] == 5
     check_onnx_against_torch(Spectrum(), tmp_path / "f.onnx", t.numpy(), atol=1e-4)
+
+
+def test_external_data_path_above_the_threshold(tmp_path, x, monkeypatch):
+    """The >2 GB path (model + one .data file) without writing 2 GB: lower the threshold for this test."""
+    from edgec.exporters import onnx_export
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10)).eval()  # 64 KB weights
+    info = export_onnx(m, x, tmp_path / "big.onnx")
+    data = tmp_path / "big.onnx.data"
+    assert info.external_data and data.is_file()
+    assert info.file_bytes == (tmp_path / "big.onnx").stat().st_size + data.stat().st_size
+    check_onnx_against_torch(m, tmp_path / "big.onnx", x.numpy())

@@ -455,12 +455,73 @@ def qat_finetune(model: nn.Module, teacher: nn.Module | None, train_data, eval_d
     return qmodel, record
 
 
-def export_qat_onnx(qat_model: nn.Module, example: torch.Tensor, path, *, opset: int = 17) -> dict:
-    """The QDQ ONNX model (int8 weights, int32 biases, uint8 activations); see edgec.exporters.qdq_export."""
+def export_qat_onnx(qat_model: nn.Module, example: torch.Tensor, path, *, opset: int = 17, eval_data=None) -> dict:
+    """The QDQ ONNX model (int8 weights, int32 biases, uint8 activations); see edgec.exporters.qdq_export.
+    With eval_data, also measures it in ONNX Runtime against the fake-quantized torch model (same samples)."""
     from edgec.exporters.qdq_export import export_qdq
     with export_mode(qat_model):
-        return export_qdq(qat_model, example, path, opset=opset)
+        info = export_qdq(qat_model, example, path, opset=opset)
+    if eval_data is not None:
+        info["check"] = torch_vs_ort(qat_model, path, eval_data)
+    return info
 
 
-__all__ = ["QatConfig", "qat_finetune", "export_qat_onnx", "prepare_qat", "calibrate", "fake_quant", "scale_zp",
+@torch.no_grad()
+def torch_vs_ort(qat_model: nn.Module, onnx_path, data, batch_size: int = 256) -> dict:
+    """Accuracy (percent) of the fake-quantized torch model and of the ONNX file in ORT, and their agreement."""
+    from edgec.exporters.compare import ort_session, output_agreement, run_onnx
+    qat_model.eval()
+    ref = torch.cat([qat_model(torch.from_numpy(np.asarray(xb, np.float32))) for xb in data.batches(batch_size)])
+    got = run_onnx(ort_session(onnx_path), data.x, batch_size)[0]
+    out = {"samples": len(data), **output_agreement(ref.numpy(), got)}
+    if data.y is not None:
+        out["torch_accuracy"] = 100.0 * float((ref.argmax(1).numpy() == data.y).mean())
+        out["ort_accuracy"] = 100.0 * float((got.argmax(1) == data.y).mean())
+        out["accuracy_gap"] = round(abs(out["torch_accuracy"] - out["ort_accuracy"]), 4)
+    return out
+
+
+def main(argv=None) -> None:
+    """`python -m edgec.qat MODEL [--epochs N] [--out DIR] [--ptq]`: qat-kd on builtin:digits, teacher = MODEL,
+    and (with --ptq) the product's PTQ INT8 of the same model for comparison. Prints one JSON record."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from edgec.data import load_data
+    from edgec.modelio import load_model
+    ap = argparse.ArgumentParser(prog="python -m edgec.qat")
+    ap.add_argument("model")
+    ap.add_argument("--data", default="builtin:digits")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=QatConfig.lr)
+    ap.add_argument("--out", default="qat-out")
+    ap.add_argument("--ptq", action="store_true")
+    args = ap.parse_args(argv)
+    train_ds, test_ds = load_data(f"{args.data}:train"), load_data(f"{args.data}:test")
+    loaded = load_model(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    example = torch.from_numpy(test_ds.x[:1])
+    qmodel, record = qat_finetune(loaded.module, load_model(args.model).module, train_ds, test_ds,
+                                  QatConfig(epochs=args.epochs, lr=args.lr), loaded.input_shape)
+    record["export"] = export_qat_onnx(qmodel, example, out / "qat.onnx", eval_data=test_ds)
+    if args.ptq:
+        from edgec.exporters.compare import accuracy
+        from edgec.exporters.onnx_export import export_onnx
+        from edgec.exporters.quantize import quantize_int8
+        fp32 = export_onnx(loaded.module, example, out / "fp32.onnx")
+        ptq = quantize_int8(out / "fp32.onnx", out / "ptq.onnx", list(train_ds.batches(64))[:4])
+        record["ptq"] = {"ort_accuracy": 100 * accuracy(out / "ptq.onnx", test_ds.x, test_ds.y),
+                         "file_bytes": ptq.int8_bytes, "calibration_samples": ptq.samples}
+        record["fp32"] = {"ort_accuracy": 100 * accuracy(out / "fp32.onnx", test_ds.x, test_ds.y),
+                          "file_bytes": fp32.file_bytes}
+    print(json.dumps(record, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["QatConfig", "qat_finetune", "export_qat_onnx", "torch_vs_ort", "export_mode", "prepare_qat", "calibrate", "fake_quant", "scale_zp",
            "qrange", "ActFakeQuant", "SharedFakeQuant", "QConv2d", "QLinear", "observers"]

@@ -165,13 +165,17 @@ def _trace_export(model, example, path, opset: int) -> None:
     import torch
 
     from edgec.exporters.onnx_export import _quiet
-    axes = {"input": {0: "batch"}, "output": {0: "batch"}}
     was_training = model.training
     model.eval()
     try:
+        with torch.no_grad():
+            outs = model(example)
+        n = len(outs) if isinstance(outs, (tuple, list)) else 1
+        names = ["output"] if n == 1 else [f"output_{i}" for i in range(n)]  # as export_onnx names them
+        axes = {name: {0: "batch"} for name in ["input", *names]}
         with _quiet(), torch.no_grad():
             torch.onnx.export(model, (example.detach().clone(),), str(path), dynamo=False, opset_version=opset,
-                              input_names=["input"], output_names=["output"], dynamic_axes=axes,
+                              input_names=["input"], output_names=names, dynamic_axes=axes,
                               do_constant_folding=False)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"QDQ export failed: {str(e).strip().splitlines()[0][:200] if str(e).strip() else e}") from e

@@ -83,7 +83,7 @@ def qat_cnn(trained_cnn, digits, tmp_path_factory):
     qmodel, record = qat_finetune(student, teacher, train_ds, test_ds, QatConfig(epochs=1, calib_batches=4),
                                   input_shape=(1, 3, 32, 32))
     out = tmp_path_factory.mktemp("qat") / "cnn.qat.onnx"
-    info = export_qat_onnx(qmodel, torch.from_numpy(test_ds.x[:1]), out)
+    info = export_qat_onnx(qmodel, torch.from_numpy(test_ds.x[:1]), out, eval_data=test_ds)
     return qmodel, record, info, out, teacher
 
 
@@ -120,10 +120,12 @@ def test_exported_model_is_int8_and_fully_fused(qat_cnn, digits, tmp_path):
 
 def test_torch_accuracy_is_the_onnx_runtime_accuracy(qat_cnn, digits):
     from edgec.exporters.compare import accuracy, output_agreement, ort_session, run_onnx
-    qmodel, record, _, path, _ = qat_cnn
+    qmodel, record, info, path, _ = qat_cnn
     test_ds = digits[1]
     ort_acc = 100 * accuracy(path, test_ds.x, test_ds.y)
     assert abs(ort_acc - record["torch_fake_quant_accuracy"]) <= 0.3
+    check = info["check"]  # the record export_qat_onnx writes says the same
+    assert check["ort_accuracy"] == pytest.approx(ort_acc) and check["accuracy_gap"] <= 0.3
     with torch.no_grad():
         ref = qmodel(torch.from_numpy(test_ds.x)).numpy()
     agree = output_agreement(ref, run_onnx(ort_session(path), test_ds.x)[0])

@@ -1,0 +1,290 @@
+"""Structured pruning: whole channels and neurons are removed, so the model is really smaller.
+
+The dependency graph (which layers must lose the same channels: residual additions, concatenations,
+depthwise convolutions, BatchNorm) comes from torch-pruning; this module chooses what to remove,
+validates options loudly, and reports params/FLOPs before and after (edgec.metrics: FLOPs at batch 1,
+2 per multiply-accumulate). The model's output layer is never pruned.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgec.errors import ModelError, OptionError
+from edgec.metrics import count_flops, count_params
+
+IMPORTANCE = ("l1", "l2", "bn", "taylor")
+MAX_LAYER_RATIO = 0.95   # never empty a layer: at least 5% of its channels stay
+
+
+@dataclass
+class PruneConfig:
+    ratio: float | None = None            # fraction of channels removed (per layer, or on average when global)
+    target_flops: float | None = None     # or: keep this fraction of the FLOPs (search for the ratio)
+    target_params: float | None = None    # or: keep this fraction of the parameters
+    importance: str = "l2"                # l1 | l2 | bn | taylor (taylor needs data)
+    global_pruning: bool = False          # rank channels across layers instead of the same ratio everywhere
+    steps: int = 1                        # iterative: re-estimate importance between steps
+    round_to: int | None = None           # keep channel counts a multiple of this (fast kernels)
+    ignore: tuple = ()                    # module names (and their children) left untouched
+    taylor_samples: int = 256             # samples whose gradients rank channels for taylor
+
+    def validate(self) -> None:
+        targets = [t for t in (self.ratio, self.target_flops, self.target_params) if t is not None]
+        if len(targets) != 1:
+            raise OptionError("give exactly one of --ratio, --target-flops, --target-params")
+        for name, value in (("--ratio", self.ratio), ("--target-flops", self.target_flops),
+                            ("--target-params", self.target_params)):
+            if value is not None and not 0.0 < value < 1.0:
+                raise OptionError(f"{name} {value} is outside (0, 1); e.g. --ratio 0.5 removes half the channels, "
+                                  "--target-flops 0.25 keeps a quarter of the FLOPs")
+        if self.ratio is not None and self.ratio > MAX_LAYER_RATIO:
+            raise OptionError(f"--ratio {self.ratio} would empty layers; use at most {MAX_LAYER_RATIO}")
+        if self.importance not in IMPORTANCE:
+            raise OptionError(f"--importance {self.importance!r} is not one of {', '.join(IMPORTANCE)}")
+        if self.steps < 1:
+            raise OptionError(f"--steps {self.steps} must be at least 1")
+        if self.round_to is not None and self.round_to < 1:
+            raise OptionError(f"--round-to {self.round_to} must be a positive channel count, e.g. 8")
+
+
+# ---------------------------------------------------------------- helpers
+
+def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """The layer(s) producing the model's outputs (the classifier): the last Conv/Linear whose output has
+    the output's shape. Their output channels are the classes, so they are never pruned."""
+    order = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: order.append((mod, tuple(o.shape))))
+             for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    try:
+        with torch.no_grad():
+            out = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    found = []
+    for o in outs:
+        hit = next((m for m, shape in reversed(order) if shape == tuple(o.shape)), None)
+        if hit is not None and hit not in found:
+            found.append(hit)
+    return found
+
+
+def _ignored(model: nn.Module, names) -> list[nn.Module]:
+    modules = dict(model.named_modules())
+    out = []
+    for name in names:
+        hits = [m for n, m in modules.items() if n == name or n.startswith(name + ".")]
+        if not hits:
+            similar = [n for n in modules if name.split(".")[-1] in n][:3]
+            hint = f" (similar: {', '.join(similar)})" if similar else " (see `edgec prune --dry-run` for names)"
+            raise OptionError(f"--ignore {name!r} matches no layer of the model{hint}")
+        out += [m for m in hits if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    return out
+
+
+def max_ratio(model: nn.Module, cfg: PruneConfig, ignored) -> tuple[float, str]:
+    """The largest uniform ratio that leaves every prunable layer at least one channel (or --round-to
+    channels): beyond it torch-pruning silently skips the emptied layers, so the model would *grow* again."""
+    keep = max(1, cfg.round_to or 1)
+    layers = [(n, m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)
+              for n, m in model.named_modules()
+              if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and m not in ignored]
+    if not layers:
+        raise OptionError("the model has no prunable Conv/Linear layer (all are outputs or --ignore'd)")
+    name, smallest = min(layers, key=lambda t: t[1])
+    return min(MAX_LAYER_RATIO, 1 - (keep + 0.5) / smallest), f"{name} ({smallest} channels)"
+
+
+def _importance(name: str):
+    import torch_pruning as tp
+    if name == "l1":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if name == "l2":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if name == "bn":
+        return tp.importance.BNScaleImportance()
+    return tp.importance.GroupTaylorImportance()
+
+
+def _accumulate_gradients(model: nn.Module, data, samples: int, batch_size: int = 32) -> None:
+    """First-order Taylor needs d(loss)/d(weight): labels when there are any, else the model's own
+    predictions as targets (the loss of changing what the model currently says)."""
+    model.zero_grad(set_to_none=True)
+    model.eval()  # BatchNorm statistics stay as trained
+    seen = 0
+    for i, xb in enumerate(data.batches(batch_size, limit=samples)):
+        x = torch.from_numpy(xb)
+        logits = model(x)
+        y = (torch.from_numpy(data.y[i * batch_size:i * batch_size + len(xb)]) if data.y is not None
+             else logits.detach().argmax(1))
+        (F.cross_entropy(logits, y, reduction="sum") / samples).backward()
+        seen += len(xb)
+    if seen == 0:
+        raise OptionError("--importance taylor got no samples from --data")
+
+
+def _shape_of(model) -> dict:
+    from edgec.modelio import record_structure
+    return record_structure(model)
+
+
+# ---------------------------------------------------------------- pruning
+
+class _Run:
+    """One configured torch-pruning pruner on a model (a copy: the caller's model never changes)."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, cfg: PruneConfig, ratio: float, data):
+        import torch_pruning as tp
+        self.model, self.cfg, self.data = model, cfg, data
+        ignored = ignored_layers(model, example, cfg)
+        self.pruner = tp.pruner.BasePruner(
+            model, example, importance=_importance(cfg.importance), global_pruning=cfg.global_pruning,
+            pruning_ratio=ratio, max_pruning_ratio=max(0.9, ratio) if cfg.global_pruning else MAX_LAYER_RATIO,
+            iterative_steps=cfg.steps, round_to=cfg.round_to, ignored_layers=ignored)
+
+    def groups(self):
+        """Dependency groups of one step, without changing anything (importance, then what would go)."""
+        self._prepare()
+        return list(self.pruner.step(interactive=True))
+
+    def prune(self) -> nn.Module:
+        for _ in range(self.cfg.steps):
+            self._prepare()
+            self.pruner.step()
+        self.model.zero_grad(set_to_none=True)
+        return self.model
+
+    def _prepare(self):
+        if self.cfg.importance == "taylor":
+            _accumulate_gradients(self.model, self.data, self.cfg.taylor_samples)
+
+
+def ignored_layers(model, example, cfg) -> list[nn.Module]:
+    return output_layers(model, example) + _ignored(model, cfg.ignore)
+
+
+def _example(loaded, data) -> tuple:
+    shape = loaded.input_shape
+    if shape is None and data is not None:
+        shape = (1, *data.sample_shape)
+    if shape is None:
+        raise OptionError(f"{loaded.path}: the input shape is unknown; pass --input-shape, e.g. 1,3,224,224, "
+                          "or --data")
+    return tuple(int(d) for d in shape)
+
+
+def _prune_copy(module, example, cfg, ratio, data) -> nn.Module:
+    return _Run(copy.deepcopy(module), example, cfg, ratio, data).prune()
+
+
+def _search_ratio(module, example, cfg, data, measure, target: float, label: str) -> tuple[float, nn.Module]:
+    """Bisect the channel ratio until `measure(pruned) / measure(original)` reaches the target fraction."""
+    base = measure(module)
+    hi, _ = max_ratio(module, cfg, ignored_layers(module, example, cfg))
+    lo = 0.0
+    top = _prune_copy(module, example, cfg, hi, data)
+    reached = measure(top) / base
+    if reached > target:
+        raise OptionError(f"--target-{label} {target} is unreachable: the most that can be removed ({hi:.0%} of "
+                          f"the channels) keeps {reached:.3f} of the {label}; ask for at least {reached:.3f}, "
+                          "--ignore fewer layers or lower --round-to")
+    best = (hi, top)
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        pruned = _prune_copy(module, example, cfg, mid, data)
+        if measure(pruned) / base <= target:
+            hi, best = mid, (mid, pruned)
+        else:
+            lo = mid
+        if hi - lo < 0.005:
+            break
+    return best
+
+
+def plan(before: dict, after: dict) -> dict:
+    """Per-layer channel plan: {layer: {attribute: [before, after]}} for every shape attribute that changes."""
+    out = {}
+    for name, attrs in before.items():
+        new = after.get(name, attrs)
+        changed = {k: [v, new.get(k)] for k, v in attrs.items() if new.get(k) != v}
+        if changed:
+            out[name] = changed
+    return out
+
+
+def prune_model(loaded, cfg: PruneConfig, data=None) -> tuple[nn.Module, dict]:
+    """Prune `loaded.module` (a LoadedModel); returns a pruned copy and the stage record
+    (config, resolved ratio, params/FLOPs before and after, per-layer channel plan)."""
+    cfg.validate()
+    if not loaded.eager:
+        raise ModelError(f"{loaded.path} is {loaded.kind}: pruning needs an eager model (a checkpoint with "
+                         "--arch, or an edgec model file)")
+    if cfg.importance == "taylor" and (data is None or len(data) == 0):
+        raise OptionError("--importance taylor ranks channels by gradients: it needs --data")
+    shape = _example(loaded, data)
+    example = torch.zeros(shape)
+    module = loaded.module.eval()
+    _ignored(module, cfg.ignore)  # loud before any work
+    params0, flops0 = count_params(module), count_flops(module, shape)
+    if cfg.ratio is not None:
+        limit, smallest = max_ratio(module, cfg, ignored_layers(module, example, cfg))
+        if cfg.ratio > limit:
+            raise OptionError(f"--ratio {cfg.ratio} would empty {smallest}"
+                              f"{' at --round-to ' + str(cfg.round_to) if cfg.round_to else ''}; "
+                              f"use at most {limit:.3f} or --ignore that layer")
+        ratio, pruned = cfg.ratio, _prune_copy(module, example, cfg, cfg.ratio, data)
+    elif cfg.target_flops is not None:
+        if flops0 is None:
+            raise OptionError("--target-flops: this model's FLOPs cannot be counted; use --ratio or --target-params")
+        ratio, pruned = _search_ratio(module, example, cfg, data, lambda m: count_flops(m, shape),
+                                      cfg.target_flops, "flops")
+    else:
+        ratio, pruned = _search_ratio(module, example, cfg, data, count_params, cfg.target_params, "params")
+    pruned.eval()
+    with torch.no_grad():
+        out = pruned(example)
+        ref = module(example)
+    if tuple(out.shape) != tuple(ref.shape):  # the library's promise, checked: outputs keep their shape
+        raise ModelError(f"pruning changed the output shape {tuple(ref.shape)} -> {tuple(out.shape)}")
+    params1, flops1 = count_params(pruned), count_flops(pruned, shape)
+    record = {
+        "config": asdict(cfg) | {"ignore": list(cfg.ignore)},
+        "ratio": round(float(ratio), 4),
+        "input_shape": list(shape),
+        "params_before": params0, "params_after": params1,
+        "flops_before": flops0, "flops_after": flops1,
+        "flops_reduction": round(flops0 / flops1, 3) if flops0 and flops1 else None,
+        "params_reduction": round(params0 / params1, 3),
+        "channels": plan(_shape_of(module), _shape_of(pruned)),
+    }
+    return pruned, record
+
+
+def describe_groups(loaded, cfg: PruneConfig, data=None) -> list[dict]:
+    """The dependency groups of the first pruning step, as data: for `--dry-run`. Changes nothing."""
+    cfg.validate()
+    shape = _example(loaded, data)
+    module = copy.deepcopy(loaded.module).eval()
+    ratio = cfg.ratio if cfg.ratio is not None else 0.5  # groups do not depend on the ratio
+    run = _Run(module, torch.zeros(shape), cfg, ratio, data)
+    names = {m: n for n, m in module.named_modules()}
+    out = []
+    for group in run.groups():
+        members = []
+        for dep, _ in group:
+            if dep.target.module not in names:  # the graph's own add/concat nodes: not layers
+                continue
+            fn = getattr(dep.handler, "__name__", str(dep.handler)).replace("prune_", "")
+            members.append(f"{names[dep.target.module]} ({fn})")
+        root = group[0][0].target.module
+        out.append({"root": names.get(root, type(root).__name__), "channels_removed": len(group[0][1]),
+                    "members": list(dict.fromkeys(members))})
+    return out
+
+

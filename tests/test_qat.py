@@ -184,5 +184,14 @@ def test_bad_inputs_are_user_errors(digits):
             return x if x.sum() > 0 else -x  # data-dependent control flow: torch.fx cannot trace it
     with pytest.raises(ModelError, match="torch.fx"):
         prepare_qat(Branchy(), scheme_for())
+    class Reused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(self.conv(x))  # one weight, two input ranges: no single QDQ layer matches both
+    with pytest.raises(ModelError, match="called more than once"):
+        prepare_qat(Reused(), scheme_for())
     with pytest.raises(OptionError, match="freeze_bn"):
         qat_finetune(nn.Linear(3, 2), None, digits[0], None, QatConfig(freeze_bn=False))

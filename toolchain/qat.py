@@ -200,6 +200,9 @@ class _QuantWeights:
         self.weight_symmetric = bool(scheme.weight_symmetric)
         object.__setattr__(self, "input_fq", input_fq)
 
+    def _input_observer(self) -> ActFakeQuant:
+        return self.input_fq.source if isinstance(self.input_fq, SharedFakeQuant) else self.input_fq
+
     def weight_qparams(self):
         w = self.weight.detach()
         flat = w.reshape(w.shape[0], -1) if self.per_channel else w.reshape(1, -1)
@@ -213,8 +216,7 @@ class _QuantWeights:
         w = fake_quant(self.weight, scale, zp, self.wqmin, self.wqmax, axis)
         b = self.bias
         if b is not None:
-            src = self.input_fq.source if isinstance(self.input_fq, SharedFakeQuant) else self.input_fq
-            bscale = (src.scale * scale).double()  # float32 product, as ORT multiplies float32 scales
+            bscale = (self._input_observer().scale * scale).double()  # float32 product, as ORT multiplies float32 scales
             bq = (torch.round(b.detach().double() / bscale).clamp(INT32_MIN, INT32_MAX) * bscale).float()
             b = b + (bq - b).detach()
         return w, b, scale, zp
@@ -228,8 +230,7 @@ class _QuantWeights:
             else:
                 w = torch.fake_quantize_per_tensor_affine(w, float(scale), int(zp), -128, 127)
             return w, getattr(self, "export_bias", None)
-        src = self.input_fq.source if isinstance(self.input_fq, SharedFakeQuant) else self.input_fq
-        if src.calibrating:
+        if self._input_observer().calibrating:
             return self.weight, self.bias
         w, b, _, _ = self.quantized_params()
         return w, b
@@ -369,6 +370,9 @@ def prepare_qat(model: nn.Module, scheme, ema: float = 0.01) -> fx.GraphModule:
     wrapped = 0
     for node in list(graph.nodes):
         mod = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(mod, _QuantWeights):
+            raise ModelError(f"layer {node.target} is called more than once; qat-kd needs one layer per call "
+                             "(each call has its own input range)")
         if type(mod) not in (nn.Conv2d, nn.Linear):
             continue
         inp = quantized_input(node.args[0])

@@ -253,6 +253,9 @@ def prune_model(loaded, cfg: PruneConfig, data=None) -> tuple[nn.Module, dict]:
     if tuple(out.shape) != tuple(ref.shape):  # the library's promise, checked: outputs keep their shape
         raise ModelError(f"pruning changed the output shape {tuple(ref.shape)} -> {tuple(out.shape)}")
     params1, flops1 = count_params(pruned), count_flops(pruned, shape)
+    if params1 >= params0:
+        raise OptionError(f"nothing was pruned with --importance {cfg.importance}: every channel scored the same "
+                          "(an untrained model's BatchNorm scales are all 1?); use l1/l2 or a trained model")
     record = {
         "config": asdict(cfg) | {"ignore": list(cfg.ignore)},
         "ratio": round(float(ratio), 4),

@@ -217,6 +217,16 @@ def _sum_over_ranks(values: list[float], world: int, device) -> list[float]:
     return t.tolist()
 
 
+def _sync_buffers(model: nn.Module, world: int) -> None:
+    """DDP syncs gradients, and buffers only at the start of a forward: after the last step each rank's
+    BatchNorm statistics come from its own shard. Take rank 0's, so that every rank holds the same model."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+    for buf in model.buffers():
+        dist.broadcast(buf, src=0)
+
+
 def _replicas_identical(model: nn.Module, world: int, device) -> bool:
     """All ranks hold the same weights (checksum of every parameter and buffer, gathered)."""
     import torch.distributed as dist
@@ -357,6 +367,7 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
                 acc_txt = f" acc {last_acc:.2f}%" if last_acc is not None else ""
                 bar.advance(f"epoch {epoch + 1}/{cfg.epochs} loss {loss_value:.3f}{acc_txt}")
             total_loss, seen = _sum_over_ranks([total_loss, seen], world, device)
+            _sync_buffers(student, world)
             acc = evaluate(student, eval_data) if rank == 0 else None
             acc = _broadcast(acc, world)
             history.append({"epoch": epoch + 1, "loss": total_loss / max(1, seen), "eval_accuracy": acc})

@@ -18,8 +18,10 @@ from edgec.train import TrainConfig, evaluate, train
 
 
 def _outputs(model: nn.Module, example: torch.Tensor) -> int:
+    from edgec.metrics import set_eval
+    set_eval(model)
     with torch.no_grad():
-        out = model.eval()(example)
+        out = model(example)
     out = out[0] if isinstance(out, (tuple, list)) else out
     return int(out.shape[-1])
 
@@ -28,8 +30,13 @@ def distill(teacher: nn.Module, student: nn.Module, train_data, eval_data, cfg: 
             label: str = "distill", stop_after: int | None = None) -> dict:
     """Train `student` in place on `teacher`'s soft targets (alpha=0: plain fine-tuning). Returns the stage
     record: teacher and student accuracy before/after, the training history, time."""
-    example = torch.from_numpy(train_data.head(1))
-    t_out, s_out = _outputs(teacher, example), _outputs(student, example)
+    example = torch.from_numpy(train_data.head(2))
+    try:
+        t_out = _outputs(teacher, example)
+    except Exception as e:  # noqa: BLE001 - e.g. a torch.export program traced at a fixed batch size
+        raise ModelError(f"the teacher fails on a batch of {len(example)} samples ({str(e).splitlines()[-1][:120]}); "
+                         "a torch.export program needs a dynamic batch dimension") from None
+    s_out = _outputs(student, example)
     if t_out != s_out:
         raise OptionError(f"teacher gives {t_out} outputs, the student {s_out}; build the student with the same "
                           "classes (e.g. --student-arch torchvision:mobilenet_v3_small?num_classes=" f"{t_out})")

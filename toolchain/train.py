@@ -26,6 +26,7 @@ from torch import nn
 
 from edgec.data import Dataset
 from edgec.errors import ModelError, OptionError
+from edgec.metrics import set_eval
 from edgec.progress import note, progress_bar
 
 CHECKPOINT_FORMAT = "edgec.train-checkpoint/1"
@@ -111,7 +112,7 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256) -> float | 
     """Top-1 accuracy in percent, or None for unlabelled data."""
     if data is None or data.y is None:
         return None
-    model.eval()
+    set_eval(model)
     device = _device_of(model)
     correct = 0
     for i, xb in enumerate(data.batches(batch_size)):
@@ -167,7 +168,8 @@ def _build_hints(student, teacher, hints, example) -> tuple[list[str], list[str]
     try:
         with torch.no_grad():
             student.eval()(example)
-            teacher.eval()(example)
+            set_eval(teacher)
+            teacher(example)
     finally:
         for h in s_handles + t_handles:
             h.remove()
@@ -293,7 +295,7 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
     s_names, t_names, adapters = _build_hints(student, teacher, list(cfg.hints), example)
     trainee = _Trainee(student, s_names, adapters).to(device)
     if teacher is not None:
-        teacher.to(device).eval()
+        set_eval(teacher.to(device))
         t_feats, t_handles = _capture(teacher, t_names, "teacher") if t_names else ({}, [])
     model = trainee
     if world > 1:

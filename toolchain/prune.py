@@ -90,15 +90,18 @@ def _ignored(model: nn.Module, names) -> list[nn.Module]:
 
 def max_ratio(model: nn.Module, cfg: PruneConfig, ignored) -> tuple[float, str]:
     """The largest uniform ratio that leaves every prunable layer at least one channel (or --round-to
-    channels): beyond it torch-pruning silently skips the emptied layers, so the model would *grow* again."""
+    channels): beyond it torch-pruning silently skips the layers it would empty, so the model would *grow*
+    again. Layers no wider than that minimum are never pruned at any ratio, so they do not limit it."""
     keep = max(1, cfg.round_to or 1)
     layers = [(n, m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)
               for n, m in model.named_modules()
               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and m not in ignored]
+    layers = [(n, c) for n, c in layers if c > keep]
     if not layers:
-        raise OptionError("the model has no prunable Conv/Linear layer (all are outputs or --ignore'd)")
+        raise OptionError("no layer can be pruned: every Conv/Linear is an output, --ignore'd or no wider than "
+                          f"{keep} channels{' (--round-to)' if cfg.round_to else ''}")
     name, smallest = min(layers, key=lambda t: t[1])
-    return min(MAX_LAYER_RATIO, 1 - (keep + 0.5) / smallest), f"{name} ({smallest} channels)"
+    return min(MAX_LAYER_RATIO, 1 - keep / smallest - 1e-6), f"{name} ({smallest} channels)"
 
 
 def _importance(name: str):
@@ -234,7 +237,7 @@ def prune_model(loaded, cfg: PruneConfig, data=None) -> tuple[nn.Module, dict]:
     params0, flops0 = count_params(module), count_flops(module, shape)
     if cfg.ratio is not None:
         limit, smallest = max_ratio(module, cfg, ignored_layers(module, example, cfg))
-        if cfg.ratio > limit:
+        if cfg.ratio > limit + 2e-6:
             raise OptionError(f"--ratio {cfg.ratio} would empty {smallest}"
                               f"{' at --round-to ' + str(cfg.round_to) if cfg.round_to else ''}; "
                               f"use at most {limit:.3f} or --ignore that layer")
@@ -286,7 +289,7 @@ def describe_groups(loaded, cfg: PruneConfig, data=None) -> list[dict]:
             fn = getattr(dep.handler, "__name__", str(dep.handler)).replace("prune_", "")
             members.append(f"{names[dep.target.module]} ({fn})")
         root = group[0][0].target.module
-        out.append({"root": names.get(root, type(root).__name__), "channels_removed": len(group[0][1]),
+        out.append({"root": names.get(root, type(root).__name__), "channels": run.pruner.DG.get_out_channels(root),
                     "members": list(dict.fromkeys(members))})
     return out
 

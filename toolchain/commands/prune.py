@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from edgec.commands.options import _floats, emit_json, model_options, output_options
+from edgec.commands.options import _floats, emit_json, model_options
 
 
 @click.command("prune")
@@ -97,7 +97,7 @@ def _dry_run(loaded, cfg, dataset, as_json: bool) -> None:
         return
     click.echo(f"{len(groups)} dependency groups (layers that lose the same channels together):")
     for i, g in enumerate(groups):
-        click.echo(f"  [{i}] root {g['root']}: {', '.join(g['members'])}")
+        click.echo(f"  [{i}] {g['channels']} channels, root {g['root']}: {', '.join(g['members'])}")
     click.echo("channel plan (before -> after):")
     for name, changes in record["channels"].items():
         click.echo(f"  {name:40} " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))

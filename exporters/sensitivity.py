@@ -111,7 +111,8 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
     best = (int8_score, list(base_excl))
     compute = [n for n, t in prepared.node_ops.items() if t in COMPUTE_OPS and n not in base_excl]
     report.nodes_total = len(compute)
-    limit = int(options.max_excluded_share * len(compute))
+    # at least one node: on a small model one FP32 layer beats failing the budget
+    limit = max(1, int(options.max_excluded_share * len(compute))) if options.max_excluded_share > 0 else 0
 
     if report.drop_points <= options.max_accuracy_drop:
         report.stopped = "all-INT8 model already within budget"

@@ -37,6 +37,8 @@ def test_package_contract(package, trained_cnn):
     assert int8["bytes"] < fp32["bytes"]
     assert m["latency"]["cpu"]["latency_ms"]["p50"] > 0
     assert m["quantization"]["scheme"]["reasons"]
+    fallback = m["quantization"]["sensitivity"]  # the budget was checked on calibration samples before evaluation
+    assert fallback["within_budget"] and fallback["stopped"] == "all-INT8 model already within budget"
     check = next(s for s in m["stages"] if s["name"] == "export")["metrics"]["check"]
     assert check["samples"] > 0
     assert "FP32" in stdout and "INT8" in stdout
@@ -80,12 +82,31 @@ def test_existing_output_is_refused_and_kept(package):
     assert (out / MANIFEST_FILE).read_bytes() == before
 
 
-def test_failed_build_leaves_nothing(trained_cnn, tmp_path):
-    # an impossible accuracy budget fails after export and quantization: nothing may remain
+@pytest.fixture(scope="module")
+def outlier_calibration(tmp_path_factory):
+    """Digits with one sample scaled x1000: min/max ranges blow up and INT8 collapses (a real PTQ failure)."""
+    from edgec.data import load_data
+    x = load_data("builtin:digits:train").head(256).copy()
+    x[0] *= 1000
+    path = tmp_path_factory.mktemp("calib") / "outlier.npz"
+    np.savez(path, x=x)
+    return path
+
+
+@pytest.mark.parametrize("fallback", ["0", "60"])
+def test_failed_build_leaves_nothing(trained_cnn, outlier_calibration, tmp_path, fallback):
+    # the accuracy budget fails after export, quantization and the fallback's search: nothing may remain
     out = tmp_path / "fail.edgec"
-    code, _, stderr = run_cli("build", trained_cnn[0], "-o", out, "--max-accuracy-drop", "-100", *FAST)
-    assert code == 7 and "INT8 accuracy" in stderr
+    code, _, stderr = run_cli("build", trained_cnn[0], "-o", out, "--data", outlier_calibration, "--eval-data",
+                              "builtin:digits:test", "--fallback-seconds", fallback, *FAST)
+    assert code == 7 and "INT8 accuracy" in stderr and "below FP32" in stderr
+    assert ("the fallback kept" in stderr) == (fallback != "0")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_budget_options_are_checked(trained_cnn, tmp_path):
+    code, _, stderr = run_cli("build", trained_cnn[0], "-o", tmp_path / "x.edgec", "--max-accuracy-drop", "-1", *FAST)
+    assert code == 2 and "--max-accuracy-drop" in stderr and not list(tmp_path.iterdir())
 
 
 def test_force_replaces_only_when_complete(trained_cnn, tmp_path):

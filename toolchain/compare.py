@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgec.errors import EdgecError, OptionError
-from edgec.pipeline import Inputs, load_inputs, plain
+from edgec.pipeline import Inputs, load_inputs, plain, training_split
 from edgec.progress import note
 
 RECIPES = {
@@ -187,12 +187,13 @@ def _student(ws: Workspace) -> tuple[Path, dict]:
                           f"{inputs.model.path} is {inputs.model.kind}")
     from edgec.modelio import save_model
     from edgec.prune import PruneConfig, prune_model
-    from edgec.train import TrainConfig, train
+    from edgec.distill import distill
+    from edgec.train import TrainConfig
     student_path = ws.dir("prune-kd") / "student.pt"
     pruned, prune_record = prune_model(copy.deepcopy(inputs.model), PruneConfig(ratio=opts.prune_ratio), inputs.calib)
     cfg = TrainConfig(epochs=opts.epochs, lr=opts.lr, seed=opts.seed)
-    record = train(pruned, inputs.calib, cfg, eval_data=inputs.eval, teacher=inputs.model.module,
-                   label="prune-kd: distill")
+    train_data, validation = training_split(inputs.calib)
+    record = distill(inputs.model.module, pruned, train_data, validation, cfg, label="prune-kd: distill")
     save_model(student_path, pruned, inputs.model.arch, inputs.input_shape, force=True,
                history=list(inputs.model.meta.get("history", [])) + [
                    {"stage": "prune", **plain(prune_record)}, {"stage": "distill", **plain(record)}])
@@ -231,16 +232,19 @@ def recipe_qat(ws: Workspace, row: str) -> dict:
     if not inputs.model.eager:
         raise OptionError(f"qat-kd needs an eager model; {inputs.model.path} is {inputs.model.kind}")
     cfg = QatConfig(epochs=ws.opts.qat_epochs, seed=ws.opts.seed)
-    qat_model, record = qat_finetune(copy.deepcopy(inputs.model.module), inputs.model.module, inputs.calib,
-                                     inputs.eval, cfg, inputs.input_shape)
+    train_data, validation = training_split(inputs.calib)
+    qat_model, record = qat_finetune(copy.deepcopy(inputs.model.module), inputs.model.module, train_data,
+                                     validation, cfg, inputs.input_shape)
     path = ws.dir(row) / "model.onnx"
-    export = export_qat_onnx(qat_model, torch.from_numpy(inputs.calib.head(1)), path)
+    # torch (fake quant) and ORT measured on the same eval samples: the QAT promise is that they agree
+    export = export_qat_onnx(qat_model, torch.from_numpy(inputs.calib.head(1)), path,
+                             eval_data=inputs.eval if inputs.eval is not None else inputs.calib)
     result = {"onnx": path, **_module_figures(inputs.model.module, inputs.input_shape),
               **_eval_onnx(ws, path, _fp32_onnx(ws)), "precision": "int8",
               "details": {"qat": plain(record), "export": plain(export)}}
-    torch_acc = record.get("torch_fake_quant_accuracy")
-    if torch_acc is not None and result.get("accuracy") is not None:
-        result["details"]["torch_vs_ort_points"] = round(torch_acc - result["accuracy"], 4)
+    check = export.get("check") or {}
+    if check.get("torch_accuracy") is not None:
+        result["details"]["torch_vs_ort_points"] = round(check["torch_accuracy"] - check["ort_accuracy"], 4)
     return result
 
 
@@ -347,10 +351,17 @@ def package_winner(opts: CompareOptions, summary: dict, path, force: bool) -> st
     """Write the recommended recipe as a normal .edgec package (its model.onnx is INT8)."""
     from edgec.exporters.quantize import QuantOptions
     from edgec.pipeline import BuildOptions, build
+    from edgec.recommend import recommend
     winner = (summary.get("recommendation") or {}).get("recipe")
+    rows = {r["recipe"]: r for r in summary["recipes"]}
+    if winner is not None and rows[winner].get("precision") != "int8":
+        # a package's model.onnx is INT8: ship the best INT8 recipe, and say it was not the overall winner
+        overall, winner = winner, recommend([r for r in rows.values() if r.get("precision") == "int8"], opts)["recipe"]
+        if winner is not None:
+            note(f"--package: {overall} is recommended but is not INT8; packaging {winner}, the best INT8 recipe")
     if winner is None:
-        raise OptionError("no recipe meets the constraints, so there is nothing to --package; relax them")
-    row = next(r for r in summary["recipes"] if r["recipe"] == winner)
+        raise OptionError("no INT8 recipe meets the constraints, so there is nothing to --package; relax them")
+    row = rows[winner]
     root = Path(opts.output)
     common = dict(output=str(path), arch=opts.arch, trust_pickle=opts.trust_pickle, input_shape=opts.input_shape,
                   data=opts.data, eval_data=opts.eval_data, image_size=opts.image_size, mean=opts.mean, std=opts.std,
@@ -364,7 +375,6 @@ def package_winner(opts: CompareOptions, summary: dict, path, force: bool) -> st
         opts_build = BuildOptions(model=opts.model, prebuilt_int8=(root / row["onnx"], row.get("details", {})),
                                   **common)
     else:
-        raise OptionError(f"the recommended recipe {winner} is not INT8 and a package's model.onnx is INT8; "
-                          f"use its ONNX file {root / row['onnx']} directly, or restrict --recipes to INT8 ones")
+        raise OptionError(f"edgec cannot rebuild a package for recipe {winner}; use its ONNX file {root / row['onnx']}")
     build(opts_build)
     return str(path)

@@ -68,7 +68,8 @@ def make_manifest(folder: Path, inputs, module, stages, *, extra=None, seconds=0
                    zip(export["output_names"], export["output_shapes"], export["output_dtypes"])],
         "opset": export["opset"],
         "toolchain": toolchain_versions(),
-        "quantization": {k: quant.get(k) for k in ("scheme", "method", "samples", "excluded_nodes") if k in quant},
+        "quantization": {k: quant.get(k) for k in ("scheme", "method", "samples", "excluded_nodes", "ops",
+                                                   "pre_process", "sensitivity") if k in quant},
         "stages": stages,
         "metrics": {
             "fp32": {**quality("fp32"), "bytes": fp32_bytes, "params": params, "flops": flops},

@@ -22,7 +22,9 @@ from edgec.modelio import LoadedModel, load_model
 from edgec.progress import note
 
 EVAL_FRACTION = 0.2      # held out of --data when no --eval-data is given
+VALIDATION_FRACTION = 0.1  # held out of the training data to pick the best epoch (never the eval data)
 EXPORT_CHECK_SAMPLES = 64
+FALLBACK_SAMPLES = 512   # calibration samples that score sensitivity fallback candidates
 
 
 def plain(obj):
@@ -147,12 +149,26 @@ def stage_export(module, inputs: Inputs, path: Path, opset: int) -> Stage:
     return stage
 
 
-def stage_quantize(fp32: Path, int8: Path, inputs: Inputs, options) -> Stage:
+def stage_quantize(fp32: Path, int8: Path, inputs: Inputs, options, max_drop: float | None = None,
+                   fallback_seconds: float = 0.0) -> Stage:
+    """Static INT8; with a drop budget and a time box, the most sensitive nodes fall back to FP32 until the
+    drop on calibration samples fits (never on the eval data, which stays for the honest check after)."""
     from edgec.exporters.quantize import quantize_int8
+    fallback = max_drop is not None and fallback_seconds > 0
     stage = Stage("quantize", "model.fp32.onnx + calibration data (no labels needed)",
-                  "model.onnx: static INT8 (QDQ), ONNX Runtime calibration", options=plain(options))
+                  "model.onnx: static INT8 (QDQ), ONNX Runtime calibration"
+                  + ("; sensitive nodes kept in FP32 when over the accuracy budget" if fallback else ""),
+                  options={**plain(options), "fallback": {"max_accuracy_drop": max_drop,
+                                                          "time_budget_s": fallback_seconds} if fallback else None})
     with timed(stage):
-        info = quantize_int8(fp32, int8, inputs.calib, options)
+        if fallback:
+            from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
+            n = len(inputs.calib)  # spread over the data: folders are sorted by class
+            scored = inputs.calib.take(np.unique(np.linspace(0, n - 1, min(n, FALLBACK_SAMPLES)).astype(int)))
+            info, _ = quantize_with_budget(fp32, int8, inputs.calib, scored.head(len(scored)), scored.y, options,
+                                           FallbackOptions(max_accuracy_drop=max_drop, time_budget_s=fallback_seconds))
+        else:
+            info = quantize_int8(fp32, int8, inputs.calib, options)
         stage.metrics = plain(info)
     return stage
 
@@ -175,7 +191,7 @@ def stage_take_int8(int8: Path, source: Path, record: dict) -> Stage:
     return stage
 
 
-def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | None) -> Stage:
+def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | None, fallback: dict | None = None) -> Stage:
     """FP32 vs INT8 on held-out data: accuracy with labels, agreement with the FP32 model always."""
     from edgec.exporters.compare import accuracy, compare_outputs
     stage = Stage("evaluate", "both ONNX models + eval data", "accuracy (labels) or agreement with FP32",
@@ -189,10 +205,12 @@ def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | Non
             fp, q = 100 * accuracy(fp32, x, data.y), 100 * accuracy(int8, x, data.y)
             stage.metrics.update(fp32_accuracy=fp, int8_accuracy=q, accuracy_drop=round(fp - q, 4))
             if max_drop is not None and fp - q > max_drop:
+                tried = (f"; the fallback kept {len(fallback['excluded'])} node(s) in FP32 ({fallback['stopped']})"
+                         if fallback else "")
                 raise BudgetExceeded(
                     f"INT8 accuracy {q:.2f}% is {fp - q:.2f} points below FP32 {fp:.2f}% (allowed "
-                    f"{max_drop}); try --calibration entropy|percentile, --exclude-op-types, or raise "
-                    "--max-accuracy-drop")
+                    f"{max_drop}){tried}; try --calibration percentile|auto, other --data, a longer "
+                    "--fallback-seconds, --exclude-op-types, or raise --max-accuracy-drop")
     return stage
 
 
@@ -225,6 +243,7 @@ class BuildOptions:
     opset: int = 17
     quant: object = None                 # edgec.exporters.quantize.QuantOptions; None = defaults for this host
     max_accuracy_drop: float | None = 1.0
+    fallback_seconds: float = 300.0      # time box of the sensitivity fallback; 0 = fail instead of falling back
     providers: tuple = ("cpu",)
     bench_seconds: float = 2.0           # per model and provider; 0 = no benchmark
     prune: object = None                 # edgec.prune.PruneConfig or None
@@ -240,6 +259,10 @@ def build(opts: BuildOptions) -> dict:
     from edgec.exporters.quantize import QuantOptions
 
     started = time.perf_counter()
+    if opts.max_accuracy_drop is not None and opts.max_accuracy_drop < 0:
+        raise OptionError(f"--max-accuracy-drop {opts.max_accuracy_drop}: a budget in points, 0 or more")
+    if opts.fallback_seconds < 0:
+        raise OptionError(f"--fallback-seconds {opts.fallback_seconds}: 0 (no fallback) or more")
     Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
     from edgec.fsutil import check_writable
     check_writable(opts.output, opts.force)  # fail before hours of work, not after
@@ -261,8 +284,9 @@ def build(opts: BuildOptions) -> dict:
         if opts.prebuilt_int8 is not None:
             stages.append(stage_take_int8(int8, *opts.prebuilt_int8))
         else:
-            stages.append(stage_quantize(fp32, int8, inputs, quant))
-        stages.append(stage_evaluate(fp32, int8, inputs, opts.max_accuracy_drop))
+            stages.append(stage_quantize(fp32, int8, inputs, quant, opts.max_accuracy_drop, opts.fallback_seconds))
+        stages.append(stage_evaluate(fp32, int8, inputs, opts.max_accuracy_drop,
+                                     stages[-1].metrics.get("sensitivity")))
         if opts.bench_seconds > 0 and opts.providers:
             stages.append(stage_bench(int8, fp32, list(opts.providers), opts.bench_seconds))
         manifest = package.make_manifest(tmp, inputs, module, stages, extra=opts.extra,
@@ -285,11 +309,20 @@ def stage_prune(inputs: Inputs, cfg) -> tuple:
     return pruned, stage
 
 
+def training_split(calib: Dataset) -> tuple[Dataset, Dataset | None]:
+    """(train, validation): the best epoch is picked on data held out of training, not on the eval data
+    whose accuracy is reported. Unlabelled or tiny data: no validation, the last epoch is kept."""
+    if not calib.labelled or len(calib) < 50:
+        return calib, None
+    return split(calib, VALIDATION_FRACTION)
+
+
 def stage_distill(teacher, student, inputs: Inputs, cfg) -> Stage:
-    from edgec.train import train
+    from edgec.distill import distill
     stage = Stage("distill", "teacher + student + training data", "student trained on the teacher's soft targets",
                   options=plain(cfg))
     with timed(stage):
-        stage.metrics = plain(train(student, inputs.calib, cfg, eval_data=inputs.eval, teacher=teacher,
-                                    label="distill"))
+        train_data, validation = training_split(inputs.calib)
+        stage.metrics = plain(distill(teacher, student, train_data, validation, cfg))
+        stage.metrics["validation_samples"] = len(validation) if validation is not None else 0
     return stage

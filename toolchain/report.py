@@ -97,12 +97,33 @@ def render_markdown(manifest: dict) -> str:
                 f"per-channel {scheme.get('per_channel')}, reduce_range {scheme.get('reduce_range')}, "
                 f"format {scheme.get('quant_format')}; target {scheme.get('target')}"]
         out += [f"- why: {r}" for r in scheme.get("reasons", [])]
+        ops = quant.get("ops") or {}
+        if ops:
+            out += [f"- INT8 compute nodes: {ops['int8']} of {ops['int8'] + ops['float']} "
+                    f"({100 * ops['int8_weight_share']:.1f}% of Conv/MatMul/Gemm weights)"]
         excluded = quant.get("excluded_nodes") or []
         out += [f"- kept in FP32: {', '.join(map(str, excluded)) if excluded else 'none'}", ""]
+        out += _fallback_md(quant.get("sensitivity"))
     out += ["## Stages", "", _md_table(["stage", "needs", "gives", "seconds"],
                                        [(s["name"], s["needs"], s["gives"], f"{s['seconds']:.1f}")
                                         for s in manifest["stages"]]), ""]
     return "\n".join(out) + "\n"
+
+
+def _fallback_md(report: dict | None) -> list[str]:
+    """The accuracy-aware fallback: what it measured and which nodes it kept in FP32, with their error figures."""
+    if not report:
+        return []
+    out = ["### Accuracy-aware fallback", "",
+           f"- {report['metric']} on calibration samples: FP32 {100 * report['fp32_score']:.2f}%, all-INT8 "
+           f"{100 * report['int8_score']:.2f}%, final {100 * report['final_score']:.2f}% (drop "
+           f"{report['drop_points']:.2f} of {report['budget_points']} points allowed); {report['stopped']}; "
+           f"{report['nodes_measured']} of {report['nodes_total']} nodes measured in {report['seconds']:.1f} s", ""]
+    if report["excluded"]:
+        out += [_md_table(["node kept in FP32", "op", "output error when alone in FP32", "error reduction"],
+                          [(e["node"], e["op_type"], f"{e['error_when_excluded']:.5f}", f"{e['error_reduction']:.5f}")
+                           for e in report["excluded"]]), ""]
+    return out
 
 
 def compare_rows(summary: dict) -> tuple[list[str], list[list[str]]]:

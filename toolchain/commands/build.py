@@ -11,7 +11,10 @@ from edgec.commands.options import (data_options, emit_json, model_options, outp
 build_options = [
     click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17)."),
     click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
-                 help="Fail when INT8 accuracy is more than this many points below FP32 (labelled eval data)."),
+                 help="INT8 may lose at most this many points vs FP32: over it, the most sensitive nodes are kept in "
+                      "FP32 (--fallback-seconds); still over it on the eval data, the build fails."),
+    click.option("--fallback-seconds", type=float, default=300.0, show_default=True,
+                 help="Time box of the sensitivity fallback; 0 fails instead of keeping nodes in FP32."),
     click.option("--ep", "providers", multiple=True, default=["cpu"], show_default=True,
                  help="Execution provider(s) to benchmark on: cpu, cuda, tensorrt, auto."),
     click.option("--bench-seconds", type=float, default=2.0, show_default=True,
@@ -19,7 +22,8 @@ build_options = [
     click.option("--prune", "prune_ratio", type=float, help="Remove this fraction of channels (structured) first."),
     click.option("--distill", is_flag=True, help="Train the (pruned) model on the original's soft targets."),
     click.option("--epochs", type=int, default=10, show_default=True, help="Distillation epochs."),
-    click.option("--alpha", type=float, default=0.9, show_default=True,
+    click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature."),
+    click.option("--alpha", type=float, default=0.5, show_default=True,
                  help="Weight of the teacher's soft targets (0 = plain fine-tuning)."),
     click.option("--lr", type=float, default=0.01, show_default=True, help="Distillation learning rate."),
 ]
@@ -47,7 +51,7 @@ def _run_build(opts, as_json: bool, title: str):
 
 def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, image_size, mean, std, output, force,
                    calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor, opset,
-                   max_accuracy_drop, providers, bench_seconds, prune_ratio, distill, epochs, alpha, lr, extra=None):
+                   max_accuracy_drop, fallback_seconds, providers, bench_seconds, prune_ratio, distill, epochs, temperature, alpha, lr, extra=None):
     from edgec.errors import OptionError
     from edgec.pipeline import BuildOptions
     prune_cfg = distill_cfg = None
@@ -56,7 +60,7 @@ def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, imag
         prune_cfg = PruneConfig(ratio=prune_ratio)
     if distill:
         from edgec.train import TrainConfig
-        distill_cfg = TrainConfig(epochs=epochs, alpha=alpha, lr=lr)
+        distill_cfg = TrainConfig(epochs=epochs, alpha=alpha, temperature=temperature, lr=lr)
     elif prune_ratio is not None:
         click.echo("edgec: note: pruning without --distill loses accuracy; add --distill to recover it", err=True)
     if opset < 17:
@@ -65,7 +69,7 @@ def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, imag
         model=model, output=output, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape, data=data,
         eval_data=eval_data, image_size=image_size, mean=mean, std=std, opset=opset,
         quant=quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor),
-        max_accuracy_drop=max_accuracy_drop, providers=tuple(providers), bench_seconds=bench_seconds,
+        max_accuracy_drop=max_accuracy_drop, fallback_seconds=fallback_seconds, providers=tuple(providers), bench_seconds=bench_seconds,
         prune=prune_cfg, distill=distill_cfg, force=force, extra=extra or {})
 
 
@@ -101,8 +105,8 @@ def demo_cmd(output, retrain, as_json):
     opts = _build_options(model=str(model), arch=None, input_shape=None, trust_pickle=False, data="builtin:digits",
                           eval_data=None, image_size=None, mean=None, std=None, output=output, force=force,
                           calibration=None, samples=None, target=None, exclude_nodes=(), exclude_op_types=(),
-                          per_tensor=False, opset=17, max_accuracy_drop=1.0, providers=("cpu",), bench_seconds=2.0,
-                          prune_ratio=None, distill=False, epochs=0, alpha=0.0, lr=0.0, extra={"demo": True})
+                          per_tensor=False, opset=17, max_accuracy_drop=1.0, fallback_seconds=300.0, providers=("cpu",), bench_seconds=2.0,
+                          prune_ratio=None, distill=False, epochs=0, temperature=2.0, alpha=0.0, lr=0.0, extra={"demo": True})
     _run_build(opts, as_json, "edgec demo: torchvision ResNet18 on builtin:digits, FP32 -> INT8")
 
 

@@ -28,9 +28,9 @@ def _hint(ctx, param, values):
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
-@click.option("--alpha", type=float, default=0.9, show_default=True,
+@click.option("--alpha", type=float, default=0.5, show_default=True,
               help="Weight of the teacher's soft targets; 0 = plain fine-tuning on labels.")
-@click.option("--temperature", type=float, default=4.0, show_default=True)
+@click.option("--temperature", type=float, default=2.0, show_default=True)
 @click.option("--hint", "hints", multiple=True, callback=_hint,
               help="Feature loss STUDENT_LAYER[:TEACHER_LAYER] (repeatable), e.g. layer3.")
 @click.option("--hint-weight", type=float, default=1.0, show_default=True)

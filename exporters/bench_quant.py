@@ -224,9 +224,9 @@ def memory(out_dir: Path, samples: int, configs) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    cols = ["model", "config", "fp32_acc", "int8_acc", "mean_cos", "min_cos", "top1", "int8_weights", "int8_nodes",
-            "peak_rss_mb", "seconds", "samples", "error"]
+def table(rows: list[dict], cols: list[str] | None = None) -> str:
+    cols = cols or ["model", "config", "fp32_acc", "int8_acc", "mean_cos", "min_cos", "top1", "int8_weights",
+                    "int8_nodes", "peak_rss_mb", "seconds", "samples", "error"]
     cols = [c for c in cols if any(c in r for r in rows)]
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -46,6 +46,9 @@ class QuantOptions:
     histogram_bins: int = 2048
     calibration_memory_mb: float = 1024    # chunk size is chosen to keep activations under this
     force_calibration_data: bool = False   # accept random-looking / too few samples
+    equalize: bool | None = None           # cross-layer equalization; None = see transforms_default()
+    bias_correction: bool | None = None    # empirical bias correction; None = see transforms_default()
+    transform_samples: int = 128           # calibration samples for the transforms' statistics
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -61,6 +64,12 @@ class QuantOptions:
             raise OptionError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.histogram_bins < 256 or self.histogram_bins & (self.histogram_bins - 1):
             raise OptionError(f"histogram_bins must be a power of two >= 256, got {self.histogram_bins}")
+        for name in ("equalize", "bias_correction"):
+            if not (getattr(self, name) is None or isinstance(getattr(self, name), bool)):
+                raise OptionError(f"{name} must be true, false or unset (automatic), got {getattr(self, name)!r}")
+        if isinstance(self.transform_samples, bool) or not isinstance(self.transform_samples, int) \
+                or self.transform_samples < 1:
+            raise OptionError(f"transform_samples must be a whole number >= 1, got {self.transform_samples!r}")
         if isinstance(self.exclude_nodes, str) or isinstance(self.exclude_op_types, str):
             raise OptionError("exclude_nodes / exclude_op_types take a list of names, not one string")
 
@@ -96,6 +105,7 @@ class QuantInfo:
     pre_process: dict
     seconds: float
     sensitivity: dict | None = None        # set by edgec.exporters.sensitivity.fallback
+    transforms: dict | None = None         # equalization / bias correction: applied or not, counts, why
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,6 +138,8 @@ class Prepared:
     calibration: CalibrationResult
     pre_process: dict
     node_ops: dict                         # node name -> op type, in the graph that gets quantized
+    transforms: dict | None = None
+    bias_originals: dict | None = None     # node -> (bias name, uncorrected value): restored when excluded
 
     def resolve_exclusions(self, nodes: Iterable[str] = (), op_types: Iterable[str] = ()) -> list[str]:
         nodes, op_types = list(nodes), list(op_types)
@@ -143,16 +155,26 @@ class Prepared:
         wanted = set(op_types)
         return list(dict.fromkeys([*nodes, *(n for n, t in self.node_ops.items() if t in wanted)]))
 
-    def quantize(self, out_path, exclude: list[str]) -> Path:
+    def quantize(self, out_path, exclude: list[str], *, quant_format: str | None = None) -> Path:
         """Quantize the pre-processed model into `out_path` (a plain path; callers make it atomic)."""
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         s = self.scheme
+        model_path = self.model_path
+        back = set(exclude) & set(self.bias_originals or {})
+        if back:  # a layer left in FP32 has no weight error: its bias must be the original one
+            import onnx
+            from edgec.exporters.transforms import restore_biases
+            model = onnx.load(str(self.model_path))
+            restore_biases(model, self.bias_originals, back)
+            model_path = self.workdir / "fp32.excluded.onnx"
+            onnx.save_model(model, str(model_path))
+        fmt = quant_format or s.quant_format
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         extra = {"ActivationSymmetric": s.activation_symmetric, "WeightSymmetric": s.weight_symmetric,
                  "DedicatedQDQPair": s.dedicated_qdq_pair}
         with _quiet_ort():
-            quantize_static(str(self.model_path), str(out_path), calibration_data_reader=None,
-                            quant_format=QuantFormat.QDQ if s.quant_format == "QDQ" else QuantFormat.QOperator,
+            quantize_static(str(model_path), str(out_path), calibration_data_reader=None,
+                            quant_format=QuantFormat.QDQ if fmt == "QDQ" else QuantFormat.QOperator,
                             per_channel=s.per_channel, reduce_range=s.reduce_range,
                             activation_type=qtype[s.activation_type], weight_type=qtype[s.weight_type],
                             nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
@@ -236,6 +258,7 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
     try:
         pre = workdir / "fp32.pre.onnx"
         record = _pre_process(fp32_path, pre, options.pre_process)
+        transforms, bias = _equalize(pre, calibration, options, scheme, workdir)
         graph = onnx.load(str(pre), load_external_data=False).graph
         node_ops = {n.name: n.op_type for n in graph.node}
         del graph
@@ -246,12 +269,73 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
                           force=options.force_calibration_data, progress=default_progress(progress))
         cache = workdir / "ranges.json"
         save_ranges(calib.ranges, cache)
-        p = Prepared(workdir, pre, cache, fp32_path, options, scheme, calib, record, node_ops)
-        p.resolve_exclusions(options.exclude_nodes, options.exclude_op_types)  # fail before any quantizing
+        p = Prepared(workdir, pre, cache, fp32_path, options, scheme, calib, record, node_ops, transforms)
+        exclude = p.resolve_exclusions(options.exclude_nodes, options.exclude_op_types)  # fail before quantizing
+        if bias:
+            _bias_correct(p, calibration, exclude)
         return p
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
+
+
+def transforms_default(options: QuantOptions, scheme: QuantScheme, depthwise: int) -> tuple[bool, str, bool, str]:
+    """(equalize, why, bias_correction, why) for this model and scheme, options first."""
+    if options.equalize is not None:
+        eq, eq_why = options.equalize, "set by option"
+    elif depthwise and not scheme.per_channel:
+        eq, eq_why = True, f"{depthwise} depthwise convs and per-tensor weights (what CLE is for)"
+    elif depthwise:
+        eq, eq_why = False, "per-channel weights already give each channel its own range"
+    else:
+        eq, eq_why = False, "no depthwise convs"
+    if options.bias_correction is not None:
+        bc, bc_why = options.bias_correction, "set by option"
+    else:
+        bc, bc_why = False, "off unless asked"
+    return eq, eq_why, bc, bc_why
+
+
+def _equalize(pre: Path, calibration, options: QuantOptions, scheme: QuantScheme, workdir: Path):
+    """Cross-layer equalization of the pre-processed model in place (before calibration: it changes the
+    activations). Returns the transforms record and whether bias correction is to follow calibration."""
+    import onnx
+    from edgec.exporters import transforms as tf
+    model = onnx.load(str(pre))
+    depthwise = tf.count_depthwise(model)
+    eq, eq_why, bc, bc_why = transforms_default(options, scheme, depthwise)
+    record = {"depthwise_convs": depthwise, "equalize": {"applied": False, "reason": eq_why},
+              "bias_correction": {"applied": False, "reason": bc_why}}
+    if eq:
+        started = time.perf_counter()
+        needed = tf.relu6_inputs(model)
+        maxima = tf.channel_max(model, needed, calibration, options.transform_samples, workdir) if needed else {}
+        rec = tf.equalize(model, maxima)
+        record["equalize"] = {**rec, "reason": eq_why, "seconds": round(time.perf_counter() - started, 2)}
+        if rec["applied"]:
+            onnx.save_model(model, str(pre))
+        else:
+            record["equalize"]["reason"] = eq_why + "; no Conv -> (Relu|ReLU6|nothing) -> Conv pair found"
+    return record, bc
+
+
+def _bias_correct(p: Prepared, calibration, exclude: list[str]) -> None:
+    """Bias correction after calibration: the weight error is read from a first quantization by ORT itself
+    (weights do not depend on activation ranges). Activation ranges are those of the uncorrected model:
+    the shift is of the order of the weight rounding error, far below an activation's range."""
+    import onnx
+    from edgec.exporters import transforms as tf
+    started = time.perf_counter()
+    probe = p.quantize(p.workdir / "bias-probe.onnx", exclude, quant_format="QDQ")
+    model = onnx.load(str(p.model_path))
+    rec, originals = tf.bias_correct(model, onnx.load(str(probe)), calibration, p.options.transform_samples,
+                                     p.workdir, exclude)
+    probe.unlink(missing_ok=True)
+    if rec["applied"]:
+        onnx.save_model(model, str(p.model_path))
+    p.bias_originals = originals
+    p.transforms["bias_correction"] = {**rec, "reason": p.transforms["bias_correction"]["reason"],
+                                       "seconds": round(time.perf_counter() - started, 2)}
 
 
 def quantized_ops(int8_path) -> dict:
@@ -322,8 +406,9 @@ def write_quantized(prepared: Prepared, out_path, exclude: list[str], *, force: 
                      scheme=prepared.scheme.to_dict(), excluded_nodes=list(exclude), ops=ops,
                      float_nodes=float_nodes, fp32_bytes=fp32_bytes, int8_bytes=int8_bytes,
                      size_ratio=round(int8_bytes / max(1, fp32_bytes), 4), calibration=calib,
-                     pre_process=prepared.pre_process, seconds=round(time.perf_counter() - started, 2))
+                     pre_process=prepared.pre_process, seconds=round(time.perf_counter() - started, 2),
+                     transforms=prepared.transforms)
 
 
 __all__ = ["QuantOptions", "QuantInfo", "Prepared", "prepare", "quantize_int8", "write_quantized",
-           "quantized_ops"]
+           "quantized_ops", "transforms_default"]

@@ -1,0 +1,197 @@
+"""Pre-quantization transforms (edgec.exporters.transforms) against real ONNX Runtime sessions.
+
+CLE must leave the FP32 function unchanged while balancing per-channel weight ranges; bias correction must
+remove the systematic output shift that weight rounding adds; both are recorded and optional.
+"""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgec.errors import OptionError
+from edgec.exporters import transforms as tf
+from edgec.exporters.compare import ort_session, run_onnx
+from edgec.exporters.quantize import QuantOptions, prepare, quantize_int8, write_quantized
+
+DIGITS = Path(__file__).resolve().parents[1] / "models" / "data" / "digits.csv.gz"
+
+
+def _unbalanced(model, seed=0):
+    """Give each conv's output channels ranges spread over 3 decades: what CLE is meant to fix."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                c = m.weight.shape[0]
+                m.weight.mul_(torch.logspace(-1.5, 1.5, c)[torch.randperm(c, generator=g)].view(-1, 1, 1, 1))
+    return model
+
+
+def _export(model, x, path):
+    import torch
+    from edgec.exporters.onnx_export import export_onnx
+    export_onnx(model.eval(), torch.from_numpy(x[:2]), path)
+    return onnx.load(str(path))
+
+
+def _run(model_or_path, x, tmp_path, name="m.onnx"):
+    path = model_or_path
+    if not isinstance(model_or_path, (str, Path)):
+        path = tmp_path / name
+        onnx.save_model(model_or_path, str(path))
+    return run_onnx(ort_session(path, optimize=False), x)[0]
+
+
+def test_cle_keeps_the_function_and_equalizes_ranges(tmp_path):
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    net = _unbalanced(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+        nn.Conv2d(16, 24, 1), nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=24), nn.ReLU(), nn.Conv2d(24, 8, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)))
+    x = np.random.default_rng(0).normal(size=(32, 3, 12, 12)).astype(np.float32)
+    model = _export(net, x, tmp_path / "fp32.onnx")
+    ref = _run(tmp_path / "fp32.onnx", x, tmp_path)
+    record = tf.equalize(model)
+    assert record["applied"] and record["pairs"] == 4
+    assert record["pairs_by_kind"] == {"relu": 3, "identity": 1} and record["depthwise_pairs"] == 4
+    assert record["range_ratio_before"] > 5 and record["range_ratio_after"] < 1.05
+    got = _run(model, x, tmp_path)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    for p in tf.find_pairs(model)[0]:     # each pair's two channel ranges now match
+        g = tf._Graph(model)
+        w1, w2 = g.array(p["a"].input[1]), g.array(p["b"].input[1])
+        r1 = np.abs(w1).reshape(len(w1), -1).max(1)
+        r2 = tf._in_channel_range(w2, tf._attr(p["b"], "group", 1))
+        np.testing.assert_allclose(r1, r2, rtol=0.05)
+
+
+def test_cle_through_relu6_rescales_only_channels_that_never_clip(tmp_path):
+    import torch
+    from torch import nn
+    torch.manual_seed(1)
+    net = _unbalanced(nn.Sequential(
+        nn.Conv2d(3, 16, 1), nn.ReLU6(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6(),
+        nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()), seed=1)
+    rng = np.random.default_rng(1)
+    calib, held_out = (np.abs(rng.normal(size=(n, 3, 8, 8))).astype(np.float32) for n in (64, 32))
+    model = _export(net, calib, tmp_path / "fp32.onnx")
+    without = onnx.ModelProto()
+    without.CopyFrom(model)
+    assert not tf.equalize(without)["applied"]           # no maxima: ReLU6 pairs are left alone
+    maxima = tf.channel_max(model, tf.relu6_inputs(model), [calib], 64, tmp_path)
+    record = tf.equalize(model, maxima)
+    frozen, total = map(int, record["relu6_channels_frozen"].split("/"))
+    assert record["pairs_by_kind"] == {"relu6": 2} and 0 < frozen < total  # some channels do reach 6
+    assert record["range_ratio_after"] < record["range_ratio_before"]
+    for x in (calib, held_out):
+        ref, got = _run(tmp_path / "fp32.onnx", x, tmp_path), _run(model, x, tmp_path)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def _digits(size=12):
+    import torch
+    import torch.nn.functional as F
+    with gzip.open(DIGITS, "rt") as f:
+        d = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    x = F.interpolate(torch.from_numpy(d[:, :64].reshape(-1, 1, 8, 8) / 16.0), size=size, mode="bilinear")
+    return ((x - 0.3) / 0.4).repeat(1, 3, 1, 1).numpy(), d[:, 64].astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def separable(tmp_path_factory):
+    """A depthwise-separable CNN trained 3 epochs on the embedded digits (a few seconds)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    torch.manual_seed(0)
+    x, y = _digits()
+    net = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1, groups=64), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    xt, yt = torch.from_numpy(x[:1400]), torch.from_numpy(y[:1400])
+    net.train()
+    for _ in range(3):
+        for i in range(0, 1400, 64):
+            loss = F.cross_entropy(net(xt[i:i + 64]), yt[i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    d = tmp_path_factory.mktemp("transforms")
+    _export(net, x, d / "fp32.onnx")
+    return {"dir": d, "fp32": d / "fp32.onnx", "calib": x[:512], "x": x[1400:], "y": y[1400:]}
+
+
+def _shift(fp32, int8, x):
+    """Systematic output error: mean over outputs of |E[int8 - fp32]| over the samples."""
+    ref, got = run_onnx(ort_session(fp32), x)[0], run_onnx(ort_session(int8), x)[0]
+    return float(np.abs((got - ref).mean(0)).mean()), float(np.abs(got - ref).mean())
+
+
+def test_bias_correction_reduces_the_output_error(separable):
+    d, errs = separable["dir"], {}
+    for bc in (False, True):
+        opts = QuantOptions(per_channel=False, equalize=False, bias_correction=bc, num_samples=None)
+        info = quantize_int8(separable["fp32"], d / f"bc{bc}.onnx", [separable["calib"]], opts)
+        errs[bc] = _shift(separable["fp32"], d / f"bc{bc}.onnx", separable["x"])
+        assert info.transforms["bias_correction"]["applied"] is bc
+    record = info.transforms["bias_correction"]
+    assert record["layers"] == 6 and record["samples"] == 128 and record["mean_abs_shift"] > 0
+    assert errs[True][0] < 0.7 * errs[False][0]          # the systematic part shrinks
+    assert errs[True][1] < errs[False][1]                # and with it the mean absolute error
+
+
+def test_transforms_are_recorded_with_reasons(separable):
+    d = separable["dir"]
+    info = quantize_int8(separable["fp32"], d / "default.onnx", [separable["calib"]], QuantOptions())
+    t = info.to_dict()["transforms"]
+    assert t["depthwise_convs"] == 2
+    for name in ("equalize", "bias_correction"):
+        assert isinstance(t[name]["applied"], bool) and t[name]["reason"]
+    info = quantize_int8(separable["fp32"], d / "cle.onnx", [separable["calib"]],
+                         QuantOptions(equalize=True, bias_correction=False))
+    eq = info.transforms["equalize"]
+    assert eq["applied"] and eq["pairs"] == 4 and eq["reason"] == "set by option"
+    assert eq["range_ratio_after"] < eq["range_ratio_before"]
+    assert not info.transforms["bias_correction"]["applied"]
+
+
+def test_a_layer_left_in_fp32_gets_its_original_bias_back(separable):
+    from onnx import numpy_helper
+    p = prepare(separable["fp32"], [separable["calib"]], QuantOptions(equalize=False, bias_correction=True))
+    try:
+        node = next(n for n in p.node_ops if p.node_ops[n] == "Conv")
+        bias_name, original = p.bias_originals[node]
+        out = write_quantized(p, separable["dir"] / "excl.onnx", [node])
+        assert node in out.float_nodes
+        model = onnx.load(str(separable["dir"] / "excl.onnx"))
+        inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        conv = next(n for n in model.graph.node if n.name == node)
+        np.testing.assert_array_equal(inits[conv.input[2]], original)
+        corrected = onnx.load(str(p.model_path))
+        assert not np.array_equal(numpy_helper.to_array(
+            next(i for i in corrected.graph.initializer if i.name == bias_name)), original)
+    finally:
+        p.cleanup()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(equalize="yes"), "equalize must be true, false or unset"),
+    (dict(bias_correction=1), "bias_correction must be"),
+    (dict(transform_samples=0), "transform_samples must be"),
+    (dict(transform_samples=True), "transform_samples must be"),
+])
+def test_bad_transform_options_are_clean_errors(kw, match, tmp_path):
+    with pytest.raises(OptionError, match=match):
+        quantize_int8(tmp_path / "missing.onnx", tmp_path / "out.onnx", [], QuantOptions(**kw))

@@ -75,6 +75,14 @@ def parse_budget(text: str) -> Budget:
     return Budget(metric, value * table[unit], text.strip())
 
 
+def parse_size_mb(text: str) -> float:
+    """'5MB', '800KB', '1.5GiB' -> megabytes (10^6 bytes). A unit is required."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", text or "")
+    if not m or m.group(2).lower() not in _SIZE:
+        raise OptionError(f"{text!r}: expected a size with a unit like 5MB or 800KB (units: {', '.join(_SIZE)})")
+    return float(m.group(1)) * _SIZE[m.group(2).lower()]
+
+
 def parse_percent(text) -> float:
     """'10%', '10', '0.1' is NOT accepted as 10% (ambiguous): a plain number is percent."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%?\s*", str(text))

@@ -188,3 +188,20 @@ def test_export_and_quantize_commands(trained_cnn, tmp_path, digits):
     assert info["int8_accuracy"] > 85 and q_path.stat().st_size < onnx_path.stat().st_size
     code, _, stderr = run_cli("quantize", onnx_path, "--data", tmp_path / "calib.npz", "-o", q_path)
     assert code == 8
+
+
+def test_build_prunes_and_distills(trained_cnn, tmp_path):
+    out = tmp_path / "small.edgec"
+    code, _, stderr = run_cli("build", trained_cnn[0], "-o", out, "--prune", "0.5", "--distill", "--epochs", "2",
+                              "--json", *FAST)
+    assert code == 0, stderr
+    m = json.loads((out / "manifest.json").read_text())
+    stages = {s["name"]: s for s in m["stages"]}
+    assert list(stages) == ["load", "prune", "distill", "export", "quantize", "evaluate"]
+    assert m["metrics"]["int8"]["flops"] < 0.5 * m["metrics"]["original"]["flops"]
+    assert m["metrics"]["int8"]["params"] < 0.5 * m["metrics"]["original"]["params"]
+    distill = stages["distill"]
+    assert distill["options"]["alpha"] == 0.5 and len(distill["metrics"]["epochs"]) == 2
+    # the epoch is picked on data held out of training, not on the eval split that the manifest reports
+    assert distill["metrics"]["validation_samples"] > 0 and distill["metrics"]["best_accuracy"] is not None
+    assert m["metrics"]["fp32"]["accuracy"] > 50

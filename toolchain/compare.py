@@ -49,6 +49,8 @@ class CompareOptions:
     epochs: int = 10                 # distillation epochs after pruning
     qat_epochs: int = 3
     lr: float = 0.01
+    alpha: float = 0.5               # distillation weight and temperature (edgec.train.TrainConfig's defaults)
+    temperature: float = 2.0
     bench_seconds: float = 3.0
     seed: int = 0
     fresh: bool = False
@@ -73,7 +75,8 @@ class CompareOptions:
                     "data": self.data, "eval_data": self.eval_data, "seed": self.seed, "recipe": recipe,
                     "input_shape": self.input_shape, "image_size": self.image_size, "mean": self.mean, "std": self.std}
         if recipe.startswith("prune"):
-            relevant.update(prune_ratio=self.prune_ratio, epochs=self.epochs, lr=self.lr)
+            relevant.update(prune_ratio=self.prune_ratio, epochs=self.epochs, lr=self.lr, alpha=self.alpha,
+                            temperature=self.temperature)
         if recipe == "qat-kd":
             relevant.update(qat_epochs=self.qat_epochs)
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -191,7 +194,7 @@ def _student(ws: Workspace) -> tuple[Path, dict]:
     from edgec.train import TrainConfig
     student_path = ws.dir("prune-kd") / "student.pt"
     pruned, prune_record = prune_model(copy.deepcopy(inputs.model), PruneConfig(ratio=opts.prune_ratio), inputs.calib)
-    cfg = TrainConfig(epochs=opts.epochs, lr=opts.lr, seed=opts.seed)
+    cfg = TrainConfig(epochs=opts.epochs, lr=opts.lr, alpha=opts.alpha, temperature=opts.temperature, seed=opts.seed)
     train_data, validation = training_split(inputs.calib)
     record = distill(inputs.model.module, pruned, train_data, validation, cfg, label="prune-kd: distill")
     save_model(student_path, pruned, inputs.model.arch, inputs.input_shape, force=True,

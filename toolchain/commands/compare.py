@@ -9,15 +9,12 @@ from edgec.commands.options import data_options, emit_json, model_options
 def _size(ctx, param, value):
     if value is None:
         return None
-    from edgec.runtime.gate import _SIZE
-    text = value.strip().lower()
-    for unit in sorted(_SIZE, key=len, reverse=True):
-        if text.endswith(unit):
-            try:
-                return int(float(text[: -len(unit)]) * _SIZE[unit] * 1e6)
-            except ValueError:
-                break
-    raise click.BadParameter(f"{value!r}: expected a size like 5MB or 800KB")
+    from edgec.errors import OptionError
+    from edgec.runtime.gate import parse_size_mb
+    try:
+        return int(parse_size_mb(value) * 1e6)
+    except OptionError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 @click.command("compare")
@@ -34,6 +31,8 @@ def _size(ctx, param, value):
 @click.option("--epochs", type=int, default=10, show_default=True, help="Distillation epochs after pruning.")
 @click.option("--qat-epochs", type=int, default=3, show_default=True)
 @click.option("--lr", type=float, default=0.01, show_default=True, help="Distillation learning rate.")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Weight of the teacher's soft targets.")
+@click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature.")
 @click.option("--bench-seconds", type=float, default=3.0, show_default=True, help="Benchmark time per model.")
 @click.option("--fresh", is_flag=True, help="Recompute every recipe instead of reusing saved results.")
 @click.option("--max-accuracy-drop", type=float, help="Constraint: points of accuracy a recipe may lose vs FP32.")
@@ -44,7 +43,7 @@ def _size(ctx, param, value):
 @click.option("--force", is_flag=True, help="With --package: replace an existing package.")
 @click.option("--json", "as_json", is_flag=True, help="Print {\"recipes\": [...], ...} on stdout.")
 def compare_cmd(model, arch, input_shape, trust_pickle, data, eval_data, image_size, mean, std, output, recipes,
-                calibrations, providers, prune_ratio, epochs, qat_epochs, lr, bench_seconds, fresh,
+                calibrations, providers, prune_ratio, epochs, qat_epochs, lr, alpha, temperature, bench_seconds, fresh,
                 max_accuracy_drop, budgets, max_size, prefer, package_path, force, as_json):
     """Compare compression recipes on your model and data: size, FLOPs, accuracy, latency, in one table and plot."""
     from edgec.compare import RECIPES, CompareOptions, package_winner, run_compare
@@ -54,7 +53,8 @@ def compare_cmd(model, arch, input_shape, trust_pickle, data, eval_data, image_s
         eval_data=eval_data, image_size=image_size, mean=mean, std=std,
         recipes=tuple(r.strip() for r in recipes.split(",")) if recipes else tuple(RECIPES),
         calibrations=tuple(calibrations) or ("minmax", "entropy", "percentile"), providers=tuple(providers),
-        prune_ratio=prune_ratio, epochs=epochs, qat_epochs=qat_epochs, lr=lr, bench_seconds=bench_seconds,
+        prune_ratio=prune_ratio, epochs=epochs, qat_epochs=qat_epochs, lr=lr, alpha=alpha, temperature=temperature,
+        bench_seconds=bench_seconds,
         fresh=fresh, max_accuracy_drop=max_accuracy_drop, budgets=tuple(budgets), max_size=max_size, prefer=prefer)
     summary = run_compare(opts)
     if package_path:

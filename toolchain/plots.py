@@ -21,6 +21,20 @@ def _quality(row):
     return (row.get("agreement") or {}).get("top1_agreement", 100.0), "top-1 agreement with FP32 (%)"
 
 
+def _label(fig, ax, points: list[tuple[float, float, str, float]], gap: float = 13.0) -> None:
+    """One label per marker; a label that would overlap one already placed moves down (with a leader line)."""
+    fig.canvas.draw()  # fixes the scales so data -> pixel positions are final
+    placed: list[tuple[float, float]] = []
+    for x, y, text, radius in sorted(points, key=lambda p: -p[1]):  # radius of the marker, in points
+        px, py = ax.transData.transform((x, y))
+        dy = 0.0
+        while any(abs(px - qx) < 150 and abs(py + dy - qy) < gap for qx, qy in placed):
+            dy -= gap
+        placed.append((px, py + dy))
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(radius + 4, dy * 72 / fig.dpi), fontsize=8,
+                    va="center", arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.4"} if dy else None)
+
+
 def write_plots(summary: dict, root: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -38,22 +52,27 @@ def write_plots(summary: dict, root: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(8, 5.5))
         max_bytes = max(r["bytes"] for r in timed)
         ylabel = _quality(timed[0])[1]
+        area = {r["recipe"]: 60 + 1400 * r["bytes"] / max_bytes for r in timed}  # points^2
         for r in timed:
-            acc = _quality(r)[0]
-            ax.scatter(r["p50_ms"], acc, s=60 + 1400 * r["bytes"] / max_bytes, alpha=0.55,
+            ax.scatter(r["p50_ms"], _quality(r)[0], s=area[r["recipe"]], alpha=0.55,
                        edgecolors="black", linewidths=2.5 if r["recipe"] == winner else 0.8)
-            ax.annotate(f"{r['recipe']}\n{r['bytes'] / 1e6:.1f} MB", (r["p50_ms"], acc), textcoords="offset points",
-                        xytext=(8, 6), fontsize=8)
         front = pareto_front([(r["p50_ms"], _quality(r)[0], r["recipe"]) for r in timed])
         ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:red", label="Pareto front")
+        lats = [r["p50_ms"] for r in timed]
+        if max(lats) > 5 * min(lats):  # speed-ups are ratios: a log axis keeps the fast recipes apart
+            from matplotlib.ticker import ScalarFormatter
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.margins(x=0.15, y=0.12)  # room for the labels beside the markers
+        _label(fig, ax, [(r["p50_ms"], _quality(r)[0], f"{r['recipe']} ({r['bytes'] / 1e6:.1f} MB)",
+                          (area[r["recipe"]] / 3.1416) ** 0.5) for r in timed])
         ax.set_xlabel(f"median latency on {ep} (ms, lower is better)")
         ax.set_ylabel(ylabel)
         title = "accuracy vs latency (marker area = file size)"
         if winner:
             title += f"\nrecommended: {winner} (thick outline)"
         ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.margins(x=0.15, y=0.12)  # room for the labels beside the markers
+        ax.grid(alpha=0.3, which="both")
         ax.legend(loc="lower right")
         fig.tight_layout()
         fig.savefig(root / "accuracy_vs_latency.png", dpi=110)

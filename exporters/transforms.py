@@ -300,14 +300,38 @@ def _channel_means(sess, feeds_for, outputs, chunks) -> dict:
     return {k: v / count for k, v in sums.items()}, count
 
 
-def _session(model, path: Path):
+def _prefix(model, outputs: list[str]):
+    """The part of `model` that computes `outputs`, with them as its only outputs."""
+    import onnx
+    producers = {o: n for n in model.graph.node for o in n.output}
+    need, stack, keep = set(), list(outputs), set()
+    while stack:
+        t = stack.pop()
+        if t in need:
+            continue
+        need.add(t)
+        node = producers.get(t)
+        if node is not None and id(node) not in keep:
+            keep.add(id(node))
+            stack.extend(i for i in node.input if i)
+    graph = onnx.helper.make_graph(
+        [n for n in model.graph.node if id(n) in keep], model.graph.name,
+        [i for i in model.graph.input if i.name in need],
+        [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs],
+        [i for i in model.graph.initializer if i.name in need])
+    return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+def _session(model, path: Path | None):
     import onnx
     import onnxruntime as ort
-    onnx.save_model(model, str(path))
+    if path is not None:
+        onnx.save_model(model, str(path))
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # every tensor as it is
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    source = str(path) if path is not None else model.SerializeToString()
+    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 
 
 def bias_correct(model, qdq_model, calibration, num_samples: int, workdir, exclude=()) -> tuple[dict, dict]:
@@ -368,22 +392,29 @@ def bias_correct(model, qdq_model, calibration, num_samples: int, workdir, exclu
             qn.input.append("")
         qn.input[2] = feed
         q.graph.output.append(onnx.helper.make_tensor_value_info(qn.output[0], onnx.TensorProto.FLOAT, None))
-    sess = _session(q, Path(workdir) / "bc-int8.onnx")
 
-    def feeds(x):
-        return {inp: x, **{f"edgec_bias_correction/{k}": v.astype(np.float32) for k, v in current.items()}}
+    def feeds(x, names):
+        values = {f"edgec_bias_correction/{k}": v.astype(np.float32) for k, v in current.items()}
+        return {k: x if k == inp else values[k] for k in names}
 
     total = {n.name: 0.0 for n in targets}
     levels = _levels(model, targets)
-    for group in levels:
-        got, _ = _channel_means(sess, feeds, [qnodes[n.name].output[0] for n in group], chunks)
+    # One pass per level, in order: a layer's shift is measured with every upstream layer corrected. Correcting
+    # all layers at once and repeating (Jacobi sweeps) diverged on EfficientNet-Lite0 (mean cosine 0.98 -> 0.54
+    # after one sweep, ~0 after four): shifts grow through the depth. Each pass runs only the graph up to its
+    # level (ORT computes every node whatever is fetched), which halves the cost on average.
+    schedule = levels
+    for group in schedule:
+        outs = [qnodes[n.name].output[0] for n in group]
+        sess = _session(_prefix(q, outs), None)
+        names = [i.name for i in sess.get_inputs()]
+        got, _ = _channel_means(sess, lambda x: feeds(x, names), outs, chunks)
         for n in group:
             shift = got[qnodes[n.name].output[0]] - ref[n.output[0]]
             current[n.name] = current[n.name] - shift / beta[n.name]
             total[n.name] = total[n.name] + shift
     del sess
-    for f in ("bc-fp32.onnx", "bc-int8.onnx"):
-        (Path(workdir) / f).unlink(missing_ok=True)
+    (Path(workdir) / "bc-fp32.onnx").unlink(missing_ok=True)
 
     originals, shifts = {}, []
     for n in targets:
@@ -401,7 +432,8 @@ def bias_correct(model, qdq_model, calibration, num_samples: int, workdir, exclu
             n.input[2] = name
             originals[n.name] = (name, None)
         shifts.append(float(np.abs(total[n.name]).mean()))
-    record = {"applied": True, "layers": len(originals), "passes": len(levels), "samples": seen,
+    record = {"applied": True, "layers": len(originals), "levels": len(levels), "passes": len(schedule),
+              "samples": seen,
               "skipped": dict(skipped), "mean_abs_shift": round(float(np.mean(shifts)), 6),
               "max_layer_mean_abs_shift": round(float(np.max(shifts)), 6),
               "kind": "empirical, sequential: E[INT8 output] - E[FP32 output] per layer on calibration samples"}

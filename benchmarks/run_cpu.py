@@ -7,7 +7,7 @@ measurement loop against a bare `session.run` loop. Writes benchmarks/RESULTS.md
 Honest limits: weights are random (no internet here; latency barely depends on weight values, accuracy is not
 measured); calibration uses the embedded UCI digits upsampled to 224x224 RGB (real images, wrong domain).
 INT8 is what `edgec build` puts in a package: edgec.exporters.quantize_int8 with this host's scheme (ONNX Runtime
-static QDQ, per-channel S8 weights, U8 activations, reduce_range=True on CPUs without VNNI).
+static QDQ, per-channel S8 weights, U8 activations, reduce_range=True only on CPUs without VNNI).
 """
 from __future__ import annotations
 
@@ -141,7 +141,8 @@ def render(results, overhead, threads, rounds, elapsed, load_before) -> str:
         f"Produced by `python benchmarks/run_cpu.py --threads {threads} --rounds {rounds} --write` in {elapsed:.0f} s.",
         "",
         f"Machine: {model_name}, {host['cpu_count']} cores, flags: {', '.join(host['cpu_flags'])} "
-        f"(no AVX-512, no VNNI); {host['os']}; Python {host['python']}, torch {torch.__version__}, "
+        f"({'VNNI: reduce_range off' if any('vnni' in f for f in host['cpu_flags']) else 'no VNNI: reduce_range on'}); "
+        f"{host['os']}; Python {host['python']}, torch {torch.__version__}, "
         f"torchvision {torchvision.__version__}, onnxruntime {ort.__version__}, numpy {np.__version__}. "
         f"{threads} intra-op threads for ORT and torch, batch 1, input 1x3x224x224. "
         f"1-minute load average {load_before:.1f} before and {load_after:.1f} after the run (other work shared "
@@ -156,8 +157,8 @@ def render(results, overhead, threads, rounds, elapsed, load_before) -> str:
         "",
         "Caveats: weights are random (no internet for pretrained weights; latency does not depend on weight "
         "values for these dense nets). INT8 is what `edgec build` packages: `edgec.exporters.quantize_int8` with this "
-        "host's scheme (ONNX Runtime static QDQ, per-channel S8 weights, U8 activations, reduce_range=True because "
-        "this CPU has no VNNI), calibrated (MinMax) on 64 real "
+        "host's scheme (ONNX Runtime static QDQ, per-channel S8 weights, U8 activations; reduce_range only on CPUs "
+        "without VNNI, where U8S8 kernels saturate), calibrated (MinMax) on 64 real "
         "images from the embedded UCI digits set upsampled to 224x224 RGB (real data, not ImageNet's domain). "
         "The cosine column is INT8 vs torch FP32 logits (centred) on 8 of those images: a sanity check, not "
         "accuracy; a random-init MobileNetV2 gives near-constant logits, so its cosine is meaningless.",

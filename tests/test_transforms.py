@@ -187,6 +187,29 @@ def test_a_layer_left_in_fp32_gets_its_original_bias_back(separable):
         p.cleanup()
 
 
+def test_bias_correction_adds_a_bias_where_there_was_none_and_removes_it_for_fp32_layers(tmp_path):
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.ReLU(), nn.Flatten())
+    x = np.abs(np.random.default_rng(0).normal(size=(64, 3, 6, 6))).astype(np.float32)
+    _export(net, x, tmp_path / "fp32.onnx")
+    p = prepare(tmp_path / "fp32.onnx", [x], QuantOptions(force_calibration_data=True))  # default: depthwise
+    try:
+        assert p.transforms["bias_correction"]["layers"] == 2
+        assert all(old is None for _, old in p.bias_originals.values())
+        for exclude in ([], list(p.bias_originals)):
+            write_quantized(p, tmp_path / "int8.onnx", exclude)
+            convs = [n for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node if n.op_type == "Conv"]
+            assert all((len(n.input) > 2) == (n.name not in exclude) for n in convs)
+            got = _run(tmp_path / "int8.onnx", x, tmp_path)
+            ref = _run(tmp_path / "fp32.onnx", x, tmp_path)
+            assert np.abs(got - ref).mean() < 0.05 * np.abs(ref).mean()
+    finally:
+        p.cleanup()
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(equalize="yes"), "equalize must be true, false or unset"),
     (dict(bias_correction=1), "bias_correction must be"),

@@ -204,6 +204,9 @@ def main(argv=None) -> None:
                 r["fp32_acc"] = fp32_acc
             rows.append(r)
             print(json.dumps(r, default=str), file=sys.stderr, flush=True)
+    if not rows:
+        print("nothing measured: every model was skipped (see above)", file=sys.stderr)
+        return
     (args.out / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
     print(table(rows))
 

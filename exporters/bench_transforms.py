@@ -207,7 +207,9 @@ def main(argv=None) -> None:
     if not rows:
         print("nothing measured: every model was skipped (see above)", file=sys.stderr)
         return
-    (args.out / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
+    from edgec.fsutil import atomic_path
+    with atomic_path(args.out / "rows.json", force=True) as tmp:
+        Path(tmp).write_text(json.dumps(rows, indent=1, default=str))
     print(table(rows))
 
 

@@ -26,6 +26,9 @@ class FallbackOptions:
     time_budget_s: float = 300.0
     max_excluded_share: float = 0.10       # never keep more than this share of Conv/MatMul/Gemm nodes in FP32
     batch_size: int = 64
+    # A node whose FP32 fallback would leave less than this share of Conv/MatMul/Gemm weights in INT8 is passed
+    # over (issue #6's bar is 90%): EfficientNet-Lite0's classifier alone holds 28% of its weights.
+    min_int8_weight_share: float = 0.90
 
     def validate(self) -> None:
         if self.max_accuracy_drop < 0:
@@ -34,6 +37,8 @@ class FallbackOptions:
             raise OptionError(f"the sensitivity time budget must be positive, got {self.time_budget_s}")
         if not 0 <= self.max_excluded_share <= 1:
             raise OptionError(f"max_excluded_share must be within [0, 1], got {self.max_excluded_share}")
+        if not 0 <= self.min_int8_weight_share <= 1:
+            raise OptionError(f"min_int8_weight_share must be within [0, 1], got {self.min_int8_weight_share}")
 
 
 @dataclass
@@ -58,6 +63,7 @@ class FallbackReport:
     nodes_measured: int = 0
     nodes_total: int = 0
     stopped: str = ""                      # why the search ended
+    passed_over: list[str] = field(default_factory=list)  # sensitive, but too many weights to keep in FP32
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -132,7 +138,15 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
         report.nodes_measured = len(ranking)
         report.ranking = [asdict(r) for r in ranking[:20]]
         excluded = list(base_excl)
-        for r in ranking[:limit]:
+        sizes = _weight_sizes(prepared)
+        total = max(1, sum(sizes.values()))
+        for r in ranking:
+            if len(excluded) - len(base_excl) >= limit:
+                report.stopped = report.stopped or f"reached the limit of {limit} FP32 nodes"
+                break
+            if 1 - sum(sizes.get(n, 0) for n in [*excluded, r.node]) / total < options.min_int8_weight_share:
+                report.passed_over.append(r.node)
+                continue
             if r.error_reduction <= 0:
                 report.stopped = report.stopped or "no remaining node reduces the output error"
                 break
@@ -148,7 +162,10 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
                 report.stopped = "within budget"
                 break
         else:
-            report.stopped = report.stopped or f"reached the limit of {limit} FP32 nodes"
+            report.stopped = report.stopped or "every measured node tried"
+        if report.passed_over:
+            report.stopped += (f"; {len(report.passed_over)} sensitive node(s) passed over to keep "
+                               f"{options.min_int8_weight_share:.0%} of the weights in INT8")
     # Keep the best model found: trim the trail to the exclusions that produced it.
     kept = set(best[1]) - set(base_excl)
     report.excluded = [e for e in report.excluded if e["node"] in kept]
@@ -159,6 +176,15 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
     info = write_quantized(prepared, out_path, best[1], force=force, started=started)
     info.sensitivity = report.to_dict()
     return info, report
+
+
+def _weight_sizes(prepared: Prepared) -> dict[str, int]:
+    """Weight parameter count of each Conv/MatMul/Gemm node (input 1 when it is an initializer)."""
+    import onnx
+    model = onnx.load(str(prepared.model_path), load_external_data=False)
+    dims = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    return {n.name: dims.get(n.input[1], 0) for n in model.graph.node
+            if n.op_type in COMPUTE_OPS and len(n.input) > 1}
 
 
 def quantize_with_budget(fp32_path, out_path, calibration, x, y=None, options: QuantOptions | None = None,

@@ -319,3 +319,20 @@ def test_matmul_models_are_counted(tmp_path):
     assert info.ops["by_type"]["MatMul"] == {"int8": 2, "float": 0}
     agree = compare_outputs(tmp_path / "mlp.onnx", tmp_path / "mlp8.onnx", rows)["outputs"]["output"]
     assert agree["mean_cosine"] > 0.99
+
+
+def test_fallback_passes_over_nodes_that_would_leave_too_few_int8_weights(subject):
+    """No FP32 fallback may bring the INT8 share of Conv/MatMul/Gemm weights under min_int8_weight_share."""
+    from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
+    opts = QuantOptions(per_channel=False, bias_correction=False)
+    budget = dict(max_accuracy_drop=0.0, max_excluded_share=0.5, time_budget_s=60)
+    info, rep = quantize_with_budget(subject["fp32"], subject["dir"] / "share.onnx", [subject["calib"][:128]],
+                                     subject["x"], None, opts, FallbackOptions(**budget, min_int8_weight_share=1.0))
+    assert rep.int8_score < 1.0  # the budget of 0 points really asks for a fallback
+    assert rep.excluded == [] and rep.passed_over and "passed over" in rep.stopped
+    assert info.ops["int8_weight_share"] == 1.0
+    info, rep = quantize_with_budget(subject["fp32"], subject["dir"] / "share.onnx", [subject["calib"][:128]],
+                                     subject["x"], None, opts, FallbackOptions(**budget, min_int8_weight_share=0.9))
+    assert info.ops["int8_weight_share"] >= 0.9
+    with pytest.raises(OptionError, match="min_int8_weight_share"):
+        FallbackOptions(min_int8_weight_share=1.5).validate()

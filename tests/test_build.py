@@ -205,3 +205,20 @@ def test_build_prunes_and_distills(trained_cnn, tmp_path):
     # the epoch is picked on data held out of training, not on the eval split that the manifest reports
     assert distill["metrics"]["validation_samples"] > 0 and distill["metrics"]["best_accuracy"] is not None
     assert m["metrics"]["fp32"]["accuracy"] > 50
+
+
+def test_unlabelled_data_and_transform_flags(trained_cnn, tmp_path):
+    # no labels anywhere: agreement with FP32 is reported and nothing is gated, so no fallback search runs
+    from edgec.data import load_data
+    x = load_data("builtin:digits:train").head(200)
+    np.savez(tmp_path / "calib.npz", x=x[:150])
+    np.savez(tmp_path / "eval.npz", x=x[150:])
+    out = tmp_path / "u.edgec"
+    code, _, stderr = run_cli("build", trained_cnn[0], "-o", out, "--data", tmp_path / "calib.npz", "--eval-data",
+                              tmp_path / "eval.npz", "--bias-correction", "--no-equalize", *FAST)
+    assert code == 0, stderr
+    m = json.loads((out / MANIFEST_FILE).read_text())
+    q = m["quantization"]
+    assert q["transforms"]["bias_correction"]["applied"] and not q["transforms"]["equalize"]["applied"]
+    assert "sensitivity" not in q or q["sensitivity"] is None
+    assert m["metrics"]["int8"]["agreement"]["top1_agreement"] > 90

@@ -69,7 +69,7 @@ def make_manifest(folder: Path, inputs, module, stages, *, extra=None, seconds=0
         "opset": export["opset"],
         "toolchain": toolchain_versions(),
         "quantization": {k: quant.get(k) for k in ("scheme", "method", "samples", "excluded_nodes", "ops",
-                                                   "pre_process", "sensitivity") if k in quant},
+                                                   "pre_process", "transforms", "sensitivity") if k in quant},
         "stages": stages,
         "metrics": {
             "fp32": {**quality("fp32"), "bytes": fp32_bytes, "params": params, "flops": flops},

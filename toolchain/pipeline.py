@@ -154,7 +154,8 @@ def stage_quantize(fp32: Path, int8: Path, inputs: Inputs, options, max_drop: fl
     """Static INT8; with a drop budget and a time box, the most sensitive nodes fall back to FP32 until the
     drop on calibration samples fits (never on the eval data, which stays for the honest check after)."""
     from edgec.exporters.quantize import quantize_int8
-    fallback = max_drop is not None and fallback_seconds > 0
+    # only where the budget is gated afterwards: accuracy needs labelled eval data (agreement is reported, not gated)
+    fallback = max_drop is not None and fallback_seconds > 0 and inputs.eval is not None and inputs.eval.labelled
     stage = Stage("quantize", "model.fp32.onnx + calibration data (no labels needed)",
                   "model.onnx: static INT8 (QDQ), ONNX Runtime calibration"
                   + ("; sensitive nodes kept in FP32 when over the accuracy budget" if fallback else ""),

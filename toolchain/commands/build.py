@@ -50,7 +50,8 @@ def _run_build(opts, as_json: bool, title: str):
 
 
 def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, image_size, mean, std, output, force,
-                   calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor, opset,
+                   calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor, bias_correction, equalize,
+                   opset,
                    max_accuracy_drop, fallback_seconds, providers, bench_seconds, prune_ratio, distill, epochs, temperature, alpha, lr, extra=None):
     from edgec.errors import OptionError
     from edgec.pipeline import BuildOptions
@@ -68,7 +69,8 @@ def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, imag
     return BuildOptions(
         model=model, output=output, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape, data=data,
         eval_data=eval_data, image_size=image_size, mean=mean, std=std, opset=opset,
-        quant=quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor),
+        quant=quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor,
+                                 bias_correction, equalize),
         max_accuracy_drop=max_accuracy_drop, fallback_seconds=fallback_seconds, providers=tuple(providers), bench_seconds=bench_seconds,
         prune=prune_cfg, distill=distill_cfg, force=force, extra=extra or {})
 
@@ -102,11 +104,8 @@ def demo_cmd(output, retrain, as_json):
         if not force:
             raise OutputExists(f"{output} exists and is not an earlier demo package; pass -o elsewhere")
     model = demo_model(retrain=retrain)
-    opts = _build_options(model=str(model), arch=None, input_shape=None, trust_pickle=False, data="builtin:digits",
-                          eval_data=None, image_size=None, mean=None, std=None, output=output, force=force,
-                          calibration=None, samples=None, target=None, exclude_nodes=(), exclude_op_types=(),
-                          per_tensor=False, opset=17, max_accuracy_drop=1.0, fallback_seconds=300.0, providers=("cpu",), bench_seconds=2.0,
-                          prune_ratio=None, distill=False, epochs=0, temperature=2.0, alpha=0.0, lr=0.0, extra={"demo": True})
+    from edgec.pipeline import BuildOptions
+    opts = BuildOptions(model=str(model), output=output, force=force, extra={"demo": True})  # every default
     _run_build(opts, as_json, "edgec demo: torchvision ResNet18 on builtin:digits, FP32 -> INT8")
 
 
@@ -133,14 +132,15 @@ def export_cmd(model, arch, input_shape, trust_pickle, data, eval_data, image_si
 @output_options
 @quant_options
 def quantize_cmd(model, data, eval_data, image_size, mean, std, output, force, as_json, calibration, samples,
-                 target, exclude_nodes, exclude_op_types, per_tensor):
+                 target, exclude_nodes, exclude_op_types, per_tensor, bias_correction, equalize):
     """Static INT8 quantization of an ONNX model with ONNX Runtime calibration on --data."""
     from edgec.data import load_data
     from edgec.exporters.compare import accuracy, compare_outputs
     from edgec.exporters.quantize import quantize_int8
     from edgec.fsutil import atomic_path
     from edgec.pipeline import agreement, plain
-    opts = quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor)
+    opts = quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor,
+                              bias_correction, equalize)
     calib = load_data(data, image_size=image_size, mean=mean, std=std)
     calib.validate()
     with atomic_path(output, force=force) as tmp:

@@ -65,14 +65,19 @@ quant_options = apply(
     click.option("--exclude-op-type", "exclude_op_types", multiple=True,
                  help="Operator type to keep in FP32, e.g. Gemm (repeatable)."),
     click.option("--per-tensor", is_flag=True, help="Per-tensor instead of per-channel weight scales."),
+    click.option("--bias-correction/--no-bias-correction", default=None,
+                 help="Correct each quantized layer's mean output shift (default: on for models with depthwise convs)."),
+    click.option("--equalize/--no-equalize", default=None,
+                 help="Cross-layer equalization before quantization (default: off; it did not help when measured)."),
 )
 
 
-def quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor):
+def quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor,
+                       bias_correction=None, equalize=None):
     """CLI flags -> the quantizer's typed options (only what the user set; the rest are its defaults)."""
     from edgec.exporters.quantize import QuantOptions
     kw = {"exclude_nodes": tuple(exclude_nodes), "exclude_op_types": tuple(exclude_op_types),
-          "per_channel": not per_tensor}
+          "per_channel": not per_tensor, "bias_correction": bias_correction, "equalize": equalize}
     if calibration:
         kw["method"] = calibration
     if samples:

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
+
+# Interleaved engines must not busy-wait on the cores the timed one needs: torch's OpenMP pool (set before torch
+# loads) and ORT's pools (spinning=False below) sleep when idle.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
 import subprocess
 import sys
@@ -45,8 +49,9 @@ def calibration_images(n: int = 64) -> np.ndarray:
 
 
 def export(model: torch.nn.Module, path: Path) -> None:
-    torch.onnx.export(model, torch.randn(1, 3, 224, 224), str(path), input_names=["input"], output_names=["logits"],
-                      opset_version=17, dynamo=False)
+    """edgec's exporter, as `edgec build` runs it (opset 17, dynamic batch)."""
+    from edgec.exporters.onnx_export import export_onnx
+    export_onnx(model, torch.randn(1, 3, 224, 224), path, opset=17)
 
 
 def quantize(fp32: Path, out: Path, images: np.ndarray) -> float:
@@ -76,8 +81,8 @@ def bench_model(name: str, factory, tmp: Path, threads: int, rounds: int, images
     export(model, fp32)
     qtime = quantize(fp32, int8, images)
     x = images[:1]
-    ort_fp32 = Runner(load(open_model(fp32), "cpu", threads))
-    ort_int8 = Runner(load(open_model(int8), "cpu", threads))
+    ort_fp32 = Runner(load(open_model(fp32), "cpu", threads, spinning=False))
+    ort_int8 = Runner(load(open_model(int8), "cpu", threads, spinning=False))
     ort_fp32.loaded.feed["input"] = ort_int8.loaded.feed["input"] = x
     runners = [TorchRunner(model, x), ort_fp32, ort_int8]
     for r in runners:
@@ -151,7 +156,9 @@ def render(results, overhead, threads, rounds, elapsed, load_before) -> str:
         f"{host['cpu_count']} the ratios vs torch eager overstate ORT's lead).",
         "",
         "Method: the three variants of a model are timed interleaved in one process (round i runs all three, order "
-        "flipping each round), so machine drift hits all of them alike. Ratios are medians of per-round ratios, "
+        "flipping each round), so machine drift hits all of them alike; idle thread pools sleep instead of "
+        "busy-waiting (ORT intra-op spinning off, OMP_WAIT_POLICY=PASSIVE for torch), so one engine's idle "
+        "threads do not slow the one being timed on 2 cores. Ratios are medians of per-round ratios, "
         "with a 95% distribution-free CI. Absolute times drift up to 1.5x between runs on this shared machine; "
         "compare ratios.",
         "",
@@ -187,13 +194,14 @@ def render(results, overhead, threads, rounds, elapsed, load_before) -> str:
     o = overhead
     pct = 100 * (o["ratio"]["median"] - 1)
     ci = o["ratio"]["ci"]
-    # "met" only when the whole CI is inside +-2%: a noisy run must not claim it
-    verdict = ("met" if ci and -2 <= 100 * (ci[0] - 1) and 100 * (ci[1] - 1) <= 2 else
+    # the goal is an upper bound on the overhead: "met" only when the CI's upper end is at most +2%
+    verdict = ("met (the CI's upper end is below +2%)" if ci and 100 * (ci[1] - 1) <= 2 else
                "NOT met" if ci and 100 * (ci[0] - 1) > 2 else
-               "not shown: the CI reaches beyond +-2%, rerun on a quieter machine")
+               "not shown: the CI reaches above +2%, rerun on a quieter machine")
     lines += ["", "## Overhead of edgec bench's measurement loop",
               "",
-              f"Same ORT session ({o['model']}), {o['blocks']} alternating blocks of {o['per_block']} runs: bare "
+              "One ORT session with ORT's default intra-op spinning (as `edgec bench` runs a lone model, hence "
+              f"faster than the interleaved table above; {o['model']}), {o['blocks']} alternating blocks of {o['per_block']} runs: bare "
               f"`session.run` loop {o['bare_ms']:.3f} ms/run, edgec `measure()` loop {o['edgec_ms']:.3f} ms/run wall "
               f"(it reports {o['reported_ms']:.3f} ms/run, timing only the call). Overhead: {pct:+.2f}% "
               + (f"(95% CI {100 * (ci[0] - 1):+.2f}% to {100 * (ci[1] - 1):+.2f}%)" if ci else "")
@@ -222,7 +230,7 @@ def main() -> None:
                               ("mobilenet_v2", torchvision.models.mobilenet_v2)):
             print(f"[bench] {name}: export, quantize, {args.rounds} interleaved rounds", file=sys.stderr, flush=True)
             results.append(bench_model(name, factory, tmp, args.threads, args.rounds, images))
-        overhead = loop_overhead(tmp / "mobilenet_v2.int8.onnx", args.threads, blocks=20, per_block=50)
+        overhead = loop_overhead(tmp / "mobilenet_v2.int8.onnx", args.threads, blocks=60, per_block=50)
         overhead["model"] = "mobilenet_v2 INT8"
     text = render(results, overhead, args.threads, args.rounds, time.perf_counter() - t0, load_before)
     print(text)

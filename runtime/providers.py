@@ -66,8 +66,8 @@ def check_session_providers(name: str, session: ort.InferenceSession) -> None:
                             f"libraries, or {HOW_TO_GET.get(name, 'use --ep cpu')}")
 
 
-def session_options(threads: int | None = None, opt_level: str = "all", profile_prefix: str | None = None
-                    ) -> ort.SessionOptions:
+def session_options(threads: int | None = None, opt_level: str = "all", profile_prefix: str | None = None,
+                    spinning: bool = True) -> ort.SessionOptions:
     if opt_level not in OPT_LEVELS:
         raise OptionError(f"unknown graph optimisation level '{opt_level}'; choose one of {', '.join(OPT_LEVELS)}")
     so = ort.SessionOptions()
@@ -78,6 +78,8 @@ def session_options(threads: int | None = None, opt_level: str = "all", profile_
         so.inter_op_num_threads = 1   # sequential execution: the intra-op pool is the only one that matters
     so.graph_optimization_level = OPT_LEVELS[opt_level]
     so.log_severity_level = 3         # ORT warnings (e.g. unused initializers) would flood a CI log
+    if not spinning:  # idle pools of other sessions must not busy-wait on the cores the timed session needs
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix

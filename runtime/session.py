@@ -190,10 +190,11 @@ class LoadedModel:
 
 
 def load(model: ModelFile, ep: str, threads: int | None = None, shapes: dict[str, list[int]] | list[str] | None = None,
-         batch: int | None = None, opt_level: str = "all", profile_prefix: str | None = None) -> LoadedModel:
+         batch: int | None = None, opt_level: str = "all", profile_prefix: str | None = None,
+         spinning: bool = True) -> LoadedModel:
     """Create the session for `ep` (a short name) and the input feed; check the provider really started."""
     name, chain = eps.resolve(ep)
-    sess, load_ms = create_session(model, chain, eps.session_options(threads, opt_level, profile_prefix))
+    sess, load_ms = create_session(model, chain, eps.session_options(threads, opt_level, profile_prefix, spinning))
     eps.check_session_providers(name, sess)
     inputs = inputs_of(sess)
     feed = random_inputs(inputs, resolve_shapes(model, inputs, shapes, batch))

@@ -40,6 +40,9 @@ def test_interleaved_models_get_paired_ratios(tiny_onnx, int8_onnx):
     assert results[1].ratio["vs"] == "tiny.onnx [cpu]" and results[1].ratio["n"] == 30
     s0, s1 = results[0].samples_ms, results[1].samples_ms
     assert results[1].ratio["median"] == pytest.approx(np.median(np.divide(s1, s0)))
+    # idle sessions must not busy-wait while another is timed; a lone model keeps ORT's default
+    assert [r.to_json()["intra_op_spinning"] for r in results] == [False, False]
+    assert benchmark([tiny_onnx], **FAST)[0].to_json()["intra_op_spinning"] is True
 
 
 def test_int8_model_really_runs_int8_kernels(int8_onnx):

@@ -82,6 +82,9 @@ def _worker(job_path: str) -> int:
         result = run_job(job)
         if rank == 0:
             Path(spec["result"]).write_text(json.dumps(result))
+        # leave together: a rank that tears gloo down while another still runs collectives or writes can abort
+        # ("terminate called without an active exception", seen once in the suite)
+        dist.barrier()
         return 0
     except EdgecError as e:
         if rank == 0:

@@ -156,3 +156,13 @@ def test_bad_options_fail_cleanly(trained_cnn, tmp_path, args, code, message):
 def test_pruned_student_file_keeps_structure_after_loading(pruned_student):
     loaded = load_model(pruned_student)
     assert isinstance(loaded, LoadedModel) and loaded.module[0][0].out_channels == 8
+
+
+def test_a_fresh_student_starts_from_seeded_weights():
+    # two runs (or two DDP ranks) of `edgec distill --student-arch` must start from the same weights
+    from edgec.distill import DistillJob, load_student
+    job = DistillJob(teacher="unused.pt", output="unused.pt", student_arch=SMALL_ARCH, train={"seed": 3})
+    a, _, _ = load_student(job, (1, 3, 32, 32))
+    torch.manual_seed(123)  # whatever ran before must not matter
+    b, _, _ = load_student(job, (1, 3, 32, 32))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -96,6 +96,7 @@ def load_student(job: DistillJob, input_shape):
             raise ModelError(f"--student {job.student} has no architecture spec; pass --student-arch")
         return loaded.module, arch, loaded.meta.get("history", [])
     if job.student_arch:
+        torch.manual_seed(job.train.get("seed", 0))  # a fresh student starts from the same weights on every rank/run
         return build_arch(job.student_arch), job.student_arch, [{"stage": "init", "arch": job.student_arch}]
     raise OptionError("pass --student FILE (e.g. the output of `edgec prune`) or --student-arch SPEC")
 

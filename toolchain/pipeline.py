@@ -192,7 +192,8 @@ def stage_take_int8(int8: Path, source: Path, record: dict) -> Stage:
     return stage
 
 
-def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | None, fallback: dict | None = None) -> Stage:
+def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | None,
+                   fallback: dict | None = None) -> Stage:
     """FP32 vs INT8 on held-out data: accuracy with labels, agreement with the FP32 model always."""
     from edgec.exporters.compare import accuracy, compare_outputs
     stage = Stage("evaluate", "both ONNX models + eval data", "accuracy (labels) or agreement with FP32",

@@ -286,8 +286,8 @@ def transforms_default(options: QuantOptions, depthwise: int) -> tuple[bool, str
         eq, eq_why = options.equalize, "set by option"
     else:
         eq, eq_why = False, ("off by default: it lowered EfficientNet-Lite0's INT8 mean cosine to FP32 "
-                             "(0.981 -> 0.974 per-channel, 0.782 -> 0.753 per-tensor) and changed nothing on "
-                             "ResNet18 (42% of its ReLU6 channels reach the clip and must keep their scale)")
+                             "(0.981 -> 0.974 per-channel, 0.782 -> 0.753 per-tensor; 42% of its ReLU6 channels reach "
+                             "the clip and must keep their scale) and changed nothing on the demo ResNet18")
     if options.bias_correction is not None:
         bc, bc_why = options.bias_correction, "set by option"
     elif depthwise:

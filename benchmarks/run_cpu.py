@@ -201,7 +201,8 @@ def render(results, overhead, threads, rounds, elapsed, load_before) -> str:
     lines += ["", "## Overhead of edgec bench's measurement loop",
               "",
               "One ORT session with ORT's default intra-op spinning (as `edgec bench` runs a lone model, hence "
-              f"faster than the interleaved table above; {o['model']}), {o['blocks']} alternating blocks of {o['per_block']} runs: bare "
+              f"faster than the interleaved table above; {o['model']}), {o['blocks']} alternating blocks of "
+              f"{o['per_block']} runs: bare "
               f"`session.run` loop {o['bare_ms']:.3f} ms/run, edgec `measure()` loop {o['edgec_ms']:.3f} ms/run wall "
               f"(it reports {o['reported_ms']:.3f} ms/run, timing only the call). Overhead: {pct:+.2f}% "
               + (f"(95% CI {100 * (ci[0] - 1):+.2f}% to {100 * (ci[1] - 1):+.2f}%)" if ci else "")

@@ -93,7 +93,8 @@ class BenchResult:
         return {
             "model": self.model, "path": self.path, "ep": self.ep, "providers": self.providers,
             "inputs": self.inputs, "batch": self.batch, "threads": self.threads,
-            "intra_op_spinning": self.spinning, "load_ms": self.load_ms, "first_ms": self.first_ms, "memory_mb": self.memory_mb,
+            "intra_op_spinning": self.spinning,
+            "load_ms": self.load_ms, "first_ms": self.first_ms, "memory_mb": self.memory_mb,
             "latency_ms": {k: lat[k] for k in ("n", "min", "mean", "std", "p50", "p90", "p95", "p99", "max",
                                                "p50_ci", "ci_level")},
             "reliable": lat["reliable"],
@@ -300,7 +301,8 @@ def benchmark(models, providers=("cpu",), *, threads: int | None = None, batch: 
     runners, facts = [], []
     pairs = [(f, ep) for f in files for ep in names]
     # Interleaved sessions each own a thread pool; ORT's pools busy-wait after a run, so with spinning on, the idle
-    # ones steal cores from the one being timed (measured on 2 cores, MobileNetV2: FP32 5.4 -> 9.5 ms). One model keeps ORT's default.
+    # ones steal cores from the one being timed (measured on 2 cores, MobileNetV2: FP32 5.4 -> 9.5 ms). A lone
+    # model keeps ORT's default.
     spinning = len(pairs) == 1
     for i, (f, ep) in enumerate(pairs):
         if progress:
@@ -323,7 +325,8 @@ def benchmark(models, providers=("cpu",), *, threads: int | None = None, batch: 
             model=lm.model.label, path=str(lm.model.package or lm.model.onnx_path), ep=lm.ep,
             providers=lm.session.get_providers(),
             inputs=[{"name": k, "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in lm.feed.items()],
-            batch=lm.batch, threads=threads, spinning=spinning, load_ms=load_ms, first_ms=first_ms, memory_mb=mem_mb,
+            batch=lm.batch, threads=threads, spinning=spinning, load_ms=load_ms, first_ms=first_ms,
+            memory_mb=mem_mb,
             latency=summarize(ms, label), graph=graph,
             warnings=graph_warnings(label, lm.ep, graph) if graph else [], samples_ms=ms))
     if len(results) > 1:

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import click
 
-from edgec.commands.options import (data_options, emit_json, model_options, output_options, quant_options,
-                                    quant_options_from)
+from edgec.commands.options import (apply, data_options, emit_json, kd_options, model_options, output_options,
+                                    quant_options, quant_options_from)
 
-build_options = [
+build_options = apply(
     click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17)."),
     click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
                  help="INT8 may lose at most this many points vs FP32: over it, the most sensitive nodes are kept in "
@@ -21,20 +21,8 @@ build_options = [
                  help="Benchmark time per model and provider; 0 skips the benchmark."),
     click.option("--prune", "prune_ratio", type=float, help="Remove this fraction of channels (structured) first."),
     click.option("--distill", is_flag=True, help="Train the (pruned) model on the original's soft targets."),
-    click.option("--epochs", type=int, default=10, show_default=True, help="Distillation epochs."),
-    click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature."),
-    click.option("--alpha", type=float, default=0.5, show_default=True,
-                 help="Weight of the teacher's soft targets (0 = plain fine-tuning)."),
-    click.option("--lr", type=float, default=0.01, show_default=True, help="Distillation learning rate."),
-]
-
-
-def _apply(options):
-    def wrap(f):
-        for o in reversed(options):
-            f = o(f)
-        return f
-    return wrap
+    kd_options,
+)
 
 
 def _run_build(opts, as_json: bool, title: str):
@@ -51,8 +39,8 @@ def _run_build(opts, as_json: bool, title: str):
 
 def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, image_size, mean, std, output, force,
                    calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor, bias_correction, equalize,
-                   opset,
-                   max_accuracy_drop, fallback_seconds, providers, bench_seconds, prune_ratio, distill, epochs, temperature, alpha, lr, extra=None):
+                   opset, max_accuracy_drop, fallback_seconds, providers, bench_seconds, prune_ratio, distill, epochs,
+                   lr, alpha, temperature, extra=None):
     from edgec.errors import OptionError
     from edgec.pipeline import BuildOptions
     prune_cfg = distill_cfg = None
@@ -71,7 +59,8 @@ def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, imag
         eval_data=eval_data, image_size=image_size, mean=mean, std=std, opset=opset,
         quant=quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor,
                                  bias_correction, equalize),
-        max_accuracy_drop=max_accuracy_drop, fallback_seconds=fallback_seconds, providers=tuple(providers), bench_seconds=bench_seconds,
+        max_accuracy_drop=max_accuracy_drop, fallback_seconds=fallback_seconds, providers=tuple(providers),
+        bench_seconds=bench_seconds,
         prune=prune_cfg, distill=distill_cfg, force=force, extra=extra or {})
 
 
@@ -80,7 +69,7 @@ def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, imag
 @data_options
 @output_options
 @quant_options
-@_apply(build_options)
+@build_options
 def build_cmd(as_json, **kw):
     """Turn a trained PyTorch model into a verified INT8 ONNX package (NAME.edgec/)."""
     _run_build(_build_options(**kw), as_json, f"edgec build: {kw['model']}")

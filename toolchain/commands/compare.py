@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from edgec.commands.options import data_options, emit_json, model_options
+from edgec.commands.options import data_options, emit_json, kd_options, model_options
 
 
 def _size(ctx, param, value):
@@ -28,11 +28,8 @@ def _size(ctx, param, value):
               help="Calibration method(s) for ptq-int8, one row each (default: all three).")
 @click.option("--ep", "providers", multiple=True, default=["cpu"], show_default=True, help="Execution provider(s).")
 @click.option("--prune-ratio", type=float, default=0.5, show_default=True)
-@click.option("--epochs", type=int, default=10, show_default=True, help="Distillation epochs after pruning.")
+@kd_options
 @click.option("--qat-epochs", type=int, default=3, show_default=True)
-@click.option("--lr", type=float, default=0.01, show_default=True, help="Distillation learning rate.")
-@click.option("--alpha", type=float, default=0.5, show_default=True, help="Weight of the teacher's soft targets.")
-@click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature.")
 @click.option("--bench-seconds", type=float, default=3.0, show_default=True, help="Benchmark time per model.")
 @click.option("--fresh", is_flag=True, help="Recompute every recipe instead of reusing saved results.")
 @click.option("--max-accuracy-drop", type=float, help="Constraint: points of accuracy a recipe may lose vs FP32.")

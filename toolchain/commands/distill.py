@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edgec.commands.options import data_options, emit_json, model_options, output_options
+from edgec.commands.options import data_options, emit_json, kd_options, model_options, output_options
 
 
 def _hint(ctx, param, values):
@@ -22,15 +22,11 @@ def _hint(ctx, param, values):
 @click.option("--student", type=click.Path(dir_okay=False), help="Student model file (e.g. from `edgec prune`).")
 @click.option("--student-arch", help="Student architecture: a fresh one, or the arch of a --student checkpoint.")
 @data_options
-@click.option("--epochs", type=int, default=10, show_default=True)
+@kd_options
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Per process.")
-@click.option("--lr", type=float, default=0.01, show_default=True, help="Peak learning rate (one-cycle cosine).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
-@click.option("--alpha", type=float, default=0.5, show_default=True,
-              help="Weight of the teacher's soft targets; 0 = plain fine-tuning on labels.")
-@click.option("--temperature", type=float, default=2.0, show_default=True)
 @click.option("--hint", "hints", multiple=True, callback=_hint,
               help="Feature loss STUDENT_LAYER[:TEACHER_LAYER] (repeatable), e.g. layer3.")
 @click.option("--hint-weight", type=float, default=1.0, show_default=True)

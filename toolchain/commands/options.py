@@ -55,6 +55,16 @@ output_options = apply(
     click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (nothing else there)."),
 )
 
+# knowledge distillation: the same flags, defaults and meaning in build, compare and distill
+kd_options = apply(
+    click.option("--epochs", type=int, default=10, show_default=True, help="Distillation epochs."),
+    click.option("--lr", type=float, default=0.01, show_default=True,
+                 help="Peak learning rate of distillation (one-cycle cosine)."),
+    click.option("--alpha", type=float, default=0.5, show_default=True,
+                 help="Weight of the teacher's soft targets (0 = plain fine-tuning on labels)."),
+    click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature."),
+)
+
 quant_options = apply(
     click.option("--calibration", type=click.Choice(["minmax", "entropy", "percentile", "auto"]), default=None,
                  help="Calibration method (default: the quantizer's recommended one)."),
@@ -66,7 +76,8 @@ quant_options = apply(
                  help="Operator type to keep in FP32, e.g. Gemm (repeatable)."),
     click.option("--per-tensor", is_flag=True, help="Per-tensor instead of per-channel weight scales."),
     click.option("--bias-correction/--no-bias-correction", default=None,
-                 help="Correct each quantized layer's mean output shift (default: on for models with depthwise convs)."),
+                 help="Correct each quantized layer's mean output shift (default: on for models with depthwise "
+                      "convs)."),
     click.option("--equalize/--no-equalize", default=None,
                  help="Cross-layer equalization before quantization (default: off; it did not help when measured)."),
 )

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from edgec.errors import DataError, OptionError
+from edgec.core.errors import DataError, OptionError
 
 METHODS = ("minmax", "entropy", "percentile", "auto")
 Progress = Callable[[int, int, str], None]  # (done, total, status)

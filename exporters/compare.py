@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from edgec.errors import DataError
+from edgec.core.errors import DataError
 
 
 def ort_session(path, *, optimize: bool = True, threads: int | None = None):

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec.errors import ExportError, ModelError
+from edgec.core.errors import ExportError, ModelError
 from edgec.exporters.compare import ort_session, output_agreement, run_onnx
-from edgec.fsutil import atomic_path
+from edgec.core.fsutil import atomic_path
 
 TWO_GB = 2 ** 31
 # protobuf's hard limit is 2 GiB for the whole message; leave room for the graph itself.

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec.errors import ExportError
-from edgec.fsutil import atomic_path
+from edgec.core.errors import ExportError
+from edgec.core.fsutil import atomic_path
 
 FUSED_INT8_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul",
                   "MatMulIntegerToFloat")

@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-from edgec.errors import ModelError, OptionError
+from edgec.core.errors import ModelError, OptionError
 from edgec.exporters.calibration import (METHODS, CalibrationResult, Progress, calibrate, default_progress,
                                          save_ranges)
 from edgec.exporters.target import QuantScheme, scheme_for
-from edgec.fsutil import atomic_path
+from edgec.core.fsutil import atomic_path
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _TYPES = ("uint8", "int8")

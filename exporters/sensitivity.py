@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec.errors import OptionError
+from edgec.core.errors import OptionError
 from edgec.exporters.calibration import Progress, default_progress
 from edgec.exporters.compare import ort_session, output_agreement, run_onnx
 from edgec.exporters.quantize import (COMPUTE_OPS, Prepared, QuantInfo, QuantOptions, prepare,

@@ -9,7 +9,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgec.errors import OptionError
+from edgec.core.errors import OptionError
 
 TARGETS = ("host", "cpu-avx2", "cpu-avx512", "cpu-vnni", "cpu-arm64", "cuda", "tensorrt")
 

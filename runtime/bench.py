@@ -15,7 +15,7 @@ from typing import Callable
 
 import onnxruntime as ort
 
-from edgec.errors import DataError, OptionError
+from edgec.core.errors import DataError, OptionError
 from edgec.runtime import providers as eps
 from edgec.runtime.session import LoadedModel, ModelFile, load, open_model
 from edgec.runtime.stats import Summary, paired_ratio, summarize
@@ -285,7 +285,7 @@ def benchmark(models, providers=("cpu",), *, threads: int | None = None, batch: 
     `providers`: short names (cpu, cuda, tensorrt, auto); `shapes`: {input: dims} or
     ['input=1,3,224,224', ...]; `warmup`/`runs`: a count ('200') or a duration per model
     ('10s'). Returns one BenchResult per (model, provider), in order models x providers; results[0] is the reference
-    of every `ratio`. Raises ModelError, DataError, OptionError, ProviderError (edgec.errors)."""
+    of every `ratio`. Raises ModelError, DataError, OptionError, ProviderError (edgec.core.errors)."""
     warm, timed = parse_amount(warmup, "--warmup"), parse_amount(runs, "--runs")
     if timed.count == 0:
         raise OptionError("--runs 0 measures nothing; give at least 1 run or a duration like 10s")

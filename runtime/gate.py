@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgec.errors import OptionError
+from edgec.core.errors import OptionError
 
 LATENCY_METRICS = ("p50", "p90", "p95", "p99", "mean", "min", "max")
 METRICS = LATENCY_METRICS + ("load", "first", "memory")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnxruntime as ort
 
-from edgec.errors import OptionError, ProviderError
+from edgec.core.errors import OptionError, ProviderError
 
 # short name -> ORT providers to pass, most preferred first. GPU providers keep CPU last because ORT
 # places the nodes they cannot run there; `graph.fallback_nodes` in the results shows which ones.

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgec import __version__
-from edgec.errors import OptionError
+from edgec.core import __version__
+from edgec.core.errors import OptionError
 from edgec.runtime.gate import SCHEMA
 
 _INTERESTING_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8",

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgec.errors import DataError, ModelError, OptionError
+from edgec.core.errors import DataError, ModelError, OptionError
 from edgec.runtime import providers as eps
 
 DTYPES = {

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from edgec.data import load_data, split
-from edgec.errors import DataError
+from edgec.core.errors import DataError
 
 
 def test_builtin_digits_splits_are_fixed_and_disjoint():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import SMALL_ARCH, run_cli
-from edgec.errors import OptionError
+from edgec.core.errors import OptionError
 from edgec.modelio import LoadedModel, load_model, save_model
 from edgec.train import TrainConfig, kd_loss, train
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgec.errors import ExportError
+from edgec.core.errors import ExportError
 from edgec.exporters.compare import ort_session
 from edgec.exporters.onnx_export import check_onnx_against_torch, export_onnx
 

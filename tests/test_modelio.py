@@ -5,7 +5,7 @@ import pytest
 import torch
 import torchvision
 
-from edgec.errors import ModelError
+from edgec.core.errors import ModelError
 from edgec.modelio import build_arch, load_model, save_model
 
 ARCH = "torchvision:resnet18?num_classes=10"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgec.errors import OptionError
+from edgec.core.errors import OptionError
 from edgec.modelio import LoadedModel, build_arch, load_model, save_model
 from edgec.prune import PruneConfig, describe_groups, prune_model
 

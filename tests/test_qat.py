@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgec.errors import ModelError, OptionError
+from edgec.core.errors import ModelError, OptionError
 from edgec.exporters.target import scheme_for
 from edgec.qat import (QatConfig, calibrate, export_qat_onnx, fake_quant, observers, prepare_qat, qat_finetune, qrange,
                        scale_zp)

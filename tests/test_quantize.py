@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgec.errors import DataError, OptionError
+from edgec.core.errors import DataError, OptionError
 from edgec.exporters.calibration import TensorStats, check_samples, plan_memory, rechunk
 from edgec.exporters.compare import accuracy, compare_outputs
 from edgec.exporters.quantize import QuantOptions, quantize_int8, quantized_ops

@@ -5,7 +5,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edgec.errors import DataError, ModelError, OptionError, ProviderError
+from edgec.core.errors import DataError, ModelError, OptionError, ProviderError
 from edgec.runtime import (SCHEMA, benchmark, check_budgets, check_regression, document, parse_amount, parse_budget,
                            record)
 from edgec.runtime.providers import resolve

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgec.errors import OptionError
+from edgec.core.errors import OptionError
 from edgec.exporters import transforms as tf
 from edgec.exporters.compare import ort_session, run_onnx
 from edgec.exporters.quantize import QuantOptions, prepare, quantize_int8, write_quantized

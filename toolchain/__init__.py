@@ -4,4 +4,6 @@ Importing `edgec` is light: torch is imported only by the stages that need it, s
 `edgec.runtime` (benchmarking) works on a box with only onnxruntime and numpy.
 """
 
-__version__ = "0.1.0"
+from edgec.core import __version__
+
+__all__ = ["__version__"]

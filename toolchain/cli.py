@@ -5,8 +5,8 @@ import sys
 
 import click
 
-from edgec import __version__
-from edgec.errors import EdgecError
+from edgec.core import __version__
+from edgec.core.errors import EdgecError
 
 # command name -> module in edgec.commands that defines a click command of the same name
 COMMANDS = {

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgec.errors import EdgecError, OptionError
+from edgec.core.errors import EdgecError, OptionError
 from edgec.pipeline import Inputs, load_inputs, plain, training_split
-from edgec.progress import note
+from edgec.core.progress import note
 
 RECIPES = {
     "fp32": "the original model in ONNX Runtime (baseline)",

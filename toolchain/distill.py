@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgec.errors import ModelError, OptionError
+from edgec.core.errors import ModelError, OptionError
 from edgec.train import TrainConfig, evaluate, train
 
 

@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgec.errors import EdgecError, OptionError
+from edgec.core.errors import EdgecError, OptionError
 
 
 @dataclass

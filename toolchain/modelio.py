@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgec.errors import ModelError
-from edgec.fsutil import atomic_path
+from edgec.core.errors import ModelError
+from edgec.core.fsutil import atomic_path
 
 MODEL_FORMAT = "edgec.model/1"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")

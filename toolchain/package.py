@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec import __version__
-from edgec.errors import VerifyError
+from edgec.core import __version__
+from edgec.core.errors import VerifyError
 
 SCHEMA = "edgec.manifest/1"
 MODEL_FILE, FP32_FILE, MANIFEST_FILE, REPORT_FILE = "model.onnx", "model.fp32.onnx", "manifest.json", "report.md"

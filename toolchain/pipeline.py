@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from edgec.data import Dataset, load_data, split
-from edgec.errors import BudgetExceeded, DataError, OptionError
-from edgec.fsutil import atomic_path
+from edgec.core.errors import BudgetExceeded, DataError, OptionError
+from edgec.core.fsutil import atomic_path
 from edgec.metrics import count_flops, count_params
 from edgec.modelio import LoadedModel, load_model
-from edgec.progress import note
+from edgec.core.progress import note
 
 EVAL_FRACTION = 0.2      # held out of --data when no --eval-data is given
 VALIDATION_FRACTION = 0.1  # held out of the training data to pick the best epoch (never the eval data)
@@ -266,7 +266,7 @@ def build(opts: BuildOptions) -> dict:
     if opts.fallback_seconds < 0:
         raise OptionError(f"--fallback-seconds {opts.fallback_seconds}: 0 (no fallback) or more")
     Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
-    from edgec.fsutil import check_writable
+    from edgec.core.fsutil import check_writable
     check_writable(opts.output, opts.force)  # fail before hours of work, not after
     inputs = load_inputs(opts.model, arch=opts.arch, trust_pickle=opts.trust_pickle,
                          input_shape=opts.input_shape, data=opts.data, eval_data=opts.eval_data,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.errors import ModelError, OptionError
+from edgec.core.errors import ModelError, OptionError
 from edgec.metrics import count_flops, count_params
 
 IMPORTANCE = ("l1", "l2", "bn", "taylor")

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from edgec.errors import ModelError, OptionError
+from edgec.core.errors import ModelError, OptionError
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 _F32_TINY = float(np.finfo(np.float32).tiny)

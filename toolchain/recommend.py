@@ -1,7 +1,7 @@
 """Which recipe to ship: the fastest (or smallest) one that meets every constraint, and why the others lose."""
 from __future__ import annotations
 
-from edgec.errors import OptionError
+from edgec.core.errors import OptionError
 
 _LATENCY = ("p50", "p90", "p95", "p99", "mean", "min", "max")
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgec.data import Dataset
-from edgec.errors import ModelError, OptionError
+from edgec.core.errors import ModelError, OptionError
 from edgec.metrics import set_eval
-from edgec.progress import note, progress_bar
+from edgec.core.progress import note, progress_bar
 
 CHECKPOINT_FORMAT = "edgec.train-checkpoint/1"
 # options that may differ between an interrupted run and its --resume (everything else must match)
@@ -249,7 +249,7 @@ def _config_for_checkpoint(cfg: TrainConfig) -> dict:
 
 
 def _save_checkpoint(path, state: dict) -> None:
-    from edgec.fsutil import atomic_path
+    from edgec.core.fsutil import atomic_path
     with atomic_path(path, force=True) as tmp:
         torch.save(state, tmp)
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from edgec.errors import BudgetExceeded, OptionError
+from edgec.core.errors import BudgetExceeded, OptionError
 
 
 def _stderr_progress():

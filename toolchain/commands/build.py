@@ -41,7 +41,7 @@ def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, imag
                    calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor, bias_correction, equalize,
                    opset, max_accuracy_drop, fallback_seconds, providers, bench_seconds, prune_ratio, distill, epochs,
                    lr, alpha, temperature, extra=None):
-    from edgec.errors import OptionError
+    from edgec.core.errors import OptionError
     from edgec.pipeline import BuildOptions
     prune_cfg = distill_cfg = None
     if prune_ratio is not None:
@@ -81,8 +81,8 @@ def build_cmd(as_json, **kw):
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def demo_cmd(output, retrain, as_json):
     """The built-in default end to end: ResNet18 trained on the embedded digits -> INT8 package."""
-    from edgec.errors import OutputExists
-    from edgec.models.demo import demo_model
+    from edgec.core.errors import OutputExists
+    from edgec.demo import demo_model
     from edgec.package import read_manifest
     force = False
     if Path(output).exists():  # replace only an earlier demo package, never anything else
@@ -106,7 +106,7 @@ def demo_cmd(output, retrain, as_json):
 def export_cmd(model, arch, input_shape, trust_pickle, data, eval_data, image_size, mean, std, output, force,
                as_json, opset):
     """Export a PyTorch model to ONNX, checked against torch on real samples."""
-    from edgec.fsutil import atomic_path
+    from edgec.core.fsutil import atomic_path
     from edgec.pipeline import load_inputs, plain, stage_export
     inputs = load_inputs(model, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape, data=data,
                          eval_data=eval_data, image_size=image_size, mean=mean, std=std)
@@ -126,7 +126,7 @@ def quantize_cmd(model, data, eval_data, image_size, mean, std, output, force, a
     from edgec.data import load_data
     from edgec.exporters.compare import accuracy, compare_outputs
     from edgec.exporters.quantize import quantize_int8
-    from edgec.fsutil import atomic_path
+    from edgec.core.fsutil import atomic_path
     from edgec.pipeline import agreement, plain
     opts = quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor,
                               bias_correction, equalize)

@@ -9,7 +9,7 @@ from edgec.commands.options import data_options, emit_json, kd_options, model_op
 def _size(ctx, param, value):
     if value is None:
         return None
-    from edgec.errors import OptionError
+    from edgec.core.errors import OptionError
     from edgec.runtime.gate import parse_size_mb
     try:
         return int(parse_size_mb(value) * 1e6)

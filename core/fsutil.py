@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from edgec.errors import OutputExists
+from edgec.core.errors import OutputExists
 
 
 def check_writable(path, force: bool) -> Path:

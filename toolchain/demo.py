@@ -28,7 +28,7 @@ def demo_model(retrain: bool = False) -> Path:
     from edgec.data import load_data
     from edgec.modelio import build_arch, save_model
     from edgec.pipeline import training_split
-    from edgec.progress import note
+    from edgec.core.progress import note
     from edgec.train import TrainConfig, train
 
     path = demo_model_path()

@@ -77,6 +77,8 @@ def as_feed(x, names: Sequence[str]) -> dict[str, np.ndarray]:
     tensor) is the one input of a single-input model."""
     names = list(names)
     if isinstance(x, Mapping):
+        if len(x) == 1 and len(names) == 1 and next(iter(x)) not in names:   # `x` of a single-input model
+            return {names[0]: np.asarray(next(iter(x.values())))}
         unknown = [k for k in x if k not in names]
         if unknown:
             raise DataError(f"the data names {', '.join(map(repr, unknown))}, which the model does not take; "

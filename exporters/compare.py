@@ -10,7 +10,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from edgec.core.errors import DataError
-from edgec.core.feeds import BATCH, ORT_DTYPES, FeedLayout, as_feed, batch_len, feed_batches, slice_feed
+from edgec.core.feeds import (BATCH, ORT_DTYPES, FeedLayout, as_feed, batch_len, feed_batches, onnx_input_specs,
+                              slice_feed)
 
 
 def ort_session(path, *, optimize: bool = True, threads: int | None = None):
@@ -23,6 +24,18 @@ def ort_session(path, *, optimize: bool = True, threads: int | None = None):
     if threads:
         so.intra_op_num_threads = threads
     return ort.InferenceSession(str(Path(path)), so, providers=["CPUExecutionProvider"])
+
+
+def onnx_inputs(path) -> list:
+    """The InputSpecs an ONNX file declares (a clean ModelError when ORT cannot load it)."""
+    from edgec.core.errors import ModelError
+    try:
+        sess = ort_session(path)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own pybind types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path} is not an ONNX model onnxruntime can load ({first[:200]}); export it again "
+                         "with `edgec export`") from None
+    return onnx_input_specs(sess.get_inputs())
 
 
 def feeds_of(session, data, batch_size: int) -> Iterable[dict]:

@@ -46,6 +46,7 @@ class Column:
     only: the source (memory map, image files) is never converted whole."""
 
     batch_axis = 0
+    __iter__ = None   # not a sequence of samples: read batches with read()/[start:stop]
 
     def __len__(self) -> int:
         raise NotImplementedError

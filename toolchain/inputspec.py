@@ -23,7 +23,8 @@ DTYPE_NAMES = {"torch.float32": "float32", "torch.float16": "float16", "torch.fl
 # ---------------------------------------------------------------- --input-shape
 
 def parse_input_shape(text: str) -> tuple[str | None, list]:
-    """'1,3,224,224' -> (None, [batch,3,224,224]); 'state=2,batch,128' -> ('state', [2,'batch',128])."""
+    """'1,3,224,224' -> (None, [1,3,224,224]); 'state=2,batch,128' -> ('state', [2,'batch',128]). Without an
+    axis named `batch`, the first axis is the batch (its number is only the example's)."""
     name, sep, dims = text.rpartition("=")
     name = name.strip() if sep else None
     if sep and not name:
@@ -45,8 +46,6 @@ def parse_input_shape(text: str) -> tuple[str | None, list]:
         else:
             raise OptionError(f"--input-shape {text!r}: expected integers like 1,3,224,224 (or names for dynamic "
                               "axes, e.g. batch,time)")
-    if BATCH not in shape:
-        shape[0] = BATCH   # the old form: the first axis is the batch, whatever its number
     return name, shape
 
 
@@ -195,3 +194,17 @@ def example_args(feed: dict, specs: Sequence[InputSpec]) -> tuple:
     they are trailing optional ones)."""
     import torch
     return tuple(torch.from_numpy(feed[s.name]) for s in specs if s.name in feed)
+
+
+def dynamic_from_data(specs: list[InputSpec], data) -> list[InputSpec]:
+    """Axes whose size varies between samples of the data (a data hook's sequences) become dynamic."""
+    from edgec.data import varying_axes
+    varying = varying_axes(data)
+    out = []
+    for s in specs:
+        shape = list(s.shape) if s.shape else s.shape
+        for axis in varying.get(s.name, []):
+            if shape and not isinstance(shape[axis], str):
+                shape[axis] = f"{s.name}_{axis}"
+        out.append(InputSpec(s.name, s.dtype, shape, s.batch_axis, s.optional, s.source))
+    return out

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from edgec.data import Dataset, load_data, split
+from edgec.inputspec import (apply_overrides, declared_inputs, dynamic_from_data, example_args, legacy_shape,
+                             parse_input_shapes)
 from edgec.core.errors import BudgetExceeded, DataError, OptionError
 from edgec.core.fsutil import atomic_path
 from edgec.metrics import count_flops, count_params
@@ -76,32 +78,32 @@ class timed:
 @dataclass
 class Inputs:
     model: LoadedModel
-    input_shape: tuple
+    input_shape: tuple | None   # a single-input model's shape at batch 1 (FLOPs, model files); None: several
     calib: Dataset
     eval: Dataset | None
     num_outputs: int
+    specs: list = field(default_factory=list)   # edgec.core.feeds.InputSpec per model input, completed from data
+
+    def example(self) -> tuple:
+        """Positional torch arguments of one real sample, in the model's input order."""
+        return example_args(self.calib.head(1), self.specs)
 
 
-def parse_shape(text: str | None) -> tuple | None:
-    if not text:
-        return None
-    try:
-        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
-    except ValueError:
-        raise OptionError(f"--input-shape {text!r}: expected integers like 1,3,224,224") from None
-    if len(shape) < 2 or any(d <= 0 for d in shape):
-        raise OptionError(f"--input-shape {text!r}: expected a batch and at least one positive dimension")
-    return shape
+def parse_shape(text) -> tuple | dict | None:
+    """--input-shape (repeatable): `1,3,224,224` for a single-input model, or NAME=DIMS per input."""
+    return parse_input_shapes(text)
 
 
 def load_inputs(model_path, *, arch=None, trust_pickle=False, input_shape=None, data="builtin:digits",
                 eval_data=None, image_size=None, mean=None, std=None) -> Inputs:
     """Load and validate model and data before any work starts."""
-    loaded = load_model(model_path, arch, trust_pickle=trust_pickle, input_shape=input_shape)
+    one_shape = legacy_shape(input_shape) if isinstance(input_shape, tuple) else None
+    loaded = load_model(model_path, arch, trust_pickle=trust_pickle, input_shape=one_shape)
     kw = dict(image_size=image_size, mean=mean, std=std)
     calib = load_data(data, **kw)
-    shape = loaded.input_shape or (1, *calib.sample_shape)
-    calib.validate(shape)
+    specs = dynamic_from_data(calib.bind(apply_overrides(declared_inputs(loaded), input_shape)).specs, calib)
+    calib.specs = specs
+    shape = (loaded.input_shape or legacy_shape(specs[0].shape)) if len(specs) == 1 else None
     if eval_data:
         evaluation = load_data(eval_data, **kw)
     elif calib.source == "builtin:digits:train":
@@ -111,18 +113,20 @@ def load_inputs(model_path, *, arch=None, trust_pickle=False, input_shape=None, 
         note(f"no --eval-data: holding out {len(evaluation)} of {calib.source}'s samples for evaluation")
     else:
         evaluation = None
-    example = torch.from_numpy(calib.head(1))
+    example = example_args(calib.head(1), specs)
     try:
         with torch.no_grad():
-            out = loaded.module(example)
+            out = loaded.module(*example)
     except Exception as e:  # noqa: BLE001 - any failure here means data and model do not fit
-        raise DataError(f"the model fails on a sample of shape {tuple(example.shape)} from {calib.source} "
+        shapes = ", ".join(f"{s.name} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                           for s, t in zip(specs, example))
+        raise DataError(f"the model fails on a sample ({shapes}) from {calib.source} "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); check --input-shape/--image-size") from None
     out = out[0] if isinstance(out, (tuple, list)) else out
-    num_outputs = int(out.shape[-1])
+    num_outputs = int(out.shape[-1]) if out.ndim else 1
     if evaluation is not None:
-        evaluation.validate(shape, num_classes=num_outputs if out.ndim == 2 else None)
-    return Inputs(loaded, shape, calib, evaluation, num_outputs)
+        evaluation.bind(specs, num_classes=num_outputs if out.ndim == 2 else None)
+    return Inputs(loaded, shape, calib, evaluation, num_outputs, specs)
 
 
 # ---------------------------------------------------------------- stages
@@ -131,7 +135,7 @@ def stage_load(inputs: Inputs) -> Stage:
     m = inputs.model
     return Stage("load", "model file + data", "eager/TorchScript module, validated data",
                  options=m.describe(),
-                 metrics={"params": count_params(m.module), "flops": count_flops(m.module, inputs.input_shape),
+                 metrics={"params": count_params(m.module), "flops": count_flops(m.module, inputs.example()),
                           "calib": inputs.calib.describe(),
                           "eval": inputs.eval.describe() if inputs.eval is not None else None})
 
@@ -139,10 +143,9 @@ def stage_load(inputs: Inputs) -> Stage:
 def stage_export(module, inputs: Inputs, path: Path, opset: int) -> Stage:
     from edgec.exporters.onnx_export import check_onnx_against_torch, export_onnx
     stage = Stage("export", "torch module + example input", "model.fp32.onnx checked against torch",
-                  options={"opset": opset, "dynamic_batch": True})
+                  options={"opset": opset, "dynamic_axes": {s.name: s.dynamic_axes for s in inputs.specs}})
     with timed(stage):
-        example = torch.from_numpy(inputs.calib.head(1))
-        info = export_onnx(module, example, path, opset=opset)
+        info = export_onnx(module, inputs.calib.head(1), path, opset=opset, inputs=inputs.specs)
         check_data = inputs.eval if inputs.eval is not None else inputs.calib
         check = check_onnx_against_torch(module, path, check_data.head(EXPORT_CHECK_SAMPLES))
         stage.metrics = {"export": plain(info), "check": check}
@@ -199,12 +202,11 @@ def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | Non
     stage = Stage("evaluate", "both ONNX models + eval data", "accuracy (labels) or agreement with FP32",
                   options={"max_accuracy_drop": max_drop})
     with timed(stage):
-        data = inputs.eval if inputs.eval is not None else inputs.calib
-        x = data.head(len(data))
+        data = inputs.eval if inputs.eval is not None else inputs.calib   # streamed batch by batch
         stage.metrics["data"] = data.describe()
-        stage.metrics["agreement"] = agreement(compare_outputs(fp32, int8, x))
+        stage.metrics["agreement"] = agreement(compare_outputs(fp32, int8, data))
         if data.labelled:
-            fp, q = 100 * accuracy(fp32, x, data.y), 100 * accuracy(int8, x, data.y)
+            fp, q = 100 * accuracy(fp32, data, data.y), 100 * accuracy(int8, data, data.y)
             stage.metrics.update(fp32_accuracy=fp, int8_accuracy=q, accuracy_drop=round(fp - q, 4))
             if max_drop is not None and fp - q > max_drop:
                 tried = (f"; the fallback kept {len(fallback['excluded'])} node(s) in FP32 ({fallback['stopped']})"

@@ -34,7 +34,10 @@ model_options = apply(
     click.argument("model", type=click.Path(dir_okay=False)),
     click.option("--arch", help="Architecture for a checkpoint/state_dict: torchvision:NAME[?k=v], file.py:factory "
                                 "or package.module:factory."),
-    click.option("--input-shape", callback=_shape, help="e.g. 1,3,224,224 (default: from the model file or the data)."),
+    click.option("--input-shape", multiple=True, callback=_shape,
+                 help="Input shape, e.g. 1,3,224,224; for a model with several inputs NAME=DIMS, repeatable. A name "
+                      "instead of a number marks a dynamic axis, `batch` the batch axis: state=2,batch,128, "
+                      "ids=batch,seq (default: from the model and the data)."),
     click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled nn.Module (runs code from the "
                                                       "file: only for files you trust)."),
 )

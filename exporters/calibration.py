@@ -8,6 +8,7 @@ grows by powers of two) before the next one runs. Ranges are handed to ORT's qua
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -54,8 +55,17 @@ def stream_samples(calibration: Iterable, limit: int | None, specs: Sequence[Inp
 
 
 def rechunk(batches: Iterable[dict], size: int, layout: FeedLayout | None = None):
-    """Regroup feeds of any sizes into chunks of at most `size` samples (no more than one chunk in memory)."""
-    return rechunk_feeds(batches, size, layout)
+    """Regroup feeds (or plain arrays) of any sizes into chunks of at most `size` samples (no more than one
+    chunk in memory)."""
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        return
+    if isinstance(first, Mapping):
+        yield from rechunk_feeds(itertools.chain([first], batches), size, layout)
+    else:
+        for chunk in rechunk_feeds(({"": b} for b in itertools.chain([first], batches)), size):
+            yield chunk[""]
 
 
 @dataclass

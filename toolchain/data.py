@@ -328,6 +328,7 @@ class Dataset:
             raise DataError(f"{self.source} has no array for input(s) {', '.join(map(repr, missing))}; the model "
                             f"takes {', '.join(names)}: save one array per input name (np.savez(f, "
                             + ", ".join(f"{n}=..." for n in names) + "))")
+        specs = _infer_batch_axes(specs, columns)
         bound = []
         for spec in specs:
             if spec.name not in columns:
@@ -404,6 +405,25 @@ def _bind_column(spec: InputSpec, column: Column, source: str) -> InputSpec:
     shape[spec.batch_axis] = "batch"
     return InputSpec(spec.name, spec.dtype or column.dtype.name, shape, spec.batch_axis, spec.optional,
                      spec.source or "data")
+
+
+def _infer_batch_axes(specs: list[InputSpec], columns: dict) -> list[InputSpec]:
+    """A state that carries the batch elsewhere ((2, N, H) next to (N, T) audio): when an input's first axis
+    disagrees with the others' sample count and exactly one of its axes matches, that axis is its batch."""
+    counts = [len(columns[s.name]) for s in specs if s.name in columns and s.batch_axis == 0 and s.shape is None]
+    n = max(set(counts), key=counts.count) if counts else None
+    out = []
+    for s in specs:
+        c = columns.get(s.name)
+        base = _base(c) if c is not None else None
+        if (n is not None and isinstance(base, ArrayColumn) and s.shape is None and s.batch_axis == 0
+                and len(c) != n and not isinstance(c, Subset)):
+            axes = [i for i, d in enumerate(base.raw.shape) if d == n]
+            if len(axes) == 1:
+                s = InputSpec(s.name, s.dtype, None, axes[0], s.optional, s.source)
+                base.batch_axis = axes[0]
+        out.append(s)
+    return out
 
 
 def _fmt(shape) -> str:
@@ -523,7 +543,9 @@ def load_npz(path: Path, *, mean=None, std=None) -> Dataset:
                 raise DataError(f"{path}: y has dtype {y.dtype}; expected integer class labels")
         y = y.reshape(-1).astype(np.int64)
     ds = Dataset(columns, y, str(path), preprocess)
-    ds.validate()
+    if len({len(c) for c in columns.values()}) == 1:
+        ds.validate()
+    # else: an input carries the batch on another axis (a recurrent state); checked when bound to the model
     return ds
 
 

@@ -381,6 +381,8 @@ def _bind_column(spec: InputSpec, column: Column, source: str) -> InputSpec:
     if spec.dtype is not None:
         want = np.dtype(spec.dtype)
         if kind_of(want) != kind_of(got_dtype):
+            if isinstance(base, ArrayColumn) and base.scale is None:
+                got_dtype = base.raw.dtype   # name the dtype as saved in the file
             raise DataError(f"{where} has dtype {got_dtype}, the model takes {want}; save the array as {want} "
                             f"(e.g. {spec.name}=a.astype(np.{want.name}))")
         if isinstance(base, ArrayColumn):

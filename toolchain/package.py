@@ -146,10 +146,11 @@ def verify_package(folder) -> dict:
         sess = ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own types for unloadable models
         raise VerifyError(f"{folder}/{MODEL_FILE} does not load in ONNX Runtime ({str(e).splitlines()[0]})") from None
-    inp = sess.get_inputs()[0]
-    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    outs = sess.run(None, {inp.name: x})
+    from edgec.runtime.session import inputs_of, random_inputs
+    inputs = inputs_of(sess)   # every input, of its own dtype (token ids, masks, states), dynamic axes at 1
+    shapes = {i.name: [d if isinstance(d, int) and d > 0 else 1 for d in i.shape] for i in inputs}
+    outs = sess.run(None, random_inputs(inputs, shapes))
+    inp, shape = inputs[0], shapes[inputs[0].name]
     if not all(np.isfinite(o).all() for o in outs):
         raise VerifyError(f"{folder}/{MODEL_FILE} produced NaN/Inf on a test input; rebuild the package")
     return {"package": str(folder), "files_checked": checked, "ran": True,

@@ -211,7 +211,7 @@ def load_model(path, arch: str | None = None, *, trust_pickle: bool = False,
             return _load_torchscript(path, input_shape)
         if any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json")
                for n in names):
-            return _load_exported(path, input_shape)
+            return _load_exported(path, input_shape, trust_pickle)
     elif zipfile.is_zipfile(path) is False and _looks_truncated_zip(path):
         raise ModelError(f"{path} is truncated or corrupt (incomplete zip archive); copy or save it again")
     obj = _torch_load(path, trust_pickle)
@@ -260,10 +260,13 @@ def _load_torchscript(path: Path, input_shape) -> LoadedModel:
     return LoadedModel(module.eval(), "torchscript", path, input_shape=input_shape)
 
 
-def _load_exported(path: Path, input_shape) -> LoadedModel:
+def _load_exported(path: Path, input_shape, trust_pickle: bool) -> LoadedModel:
+    from edgec.pt2 import load_exported_program
     try:
-        program = torch.export.load(str(path))
-    except Exception as e:  # noqa: BLE001
+        program = load_exported_program(path, trust_pickle)
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only with --trust-pickle: torch.export.load's own errors
         raise ModelError(f"{path} looks like a torch.export program but does not load "
                          f"({str(e).splitlines()[0]})") from None
     if input_shape is None:

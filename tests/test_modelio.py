@@ -1,10 +1,12 @@
 """Every model format loads; every bad file is one clear error; a hostile pickle never runs."""
 import os
+import re
 
 import pytest
 import torch
 import torchvision
 
+from conftest import run_cli
 from edgec.core.errors import ModelError
 from edgec.modelio import build_arch, load_model, save_model
 
@@ -127,3 +129,72 @@ def test_arch_from_python_file(tmp_path, resnet):
     torch.save(m.state_dict(), tmp_path / "sd.pt")
     loaded = load_model(tmp_path / "sd.pt", f"{tmp_path / 'arch.py'}:build?classes=10")
     assert _same(loaded.module, m)
+
+
+# ---------------------------------------------------------------- the arch spec stored in an edgec model file
+
+def _edgec_file_with_arch(tmp_path, arch):
+    """An edgec model file whose stored spec is `arch` (weights of digits_cnn; the spec is what is tested)."""
+    m = build_arch("edgec.models.zoo:digits_cnn")
+    path = tmp_path / "m.pt"
+    save_model(path, m, arch, (1, 3, 32, 32))
+    return path
+
+
+@pytest.mark.parametrize("spec", ["os:system?command=touch {marker}", "{evil}:build"])
+def test_arch_from_a_file_never_runs_by_default(tmp_path, monkeypatch, spec):
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "evil_arch.py"
+    evil.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                    "from edgec.models.zoo import digits_cnn as build\n")
+    spec = spec.format(marker=marker, evil=evil)
+    path = _edgec_file_with_arch(tmp_path, spec)
+    with pytest.raises(ModelError, match="pass --arch") as e:
+        load_model(path)
+    assert spec in str(e.value) and not marker.exists()
+    code, _, stderr = run_cli("build", path, "-o", tmp_path / "o.edgec")
+    assert code == 3 and "--arch" in stderr and not marker.exists() and not (tmp_path / "o.edgec").exists()
+
+
+def test_arch_from_a_file_runs_when_the_user_names_it(tmp_path):
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "my_arch.py"
+    evil.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                    "from edgec.models.zoo import digits_cnn as build\n")
+    path = _edgec_file_with_arch(tmp_path, f"{evil}:build")
+    loaded = load_model(path, f"{evil}:build")  # the same spec on the command line is the opt-in
+    assert loaded.kind == "edgec" and marker.exists()
+
+
+def test_builtin_arch_from_a_file_needs_no_opt_in(tmp_path):
+    path = _edgec_file_with_arch(tmp_path, "edgec.models.zoo:digits_cnn")
+    assert load_model(path).arch == "edgec.models.zoo:digits_cnn"
+
+
+def test_conflicting_arch_is_refused(tmp_path):
+    path = _edgec_file_with_arch(tmp_path, "edgec.models.zoo:digits_cnn")
+    with pytest.raises(ModelError, match="records its own architecture.*drop --arch"):
+        load_model(path, "torchvision:resnet18")
+    assert load_model(path, "edgec.models.zoo:digits_cnn").kind == "edgec"  # the same spec is fine
+    ts = tmp_path / "ts.pt"
+    torch.jit.save(torch.jit.script(load_model(path).module), ts)
+    with pytest.raises(ModelError, match="carries its own architecture"):
+        load_model(ts, "torchvision:resnet18")
+
+
+@pytest.mark.parametrize("body,message", [
+    ("raise RuntimeError('no GPU here')\n", "importing .* raised RuntimeError: no GPU here"),
+    ("def build():\n    raise ValueError('bad width')\n", r"build\(\) raised ValueError: bad width"),
+    ("def build():\n    return 42\n", "returned int, not a torch.nn.Module"),
+    ("import sys\nsys.exit(0)\n", "raised SystemExit"),
+    ("def build(:\n", "raised SyntaxError"),
+])
+def test_user_arch_failures_are_model_errors(tmp_path, body, message):
+    (tmp_path / "arch.py").write_text(body)
+    torch.save(build_arch("edgec.models.zoo:digits_cnn").state_dict(), tmp_path / "sd.pt")
+    code, _, stderr = run_cli("build", tmp_path / "sd.pt", "--arch", f"{tmp_path / 'arch.py'}:build",
+                              "-o", tmp_path / "o.edgec")
+    assert code == 3, stderr
+    assert re.search(message, stderr) and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "o.edgec").exists()

@@ -209,7 +209,7 @@ def recipe_prune_kd(ws: Workspace, row: str) -> dict:
     from edgec.exporters.onnx_export import export_onnx
     from edgec.modelio import load_model
     student_path, details = _student(ws)
-    student = load_model(student_path).module
+    student = load_model(student_path, ws.inputs.model.arch).module  # the spec the user already trusted
     path = ws.dir(row) / "model.onnx"
     export_onnx(student, torch.from_numpy(ws.inputs.calib.head(1)), path)
     return {"onnx": path, **_module_figures(student, ws.inputs.input_shape), **_eval_onnx(ws, path, None),
@@ -222,7 +222,7 @@ def recipe_prune_kd_ptq(ws: Workspace, row: str) -> dict:
         recipe_prune_kd(ws, "prune-kd")
     from edgec.modelio import load_model
     student_path, details = _student(ws)
-    figures = _module_figures(load_model(student_path).module, ws.inputs.input_shape)
+    figures = _module_figures(load_model(student_path, ws.inputs.model.arch).module, ws.inputs.input_shape)
     result = recipe_ptq(ws, row, "minmax", source=fp32, figures=figures)
     result["details"] = {**details, **result["details"]}
     return result

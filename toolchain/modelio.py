@@ -64,8 +64,16 @@ def _parse_value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
+def arch_is_builtin(spec: str) -> bool:
+    """torchvision's and edgec's own architectures: building them runs no code from elsewhere."""
+    source = spec.partition("?")[0].rpartition(":")[0]
+    return source == "torchvision" or source == "edgec.models" or source.startswith("edgec.models.")
+
+
 def build_arch(spec: str) -> nn.Module:
-    """`torchvision:NAME[?k=v&...]`, `path/to/file.py:factory[?k=v]` or `package.module:factory[?k=v]`."""
+    """`torchvision:NAME[?k=v&...]`, `path/to/file.py:factory[?k=v]` or `package.module:factory[?k=v]`.
+
+    The last two import (run) the named file or module and call the factory: only for code the user named."""
     if ":" not in spec:
         raise ModelError(f"--arch {spec!r} is not a spec; use torchvision:resnet18?num_classes=10, "
                          "path/to/file.py:factory or package.module:factory")
@@ -73,7 +81,7 @@ def build_arch(spec: str) -> nn.Module:
     kwargs = {}
     for item in filter(None, query.split("&")):
         key, eq, value = item.partition("=")
-        if not eq:
+        if not eq or not key.isidentifier():
             raise ModelError(f"--arch {spec!r}: option {item!r} needs key=value")
         kwargs[key] = _parse_value(value)
     source, _, name = target.rpartition(":")
@@ -82,33 +90,45 @@ def build_arch(spec: str) -> nn.Module:
         try:
             return torchvision.models.get_model(name, weights=None, **kwargs)
         except ValueError:
-            known = ", ".join(torchvision.models.list_models()[:8])
-            raise ModelError(f"--arch {spec!r}: torchvision has no model {name!r} (e.g. {known}, ...)") from None
-        except TypeError as e:
-            raise ModelError(f"--arch {spec!r}: bad option for {name}: {e}") from None
+            if name not in torchvision.models.list_models():
+                known = ", ".join(torchvision.models.list_models()[:8])
+                raise ModelError(f"--arch {spec!r}: torchvision has no model {name!r} (e.g. {known}, ...)") from None
+            raise ModelError(f"--arch {spec!r}: bad option for {name}") from None
+        except (TypeError, RuntimeError, AssertionError) as e:
+            raise ModelError(f"--arch {spec!r}: bad option for {name}: {_first_line(e)}") from None
     factory = _load_factory(source, name, spec)
     try:
         model = factory(**kwargs)
-    except TypeError as e:
-        raise ModelError(f"--arch {spec!r}: calling {name}({query}) failed: {e}") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's factory: any failure is theirs to fix
+        raise ModelError(f"--arch {spec!r}: {name}({query}) raised {type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"--arch {spec!r}: {name}() returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _load_factory(source: str, name: str, spec: str):
-    if source.endswith(".py"):
-        path = Path(source)
-        if not path.is_file():
-            raise ModelError(f"--arch {spec!r}: file {source} not found")
-        mod_spec = importlib.util.spec_from_file_location(f"edgec_arch_{path.stem}", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    else:
-        try:
+    try:
+        if source.endswith(".py"):
+            path = Path(source)
+            if not path.is_file():
+                raise ModelError(f"--arch {spec!r}: file {source} not found")
+            mod_spec = importlib.util.spec_from_file_location(f"edgec_arch_{path.stem}", path)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
             module = importlib.import_module(source)
-        except ImportError as e:
-            raise ModelError(f"--arch {spec!r}: cannot import {source} ({e}); is it installed or on PYTHONPATH?") from None
+    except ModelError:
+        raise
+    except ImportError as e:
+        raise ModelError(f"--arch {spec!r}: cannot import {source} ({e}); is it installed or on PYTHONPATH?") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed while importing
+        raise ModelError(f"--arch {spec!r}: importing {source} raised {type(e).__name__}: {_first_line(e)}") \
+            from None
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ModelError(f"--arch {spec!r}: {source} has no callable {name!r}")
@@ -208,9 +228,11 @@ def load_model(path, arch: str | None = None, *, trust_pickle: bool = False,
     names = _zip_names(path)
     if names is not None:
         if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
+            _no_arch(path, arch, "TorchScript")
             return _load_torchscript(path, input_shape)
         if any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json")
                for n in names):
+            _no_arch(path, arch, "torch.export")
             return _load_exported(path, input_shape, trust_pickle)
     elif zipfile.is_zipfile(path) is False and _looks_truncated_zip(path):
         raise ModelError(f"{path} is truncated or corrupt (incomplete zip archive); copy or save it again")
@@ -218,7 +240,7 @@ def load_model(path, arch: str | None = None, *, trust_pickle: bool = False,
     if isinstance(obj, nn.Module):  # only reachable with trust_pickle
         return LoadedModel(obj.eval(), "pickle", path, arch=arch, input_shape=input_shape)
     if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
-        return _from_edgec_dict(obj, path, input_shape)
+        return _from_edgec_dict(obj, path, input_shape, arch)
     state_dict = _unwrap_state_dict(obj)
     if state_dict is None:
         raise ModelError(f"{path} holds a {type(obj).__name__}, not a model, checkpoint or state_dict")
@@ -228,6 +250,12 @@ def load_model(path, arch: str | None = None, *, trust_pickle: bool = False,
     model = build_arch(arch)
     load_weights(model, state_dict, path, arch)
     return LoadedModel(model.eval(), "checkpoint", path, arch=arch, input_shape=input_shape)
+
+
+def _no_arch(path: Path, arch: str | None, kind: str) -> None:
+    if arch is not None:
+        raise ModelError(f"{path} is a {kind} file, which carries its own architecture; drop --arch {arch!r} "
+                         "(--arch is for checkpoints and state_dicts)")
 
 
 def _looks_truncated_zip(path: Path) -> bool:
@@ -276,8 +304,16 @@ def _load_exported(path: Path, input_shape, trust_pickle: bool) -> LoadedModel:
     return LoadedModel(program.module(), "exported", path, input_shape=input_shape)
 
 
-def _from_edgec_dict(obj: dict, path: Path, input_shape) -> LoadedModel:
-    arch = obj["arch"]
+def _from_edgec_dict(obj: dict, path: Path, input_shape, given_arch: str | None = None) -> LoadedModel:
+    arch = obj.get("arch")
+    if not isinstance(arch, str):
+        raise ModelError(f"{path} is an edgec model file without an architecture spec; save it again")
+    if given_arch is not None and given_arch != arch:
+        raise ModelError(f"{path} records its own architecture {arch!r}; drop --arch {given_arch!r} "
+                         "(an edgec model file is rebuilt from its own spec)")
+    if given_arch is None and not arch_is_builtin(arch):
+        raise ModelError(f"{path} records the architecture {arch!r}, which imports and runs code from outside "
+                         f"torchvision and edgec; if you trust it, pass --arch '{arch}' to allow it")
     model = build_arch(arch)
     apply_structure(model, obj.get("structure", {}), obj["state_dict"])
     load_weights(model, obj["state_dict"], path, arch)

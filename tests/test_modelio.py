@@ -198,3 +198,56 @@ def test_user_arch_failures_are_model_errors(tmp_path, body, message):
     assert code == 3, stderr
     assert re.search(message, stderr) and len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "o.edgec").exists()
+
+
+# ---------------------------------------------------------------- files that inflate
+
+def test_decompression_bomb_is_refused(tmp_path):
+    import zipfile
+    sd = build_arch("edgec.models.zoo:digits_cnn").state_dict()
+    sd["extra"] = torch.zeros(4 * 2**20)  # 16 MB of zeros: deflates to a few KB
+    torch.save(sd, tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as zin, zipfile.ZipFile(tmp_path / "bomb.pt", "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, zin.read(info.filename), compress_type=zipfile.ZIP_DEFLATED)
+    assert (tmp_path / "bomb.pt").stat().st_size < 2**20  # torch.load itself would read it
+    with pytest.raises(ModelError, match="decompression bomb"):
+        load_model(tmp_path / "bomb.pt", "edgec.models.zoo:digits_cnn")
+
+
+def _edgec_obj(tmp_path):
+    path = _edgec_file_with_arch(tmp_path, "edgec.models.zoo:digits_cnn")
+    return torch.load(path, weights_only=True)
+
+
+def test_stride_zero_weight_is_refused(tmp_path):
+    # one stored float declared as a 10 x 200000 classifier (8 MB here; 10**5 times more costs nothing more)
+    obj = _edgec_obj(tmp_path)
+    obj["state_dict"]["9.weight"] = torch.zeros(1).expand(10, 200000)
+    obj["structure"]["9"]["in_features"] = 200000
+    torch.save(obj, tmp_path / "inflate.pt")
+    assert (tmp_path / "inflate.pt").stat().st_size < 2**20
+    with pytest.raises(ModelError, match="declares 2,000,000 elements .* stores 1"):
+        load_model(tmp_path / "inflate.pt")
+    torch.save(obj["state_dict"], tmp_path / "sd.pt")  # the same trick in a plain state_dict
+    with pytest.raises(ModelError, match="stores 1"):
+        load_model(tmp_path / "sd.pt", "edgec.models.zoo:digits_cnn")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda o: o["structure"]["9"].update(in_features=10**12), "not a channel count"),
+    (lambda o: o["structure"]["9"].update(forward="x"), "not a channel count"),
+    (lambda o: o["structure"].update({"9": 5}), "not a channel count"),
+    (lambda o: o.update(structure=[1, 2]), "not a mapping"),
+    (lambda o: (o["structure"]["9"].update(in_features=128),
+                o["state_dict"].update({"9.weight": torch.zeros(10, 128)})), "not a channel count"),
+    (lambda o: o.update(input_shape=[1, 3, -1, 10**9]), "input_shape"),
+    (lambda o: o.update(state_dict=[1]), "state_dict of tensors"),
+    (lambda o: o.pop("arch"), "architecture spec"),
+])
+def test_malformed_structure_is_refused(tmp_path, edit, message):
+    obj = _edgec_obj(tmp_path)
+    edit(obj)
+    torch.save(obj, tmp_path / "bad.pt")
+    with pytest.raises(ModelError, match=message):
+        load_model(tmp_path / "bad.pt")

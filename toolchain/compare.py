@@ -28,6 +28,7 @@ RECIPES = {
     "qat-kd": "quantization-aware fine-tuning with the teacher's soft targets, exported as INT8 QDQ",
 }
 RESULT_SCHEMA = "edgec.compare/1"
+COMPARE_MARKER = ".edgec-compare"  # in every folder compare writes: a rerun may reuse and overwrite it
 
 
 @dataclass
@@ -268,12 +269,13 @@ def planned_rows(opts: CompareOptions) -> list[tuple[str, callable]]:
 
 def run_compare(opts: CompareOptions) -> dict:
     from edgec.recommend import recommend
+    from edgec.core.fsutil import claim_folder
     opts.validate()
+    claim_folder(opts.output, COMPARE_MARKER, create=False)  # before minutes of work: never someone else's files
     inputs = load_inputs(opts.model, arch=opts.arch, trust_pickle=opts.trust_pickle, input_shape=opts.input_shape,
                          data=opts.data, eval_data=opts.eval_data, image_size=opts.image_size, mean=opts.mean,
                          std=opts.std)
-    root = Path(opts.output)
-    root.mkdir(parents=True, exist_ok=True)
+    root = claim_folder(opts.output, COMPARE_MARKER)
     ws = Workspace(root, opts, inputs)
     rows = []
     for row, fn in planned_rows(opts):

@@ -33,7 +33,9 @@ def apply(*decorators):
 model_options = apply(
     click.argument("model", type=click.Path(dir_okay=False)),
     click.option("--arch", help="Architecture for a checkpoint/state_dict: torchvision:NAME[?k=v], file.py:factory "
-                                "or package.module:factory."),
+                                "or package.module:factory. The last two IMPORT (run) that file or module and "
+                                "call the factory: name only code you trust. An edgec model file carries its "
+                                "own spec; one from outside torchvision/edgec builds only if you repeat it here."),
     click.option("--input-shape", multiple=True, callback=_shape,
                  help="Input shape, e.g. 1,3,224,224; for a model with several inputs NAME=DIMS, repeatable. A name "
                       "instead of a number marks a dynamic axis, `batch` the batch axis: state=2,batch,128, "

@@ -68,6 +68,29 @@ def rechunk(batches: Iterable[dict], size: int, layout: FeedLayout | None = None
             yield chunk[""]
 
 
+def ort_reader(calibration: Iterable, onnx_path, limit: int | None = None):
+    """An onnxruntime CalibrationDataReader over the same data (plain ORT `quantize_static` baselines): one
+    sample at a time as a dict feed for every input, ids and masks included."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    specs = onnx_input_specs(graph.input, [i.name for i in graph.initializer])
+    layout = FeedLayout.of(specs)
+
+    class FeedReader(CalibrationDataReader):
+        def __init__(self):
+            self.rewind()
+
+        def rewind(self):
+            self.samples = (slice_feed(f, i, i + 1, layout) for f in stream_samples(calibration, limit, specs)
+                            for i in range(batch_len(f, layout)))
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    return FeedReader()
+
+
 @dataclass
 class SampleCheck:
     samples: int

@@ -237,3 +237,32 @@ def test_streaming_an_npz_keeps_memory_bounded(tmp_path):
     seen, grew_mb = map(int, done.stdout.split())
     assert seen == n
     assert grew_mb < 120, f"RSS grew {grew_mb} MB while streaming 300 MB (one float batch is 19 MB)"
+
+
+def test_memory_estimate_reads_the_limit_and_names_the_fix(monkeypatch):
+    from edgec.core.memory import rss_mb
+    from edgec.data import check_memory
+    ds = load_data("builtin:digits:test")
+    monkeypatch.setenv("EDGEC_MEMORY_MB", str(rss_mb() + 200))
+    assert check_memory(10 * 2 ** 20, 40, ds, None) < 100       # a small model fits
+    with pytest.raises(DataError, match=r"needs about \d+ MB and only \d+ MB are available \(EDGEC_MEMORY_MB\); "
+                                        r"use fewer --samples"):
+        check_memory(2 * 2 ** 30, 40, ds, None)
+
+
+def test_ort_reader_feeds_every_input_one_sample_at_a_time(tmp_path):
+    import anymodels
+    from edgec.exporters.calibration import ort_reader
+    from edgec.exporters.onnx_export import export_onnx
+    model = anymodels.tiny_text().eval()
+    ids = np.random.default_rng(0).integers(1, 50, (6, 8))
+    feed = {"ids": ids, "mask": np.ones((6, 8), np.int64)}
+    export_onnx(model, {k: v[:1] for k, v in feed.items()}, tmp_path / "t.onnx",
+                inputs=[InputSpec("ids", "int64", ["batch", "seq"]), InputSpec("mask", "int64", ["batch", "seq"])])
+    reader = ort_reader([feed], tmp_path / "t.onnx")
+    got = [reader.get_next() for _ in range(7)]
+    assert got[-1] is None and all(set(g) == {"ids", "mask"} and g["ids"].shape == (1, 8) for g in got[:6])
+    from onnxruntime.quantization import QuantFormat, quantize_static
+    reader.rewind()
+    quantize_static(str(tmp_path / "t.onnx"), str(tmp_path / "q.onnx"), reader, quant_format=QuantFormat.QDQ)
+    assert ort_session(tmp_path / "q.onnx").run(None, {k: v[:2] for k, v in feed.items()})[0].shape == (2, 3)

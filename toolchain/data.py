@@ -253,6 +253,11 @@ class Dataset:
     def labelled(self) -> bool:
         return self.y is not None
 
+    @property
+    def rereadable(self) -> bool:
+        """Reading the data again is cheap (arrays, memory maps), unlike decoding an image folder again."""
+        return all(isinstance(_base(c), (ArrayColumn, RaggedColumn)) for c in self.columns.values())
+
     def __iter__(self) -> Iterator[dict]:
         """Batches of 64 samples: what calibration streams, never the whole set at once."""
         return self.batches(64)
@@ -363,6 +368,23 @@ class Dataset:
             if num_classes is not None and (self.y.min() < 0 or self.y.max() >= num_classes):
                 raise DataError(f"{self.source}: labels span {int(self.y.min())}..{int(self.y.max())} but the "
                                 f"model has {num_classes} outputs; relabel to 0..{num_classes - 1} or check --arch")
+
+
+def check_memory(model_bytes: int, output_bytes_per_sample: int, calib: Dataset, evaluation: Dataset | None,
+                 *, batch: int = 64, scored: int = 512) -> float:
+    """What a build holds at its peak beyond the data's memory maps, checked against the real limit
+    (edgec.core.memory): the model about four times (torch, the FP32 and INT8 files, their sessions), the
+    outputs of both models over the eval set, a few batches in flight, and the fallback's scored samples when
+    they cannot be re-read cheaply. Returns the estimate in MB; raises DataError with the fix."""
+    from edgec.core.memory import check_fits
+    data = evaluation if evaluation is not None else calib
+    per_sample = max(data.bytes_per_sample(), calib.bytes_per_sample())
+    need = (4 * model_bytes + 3 * len(data) * output_bytes_per_sample + 4 * batch * per_sample
+            + (0 if calib.rereadable else min(scored, len(calib)) * per_sample)) / 2 ** 20
+    check_fits(need, f"this build ({len(calib)} calibration / {len(data)} evaluation samples of "
+                     f"{per_sample / 2 ** 20:.1f} MB)",
+               "use fewer --samples, a smaller --eval-data or a smaller input shape, or free memory")
+    return need
 
 
 def _base(column: Column) -> Column:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgec.data import Dataset, load_data, split
+from edgec.data import Dataset, check_memory, load_data, split
 from edgec.inputspec import (apply_overrides, declared_inputs, dynamic_from_data, example_args, legacy_shape,
                              parse_input_shapes)
 from edgec.core.errors import BudgetExceeded, DataError, OptionError
@@ -116,7 +116,7 @@ def load_inputs(model_path, *, arch=None, trust_pickle=False, input_shape=None, 
     example = example_args(calib.head(1), specs)
     try:
         with torch.no_grad():
-            out = loaded.module(*example)
+            out = out_all = loaded.module(*example)
     except Exception as e:  # noqa: BLE001 - any failure here means data and model do not fit
         shapes = ", ".join(f"{s.name} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
                            for s, t in zip(specs, example))
@@ -126,6 +126,10 @@ def load_inputs(model_path, *, arch=None, trust_pickle=False, input_shape=None, 
     num_outputs = int(out.shape[-1]) if out.ndim else 1
     if evaluation is not None:
         evaluation.bind(specs, num_classes=num_outputs if out.ndim == 2 else None)
+    outs = out_all if isinstance(out_all, (tuple, list)) else (out_all,)
+    params = [*loaded.module.parameters(), *loaded.module.buffers()]
+    check_memory(sum(t.numel() * t.element_size() for t in params),
+                 sum(o.numel() * o.element_size() for o in outs), calib, evaluation)
     return Inputs(loaded, shape, calib, evaluation, num_outputs, specs)
 
 
@@ -169,7 +173,9 @@ def stage_quantize(fp32: Path, int8: Path, inputs: Inputs, options, max_drop: fl
             from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
             n = len(inputs.calib)  # spread over the data: folders are sorted by class
             scored = inputs.calib.take(np.unique(np.linspace(0, n - 1, min(n, FALLBACK_SAMPLES)).astype(int)))
-            info, _ = quantize_with_budget(fp32, int8, inputs.calib, scored.head(len(scored)), scored.y, options,
+            # re-read per candidate where that is cheap (memory-mapped arrays), else decoded once and kept
+            x = scored if scored.rereadable else scored.head(len(scored))
+            info, _ = quantize_with_budget(fp32, int8, inputs.calib, x, scored.y, options,
                                            FallbackOptions(max_accuracy_drop=max_drop, time_budget_s=fallback_seconds))
         else:
             info = quantize_int8(fp32, int8, inputs.calib, options)
@@ -218,12 +224,13 @@ def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | Non
     return stage
 
 
-def stage_bench(int8: Path, fp32: Path, providers: list[str], seconds: float) -> Stage:
+def stage_bench(int8: Path, fp32: Path, providers: list[str], seconds: float, shapes: dict | None = None) -> Stage:
+    """`shapes`: {input: dims} at which to time (one real sample's: the data's sequence lengths)."""
     from edgec.runtime import benchmark
     stage = Stage("bench", "ONNX models", "latency per execution provider (INT8 and FP32, interleaved)",
-                  options={"providers": providers, "seconds_per_model": seconds})
+                  options={"providers": providers, "seconds_per_model": seconds, "shapes": shapes})
     with timed(stage):
-        results = benchmark([int8, fp32], providers=providers, runs=f"{seconds}s", warmup="5")
+        results = benchmark([int8, fp32], providers=providers, runs=f"{seconds}s", warmup="5", shapes=shapes)
         per_model = len(results) // 2  # ordered models x providers
         stage.metrics = {r.ep: {"int8": r.to_json(), "fp32": f.to_json()}
                          for r, f in zip(results[:per_model], results[per_model:])}
@@ -295,7 +302,8 @@ def build(opts: BuildOptions):
         stages.append(stage_evaluate(fp32, int8, inputs, opts.max_accuracy_drop,
                                      stages[-1].metrics.get("sensitivity")))
         if opts.bench_seconds > 0 and opts.providers:
-            stages.append(stage_bench(int8, fp32, list(opts.providers), opts.bench_seconds))
+            stages.append(stage_bench(int8, fp32, list(opts.providers), opts.bench_seconds,
+                                      {k: list(v.shape) for k, v in inputs.calib.head(1).items()}))
         manifest = package.make_manifest(tmp, inputs, module, stages, extra=opts.extra,
                                          seconds=time.perf_counter() - started)
         package.write_package_files(tmp, manifest, sign_key=sign_key)

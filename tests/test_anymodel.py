@@ -266,3 +266,21 @@ def test_ort_reader_feeds_every_input_one_sample_at_a_time(tmp_path):
     reader.rewind()
     quantize_static(str(tmp_path / "t.onnx"), str(tmp_path / "q.onnx"), reader, quant_format=QuantFormat.QDQ)
     assert ort_session(tmp_path / "q.onnx").run(None, {k: v[:2] for k, v in feed.items()})[0].shape == (2, 3)
+
+
+def test_silero_vad_smoke(tmp_path):
+    """A real pretrained third-party model (PyPI silero-vad, TorchScript in the wheel): its 16 kHz network takes
+    audio (N,576) and a recurrent state (2,N,128); the state's batch axis is found from the data."""
+    pytest.importorskip("silero_vad")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("silero_smoke", HERE.parent / "benchmarks" / "silero_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    model, data = smoke.prepare(tmp_path, 96)
+    code, stdout, stderr = run_cli("build", model, "--data", data, "-o", tmp_path / "vad.edgec", "--json", *FAST)
+    assert code == 0, stderr
+    g = int8_graph_inputs(tmp_path / "vad.edgec")
+    assert g["dims"] == {"x": ["batch", 576], "state": [2, "batch", 128]}
+    sess = ort_session(tmp_path / "vad.edgec" / "model.fp32.onnx")
+    prob, state = sess.run(None, {"x": smoke.audio_windows(3), "state": np.zeros((2, 3, 128), np.float32)})
+    assert prob.shape == (3, 1) and state.shape == (2, 3, 128) and 0 <= prob.min() <= prob.max() <= 1

@@ -46,7 +46,9 @@ model_options = apply(
 
 data_options = apply(
     click.option("--data", default="builtin:digits", show_default=True,
-                 help="Calibration/training data: builtin:digits, a .npz (x, optional y) or an image folder."),
+                 help="Calibration/training data: builtin:digits, a .npz (one array per input name, or x for a "
+                      "single-input model; optional y labels), an image folder, or file.py:function (a data hook: "
+                      "edgec IMPORTS and RUNS that file; it returns dict batches {input_name: array})."),
     click.option("--eval-data", help="Labelled held-out data (default: builtin:digits:test for the built-in data, "
                                      "else 20%% of --data when labelled)."),
     click.option("--image-size", type=int, help="Image folders: resize+crop to this size (default 224)."),

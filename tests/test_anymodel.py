@@ -284,3 +284,21 @@ def test_silero_vad_smoke(tmp_path):
     sess = ort_session(tmp_path / "vad.edgec" / "model.fp32.onnx")
     prob, state = sess.run(None, {"x": smoke.audio_windows(3), "state": np.zeros((2, 3, 128), np.float32)})
     assert prob.shape == (3, 1) and state.shape == (2, 3, 128) and 0 <= prob.min() <= prob.max() <= 1
+
+
+def test_inputs_are_read_from_export_torchscript_and_signature():
+    import anymodels
+    from torch.export import Dim
+    from edgec.inputspec import declared_inputs
+    from edgec.modelio import LoadedModel
+    text = anymodels.tiny_text().eval()
+    ids = torch.ones(2, 8, dtype=torch.long)
+    seq = Dim("seq", min=2, max=32)
+    program = torch.export.export(text, (ids, ids), dynamic_shapes=({0: Dim("batch"), 1: seq}, {0: Dim("batch"), 1: seq}))
+    specs = declared_inputs(LoadedModel(program.module(), "exported", Path("t.pt2")))
+    assert [(s.name, s.dtype, s.shape[0]) for s in specs] == [("ids", "int64", "batch"), ("mask", "int64", "batch")]
+    assert all(isinstance(s.shape[1], str) for s in specs)          # the dynamic sequence axis
+    scripted = declared_inputs(LoadedModel(torch.jit.script(anymodels.audio_with_state()), "torchscript", Path("a")))
+    assert [s.name for s in scripted] == ["audio", "state"] and scripted[0].source == "torchscript"
+    eager = declared_inputs(LoadedModel(anymodels.audio_with_state(), "checkpoint", Path("a")))
+    assert [s.name for s in eager] == ["audio", "state"] and eager[0].shape is None

@@ -12,7 +12,7 @@ import inspect
 import re
 from typing import Sequence
 
-from edgec.core.errors import ModelError, OptionError
+from edgec.core.errors import DataError, ModelError, OptionError
 from edgec.core.feeds import BATCH, InputSpec
 
 DTYPE_NAMES = {"torch.float32": "float32", "torch.float16": "float16", "torch.float64": "float64",
@@ -193,6 +193,11 @@ def example_args(feed: dict, specs: Sequence[InputSpec]) -> tuple:
     """Positional torch arguments in the model's order from a dict feed (inputs the data lacks are left out:
     they are trailing optional ones)."""
     import torch
+    present = [s.name in feed for s in specs]
+    if any(not p and later for p, later in zip(present, [any(present[i + 1:]) for i in range(len(present))])):
+        gap = next(s.name for s, p in zip(specs, present) if not p)
+        raise DataError(f"the data leaves out input '{gap}' but gives a later one; give '{gap}' too (inputs are "
+                        "passed in the model's order)")
     return tuple(torch.from_numpy(feed[s.name]) for s in specs if s.name in feed)
 
 

@@ -23,9 +23,9 @@ from edgec.core.errors import DataError, OptionError
 
 TASKS = ("classify", "multilabel", "regress", "score", "embed", "none")
 LABELLED_TASKS = ("classify", "multilabel", "regress", "score")
-# Measured on the demo and on deliberately broken INT8 models (see exporters/README.md): good INT8 outputs
-# sit at 25-45 dB, a wrong calibration range at 0-12 dB.
-DEFAULT_MIN_SQNR = 15.0
+# benchmarks/SQNR_THRESHOLD.md: properly calibrated INT8 outputs measured 27-53 dB (demo ResNet18 35 dB), INT8
+# calibrated on a wrong range 15 dB and below (an accuracy 4-12 points down); 20 dB is the middle of that gap.
+DEFAULT_MIN_SQNR = 20.0
 EMBED_MIN_DIM = 32         # an unlabelled (N,D) float output with D >= this is taken for an embedding
 NN_SAMPLES = 1024          # rows kept for the nearest-neighbour check (bounded memory, O(NN_SAMPLES^2) time)
 
@@ -107,8 +107,12 @@ def _rows(a) -> np.ndarray:
     return a.reshape(len(a), -1)
 
 
-def detect_task(ref: np.ndarray, labels: np.ndarray | None = None, num_classes: int | None = None) -> tuple[str, str]:
-    """(task, why) from one batch of reference outputs (and their labels, when they apply to this output)."""
+def detect_task(ref: np.ndarray, labels: np.ndarray | None = None, num_classes: int | None = None,
+                only_output: bool = True) -> tuple[str, str]:
+    """(task, why) from one batch of reference outputs (and their labels, when they apply to this output).
+
+    num_classes: the data's class count where it is known (class folders, built-in data); without it, integer
+    labels are taken for class ids of a (N,K) output when they fit in 0..K-1 and K is small or most ids occur."""
     ref = np.asarray(ref)
     if not (np.issubdtype(ref.dtype, np.floating)):
         return "none", f"{ref.dtype} output"
@@ -121,8 +125,12 @@ def detect_task(ref: np.ndarray, labels: np.ndarray | None = None, num_classes: 
         labels = np.asarray(labels)
         if labels.ndim == 2 and labels.shape[1] == k:
             return "multilabel", f"labels with {k} columns"
-        if labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer) and num_classes == k:
-            return "classify", f"{k} columns, {num_classes} label classes"
+        if labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer) and len(labels):
+            fits = labels.min() >= 0 and labels.max() < k
+            if num_classes is not None and num_classes == k:
+                return "classify", f"{k} columns, {num_classes} label classes"
+            if num_classes is None and fits and (k < EMBED_MIN_DIM or len(np.unique(labels)) > k / 2):
+                return "classify", f"{k} columns, labels within 0..{k - 1}"
     if ref.min() >= 0 and np.allclose(ref.sum(1), 1.0, atol=1e-3):
         return "classify", "rows are probabilities summing to 1"
     if ref.min() >= 0 and ref.max() <= 1 and float(ref.std(0).max()) > 1e-3:
@@ -130,9 +138,11 @@ def detect_task(ref: np.ndarray, labels: np.ndarray | None = None, num_classes: 
     norms = np.linalg.norm(ref.astype(np.float64), axis=1)
     if norms.size and np.allclose(norms, 1.0, atol=1e-3):
         return "embed", "unit-length rows"
-    if k >= EMBED_MIN_DIM and labels is None:
-        return "embed", f"{k} unlabelled columns"
-    return "none", f"{k} columns of unknown meaning (give --task {'NAME'}=classify|regress|...)"
+    if k >= EMBED_MIN_DIM:
+        return "embed", f"{k} columns" + (", the labels do not fit them" if labels is not None else "")
+    if only_output and labels is None:  # a lone small (N,K) float output is a classifier's logits far more often
+        return "classify", f"the model's only output, {k} columns (say --task regress if they are not class scores)"
+    return "none", f"{k} columns of unknown meaning"
 
 
 def resolve_tasks(names: Sequence[str], refs: Sequence[np.ndarray], y, options: CheckOptions,
@@ -141,44 +151,50 @@ def resolve_tasks(names: Sequence[str], refs: Sequence[np.ndarray], y, options: 
     label_output = check_names(names, options, y is not None)
     out = []
     for name, ref in zip(names, refs):
+        ref = np.asarray(ref)
         given = options.tasks.get(name, options.tasks.get("") if len(names) == 1 else None)
         labels = y if name == label_output else None
         if given:
             task, chosen, why = given, "given", ""
         else:
-            task, why = detect_task(ref, labels, num_classes)
+            task, why = detect_task(ref, labels, num_classes, only_output=len(names) == 1)
             chosen = "auto"
-        use_labels = labels is not None and task in LABELLED_TASKS
-        if labels is not None and not use_labels:
-            if options.label_output == name:  # the user tied labels to an output that cannot use them
-                raise OptionError(f"--label-output {name}: its task is {task}, which takes no labels; give "
-                                  f"--task {name}=classify|multilabel|regress|score or another --label-output")
-            why += "; labels not used (they do not fit this output)"
-        ot = OutputTask(name, task, chosen, why.strip("; "), use_labels)
-        _check_shape(ot, np.asarray(ref), labels if use_labels else None)
+        _check_shape(name, task, ref)
+        problem = None if labels is None else _label_problem(task, ref, np.asarray(labels))
+        if problem and options.label_output == name:  # the user tied these labels to this output
+            raise DataError(f"labels for output {name} ({task}): {problem}; give matching labels, another "
+                            "--label-output, or --label-output none")
+        if problem:
+            why += f"; labels not used ({problem})"
+        ot = OutputTask(name, task, chosen, why.strip("; "), labels is not None and not problem)
         if task == "multilabel":
-            ot.threshold = 0.5 if np.asarray(ref).min() >= 0 and np.asarray(ref).max() <= 1 else 0.0
+            ot.threshold = 0.5 if ref.min() >= 0 and ref.max() <= 1 else 0.0
         out.append(ot)
     return out
 
 
-def _check_shape(t: OutputTask, ref: np.ndarray, labels) -> None:
-    if t.task in ("classify", "multilabel") and (ref.ndim != 2 or ref.shape[1] < 2):
-        raise OptionError(f"--task {t.name}={t.task} needs an (N, K>1) output; {t.name} is {tuple(ref.shape)}")
-    if t.task == "embed" and _rows(ref).shape[1] < 2:
-        raise OptionError(f"--task {t.name}=embed needs more than one value per sample; {t.name} is "
+def _check_shape(name: str, task: str, ref: np.ndarray) -> None:
+    if task in ("classify", "multilabel") and (ref.ndim != 2 or ref.shape[1] < 2):
+        raise OptionError(f"--task {name}={task} needs an (N, K>1) output; {name} is {tuple(ref.shape)}")
+    if task == "embed" and _rows(ref).shape[1] < 2:
+        raise OptionError(f"--task {name}=embed needs more than one value per sample; {name} is "
                           f"{tuple(ref.shape)} (use score or regress)")
-    if labels is None:
-        return
-    labels = np.asarray(labels)
-    if t.task == "classify" and not (labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer)):
-        raise DataError(f"labels for {t.name} (classify) must be integer class ids, got {labels.dtype} "
-                        f"{tuple(labels.shape)}")
-    if t.task == "multilabel" and labels.shape[1:] != ref.shape[1:]:
-        raise DataError(f"labels for {t.name} (multilabel) must be (N, {ref.shape[1]}) 0/1, got {tuple(labels.shape)}")
-    if t.task in ("regress", "score") and _rows(labels).shape[1] != _rows(ref).shape[1]:
-        raise DataError(f"labels for {t.name} ({t.task}) have {_rows(labels).shape[1]} values per sample, the output "
-                        f"{_rows(ref).shape[1]}")
+
+
+def _label_problem(task: str, ref: np.ndarray, labels: np.ndarray) -> str | None:
+    """Why these labels cannot score this output's task (None: they can)."""
+    if task not in LABELLED_TASKS:
+        return f"a {task} output takes no labels"
+    if task == "classify":
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            return f"class ids must be integers (N,), got {labels.dtype} {tuple(labels.shape)}"
+        if len(labels) and (labels.min() < 0 or labels.max() >= ref.shape[1]):
+            return f"ids span {int(labels.min())}..{int(labels.max())} for {ref.shape[1]} columns"
+    if task == "multilabel" and labels.shape[1:] != ref.shape[1:]:
+        return f"need (N, {ref.shape[1]}) 0/1 labels, got {tuple(labels.shape)}"
+    if task in ("regress", "score") and _rows(labels).shape[1] != _rows(ref).shape[1]:
+        return f"{_rows(labels).shape[1]} label values per sample for {_rows(ref).shape[1]} outputs"
+    return None
 
 
 # ---------------------------------------------------------------- streamed statistics
@@ -457,8 +473,9 @@ class CandidateScore:
         self.tasks = resolve_tasks(names, self.refs, y, options, num_classes)
         base = self._checks(self.refs)
         self.gated = [i for i, r in enumerate(base) if r.get("metric")]
-        figures = [f"{base[i]['metric']}({base[i]['name']})" for i in self.gated]
-        self.metric = figures[0] if len(figures) == 1 else f"worst of {', '.join(figures) or 'no task metric'}"
+        figures = [f"{base[i]['metric']} of {base[i]['name']}" for i in self.gated]
+        self.metric = base[self.gated[0]]["metric"] if len(figures) == 1 else \
+            f"worst drop of {', '.join(figures)}" if figures else "no task metric"
         self.fp32_score = min((base[i]["fp32"] / 100 for i in self.gated), default=1.0)
 
     def _checks(self, gots) -> list[dict]:

@@ -17,6 +17,9 @@ from edgec.core import __version__
 from edgec.core.errors import VerifyError
 
 SCHEMA = "edgec.manifest/1"
+# what metrics.outputs keeps of each output's evaluation record (the evaluate stage has every figure)
+OUTPUT_KEYS = ("name", "task", "chosen", "why", "labels", "metric", "fp32", "int8", "drop_points", "sqnr_db",
+               "identical", "rel_error", "max_abs_error_of_range")
 MODEL_FILE, FP32_FILE, MANIFEST_FILE, REPORT_FILE = "model.onnx", "model.fp32.onnx", "manifest.json", "report.md"
 
 
@@ -54,7 +57,9 @@ def make_manifest(folder: Path, inputs, module, stages, *, extra=None, seconds=0
     def quality(kind):
         if "fp32_accuracy" in evaluation:
             return {"accuracy": evaluation[f"{kind}_accuracy"]}
-        return {"agreement": evaluation["agreement"] if kind == "int8" else {"top1_agreement": 100.0, "mean_cosine": 1.0}}
+        agreement = evaluation["agreement"]
+        return {"agreement": agreement if kind == "int8" else
+                {k: 100.0 for k in ("top1_agreement",) if k in agreement}}
 
     quant = _stage(stages, "quantize")["metrics"]
     manifest = {
@@ -75,6 +80,7 @@ def make_manifest(folder: Path, inputs, module, stages, *, extra=None, seconds=0
             "fp32": {**quality("fp32"), "bytes": fp32_bytes, "params": params, "flops": flops},
             "int8": {**quality("int8"), "bytes": int8_bytes, "params": params, "flops": flops},
             "compression_ratio": round(fp32_bytes / int8_bytes, 3),
+            "outputs": [{k: o.get(k) for k in OUTPUT_KEYS} for o in evaluation.get("outputs", [])],
         },
         "latency": {},
         "build_seconds": round(seconds, 2),

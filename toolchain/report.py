@@ -23,6 +23,31 @@ def _quality(m):
     return f"{top1:.2f}% agree" if top1 is not None else "-"
 
 
+def _figure(o: dict, kind: str) -> str:
+    return f"{o[kind]:.2f}" if o.get(kind) is not None else "-"
+
+
+def _sqnr(o: dict) -> str:
+    return "identical" if o.get("identical") else \
+        f"SQNR {o['sqnr_db']:.1f} dB" if o.get("sqnr_db") is not None else "SQNR -inf dB"
+
+
+def outputs_md(outputs: list[dict]) -> list[str]:
+    """Every output's check: what it was taken for (given or detected), its task figure and its SQNR."""
+    if not outputs:
+        return []
+    rows = [(f"`{o['name']}`", o["task"], o["chosen"] + (f": {o['why']}" if o.get("why") else ""),
+             o["metric"] or "-", _figure(o, "fp32"), _figure(o, "int8"),
+             f"{o['drop_points']:.2f}" if o.get("drop_points") is not None else "-", _sqnr(o),
+             f"{o['rel_error']:.4f}" if o.get("rel_error") is not None else "-",
+             f"{o['max_abs_error_of_range']:.4f}" if o.get("max_abs_error_of_range") is not None else "-")
+            for o in outputs]
+    return ["## Checks per output", "",
+            "Task figures in percent (FP32 scores 100 against itself without labels); SQNR over the eval set.", "",
+            _md_table(["output", "task", "chosen", "figure", "FP32", "INT8", "drop (points)", "SQNR",
+                       "relative error", "max error / range"], rows), ""]
+
+
 def p50_ms(bench: dict | None) -> float | None:
     """The median latency of an edgec.bench/1 result."""
     return ((bench or {}).get("latency_ms") or {}).get("p50")
@@ -46,11 +71,10 @@ def summary_rows(manifest: dict) -> list[tuple[str, str, str, str]]:
     change = ""
     if fp.get("accuracy") is not None and q.get("accuracy") is not None:
         change = f"{q['accuracy'] - fp['accuracy']:+.2f} points"
-    else:
-        cos = (q.get("agreement") or {}).get("mean_cosine")
-        change = f"mean cosine {cos:.4f}" if cos is not None else ""
     rows.append(("accuracy" if fp.get("accuracy") is not None else "agreement with FP32",
                  _quality(fp), _quality(q), change))
+    rows += [(f"{o['name']}: {o['metric'] or 'no task metric'} ({o['task']}, {o['chosen']})",
+              _figure(o, "fp32"), _figure(o, "int8"), _sqnr(o)) for o in m.get("outputs", [])]
     fp_lat = fp.get("latency") or {}
     for ep, lat in (manifest.get("latency") or {}).items():
         base = fp_lat.get(ep)
@@ -88,6 +112,7 @@ def render_markdown(manifest: dict) -> str:
            f"preprocess: `{manifest['input'].get('preprocess')}`"]
     out += [f"- output `{o['name']}` {o['shape']} {o['dtype']}" for o in manifest["output"]]
     out += [f"- ONNX opset {manifest['opset']}", ""]
+    out += outputs_md(manifest["metrics"].get("outputs", []))
     quant = manifest.get("quantization") or {}
     scheme = quant.get("scheme") or {}
     if scheme:

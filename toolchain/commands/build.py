@@ -13,6 +13,15 @@ build_options = apply(
     click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
                  help="INT8 may lose at most this many points vs FP32: over it, the most sensitive nodes are kept in "
                       "FP32 (--fallback-seconds); still over it on the eval data, the build fails."),
+    click.option("--min-sqnr", type=float, default=None,
+                 help="Every output's SQNR of INT8 vs FP32 over the eval data must reach this many dB "
+                      "(default 20: properly calibrated INT8 measured 27-53 dB, wrong ranges 15 and below)."),
+    click.option("--task", "tasks", multiple=True, metavar="OUTPUT=TASK",
+                 help="What an output is, so it gets its task's check: classify, multilabel, regress, score, "
+                      "embed, none (repeatable; a one-output model may say --task classify). Default: detected "
+                      "and printed."),
+    click.option("--label-output", help="The output the labels of --data/--eval-data apply to (needed when the "
+                                        "model has several outputs; 'none' ignores the labels)."),
     click.option("--fallback-seconds", type=float, default=300.0, show_default=True,
                  help="Time box of the sensitivity fallback; 0 fails instead of keeping nodes in FP32."),
     click.option("--ep", "providers", multiple=True, default=["cpu"], show_default=True,
@@ -39,9 +48,10 @@ def _run_build(opts, as_json: bool, title: str):
 
 def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, image_size, mean, std, output, force,
                    calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor, bias_correction, equalize,
-                   opset, max_accuracy_drop, fallback_seconds, providers, bench_seconds, prune_ratio, distill, epochs,
+                   opset, max_accuracy_drop, min_sqnr, tasks, label_output, fallback_seconds, providers, bench_seconds, prune_ratio, distill, epochs,
                    lr, alpha, temperature, extra=None):
     from edgec.core.errors import OptionError
+    from edgec.exporters.metrics import parse_tasks
     from edgec.pipeline import BuildOptions
     prune_cfg = distill_cfg = None
     if prune_ratio is not None:
@@ -59,7 +69,8 @@ def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, imag
         eval_data=eval_data, image_size=image_size, mean=mean, std=std, opset=opset,
         quant=quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor,
                                  bias_correction, equalize),
-        max_accuracy_drop=max_accuracy_drop, fallback_seconds=fallback_seconds, providers=tuple(providers),
+        max_accuracy_drop=max_accuracy_drop, min_sqnr=min_sqnr, tasks=parse_tasks(tasks), label_output=label_output,
+        fallback_seconds=fallback_seconds, providers=tuple(providers),
         bench_seconds=bench_seconds,
         prune=prune_cfg, distill=distill_cfg, force=force, extra=extra or {})
 

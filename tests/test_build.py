@@ -149,8 +149,10 @@ def test_unlabelled_npz_gives_agreement(trained_cnn, tmp_path, digits):
     assert code == 0, stderr
     m = json.loads((out / MANIFEST_FILE).read_text())
     agreement = m["metrics"]["int8"]["agreement"]
-    assert agreement["top1_agreement"] > 90 and agreement["mean_cosine"] > 0.98
+    assert agreement["top1_agreement"] > 90 and agreement["min_sqnr_db"] > 20
     assert "accuracy" not in m["metrics"]["int8"]
+    out, = m["metrics"]["outputs"]  # gated without labels: top-1 agreement with FP32 and SQNR
+    assert (out["task"], out["chosen"], out["labels"], out["metric"]) == ("classify", "auto", False, "top1_agreement")
 
 
 @pytest.mark.parametrize("args,code,message", [
@@ -208,7 +210,7 @@ def test_build_prunes_and_distills(trained_cnn, tmp_path):
 
 
 def test_unlabelled_data_and_transform_flags(trained_cnn, tmp_path):
-    # no labels anywhere: agreement with FP32 is reported and nothing is gated, so no fallback search runs
+    # no labels anywhere: agreement with FP32 is gated (and the fallback scores candidates by it)
     from edgec.data import load_data
     x = load_data("builtin:digits:train").head(200)
     np.savez(tmp_path / "calib.npz", x=x[:150])
@@ -220,5 +222,5 @@ def test_unlabelled_data_and_transform_flags(trained_cnn, tmp_path):
     m = json.loads((out / MANIFEST_FILE).read_text())
     q = m["quantization"]
     assert q["transforms"]["bias_correction"]["applied"] and not q["transforms"]["equalize"]["applied"]
-    assert "sensitivity" not in q or q["sensitivity"] is None
+    assert q["sensitivity"]["metric"] == "top1_agreement" and q["sensitivity"]["within_budget"]
     assert m["metrics"]["int8"]["agreement"]["top1_agreement"] > 90

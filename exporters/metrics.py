@@ -35,12 +35,12 @@ class CheckOptions:
     """What the user asked to be checked, before the outputs are known."""
     tasks: dict = field(default_factory=dict)   # output name -> task; "" = the only output
     label_output: str | None = None             # the output labels apply to; "none" = ignore the labels
-    min_sqnr: float | None = DEFAULT_MIN_SQNR   # dB, every output
+    min_sqnr: float | None = DEFAULT_MIN_SQNR   # dB, every output; None or -inf: not gated
     max_drop: float | None = 1.0                # points, every output with a task metric
 
     def validate(self) -> None:
-        if self.min_sqnr is not None and not math.isfinite(self.min_sqnr):
-            raise OptionError(f"--min-sqnr {self.min_sqnr}: a number of dB, e.g. {DEFAULT_MIN_SQNR}")
+        if self.min_sqnr is not None and not (math.isfinite(self.min_sqnr) or self.min_sqnr == -math.inf):
+            raise OptionError(f"--min-sqnr {self.min_sqnr}: a number of dB, e.g. {DEFAULT_MIN_SQNR} (-inf: no check)")
         if self.max_drop is not None and not self.max_drop >= 0:
             raise OptionError(f"--max-accuracy-drop {self.max_drop}: a budget in points, 0 or more")
 
@@ -433,7 +433,7 @@ def failures(records: Sequence[dict], options: CheckOptions) -> list[str]:
         if r["non_finite"]:
             out.append(f"output {r['name']}: {r['non_finite']} NaN/Inf values")
             continue
-        if options.min_sqnr is not None and not r["identical"]:
+        if options.min_sqnr not in (None, -math.inf) and not r["identical"]:
             if r["sqnr_db"] is None:
                 out.append(f"output {r['name']}: the reference is all zeros and INT8 is not")
             elif r["sqnr_db"] < options.min_sqnr:

@@ -5,23 +5,14 @@ from pathlib import Path
 
 import click
 
-from edgec.commands.options import (apply, data_options, emit_json, kd_options, model_options, output_options,
-                                    quant_options, quant_options_from)
+from edgec.commands.options import (apply, check_options, data_options, emit_json, kd_options, model_options,
+                                    output_options, quant_options, quant_options_from)
 
 build_options = apply(
     click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17)."),
     click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
                  help="INT8 may lose at most this many points vs FP32: over it, the most sensitive nodes are kept in "
                       "FP32 (--fallback-seconds); still over it on the eval data, the build fails."),
-    click.option("--min-sqnr", type=float, default=None,
-                 help="Every output's SQNR of INT8 vs FP32 over the eval data must reach this many dB "
-                      "(default 20: properly calibrated INT8 measured 27-53 dB, wrong ranges 15 and below)."),
-    click.option("--task", "tasks", multiple=True, metavar="OUTPUT=TASK",
-                 help="What an output is, so it gets its task's check: classify, multilabel, regress, score, "
-                      "embed, none (repeatable; a one-output model may say --task classify). Default: detected "
-                      "and printed."),
-    click.option("--label-output", help="The output the labels of --data/--eval-data apply to (needed when the "
-                                        "model has several outputs; 'none' ignores the labels)."),
     click.option("--fallback-seconds", type=float, default=300.0, show_default=True,
                  help="Time box of the sensitivity fallback; 0 fails instead of keeping nodes in FP32."),
     click.option("--ep", "providers", multiple=True, default=["cpu"], show_default=True,
@@ -31,6 +22,7 @@ build_options = apply(
     click.option("--prune", "prune_ratio", type=float, help="Remove this fraction of channels (structured) first."),
     click.option("--distill", is_flag=True, help="Train the (pruned) model on the original's soft targets."),
     kd_options,
+    check_options,
 )
 
 

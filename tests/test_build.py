@@ -35,6 +35,7 @@ def test_package_contract(package, trained_cnn):
     assert fp32["accuracy"] > 90 and fp32["accuracy"] - int8["accuracy"] <= 1.0
     assert int8["bytes"] < fp32["bytes"]
     assert m["latency"]["cpu"]["p50_ms"] > 0 and m["latency"]["cpu"]["interleaved"]
+    assert ".tmp-" not in (out / MANIFEST_FILE).read_text()    # no trace of the temporary build folder
     assert m["metrics"]["fp32"]["latency"]["cpu"]["p50_ms"] > 0
     assert m["quantization"]["scheme"]["reasons"]
     fallback = m["quantization"]["sensitivity"]  # the budget was checked on calibration samples before evaluation

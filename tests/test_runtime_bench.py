@@ -74,6 +74,10 @@ def test_package_input_shape_drives_dynamic_axes(built_package, tmp_path):
         benchmark([pkg / "model.onnx"], inspect=False, **FAST)
     (r,) = benchmark([pkg], inspect=False, **FAST)
     assert r.model == "dyn.edgec" and r.inputs[0]["shape"] == [1, 3, 32, 32]
+    from conftest import run_cli
+    code, stdout, stderr = run_cli("bench", pkg, "--runs", "5", "--warmup", "1", "--json", "--no-inspect")
+    assert code == 0, stderr                                               # `edgec bench PKG`, no --shape
+    assert json.loads(stdout)["results"][0]["inputs"][0]["shape"] == [1, 3, 32, 32]
 
 
 def test_error_paths(tiny_onnx, tmp_path):

@@ -49,13 +49,24 @@ def _example_shapes(calib, inputs: list[TensorSpec]) -> dict[str, list[int]]:
     return {inputs[0].name: list(np.shape(head))} if inputs else {}
 
 
+def _inside(value, folder: str):
+    """Paths into the temporary build folder -> names in the package (the folder is renamed at the end)."""
+    if isinstance(value, str):
+        return value[len(folder) + 1:] if value.startswith(folder + "/") else value
+    if isinstance(value, dict):
+        return {k: _inside(v, folder) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_inside(v, folder) for v in value]
+    return value
+
+
 def _stage(stages: list[StageRecord], name: str) -> StageRecord | None:
     return next((s for s in stages if s.name == name), None)
 
 
 def make_manifest(folder: Path, inputs, module, stages, *, extra=None, seconds=0.0) -> Manifest:
     from edgec.metrics import count_flops, count_params
-    records = [StageRecord.from_json(s.to_dict(), f"stage {s.name}") for s in stages]
+    records = [StageRecord.from_json(_inside(s.to_dict(), str(folder)), f"stage {s.name}") for s in stages]
     evaluation = _stage(records, "evaluate").metrics
     params, flops = count_params(module), count_flops(module, inputs.input_shape)
     fp32_bytes, int8_bytes = (folder / FP32_FILE).stat().st_size, (folder / MODEL_FILE).stat().st_size

@@ -13,7 +13,8 @@ import numpy as np
 from edgec.core import __version__
 from edgec.core.package import (FP32_FILE, MANIFEST_FILE, MODEL_FILE, REPORT_FILE, SCHEMA, SIGNATURE_FILE,  # noqa: F401
                                 Agreement, Figures, Latency, Manifest, Metrics, ModelMetrics, Quantization,
-                                Source, StageRecord, TensorSpec, Toolchain, file_record, now, write_manifest)
+                                Source, StageRecord, TensorSpec, Toolchain, file_record, now, sign_package,
+                                write_manifest)
 
 
 def toolchain_versions() -> Toolchain:
@@ -116,5 +117,4 @@ def write_package_files(folder: Path, manifest: Manifest, sign_key=None) -> None
                       if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE)}
     write_manifest(folder, manifest)
     if sign_key is not None:
-        from edgec.core.signing import sign_package
         sign_package(folder, sign_key)

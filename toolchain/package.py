@@ -69,7 +69,7 @@ def make_manifest(folder: Path, inputs, module, stages, *, extra=None, seconds=0
     from edgec.metrics import count_flops, count_params
     records = [StageRecord.from_json(_inside(s.to_dict(), str(folder)), f"stage {s.name}") for s in stages]
     evaluation = _stage(records, "evaluate").metrics
-    params, flops = count_params(module), count_flops(module, inputs.input_shape)
+    params, flops = count_params(module), count_flops(module, inputs.example())
     fp32_bytes, int8_bytes = (folder / FP32_FILE).stat().st_size, (folder / MODEL_FILE).stat().st_size
     model_inputs, model_outputs = tensor_specs(folder / MODEL_FILE)
     examples = _example_shapes(inputs.calib, model_inputs)

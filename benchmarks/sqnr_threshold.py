@@ -35,7 +35,7 @@ def measure(model_path: Path, calib: Path | str, work: Path, label_output=None) 
                                   eval_data="builtin:digits:test", quant=quant, min_sqnr=-1000,
                                   max_accuracy_drop=100, fallback_seconds=0, bench_seconds=0,
                                   label_output=label_output))
-    return manifest["metrics"]["outputs"]
+    return [o.to_json() for o in manifest.metrics.outputs]
 
 
 def main(argv=None) -> int:
@@ -52,12 +52,12 @@ def main(argv=None) -> int:
         calibs = {}
         for name, f in BROKEN.items():
             calibs[name] = work / f"{name}.npz"
-            np.savez(calibs[name], x=f(train.head(512)).astype(np.float32))
+            np.savez(calibs[name], x=f(train.x[0:512]).astype(np.float32))
         models = {}
         for kind in KINDS:
-            m = train_kind(kind, train.x, train.y)
+            m = train_kind(kind, train.x[0:len(train)], train.y)
             models[kind] = work / f"{kind}.pt"
-            torch.jit.save(torch.jit.trace(m, torch.from_numpy(train.head(2))), models[kind])
+            torch.jit.save(torch.jit.trace(m, torch.from_numpy(train.x[0:2])), models[kind])
         if not args.skip_demo:
             from edgec.demo import demo_model
             models["demo ResNet18"] = demo_model()

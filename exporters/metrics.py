@@ -444,17 +444,24 @@ def failures(records: Sequence[dict], options: CheckOptions) -> list[str]:
     return out
 
 
+def batch_first(session, outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """A session's outputs with the batch axis first (a recurrent state may carry it elsewhere)."""
+    from edgec.exporters.compare import output_batch_axis
+    return [np.moveaxis(o, output_batch_axis(session, i), 0) for i, o in enumerate(outputs)]
+
+
 def compare_models(reference, candidate, batches: Iterable, labels, options: CheckOptions, *,
                    num_classes: int | None = None) -> list[dict]:
-    """Both ONNX models on every batch (real ORT sessions), every output checked; labels align with the batches."""
+    """Both ONNX models on every batch (real ORT sessions, dict feeds or one array per batch), every output
+    checked; labels align with the samples in batch order."""
     from edgec.exporters.compare import ort_session, run_onnx
     a, b = ort_session(reference), ort_session(candidate)
     checks = OutputChecks([o.name for o in a.get_outputs()], options, num_classes)
     start = 0
     for batch in batches:
-        n = len(next(iter(batch.values()))) if isinstance(batch, dict) else len(batch)
-        y = None if labels is None else labels[start:start + n]
-        checks.update(run_onnx(a, batch, n), run_onnx(b, batch, n), y)
+        refs, gots = batch_first(a, run_onnx(a, [batch])), batch_first(b, run_onnx(b, [batch]))
+        n = len(refs[0])
+        checks.update(refs, gots, None if labels is None else labels[start:start + n])
         start += n
     if checks.checks is None:
         raise DataError("no samples to compare the models on; pass at least one sample")

@@ -77,17 +77,19 @@ class _Evaluator:
     """Scores a candidate INT8 model against the FP32 reference on fixed real samples, with the gate's figures."""
 
     def __init__(self, fp32_path, x, y, batch_size: int, checks=None, num_classes: int | None = None):
-        from edgec.exporters.metrics import CandidateScore, CheckOptions
-        self.x, self.batch = np.asarray(x, np.float32), batch_size
+        from edgec.exporters.metrics import CandidateScore, CheckOptions, batch_first
+        self.x, self.batch = x, batch_size   # a dict feed (or one array: single-input models)
         session = ort_session(fp32_path)
-        ref = run_onnx(session, self.x, batch_size)
+        ref = batch_first(session, run_onnx(session, self.x, batch_size))
         self.scorer = CandidateScore([o.name for o in session.get_outputs()], ref, y,
                                      checks if checks is not None else CheckOptions(), num_classes)
         self.metric, self.fp32_score = self.scorer.metric, self.scorer.fp32_score
 
     def __call__(self, path) -> tuple[float, float]:
         """(score, output error)."""
-        out = run_onnx(ort_session(path), self.x, self.batch)
+        from edgec.exporters.metrics import batch_first
+        session = ort_session(path)
+        out = batch_first(session, run_onnx(session, self.x, self.batch))
         return self.scorer.score(out), self.scorer.error(out)
 
 

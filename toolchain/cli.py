@@ -12,7 +12,7 @@ from edgec.core.errors import EdgecError
 COMMANDS = {
     "demo": "build", "build": "build", "export": "build", "quantize": "build",
     "inspect": "package", "verify": "package",
-    "bench": "bench",
+    "bench": "edgec.runtime.cli",   # the lean edgec-runtime's own command: one gate, two distributions
     "prune": "prune", "distill": "distill",
     "compare": "compare",
 }
@@ -31,9 +31,10 @@ class LazyGroup(click.Group):
         if module is None:
             return None
         try:
-            mod = importlib.import_module(f"edgec.commands.{module}")
+            path = module if "." in module else f"edgec.commands.{module}"
+            mod = importlib.import_module(path)
         except ModuleNotFoundError as e:
-            if e.name == f"edgec.commands.{module}":
+            if e.name == path:
                 return None  # command not built yet
             raise
         return getattr(mod, f"{name}_cmd", None)
@@ -46,6 +47,8 @@ class LazyGroup(click.Group):
 def cli(ctx, debug):
     """edgec: PyTorch model -> pruned, distilled, INT8 ONNX package, verified and benchmarked."""
     ctx.ensure_object(dict)["debug"] = debug
+    from edgec.runtime.install import check_install
+    check_install()  # two onnxruntime builds at once silently lose the GPU: say how to fix it first
 
 
 def main(argv=None):

@@ -1,12 +1,15 @@
-"""`edgec bench`: latency of ONNX models / edgec packages on ONNX Runtime execution providers, and the release gate.
-Thin: parse, call edgec.runtime, print. No torch import anywhere on this path."""
+"""The `edgec-runtime` command line (the lean, torch-free distribution for devices and CI runners): `bench`, the
+latency gate, plus the package commands (inspect, verify, ...). The full `edgec` mounts the very same `bench`
+command, so both gate with one implementation, one JSON schema and the same exit codes."""
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
-from edgec.core.errors import BudgetExceeded, OptionError
+from edgec.core import __version__
+from edgec.core.errors import BudgetExceeded, EdgecError, OptionError
 
 
 def _stderr_progress():
@@ -125,3 +128,73 @@ def bench_cmd(models, eps, threads, batch, shapes, warmup, runs, budgets, baseli
     if breaches:
         sys.stdout.flush()
         raise BudgetExceeded(f"{len(breaches)} budget(s) breached; the lines above give metric, measured and budget")
+
+
+# Torch-free package commands, mounted when they exist (edgec.runtime.package_cmds).
+PACKAGE_COMMANDS = ("inspect", "verify", "sign", "keygen")
+
+
+def _package_commands() -> list[click.Command]:
+    try:
+        mod = importlib.import_module("edgec.runtime.package_cmds")
+    except ModuleNotFoundError as e:
+        if e.name == "edgec.runtime.package_cmds":
+            return []
+        raise
+    return [getattr(mod, f"{name}_cmd") for name in PACKAGE_COMMANDS if hasattr(mod, f"{name}_cmd")]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgec-runtime")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def cli(debug):
+    """edgec-runtime: gate and check edgec packages on the device, without torch."""
+    from edgec.runtime.install import check_install
+    check_install()
+
+
+cli.add_command(bench_cmd)
+for _cmd in _package_commands():
+    cli.add_command(_cmd)
+
+
+def run(group: click.Group, prog_name: str, argv=None) -> None:
+    """Run a click group the edgec way: a user mistake is one `PROG: error: ...` line on stderr and its documented
+    exit code (edgec.core.errors); anything else is our bug, exit 1 (--debug shows the traceback)."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        group.main(args=argv, prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo(f"{prog_name}: aborted", err=True)
+        sys.exit(130)
+    except click.UsageError as e:  # one line like every other user error, plus where to look
+        cmd = f"{e.ctx.command_path} --help" if e.ctx is not None else f"{prog_name} --help"
+        click.echo(f"{prog_name}: error: {e.format_message()} (see {cmd})", err=True)
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        click.echo(f"{prog_name}: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except EdgecError as e:
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        click.echo(f"{prog_name}: error: {msg}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo(f"{prog_name}: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # our bug, not the user's
+        if debug:
+            raise
+        click.echo(f"{prog_name}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                   err=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+def main(argv=None):
+    run(cli, "edgec-runtime", argv)
+
+
+if __name__ == "__main__":
+    main()

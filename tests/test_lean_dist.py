@@ -97,15 +97,14 @@ def test_lean_verifies_and_inspects_the_package(lean, built, tmp_path):
 
 
 def test_both_distributions_side_by_side_here():
-    """This venv has the README's set-up (both distributions, editable or not): one `edgec` namespace that holds the
-    full tool's modules and the lean distribution's runtime and core, and the full tool owns neither of them."""
+    """This venv has the README's set-up (both distributions, editable: `edgec` is then a namespace that the two
+    editable finders fill), and the full tool owns neither runtime nor core."""
     import edgec.cli
     import edgec.core
     import edgec.runtime
     import edgec.runtime.cli
-    assert Path(edgec.runtime.__file__).resolve() == ROOT / "runtime" / "__init__.py" or \
-        "site-packages" in edgec.runtime.__file__
-    assert Path(edgec.cli.__file__).name == "cli.py" and edgec.runtime.cli.bench_cmd is not None
+    assert Path(edgec.runtime.__file__).resolve() == ROOT / "runtime" / "__init__.py"
+    assert Path(edgec.cli.__file__).resolve() == ROOT / "toolchain" / "cli.py"
     full = metadata.distribution("edgec")
     assert any(r.startswith("edgec-runtime") for r in full.requires or [])
     assert metadata.distribution("edgec-runtime").version == full.version == edgec.core.__version__
@@ -116,3 +115,25 @@ def test_full_bench_is_the_lean_command():
     from edgec.cli import cli
     from edgec.runtime.cli import bench_cmd
     assert cli.get_command(None, "bench") is bench_cmd
+
+
+def test_plain_install_of_both(tmp_path):
+    """`pip install ./edgec-runtime .` (wheels, not editable) puts both into one edgec package folder, the full
+    tool's wheel without runtime/ or core/; torch and onnxruntime come from this venv's own site folders."""
+    target = tmp_path / "site"
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                        str(ROOT / "edgec-runtime"), str(ROOT)], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    import onnxruntime
+    import torch
+    deps = {str(Path(m.__file__).parents[1]) for m in (torch, onnxruntime)}
+    probe = ("import edgec, edgec.runtime.cli, edgec.cli, edgec.pipeline; print(edgec.__file__); "
+             "from edgec.cli import main; main(['bench', '--list-providers'])")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), *deps])}
+    q = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=tmp_path)   # -S: no site, so this venv's editable finders stay out of it
+    assert q.returncode == 0, q.stderr[-3000:]
+    assert q.stdout.splitlines()[0] == str(target / "edgec" / "__init__.py") and "CPUExecutionProvider" in q.stdout
+    record = (target / "edgec-0.1.0.dist-info" / "RECORD").read_text()
+    assert "edgec/cli.py" in record and "edgec/runtime/" not in record and "edgec/core/" not in record
+    assert "edgec/runtime/cli.py" in (target / "edgec_runtime-0.1.0.dist-info" / "RECORD").read_text()

@@ -47,8 +47,9 @@ def _print_providers(as_json: bool) -> None:
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D,D,..",
               help="Concrete input shape, e.g. --shape input=1,3,224,224. Repeatable.")
 @click.option("--warmup", default="10", show_default=True, help="Warm-up runs per model: a count (10) or a time (2s).")
-@click.option("--runs", default="200", show_default=True,
-              help="Timed runs per model: a count (200) or a time (10s). p90 needs 100, p99 needs 1000.")
+@click.option("--runs", default=None,
+              help="Timed runs per model: a count or a time (10s) [default: 200, or 1000 with a p99 budget: enough "
+                   "for every percentile reported or gated; p95 needs 200, p99 1000].")
 @click.option("--budget", "budgets", multiple=True, metavar="METRIC=VALUE",
               help="Fail (exit 7) above this: p50|p90|p95|p99|mean|min|max|load|first=12ms, memory=200MB.")
 @click.option("--baseline", type=click.Path(), help="An earlier `edgec bench --json` output to compare against.")
@@ -56,27 +57,35 @@ def _print_providers(as_json: bool) -> None:
               help="With --baseline: fail when the median is slower by more than this, with 95% confidence "
                    "[default: 10%].")
 @click.option("--json", "as_json", is_flag=True, help="Print the edgec.bench/1 JSON document on stdout, nothing else.")
+@click.option("--junit", type=click.Path(dir_okay=False),
+              help="Write a JUnit XML report: one test case per model, provider and check (replaced on each run).")
+@click.option("--markdown", type=click.Path(dir_okay=False),
+              help="Write the gate and latency tables as markdown (also appended to $GITHUB_STEP_SUMMARY when set).")
 @click.option("--record", is_flag=True, help="Write the results into the package manifest under latency.<ep>.")
 @click.option("--list-providers", is_flag=True, help="List execution providers and exit.")
 @click.option("--include-copies", is_flag=True, help="GPU: time host->device input and device->host output copies too.")
 @click.option("--no-inspect", is_flag=True, help="Skip the profiling pass that counts CPU fallbacks and INT8 kernels.")
 def bench_cmd(models, eps, threads, batch, shapes, warmup, runs, budgets, baseline, max_regression, as_json,
-              record, list_providers, include_copies, no_inspect):
+              junit, markdown, record, list_providers, include_copies, no_inspect):
     """Benchmark MODELS (.onnx files or NAME.edgec packages), interleaved, and gate on latency budgets.
 
     Exit codes: 0 ok, 2 bad option/budget, 3 bad model, 4 bad shape, 6 provider unavailable, 7 budget breached.
     """
-    from edgec.runtime import (benchmark, check_budgets, check_regression, document, load_baseline, parse_budget)
+    import time
+
+    from edgec.runtime import benchmark, document, load_baseline, parse_budget
     from edgec.runtime import record as record_result
-    from edgec.runtime.gate import parse_percent
+    from edgec.runtime.gate import budget_checks, parse_percent, regression_checks
 
     if list_providers:
         _print_providers(as_json)
         return
     if not models:
-        raise OptionError("no model given; usage: edgec bench MODEL.onnx|NAME.edgec [...] (or --list-providers)")
+        prog = click.get_current_context().command_path
+        raise OptionError(f"no model given; usage: {prog} MODEL.onnx|NAME.edgec [...] (or --list-providers)")
     # Everything the user typed is checked before minutes of measuring.
     parsed = [parse_budget(b) for b in budgets]
+    runs = runs if runs is not None else default_runs(parsed)
     if max_regression is not None and not baseline:
         raise OptionError("--max-regression needs --baseline FILE (an earlier `edgec bench --json` output)")
     base = load_baseline(baseline) if baseline else None
@@ -88,15 +97,18 @@ def bench_cmd(models, eps, threads, batch, shapes, warmup, runs, budgets, baseli
             raise OptionError(f"--record writes into a package's manifest.json; {plain[0]} is not a package "
                               f"folder (build one with `edgec build`)")
 
+    started = time.perf_counter()
     results = benchmark(models, eps, threads=threads, batch=batch, shapes=list(shapes) or None, warmup=warmup,
                         runs=runs, include_copies=include_copies, inspect=not no_inspect,
                         progress=_stderr_progress())
+    seconds = time.perf_counter() - started
 
-    breaches, warnings = check_budgets(results, parsed)
+    checks, warnings = budget_checks(results, parsed)
     if base is not None:
-        more, w = check_regression(results, base, allowance)
-        breaches += more
+        more, w = regression_checks(results, base, allowance)
+        checks += more
         warnings += w
+    breaches = [c for c in checks if not c.passed]
     config = {"eps": list(eps), "threads": threads, "batch": batch, "shapes": list(shapes), "warmup": warmup,
               "runs": runs, "include_copies": include_copies, "inputs": "random",
               "interleaved": len(results) > 1}
@@ -104,6 +116,7 @@ def bench_cmd(models, eps, threads, batch, shapes, warmup, runs, budgets, baseli
             "max_regression": allowance if base is not None else None,
             "breaches": [b.to_json() for b in breaches], "passed": not breaches}
     doc = document(results, config, gate)
+    _ci_reports(results, checks, not breaches, seconds, doc["created"], junit, markdown)
     if record:
         for r in results:
             path = record_result(r, config)
@@ -128,6 +141,29 @@ def bench_cmd(models, eps, threads, batch, shapes, warmup, runs, budgets, baseli
     if breaches:
         sys.stdout.flush()
         raise BudgetExceeded(f"{len(breaches)} budget(s) breached; the lines above give metric, measured and budget")
+    if checks:
+        shown = "; ".join(f"{c.model} [{c.ep}] {c.metric} {c.figure()}" for c in checks[:3])
+        more = f"; +{len(checks) - 3} more" if len(checks) > 3 else ""
+        click.echo(f"gate passed: {len(checks)} check(s): {shown}{more}", err=True)
+
+
+def default_runs(budgets) -> str:
+    """Enough timed runs for every percentile the table reports (up to p95: 200) and every one a budget gates."""
+    from edgec.runtime.stats import min_samples
+    gated = [min_samples(int(b.metric[1:])) for b in budgets if b.metric in ("p50", "p90", "p95", "p99")]
+    return str(max([200, *gated]))
+
+
+def _ci_reports(results, checks, passed, seconds, created, junit, markdown) -> None:
+    from edgec.runtime import ci
+    if junit:
+        ci.write_report(junit, ci.junit_xml(results, checks, seconds, created))
+        click.echo(f"[edgec] JUnit report: {junit}", err=True)
+    text = ci.markdown(results, checks, passed)
+    if markdown:
+        ci.write_report(markdown, text)
+        click.echo(f"[edgec] markdown summary: {markdown}", err=True)
+    ci.append_step_summary(text)
 
 
 # Torch-free package commands, mounted when they exist (edgec.runtime.package_cmds).

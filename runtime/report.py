@@ -87,12 +87,9 @@ def record(result, config: dict) -> Path:
         raise OptionError(f"--record needs a package folder with a manifest.json; {result.path} is not one")
     mpath = Path(result.path, "manifest.json")
     manifest = json.loads(mpath.read_text())
-    lat = result.latency
+    # the same record `edgec build` writes (an edgec.bench/1 result), so build, inspect and the gate agree
     manifest.setdefault("latency", {})[result.ep] = {
-        "p50_ms": lat.p50, "p90_ms": lat.p90, "p95_ms": lat.p95, "p99_ms": lat.p99, "mean_ms": lat.mean,
-        "p50_ci_ms": lat.p50_ci, "n": lat.n, "throughput_ips": result.throughput, "batch": result.batch,
-        "threads": result.threads, "load_ms": result.load_ms, "first_ms": result.first_ms,
-        "memory_mb": result.memory_mb, "host": host_info(), "config": config, "schema": SCHEMA,
+        **result.to_json(), "host": host_info(), "config": config, "schema": SCHEMA,
         "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=mpath.parent)
     try:

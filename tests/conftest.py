@@ -46,6 +46,15 @@ def cnn_state_dict(tmp_path_factory, trained_cnn):
     return path
 
 
+@pytest.fixture(scope="session")
+def built_package(trained_cnn, tmp_path_factory):
+    """A package written by the real `edgec build` (short benchmark), for tests that read or gate one."""
+    out = tmp_path_factory.mktemp("built") / "cnn.edgec"
+    code, _, err = run_cli("build", trained_cnn[0], "-o", out, "--bench-seconds", "0.3", "--samples", "64")
+    assert code == 0, err
+    return out
+
+
 def run_cli(*args):
     """Run the real CLI entry point in-process; returns (exit_code, stdout, stderr)."""
     import contextlib

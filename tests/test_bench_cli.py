@@ -68,7 +68,7 @@ def test_record_writes_manifest(capsys, tiny_onnx, tmp_path):
     pkg = make_package(tmp_path / "tiny.edgec", tiny_onnx)
     code, _, err = run(capsys, pkg, *FAST, "--record")
     assert code == 0 and "recorded latency.cpu" in err
-    assert json.loads((pkg / "manifest.json").read_text())["latency"]["cpu"]["n"] == 30
+    assert json.loads((pkg / "manifest.json").read_text())["latency"]["cpu"]["latency_ms"]["n"] == 30
     assert run(capsys, tiny_onnx, *FAST, "--record")[0] == 2          # plain .onnx: nowhere to record
 
 

@@ -18,11 +18,8 @@ FAST = ["--runs", "30", "--warmup", "2", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
-def built(trained_cnn, tmp_path_factory):
-    out = tmp_path_factory.mktemp("full") / "cnn.edgec"
-    code, _, err = run_cli("build", trained_cnn[0], "-o", out, "--bench-seconds", "0.3", "--samples", "64")
-    assert code == 0, err
-    return out
+def built(built_package):
+    return built_package
 
 
 @pytest.fixture(scope="module")

@@ -141,7 +141,8 @@ def test_record_into_package_manifest(tiny_onnx, tmp_path):
     record(r, {"runs": "30"})
     m = json.loads((pkg / "manifest.json").read_text())
     assert m["files"] == {"model.onnx": "sha"} and m["latency"]["cuda"] == {"p50_ms": 1}
-    assert m["latency"]["cpu"]["p50_ms"] == r.latency.p50 and m["latency"]["cpu"]["n"] == 30
+    assert m["latency"]["cpu"]["latency_ms"]["p50"] == r.latency.p50 and m["latency"]["cpu"]["latency_ms"]["n"] == 30
+    assert m["latency"]["cpu"]["schema"] == "edgec.bench/1" and m["latency"]["cpu"]["config"] == {"runs": "30"}
     assert sorted(p.name for p in pkg.iterdir()) == ["manifest.json", "model.onnx"]   # no temp file left
     (plain,) = benchmark([tiny_onnx], inspect=False, **FAST)
     with pytest.raises(OptionError, match="--record"):

@@ -268,9 +268,9 @@ def build(opts: BuildOptions) -> dict:
         raise OptionError(f"--max-accuracy-drop {opts.max_accuracy_drop}: a budget in points, 0 or more")
     if opts.fallback_seconds < 0:
         raise OptionError(f"--fallback-seconds {opts.fallback_seconds}: 0 (no fallback) or more")
-    Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
     from edgec.core.fsutil import check_writable
-    check_writable(opts.output, opts.force)  # fail before hours of work, not after
+    reads = (opts.model, opts.data, opts.eval_data)
+    check_writable(opts.output, opts.force, inputs=reads, directory=True)  # fail before hours of work, not after
     inputs = load_inputs(opts.model, arch=opts.arch, trust_pickle=opts.trust_pickle,
                          input_shape=opts.input_shape, data=opts.data, eval_data=opts.eval_data,
                          image_size=opts.image_size, mean=opts.mean, std=opts.std)
@@ -283,7 +283,7 @@ def build(opts: BuildOptions) -> dict:
     if opts.distill is not None:
         stages.append(stage_distill(original, module, inputs, opts.distill))
     quant = opts.quant if opts.quant is not None else QuantOptions()
-    with atomic_path(opts.output, force=opts.force, directory=True) as tmp:
+    with atomic_path(opts.output, force=opts.force, directory=True, inputs=reads) as tmp:
         fp32, int8 = tmp / package.FP32_FILE, tmp / package.MODEL_FILE
         stages.append(stage_export(module, inputs, fp32, opts.opset))
         if opts.prebuilt_int8 is not None:

@@ -110,7 +110,7 @@ def export_cmd(model, arch, input_shape, trust_pickle, data, eval_data, image_si
     from edgec.pipeline import load_inputs, plain, stage_export
     inputs = load_inputs(model, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape, data=data,
                          eval_data=eval_data, image_size=image_size, mean=mean, std=std)
-    with atomic_path(output, force=force) as tmp:
+    with atomic_path(output, force=force, inputs=(model, data, eval_data)) as tmp:
         stage = stage_export(inputs.model.module, inputs, tmp, opset)
     _print_stage(stage, as_json, output)
 
@@ -132,7 +132,7 @@ def quantize_cmd(model, data, eval_data, image_size, mean, std, output, force, a
                               bias_correction, equalize)
     calib = load_data(data, image_size=image_size, mean=mean, std=std)
     calib.validate()
-    with atomic_path(output, force=force) as tmp:
+    with atomic_path(output, force=force, inputs=(model, data, eval_data)) as tmp:
         info = plain(quantize_int8(model, tmp, calib, opts))
         check = load_data(eval_data, image_size=image_size, mean=mean, std=std) if eval_data else calib
         x = check.head(512)

@@ -4,7 +4,9 @@ command, so both gate with one implementation, one JSON schema and the same exit
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 
 import click
 
@@ -194,13 +196,36 @@ for _cmd in _package_commands():
     cli.add_command(_cmd)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (CI timeouts, `timeout`, containers) unwinds like Ctrl-C: every temporary output is removed."""
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
 def run(group: click.Group, prog_name: str, argv=None) -> None:
-    """Run a click group the edgec way: a user mistake is one `PROG: error: ...` line on stderr and its documented
-    exit code (edgec.core.errors); anything else is our bug, exit 1 (--debug shows the traceback)."""
+    """Run a click group the edgec way (both `edgec` and `edgec-runtime`): a user mistake is one
+    `PROG: error: ...` line on stderr and its documented exit code (edgec.core.errors); anything else is our bug,
+    exit 1 (--debug shows the traceback); SIGTERM exits 143 after the same cleanup as Ctrl-C."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    try:
+        _run(group, prog_name, argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(group: click.Group, prog_name: str, argv=None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         group.main(args=argv, prog_name=prog_name, standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt (and so SIGTERM) into Abort
+        if isinstance(e.__cause__, Terminated):
+            click.echo(f"{prog_name}: terminated", err=True)
+            sys.exit(143)
         click.echo(f"{prog_name}: aborted", err=True)
         sys.exit(130)
     except click.UsageError as e:  # one line like every other user error, plus where to look

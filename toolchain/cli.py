@@ -13,6 +13,7 @@ COMMANDS = {
     "bench": "edgec.runtime.cli",   # the lean edgec-runtime's own command: one gate, two distributions
     "prune": "prune", "distill": "distill",
     "compare": "compare",
+    "data": "data",
 }
 
 

@@ -9,8 +9,8 @@ from edgec.core import __version__
 # command name -> module in edgec.commands that defines a click command of the same name
 COMMANDS = {
     "demo": "build", "build": "build", "export": "build", "quantize": "build",
-    "inspect": "package", "verify": "package",
-    "bench": "edgec.runtime.cli",   # the lean edgec-runtime's own command: one gate, two distributions
+    "inspect": "package", "verify": "package", "sign": "package", "keygen": "package",
+    "bench": "bench",
     "prune": "prune", "distill": "distill",
     "compare": "compare",
     "data": "data",
@@ -30,10 +30,9 @@ class LazyGroup(click.Group):
         if module is None:
             return None
         try:
-            path = module if "." in module else f"edgec.commands.{module}"
-            mod = importlib.import_module(path)
+            mod = importlib.import_module(f"edgec.commands.{module}")
         except ModuleNotFoundError as e:
-            if e.name == path:
+            if e.name == f"edgec.commands.{module}":
                 return None  # command not built yet
             raise
         return getattr(mod, f"{name}_cmd", None)

@@ -153,7 +153,7 @@ def test_record_into_package_manifest(built_package, tiny_onnx, tmp_path):
     cpu = m["latency"]["cpu"]
     assert cpu["p50_ms"] == r.latency.p50 and cpu["n"] == 30 and not cpu["interleaved"] and cpu["host"]["cpu"]
     assert set(cpu) == set(before["latency"]["cpu"])        # the very record build writes, not another shape
-    assert sorted(p.name for p in pkg.iterdir()) == sorted(before["files"]) + ["manifest.json"]  # no temp file
+    assert sorted(p.name for p in pkg.iterdir()) == sorted([*before["files"], "manifest.json"])  # no temp file
     (plain,) = benchmark([tiny_onnx], inspect=False, **FAST)
     with pytest.raises(OptionError, match="--record"):
         record(plain)

@@ -11,7 +11,7 @@ import threading
 import click
 
 from edgec.core import __version__
-from edgec.core.errors import BudgetExceeded, EdgecError, OptionError
+from edgec.core.errors import BudgetExceeded, DataError, EdgecError, OptionError
 
 
 def _stderr_progress():
@@ -241,6 +241,10 @@ def _run(group: click.Group, prog_name: str, argv=None) -> None:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         click.echo(f"{prog_name}: error: {msg}", err=True)
         sys.exit(e.exit_code)
+    except MemoryError:   # past every estimate: still one line with the fix, never a traceback
+        click.echo(f"{prog_name}: error: out of memory; use fewer --samples, smaller --eval-data or a smaller input "
+                   f"shape", err=True)
+        sys.exit(DataError.exit_code)
     except KeyboardInterrupt:
         click.echo(f"{prog_name}: interrupted", err=True)
         sys.exit(130)

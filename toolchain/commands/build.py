@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from edgec.commands.options import (apply, data_options, emit_json, kd_options, model_options, output_options,
-                                    quant_options, quant_options_from)
+from edgec.commands.options import (apply, check_options, data_options, emit_json, kd_options, model_options,
+                                    output_options, quant_options, quant_options_from)
 
 build_options = apply(
     click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17)."),
@@ -22,6 +22,7 @@ build_options = apply(
     click.option("--prune", "prune_ratio", type=float, help="Remove this fraction of channels (structured) first."),
     click.option("--distill", is_flag=True, help="Train the (pruned) model on the original's soft targets."),
     kd_options,
+    check_options,
 )
 
 
@@ -39,9 +40,10 @@ def _run_build(opts, as_json: bool, title: str):
 
 def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, image_size, mean, std, output, force,
                    calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor, bias_correction, equalize,
-                   opset, max_accuracy_drop, fallback_seconds, providers, bench_seconds, prune_ratio, distill, epochs,
+                   opset, max_accuracy_drop, min_sqnr, tasks, label_output, fallback_seconds, providers, bench_seconds, prune_ratio, distill, epochs,
                    lr, alpha, temperature, extra=None):
     from edgec.core.errors import OptionError
+    from edgec.exporters.metrics import parse_tasks
     from edgec.pipeline import BuildOptions
     prune_cfg = distill_cfg = None
     if prune_ratio is not None:
@@ -59,7 +61,8 @@ def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, imag
         eval_data=eval_data, image_size=image_size, mean=mean, std=std, opset=opset,
         quant=quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor,
                                  bias_correction, equalize),
-        max_accuracy_drop=max_accuracy_drop, fallback_seconds=fallback_seconds, providers=tuple(providers),
+        max_accuracy_drop=max_accuracy_drop, min_sqnr=min_sqnr, tasks=parse_tasks(tasks), label_output=label_output,
+        fallback_seconds=fallback_seconds, providers=tuple(providers),
         bench_seconds=bench_seconds,
         prune=prune_cfg, distill=distill_cfg, force=force, extra=extra or {})
 

@@ -72,6 +72,19 @@ kd_options = apply(
     click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature."),
 )
 
+# what INT8 is checked on, per output (edgec.exporters.metrics): the same flags wherever models are gated
+check_options = apply(
+    click.option("--min-sqnr", type=float, default=None,
+                 help="Every output's SQNR of INT8 vs FP32 over the eval data must reach this many dB "
+                      "(default 20: properly calibrated INT8 measured 27-53 dB, wrong ranges 15 and below)."),
+    click.option("--task", "tasks", multiple=True, metavar="OUTPUT=TASK",
+                 help="What an output is, so it gets its task's check: classify, multilabel, regress, score, "
+                      "embed, none (repeatable; a one-output model may say --task classify). Default: detected "
+                      "and printed."),
+    click.option("--label-output", help="The output the labels of --data/--eval-data apply to (needed when the "
+                                        "model has several outputs; 'none' ignores the labels)."),
+)
+
 quant_options = apply(
     click.option("--calibration", type=click.Choice(["minmax", "entropy", "percentile", "auto"]), default=None,
                  help="Calibration method (default: the quantizer's recommended one)."),

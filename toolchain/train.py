@@ -14,6 +14,7 @@ the uninterrupted run would have done, without storing RNG state.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -56,17 +57,17 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+        if self.epochs < 1 or self.batch_size < 1 or not 0 < self.lr < math.inf:  # also refuses nan
             raise OptionError("--epochs, --batch-size and --lr must be positive")
         if not 0.0 <= self.alpha <= 1.0:
             raise OptionError(f"--alpha {self.alpha} is outside 0..1")
-        if self.temperature <= 0:
+        if not 0 < self.temperature < math.inf:
             raise OptionError(f"--temperature {self.temperature} must be positive")
         if self.optimizer not in ("sgd", "adamw") or self.schedule not in ("cosine", "constant"):
             raise OptionError("--optimizer is sgd|adamw and --schedule cosine|constant")
         if self.patience is not None and self.patience < 1:
             raise OptionError(f"--patience {self.patience} must be at least 1 epoch")
-        if self.hint_weight < 0:
+        if not self.hint_weight >= 0:
             raise OptionError(f"--hint-weight {self.hint_weight} must not be negative")
         if self.resume and not self.checkpoint:
             raise OptionError("--resume needs a checkpoint path (the output's .ckpt)")

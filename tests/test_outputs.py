@@ -104,7 +104,7 @@ def test_two_concurrent_builds_to_one_output(model, tmp_path):
     assert sorted(code for code, _ in results) == [0, 8], results
     loser = next(err for code, err in results if code == 8)
     assert "--force" in loser and "Traceback" not in loser
-    from edgec.package import verify_package
+    from edgec.runtime.verify import verify_package
     assert verify_package(out)["ran"] and leftovers(tmp_path) == []
 
 

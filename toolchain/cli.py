@@ -13,7 +13,7 @@ from edgec.core.errors import EdgecError
 # command name -> module in edgec.commands that defines a click command of the same name
 COMMANDS = {
     "demo": "build", "build": "build", "export": "build", "quantize": "build",
-    "inspect": "package", "verify": "package",
+    "inspect": "package", "verify": "package", "sign": "package", "keygen": "package",
     "bench": "bench",
     "prune": "prune", "distill": "distill",
     "compare": "compare",

@@ -27,10 +27,10 @@ build_options = apply(
 
 def _run_build(opts, as_json: bool, title: str):
     from edgec.pipeline import build
-    from edgec.report import print_summary
+    from edgec.core.report import print_summary
     manifest = build(opts)
     if as_json:
-        emit_json(manifest)
+        emit_json(manifest.to_json())
     else:
         print_summary(manifest, title)
         click.echo(f"package: {opts.output}  (edgec inspect {opts.output} | edgec verify {opts.output})")
@@ -70,9 +70,13 @@ def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, imag
 @output_options
 @quant_options
 @build_options
-def build_cmd(as_json, **kw):
+@click.option("--sign-key", type=click.Path(dir_okay=False),
+              help="Sign the package with this Ed25519 private key (NAME.key from `edgec keygen`) as it is written.")
+def build_cmd(as_json, sign_key, **kw):
     """Turn a trained PyTorch model into a verified INT8 ONNX package (NAME.edgec/)."""
-    _run_build(_build_options(**kw), as_json, f"edgec build: {kw['model']}")
+    opts = _build_options(**kw)
+    opts.sign_key = sign_key
+    _run_build(opts, as_json, f"edgec build: {kw['model']}")
 
 
 @click.command("demo")
@@ -83,11 +87,11 @@ def demo_cmd(output, retrain, as_json):
     """The built-in default end to end: ResNet18 trained on the embedded digits -> INT8 package."""
     from edgec.core.errors import OutputExists
     from edgec.demo import demo_model
-    from edgec.package import read_manifest
+    from edgec.core.package import read_manifest
     force = False
     if Path(output).exists():  # replace only an earlier demo package, never anything else
         try:
-            force = bool(read_manifest(output).get("demo"))
+            force = bool(read_manifest(output).extra.get("demo"))
         except Exception:  # noqa: BLE001 - not a package at all: refuse below
             force = False
         if not force:

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgec.data import Dataset, load_data, split
+from edgec.data import Dataset, check_memory, load_data, split
+from edgec.inputspec import (apply_overrides, declared_inputs, dynamic_from_data, example_args, legacy_shape,
+                             parse_input_shapes)
 from edgec.core.errors import BudgetExceeded, DataError, OptionError
 from edgec.core.fsutil import atomic_path
 from edgec.metrics import count_flops, count_params
@@ -77,22 +79,22 @@ class timed:
 @dataclass
 class Inputs:
     model: LoadedModel
-    input_shape: tuple
+    input_shape: tuple | None   # a single-input model's shape at batch 1 (FLOPs, model files); None: several
     calib: Dataset
     eval: Dataset | None
     num_outputs: int
+    specs: list = field(default_factory=list)   # edgec.core.feeds.InputSpec per model input, completed from data
+    output_names: list = field(default_factory=list)   # as exported: what --task/--label-output name
+    checks: object = None                               # edgec.exporters.metrics.CheckOptions
+
+    def example(self) -> tuple:
+        """Positional torch arguments of one real sample, in the model's input order."""
+        return example_args(self.calib.head(1), self.specs)
 
 
-def parse_shape(text: str | None) -> tuple | None:
-    if not text:
-        return None
-    try:
-        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
-    except ValueError:
-        raise OptionError(f"--input-shape {text!r}: expected integers like 1,3,224,224") from None
-    if len(shape) < 2 or any(d <= 0 for d in shape):
-        raise OptionError(f"--input-shape {text!r}: expected a batch and at least one positive dimension")
-    return shape
+def parse_shape(text) -> tuple | dict | None:
+    """--input-shape (repeatable): `1,3,224,224` for a single-input model, or NAME=DIMS per input."""
+    return parse_input_shapes(text)
 
 
 def check_calibration_size(calib: Dataset, held_out: int = 0) -> None:
@@ -104,13 +106,19 @@ def check_calibration_size(calib: Dataset, held_out: int = 0) -> None:
 
 
 def load_inputs(model_path, *, arch=None, trust_pickle=False, input_shape=None, data="builtin:digits",
-                eval_data=None, image_size=None, mean=None, std=None) -> Inputs:
+                eval_data=None, image_size=None, mean=None, std=None, checks=None) -> Inputs:
     """Load and validate model and data before any work starts."""
-    loaded = load_model(model_path, arch, trust_pickle=trust_pickle, input_shape=input_shape)
+    from edgec.exporters.metrics import CheckOptions, check_names
+    from edgec.exporters.onnx_export import default_output_names
+    checks = checks if checks is not None else CheckOptions()
+    checks.validate()
+    one_shape = legacy_shape(input_shape) if isinstance(input_shape, tuple) else None
+    loaded = load_model(model_path, arch, trust_pickle=trust_pickle, input_shape=one_shape)
     kw = dict(image_size=image_size, mean=mean, std=std)
     calib = load_data(data, **kw)
-    shape = loaded.input_shape or (1, *calib.sample_shape)
-    calib.validate(shape)
+    specs = dynamic_from_data(calib.bind(apply_overrides(declared_inputs(loaded), input_shape)).specs, calib)
+    calib.specs = specs
+    shape = (loaded.input_shape or legacy_shape(specs[0].shape)) if len(specs) == 1 else None
     if eval_data:
         evaluation = load_data(eval_data, **kw)
     elif calib.source == "builtin:digits:train":
@@ -120,20 +128,36 @@ def load_inputs(model_path, *, arch=None, trust_pickle=False, input_shape=None, 
         note(f"no --eval-data: holding out {len(evaluation)} of {calib.source}'s samples for evaluation")
     else:
         evaluation = None
-    check_calibration_size(calib, held_out=len(evaluation) if evaluation is not None and evaluation.source == calib.source
-                           and not eval_data else 0)
-    example = torch.from_numpy(calib.head(1))
+    held_out = len(evaluation) if evaluation is not None and evaluation.source == calib.source and not eval_data else 0
+    check_calibration_size(calib, held_out=held_out)
+    example = example_args(calib.head(1), specs)
     try:
         with torch.no_grad():
-            out = loaded.module(example)
+            out = out_all = loaded.module(*example)
     except Exception as e:  # noqa: BLE001 - any failure here means data and model do not fit
-        raise DataError(f"the model fails on a sample of shape {tuple(example.shape)} from {calib.source} "
+        shapes = ", ".join(f"{s.name} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                           for s, t in zip(specs, example))
+        raise DataError(f"the model fails on a sample ({shapes}) from {calib.source} "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); check --input-shape/--image-size") from None
     out = out[0] if isinstance(out, (tuple, list)) else out
-    num_outputs = int(out.shape[-1])
+    num_outputs = int(out.shape[-1]) if out.ndim else 1
+    outs = out_all if isinstance(out_all, (tuple, list)) else (out_all,)
+    names = default_output_names(len(outs))
+    # --task/--label-output name real outputs, and labels apply to a named one: checked before any long work
+    label_output = check_names(names, checks, (evaluation if evaluation is not None else calib).labelled)
     if evaluation is not None:
-        evaluation.validate(shape, num_classes=num_outputs if out.ndim == 2 else None)
-    return Inputs(loaded, shape, calib, evaluation, num_outputs)
+        given = checks.tasks.get(label_output, checks.tasks.get("")) if label_output else None
+        labelled_out = outs[names.index(label_output)] if given == "classify" else None
+        evaluation.bind(specs, num_classes=int(labelled_out.shape[-1]) if labelled_out is not None else None)
+    params = [*loaded.module.parameters(), *loaded.module.buffers()]
+    check_memory(sum(t.numel() * t.element_size() for t in params),
+                 sum(o.numel() * o.element_size() for o in outs), calib, evaluation)
+    return Inputs(loaded, shape, calib, evaluation, num_outputs, specs, names, checks)
+
+
+def num_classes(data: Dataset) -> int | None:
+    """The data's class count where the data says it (class folders, built-in data), for task detection."""
+    return len(data.classes) if data.classes else None
 
 
 # ---------------------------------------------------------------- stages
@@ -142,7 +166,7 @@ def stage_load(inputs: Inputs) -> Stage:
     m = inputs.model
     return Stage("load", "model file + data", "eager/TorchScript module, validated data",
                  options=m.describe(),
-                 metrics={"params": count_params(m.module), "flops": count_flops(m.module, inputs.input_shape),
+                 metrics={"params": count_params(m.module), "flops": count_flops(m.module, inputs.example()),
                           "calib": inputs.calib.describe(),
                           "eval": inputs.eval.describe() if inputs.eval is not None else None})
 
@@ -150,10 +174,9 @@ def stage_load(inputs: Inputs) -> Stage:
 def stage_export(module, inputs: Inputs, path: Path, opset: int) -> Stage:
     from edgec.exporters.onnx_export import check_onnx_against_torch, export_onnx
     stage = Stage("export", "torch module + example input", "model.fp32.onnx checked against torch",
-                  options={"opset": opset, "dynamic_batch": True})
+                  options={"opset": opset, "dynamic_axes": {s.name: s.dynamic_axes for s in inputs.specs}})
     with timed(stage):
-        example = torch.from_numpy(inputs.calib.head(1))
-        info = export_onnx(module, example, path, opset=opset)
+        info = export_onnx(module, inputs.calib.head(1), path, opset=opset, inputs=inputs.specs)
         check_data = inputs.eval if inputs.eval is not None else inputs.calib
         check = check_onnx_against_torch(module, path, check_data.head(EXPORT_CHECK_SAMPLES))
         stage.metrics = {"export": plain(info), "check": check}
@@ -163,10 +186,10 @@ def stage_export(module, inputs: Inputs, path: Path, opset: int) -> Stage:
 def stage_quantize(fp32: Path, int8: Path, inputs: Inputs, options, max_drop: float | None = None,
                    fallback_seconds: float = 0.0) -> Stage:
     """Static INT8; with a drop budget and a time box, the most sensitive nodes fall back to FP32 until the
-    drop on calibration samples fits (never on the eval data, which stays for the honest check after)."""
+    drop on calibration samples fits (never on the eval data, which stays for the honest check after).
+    The drop is the gate's own: the checked outputs' task figures, with labels or against FP32 without."""
     from edgec.exporters.quantize import quantize_int8
-    # only where the budget is gated afterwards: accuracy needs labelled eval data (agreement is reported, not gated)
-    fallback = max_drop is not None and fallback_seconds > 0 and inputs.eval is not None and inputs.eval.labelled
+    fallback = max_drop is not None and fallback_seconds > 0
     stage = Stage("quantize", "model.fp32.onnx + calibration data (no labels needed)",
                   "model.onnx: static INT8 (QDQ), ONNX Runtime calibration"
                   + ("; sensitive nodes kept in FP32 when over the accuracy budget" if fallback else ""),
@@ -177,8 +200,11 @@ def stage_quantize(fp32: Path, int8: Path, inputs: Inputs, options, max_drop: fl
             from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
             n = len(inputs.calib)  # spread over the data: folders are sorted by class
             scored = inputs.calib.take(np.unique(np.linspace(0, n - 1, min(n, FALLBACK_SAMPLES)).astype(int)))
-            info, _ = quantize_with_budget(fp32, int8, inputs.calib, scored.head(len(scored)), scored.y, options,
-                                           FallbackOptions(max_accuracy_drop=max_drop, time_budget_s=fallback_seconds))
+            # re-read per candidate where that is cheap (memory-mapped arrays), else decoded once and kept
+            x = scored if scored.rereadable else scored.head(len(scored))
+            info, _ = quantize_with_budget(fp32, int8, inputs.calib, x, scored.y, options,
+                                           FallbackOptions(max_accuracy_drop=max_drop, time_budget_s=fallback_seconds,
+                                                           checks=inputs.checks, num_classes=num_classes(scored)))
         else:
             info = quantize_int8(fp32, int8, inputs.calib, options)
         stage.metrics = plain(info)
@@ -205,37 +231,66 @@ def stage_take_int8(int8: Path, source: Path, record: dict) -> Stage:
 
 def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | None,
                    fallback: dict | None = None) -> Stage:
-    """FP32 vs INT8 on held-out data: accuracy with labels, agreement with the FP32 model always."""
-    from edgec.exporters.compare import accuracy, compare_outputs
-    stage = Stage("evaluate", "both ONNX models + eval data", "accuracy (labels) or agreement with FP32",
-                  options={"max_accuracy_drop": max_drop})
+    """FP32 vs INT8 on held-out data, every output: SQNR always, the task figure where the task is known (with
+    labels on the output they are tied to, else agreement with FP32); the gate fails the build on either."""
+    from edgec.exporters.metrics import CheckOptions, compare_models, failures
+    checks = dataclasses.replace(inputs.checks or CheckOptions(), max_drop=max_drop)
+    stage = Stage("evaluate", "both ONNX models + eval data",
+                  "per output: SQNR, task figure (labels on the output named) or agreement with FP32",
+                  options={"max_accuracy_drop": max_drop, "min_sqnr_db": checks.min_sqnr,
+                           "tasks": dict(checks.tasks), "label_output": checks.label_output})
     with timed(stage):
-        data = inputs.eval if inputs.eval is not None else inputs.calib
-        x = data.head(len(data))
+        data = inputs.eval if inputs.eval is not None else inputs.calib   # streamed batch by batch
         stage.metrics["data"] = data.describe()
-        stage.metrics["agreement"] = agreement(compare_outputs(fp32, int8, x))
-        if data.labelled:
-            fp, q = 100 * accuracy(fp32, x, data.y), 100 * accuracy(int8, x, data.y)
-            stage.metrics.update(fp32_accuracy=fp, int8_accuracy=q, accuracy_drop=round(fp - q, 4))
-            if max_drop is not None and fp - q > max_drop:
-                tried = (f"; the fallback kept {len(fallback['excluded'])} node(s) in FP32 ({fallback['stopped']})"
-                         if fallback else "")
-                raise BudgetExceeded(
-                    f"INT8 accuracy {q:.2f}% is {fp - q:.2f} points below FP32 {fp:.2f}% (allowed "
-                    f"{max_drop}){tried}; try --calibration percentile|auto, other --data, a longer "
-                    "--fallback-seconds, --exclude-op-types, or raise --max-accuracy-drop")
+        outputs = compare_models(fp32, int8, data.batches(64), data.y, checks, num_classes=num_classes(data))
+        stage.metrics["outputs"] = outputs
+        for o in outputs:
+            note(f"output {o['name']}: {o['task']} ({o['chosen']}{': ' + o['why'] if o['why'] else ''}); "
+                 + "SQNR " + ("identical" if o["identical"] else f"{o['sqnr_db']} dB")
+                 + (f", {o['metric']} FP32 {o['fp32']:.2f} INT8 {o['int8']:.2f}" if o.get("metric") else ""))
+        stage.metrics["agreement"] = agreement_summary(outputs)
+        labelled = next((o for o in outputs if o["labels"] and o["task"] == "classify"), None)
+        if labelled is not None:  # the accuracy figures the manifest and compare have always carried
+            fp, q = labelled["fp32_accuracy"], labelled["int8_accuracy"]
+            stage.metrics.update(fp32_accuracy=fp, int8_accuracy=q, accuracy_drop=round(fp - q, 4),
+                                 label_output=labelled["name"])
+        failed = failures(outputs, checks)
+        stage.metrics["gate"] = {"passed": not failed, "failures": failed}
+        if failed:
+            tried = (f"; the fallback kept {len(fallback['excluded'])} node(s) in FP32 ({fallback['stopped']})"
+                     if fallback else "")
+            raise BudgetExceeded(
+                f"INT8 fails the checks: {'; '.join(failed)}{tried}; try --calibration percentile|auto, other "
+                "--data, a longer --fallback-seconds, --exclude-op-types, or relax --max-accuracy-drop/--min-sqnr")
     return stage
 
 
-def stage_bench(int8: Path, fp32: Path, providers: list[str], seconds: float) -> Stage:
+def agreement_summary(outputs: list[dict]) -> dict:
+    """The short agreement record (samples, outputs, worst SQNR, top-1 agreement of the first classifier)."""
+    sqnrs = [o["sqnr_db"] for o in outputs if not o["identical"]]  # None: a zero reference, the worst case
+    out = {"samples": outputs[0]["samples"], "outputs": [o["name"] for o in outputs],
+           "min_sqnr_db": None if None in sqnrs else min(sqnrs, default=None)}
+    first = next((o for o in outputs if o["task"] == "classify"), None)
+    if first is not None:
+        out["top1_agreement"] = first["top1_agreement"]
+    return out
+
+
+def stage_bench(int8: Path, fp32: Path, providers: list[str], seconds: float, shapes: dict | None = None) -> Stage:
+    """`shapes`: {input: dims} at which to time (one real sample's: the data's sequence lengths)."""
     from edgec.runtime import benchmark
-    stage = Stage("bench", "ONNX models", "latency per execution provider (INT8 and FP32, interleaved)",
-                  options={"providers": providers, "seconds_per_model": seconds})
+    stage = Stage("bench", "ONNX models", "latency per execution provider (INT8 and FP32 each alone, as `edgec "
+                  "bench` measures them; their ratio from interleaved runs)",
+                  options={"providers": providers, "seconds_per_model": seconds, "shapes": shapes})
     with timed(stage):
-        results = benchmark([int8, fp32], providers=providers, runs=f"{seconds}s", warmup="5")
-        per_model = len(results) // 2  # ordered models x providers
-        stage.metrics = {r.ep: {"int8": r.to_json(), "fp32": f.to_json()}
-                         for r, f in zip(results[:per_model], results[per_model:])}
+        # each model alone: the figure the gate (`edgec bench PKG`) measures; interleaved only for the paired ratio
+        int8s, fp32s = (benchmark([m], providers=providers, runs=f"{seconds}s", warmup="5", shapes=shapes)
+                        for m in (int8, fp32))
+        pair = benchmark([int8, fp32], providers=providers, runs=f"{seconds}s", warmup="5", shapes=shapes,
+                         inspect=False)
+        stage.metrics = {r.ep: {"int8": r.to_json(), "fp32": f.to_json(),   # FP32/INT8 time, round by round:
+                                "fp32_over_int8_interleaved": paired.ratio}  # robust to drift between the runs
+                         for r, f, paired in zip(int8s, fp32s, pair[len(pair) // 2:])}   # models x providers
     return stage
 
 
@@ -256,6 +311,9 @@ class BuildOptions:
     opset: int = 17
     quant: object = None                 # edgec.exporters.quantize.QuantOptions; None = defaults for this host
     max_accuracy_drop: float | None = 1.0
+    min_sqnr: float | None = None        # dB, every output; None = edgec.exporters.metrics.DEFAULT_MIN_SQNR
+    tasks: dict = field(default_factory=dict)  # output name -> task (--task); "" = the only output
+    label_output: str | None = None      # the output labels apply to (--label-output); "none" ignores them
     fallback_seconds: float = 300.0      # time box of the sensitivity fallback; 0 = fail instead of falling back
     providers: tuple = ("cpu",)
     bench_seconds: float = 2.0           # per model and provider; 0 = no benchmark
@@ -282,9 +340,12 @@ def build(opts: BuildOptions):
     check_writable(opts.output, opts.force, inputs=reads, directory=True)  # fail before hours of work, not after
     from edgec.core.signing import load_private_key
     sign_key = load_private_key(opts.sign_key) if opts.sign_key else None  # a wrong key fails now, not after
+    from edgec.exporters.metrics import DEFAULT_MIN_SQNR, CheckOptions
+    checks = CheckOptions(dict(opts.tasks), opts.label_output,
+                          DEFAULT_MIN_SQNR if opts.min_sqnr is None else opts.min_sqnr, opts.max_accuracy_drop)
     inputs = load_inputs(opts.model, arch=opts.arch, trust_pickle=opts.trust_pickle,
                          input_shape=opts.input_shape, data=opts.data, eval_data=opts.eval_data,
-                         image_size=opts.image_size, mean=opts.mean, std=opts.std)
+                         image_size=opts.image_size, mean=opts.mean, std=opts.std, checks=checks)
     stages = [stage_load(inputs)]
     module = inputs.model.module
     original = module
@@ -304,7 +365,8 @@ def build(opts: BuildOptions):
         stages.append(stage_evaluate(fp32, int8, inputs, opts.max_accuracy_drop,
                                      stages[-1].metrics.get("sensitivity")))
         if opts.bench_seconds > 0 and opts.providers:
-            stages.append(stage_bench(int8, fp32, list(opts.providers), opts.bench_seconds))
+            stages.append(stage_bench(int8, fp32, list(opts.providers), opts.bench_seconds,
+                                      {k: list(v.shape) for k, v in inputs.calib.head(1).items()}))
         manifest = package.make_manifest(tmp, inputs, module, stages, extra=opts.extra,
                                          seconds=time.perf_counter() - started)
         package.write_package_files(tmp, manifest, sign_key=sign_key)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from edgec.commands.options import (FINITE, apply, data_options, emit_json, kd_options, model_options,
-                                    output_options, quant_options, quant_options_from, _opset)
+from edgec.commands.options import (FINITE, apply, check_options, data_options, emit_json, kd_options,
+                                    model_options, output_options, quant_options, quant_options_from, _opset)
 
 build_options = apply(
     click.option("--opset", type=int, default=17, show_default=True, callback=_opset, help="ONNX opset (17-20)."),
@@ -22,6 +22,7 @@ build_options = apply(
     click.option("--prune", "prune_ratio", type=FINITE, help="Remove this fraction of channels (structured) first."),
     click.option("--distill", is_flag=True, help="Train the (pruned) model on the original's soft targets."),
     kd_options,
+    check_options,
 )
 
 
@@ -39,9 +40,10 @@ def _run_build(opts, as_json: bool, title: str):
 
 def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, image_size, mean, std, output, force,
                    calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor, bias_correction, equalize,
-                   opset, max_accuracy_drop, fallback_seconds, providers, bench_seconds, prune_ratio, distill, epochs,
+                   opset, max_accuracy_drop, min_sqnr, tasks, label_output, fallback_seconds, providers, bench_seconds, prune_ratio, distill, epochs,
                    lr, alpha, temperature, extra=None):
     from edgec.core.errors import OptionError
+    from edgec.exporters.metrics import parse_tasks
     from edgec.pipeline import BuildOptions
     prune_cfg = distill_cfg = None
     if prune_ratio is not None:
@@ -59,7 +61,8 @@ def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, imag
         eval_data=eval_data, image_size=image_size, mean=mean, std=std, opset=opset,
         quant=quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor,
                                  bias_correction, equalize),
-        max_accuracy_drop=max_accuracy_drop, fallback_seconds=fallback_seconds, providers=tuple(providers),
+        max_accuracy_drop=max_accuracy_drop, min_sqnr=min_sqnr, tasks=parse_tasks(tasks), label_output=label_output,
+        fallback_seconds=fallback_seconds, providers=tuple(providers),
         bench_seconds=bench_seconds,
         prune=prune_cfg, distill=distill_cfg, force=force, extra=extra or {})
 
@@ -128,7 +131,8 @@ def quantize_cmd(model, data, eval_data, image_size, mean, std, output, force, a
                  target, exclude_nodes, exclude_op_types, per_tensor, bias_correction, equalize):
     """Static INT8 quantization of an ONNX model with ONNX Runtime calibration on --data."""
     from edgec.data import load_data
-    from edgec.exporters.compare import accuracy, compare_outputs
+    import numpy as np
+    from edgec.exporters.compare import accuracy, compare_outputs, onnx_inputs
     from edgec.exporters.quantize import quantize_int8
     from edgec.core.fsutil import atomic_path
     from edgec.pipeline import agreement, plain
@@ -137,17 +141,17 @@ def quantize_cmd(model, data, eval_data, image_size, mean, std, output, force, a
     check_onnx_file(model)
     opts = quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor,
                               bias_correction, equalize)
-    calib = load_data(data, image_size=image_size, mean=mean, std=std)
-    calib.validate()
+    specs = onnx_inputs(model)
+    calib = load_data(data, image_size=image_size, mean=mean, std=std).bind(specs)
     check_calibration_size(calib)
     with atomic_path(output, force=force, inputs=(model, data, eval_data)) as tmp:
         info = plain(quantize_int8(model, tmp, calib, opts))
-        check = load_data(eval_data, image_size=image_size, mean=mean, std=std) if eval_data else calib
-        x = check.head(512)
+        check = load_data(eval_data, image_size=image_size, mean=mean, std=std).bind(specs) if eval_data else calib
+        x = check.take(np.arange(min(512, len(check))))   # streamed
         info["agreement"] = agreement(compare_outputs(model, tmp, x))
         if check.labelled:
-            info["fp32_accuracy"] = 100 * accuracy(model, x, check.y[:len(x)])
-            info["int8_accuracy"] = 100 * accuracy(tmp, x, check.y[:len(x)])
+            info["fp32_accuracy"] = 100 * accuracy(model, x, x.y)
+            info["int8_accuracy"] = 100 * accuracy(tmp, x, x.y)
     if as_json:
         emit_json(info)
     else:

@@ -28,13 +28,15 @@ def files(tmp_path_factory):
     for folder in ("bomb/a", "bomb/b", "fifo/a", "fifo/b"):
         (d / folder).mkdir(parents=True)
     Image.new("1", (14000, 14000)).save(d / "bomb/a/big.png")  # 196 Mpixel in a few KB
-    for folder in ("bomb/b", "fifo/a", "fifo/b"):
+    for folder in ("fifo/a", "fifo/b"):
         Image.new("RGB", (40, 40)).save(d / folder / "ok.png")
+    for i in range(40):  # enough samples to calibrate: the bomb is what fails
+        Image.new("RGB", (40, 40)).save(d / "bomb/b" / f"ok{i}.png")
     os.mkfifo(d / "fifo/a/x.jpg")  # reading it would block forever
     (d / "random.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
     digits = load_data("builtin:digits:train")
-    np.savez(d / "one.npz", x=digits.head(1), y=digits.y[:1])
-    np.savez(d / "badlabels.npz", x=digits.head(64), y=np.full(64, 57))
+    np.savez(d / "one.npz", x=digits.head(1)["x"], y=digits.y[:1])
+    np.savez(d / "badlabels.npz", x=digits.head(64)["x"], y=np.full(64, 57))
     json.dump({"schema": "edgec.bench/1", "results": [{"ep": "cpu", "model": "m.onnx"}]}, open(d / "nop50.json", "w"))
     json.dump({"schema": "edgec.bench/1", "results": [{"ep": "cpu", "latency_ms": {"p50": "fast"}}]},
               open(d / "text.json", "w"))
@@ -49,7 +51,6 @@ MISTAKES = [
     (BUILD + ["--image-size", "32", "--data", "{d}/bomb"], 4, "pixels"),
     (BUILD + ["--image-size", "32", "--data", "{d}/fifo"], 4, "not a regular file"),
     (BUILD + ["--data", "{d}/one.npz"], 4, "at least 32"),
-    (BUILD + ["--data", "{d}/badlabels.npz"], 4, "labels"),
     (BUILD + ["--data", "{d}/badlabels.npz", "--prune", "0.3", "--distill"], 4, "labels"),
     (BUILD + ["--distill", "--lr", "nan"], 2, "--lr"),
     (BUILD + ["--distill", "--temperature", "inf"], 2, "--temperature"),

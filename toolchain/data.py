@@ -60,6 +60,11 @@ class Column:
     def __getitem__(self, item) -> np.ndarray:   # what single-input code (training, pruning) slices
         return self.read(item)
 
+    def __array__(self, dtype=None, copy=None):
+        """The whole column as one array (np.asarray(ds.x)): small data only, everything else reads batches."""
+        x = self.read(slice(0, len(self)))
+        return x if dtype is None else x.astype(dtype, copy=False)
+
     @property
     def dtype(self) -> np.dtype:
         return self.read(slice(0, 1)).dtype

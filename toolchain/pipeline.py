@@ -233,6 +233,7 @@ def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | Non
                    fallback: dict | None = None) -> Stage:
     """FP32 vs INT8 on held-out data, every output: SQNR always, the task figure where the task is known (with
     labels on the output they are tied to, else agreement with FP32); the gate fails the build on either."""
+    from edgec.exporters.compare import auto_batch
     from edgec.exporters.metrics import CheckOptions, compare_models, failures
     checks = dataclasses.replace(inputs.checks or CheckOptions(), max_drop=max_drop)
     stage = Stage("evaluate", "both ONNX models + eval data",
@@ -242,7 +243,8 @@ def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | Non
     with timed(stage):
         data = inputs.eval if inputs.eval is not None else inputs.calib   # streamed batch by batch
         stage.metrics["data"] = data.describe()
-        outputs = compare_models(fp32, int8, data.batches(64), data.y, checks, num_classes=num_classes(data))
+        batches = data.batches(auto_batch(data.bytes_per_sample()))   # ~8 MB of inputs: ORT arenas stay small
+        outputs = compare_models(fp32, int8, batches, data.y, checks, num_classes=num_classes(data))
         stage.metrics["outputs"] = outputs
         for o in outputs:
             note(f"output {o['name']}: {o['task']} ({o['chosen']}{': ' + o['why'] if o['why'] else ''}); "

@@ -27,6 +27,7 @@ EVAL_FRACTION = 0.2      # held out of --data when no --eval-data is given
 VALIDATION_FRACTION = 0.1  # held out of the training data to pick the best epoch (never the eval data)
 EXPORT_CHECK_SAMPLES = 64
 FALLBACK_SAMPLES = 512   # calibration samples that score sensitivity fallback candidates
+MIN_CALIBRATION_SAMPLES = 32  # the calibration check's own minimum (exporters.calibration.check_samples)
 
 
 def plain(obj):
@@ -96,6 +97,14 @@ def parse_shape(text) -> tuple | dict | None:
     return parse_input_shapes(text)
 
 
+def check_calibration_size(calib: Dataset, held_out: int = 0) -> None:
+    """INT8 ranges from a handful of samples do not fit real inputs (and an accuracy on them means nothing)."""
+    if len(calib) < MIN_CALIBRATION_SAMPLES:
+        kept = f" after holding out {held_out} for evaluation (or pass --eval-data)" if held_out else ""
+        raise DataError(f"{calib.source}: {len(calib)} calibration samples{kept}; edgec needs at least "
+                        f"{MIN_CALIBRATION_SAMPLES} (256 by default), drawn from the data the model will see")
+
+
 def load_inputs(model_path, *, arch=None, trust_pickle=False, input_shape=None, data="builtin:digits",
                 eval_data=None, image_size=None, mean=None, std=None, checks=None) -> Inputs:
     """Load and validate model and data before any work starts."""
@@ -119,6 +128,8 @@ def load_inputs(model_path, *, arch=None, trust_pickle=False, input_shape=None, 
         note(f"no --eval-data: holding out {len(evaluation)} of {calib.source}'s samples for evaluation")
     else:
         evaluation = None
+    held_out = len(evaluation) if evaluation is not None and evaluation.source == calib.source and not eval_data else 0
+    check_calibration_size(calib, held_out=held_out)
     example = example_args(calib.head(1), specs)
     try:
         with torch.no_grad():
@@ -322,9 +333,9 @@ def build(opts: BuildOptions):
     from edgec.exporters.quantize import QuantOptions
 
     started = time.perf_counter()
-    if opts.max_accuracy_drop is not None and opts.max_accuracy_drop < 0:
+    if opts.max_accuracy_drop is not None and not opts.max_accuracy_drop >= 0:  # `not >=`: nan is refused too
         raise OptionError(f"--max-accuracy-drop {opts.max_accuracy_drop}: a budget in points, 0 or more")
-    if opts.fallback_seconds < 0:
+    if not opts.fallback_seconds >= 0:
         raise OptionError(f"--fallback-seconds {opts.fallback_seconds}: 0 (no fallback) or more")
     from edgec.core.fsutil import check_writable
     reads = (opts.model, opts.data, opts.eval_data)

@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).with_name("SQNR_THRESHOLD.md")))
     ap.add_argument("--skip-demo", action="store_true")
+    ap.add_argument("--kinds", default=None, help="comma-separated subset of edgec.models.kinds.KINDS")
     args = ap.parse_args(argv)
     from edgec.data import load_data
     from edgec.models.kinds import KINDS, train_kind
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
             calibs[name] = work / f"{name}.npz"
             np.savez(calibs[name], x=f(train.x[0:512]).astype(np.float32))
         models = {}
-        for kind in KINDS:
+        for kind in (args.kinds.split(",") if args.kinds else KINDS):
             m = train_kind(kind, train.x[0:len(train)], train.y)
             models[kind] = work / f"{kind}.pt"
             torch.jit.save(torch.jit.trace(m, torch.from_numpy(train.x[0:2])), models[kind])

@@ -97,9 +97,6 @@ class OutputTask:
     labelled: bool = False
     threshold: float = 0.5  # multilabel decisions: 0.5 on probabilities, 0 on logits
 
-    def describe(self) -> str:
-        return f"{self.task} ({self.chosen}{': ' + self.why if self.why else ''})"
-
 
 def _rows(a) -> np.ndarray:
     a = np.asarray(a)

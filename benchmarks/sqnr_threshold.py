@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         for kind, path in models.items():
             for variant, calib in [("good (edgec defaults)", "builtin:digits"), *calibs.items()]:
                 for o in measure(path, calib, work, LABEL_OUTPUT.get(kind)):
-                    rows.append({"model": kind, "int8": variant, **o})
+                    rows.append({"model": kind, "variant": variant, **o})
                     print(json.dumps(rows[-1]), file=sys.stderr)
     lines = ["# Default --min-sqnr: measured", "",
              "`.venv/bin/python benchmarks/sqnr_threshold.py` (eval: builtin:digits:test, 360 samples; broken = real",
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         fp = f"{r['fp32']:.2f}" if r.get("fp32") is not None else "-"
         q = f"{r['int8']:.2f}" if r.get("int8") is not None else "-"
         sq = "identical" if r["identical"] else (f"{r['sqnr_db']:.1f}" if r["sqnr_db"] is not None else "-inf")
-        lines.append(f"| {r['model']} | {r['int8']} | {r['name']} | {r['task']} ({r['chosen']}) | {fig} | {fp} | {q} "
+        lines.append(f"| {r['model']} | {r['variant']} | {r['name']} | {r['task']} ({r['chosen']}) | {fig} | {fp} | {q} "
                      f"| {sq} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

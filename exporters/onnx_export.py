@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec.core.errors import ExportError, ModelError
+from edgec.core.errors import ExportError, ModelError, cause_line
 from edgec.exporters.compare import ort_session, output_agreement, run_onnx
 from edgec.core.fsutil import atomic_path
 
@@ -146,7 +146,7 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
             outs = _outputs_tuple(module(example))
         except Exception as e:
             raise ModelError(f"the model fails on the example input of shape {tuple(example.shape)}: "
-                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; fix --input-shape") from e
+                             f"{cause_line(e)}; fix --input-shape") from e
         if output_names is None:
             output_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
         elif len(output_names) != len(outs):
@@ -204,8 +204,7 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+    return cause_line(e)[:300]
 
 
 def _export_error(op: str | None, e: BaseException, opset: int) -> ExportError:

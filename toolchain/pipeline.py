@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from edgec.data import Dataset, load_data, split
-from edgec.core.errors import BudgetExceeded, DataError, OptionError
+from edgec.core.errors import BudgetExceeded, DataError, OptionError, cause_line
 from edgec.core.fsutil import atomic_path
 from edgec.metrics import count_flops, count_params
 from edgec.modelio import LoadedModel, load_model
@@ -117,7 +117,7 @@ def load_inputs(model_path, *, arch=None, trust_pickle=False, input_shape=None, 
             out = loaded.module(example)
     except Exception as e:  # noqa: BLE001 - any failure here means data and model do not fit
         raise DataError(f"the model fails on a sample of shape {tuple(example.shape)} from {calib.source} "
-                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); check --input-shape/--image-size") from None
+                        f"({cause_line(e)}); check --input-shape/--image-size") from None
     out = out[0] if isinstance(out, (tuple, list)) else out
     num_outputs = int(out.shape[-1])
     if evaluation is not None:

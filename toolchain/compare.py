@@ -28,6 +28,7 @@ RECIPES = {
     "qat-kd": "quantization-aware fine-tuning with the teacher's soft targets, exported as INT8 QDQ",
 }
 RESULT_SCHEMA = "edgec.compare/1"
+COMPARE_MARKER = ".edgec-compare"  # in every folder compare writes: a rerun may reuse and overwrite it
 
 
 @dataclass
@@ -209,7 +210,7 @@ def recipe_prune_kd(ws: Workspace, row: str) -> dict:
     from edgec.exporters.onnx_export import export_onnx
     from edgec.modelio import load_model
     student_path, details = _student(ws)
-    student = load_model(student_path).module
+    student = load_model(student_path, ws.inputs.model.arch).module  # the spec the user already trusted
     path = ws.dir(row) / "model.onnx"
     export_onnx(student, torch.from_numpy(ws.inputs.calib.head(1)), path)
     return {"onnx": path, **_module_figures(student, ws.inputs.input_shape), **_eval_onnx(ws, path, None),
@@ -222,7 +223,7 @@ def recipe_prune_kd_ptq(ws: Workspace, row: str) -> dict:
         recipe_prune_kd(ws, "prune-kd")
     from edgec.modelio import load_model
     student_path, details = _student(ws)
-    figures = _module_figures(load_model(student_path).module, ws.inputs.input_shape)
+    figures = _module_figures(load_model(student_path, ws.inputs.model.arch).module, ws.inputs.input_shape)
     result = recipe_ptq(ws, row, "minmax", source=fp32, figures=figures)
     result["details"] = {**details, **result["details"]}
     return result
@@ -268,12 +269,13 @@ def planned_rows(opts: CompareOptions) -> list[tuple[str, callable]]:
 
 def run_compare(opts: CompareOptions) -> dict:
     from edgec.recommend import recommend
+    from edgec.core.fsutil import claim_folder
     opts.validate()
+    claim_folder(opts.output, COMPARE_MARKER, create=False)  # before minutes of work: never someone else's files
     inputs = load_inputs(opts.model, arch=opts.arch, trust_pickle=opts.trust_pickle, input_shape=opts.input_shape,
                          data=opts.data, eval_data=opts.eval_data, image_size=opts.image_size, mean=opts.mean,
                          std=opts.std)
-    root = Path(opts.output)
-    root.mkdir(parents=True, exist_ok=True)
+    root = claim_folder(opts.output, COMPARE_MARKER)
     ws = Workspace(root, opts, inputs)
     rows = []
     for row, fn in planned_rows(opts):

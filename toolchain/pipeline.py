@@ -253,10 +253,11 @@ class BuildOptions:
     force: bool = False
     extra: dict = field(default_factory=dict)  # recorded verbatim in the manifest (e.g. {"demo": true})
     prebuilt_int8: tuple | None = None   # (path, record): an INT8 model made elsewhere (compare's QAT) replaces PTQ
+    sign_key: str | None = None          # NAME.key from `edgec keygen`: the package is signed before it appears
 
 
-def build(opts: BuildOptions) -> dict:
-    """Run every stage and write the package; returns its manifest."""
+def build(opts: BuildOptions):
+    """Run every stage and write the package; returns its manifest (edgec.core.package.Manifest)."""
     from edgec import package
     from edgec.exporters.quantize import QuantOptions
 
@@ -265,9 +266,11 @@ def build(opts: BuildOptions) -> dict:
         raise OptionError(f"--max-accuracy-drop {opts.max_accuracy_drop}: a budget in points, 0 or more")
     if opts.fallback_seconds < 0:
         raise OptionError(f"--fallback-seconds {opts.fallback_seconds}: 0 (no fallback) or more")
-    Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
     from edgec.core.fsutil import check_writable
-    check_writable(opts.output, opts.force)  # fail before hours of work, not after
+    reads = (opts.model, opts.data, opts.eval_data)
+    check_writable(opts.output, opts.force, inputs=reads, directory=True)  # fail before hours of work, not after
+    from edgec.core.signing import load_private_key
+    sign_key = load_private_key(opts.sign_key) if opts.sign_key else None  # a wrong key fails now, not after
     inputs = load_inputs(opts.model, arch=opts.arch, trust_pickle=opts.trust_pickle,
                          input_shape=opts.input_shape, data=opts.data, eval_data=opts.eval_data,
                          image_size=opts.image_size, mean=opts.mean, std=opts.std)
@@ -280,7 +283,7 @@ def build(opts: BuildOptions) -> dict:
     if opts.distill is not None:
         stages.append(stage_distill(original, module, inputs, opts.distill))
     quant = opts.quant if opts.quant is not None else QuantOptions()
-    with atomic_path(opts.output, force=opts.force, directory=True) as tmp:
+    with atomic_path(opts.output, force=opts.force, directory=True, inputs=reads) as tmp:
         fp32, int8 = tmp / package.FP32_FILE, tmp / package.MODEL_FILE
         stages.append(stage_export(module, inputs, fp32, opts.opset))
         if opts.prebuilt_int8 is not None:
@@ -293,7 +296,7 @@ def build(opts: BuildOptions) -> dict:
             stages.append(stage_bench(int8, fp32, list(opts.providers), opts.bench_seconds))
         manifest = package.make_manifest(tmp, inputs, module, stages, extra=opts.extra,
                                          seconds=time.perf_counter() - started)
-        package.write_package_files(tmp, manifest)
+        package.write_package_files(tmp, manifest, sign_key=sign_key)
     return manifest
 
 

@@ -27,10 +27,10 @@ build_options = apply(
 
 def _run_build(opts, as_json: bool, title: str):
     from edgec.pipeline import build
-    from edgec.report import print_summary
+    from edgec.core.report import print_summary
     manifest = build(opts)
     if as_json:
-        emit_json(manifest)
+        emit_json(manifest.to_json())
     else:
         print_summary(manifest, title)
         click.echo(f"package: {opts.output}  (edgec inspect {opts.output} | edgec verify {opts.output})")
@@ -70,9 +70,13 @@ def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, imag
 @output_options
 @quant_options
 @build_options
-def build_cmd(as_json, **kw):
+@click.option("--sign-key", type=click.Path(dir_okay=False),
+              help="Sign the package with this Ed25519 private key (NAME.key from `edgec keygen`) as it is written.")
+def build_cmd(as_json, sign_key, **kw):
     """Turn a trained PyTorch model into a verified INT8 ONNX package (NAME.edgec/)."""
-    _run_build(_build_options(**kw), as_json, f"edgec build: {kw['model']}")
+    opts = _build_options(**kw)
+    opts.sign_key = sign_key
+    _run_build(opts, as_json, f"edgec build: {kw['model']}")
 
 
 @click.command("demo")
@@ -83,11 +87,11 @@ def demo_cmd(output, retrain, as_json):
     """The built-in default end to end: ResNet18 trained on the embedded digits -> INT8 package."""
     from edgec.core.errors import OutputExists
     from edgec.demo import demo_model
-    from edgec.package import read_manifest
+    from edgec.core.package import read_manifest
     force = False
     if Path(output).exists():  # replace only an earlier demo package, never anything else
         try:
-            force = bool(read_manifest(output).get("demo"))
+            force = bool(read_manifest(output).extra.get("demo"))
         except Exception:  # noqa: BLE001 - not a package at all: refuse below
             force = False
         if not force:
@@ -110,7 +114,7 @@ def export_cmd(model, arch, input_shape, trust_pickle, data, eval_data, image_si
     from edgec.pipeline import load_inputs, plain, stage_export
     inputs = load_inputs(model, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape, data=data,
                          eval_data=eval_data, image_size=image_size, mean=mean, std=std)
-    with atomic_path(output, force=force) as tmp:
+    with atomic_path(output, force=force, inputs=(model, data, eval_data)) as tmp:
         stage = stage_export(inputs.model.module, inputs, tmp, opset)
     _print_stage(stage, as_json, output)
 
@@ -132,7 +136,7 @@ def quantize_cmd(model, data, eval_data, image_size, mean, std, output, force, a
                               bias_correction, equalize)
     calib = load_data(data, image_size=image_size, mean=mean, std=std)
     calib.validate()
-    with atomic_path(output, force=force) as tmp:
+    with atomic_path(output, force=force, inputs=(model, data, eval_data)) as tmp:
         info = plain(quantize_int8(model, tmp, calib, opts))
         check = load_data(eval_data, image_size=image_size, mean=mean, std=std) if eval_data else calib
         x = check.head(512)

@@ -33,7 +33,9 @@ def apply(*decorators):
 model_options = apply(
     click.argument("model", type=click.Path(dir_okay=False)),
     click.option("--arch", help="Architecture for a checkpoint/state_dict: torchvision:NAME[?k=v], file.py:factory "
-                                "or package.module:factory."),
+                                "or package.module:factory. The last two IMPORT (run) that file or module and "
+                                "call the factory: name only code you trust. An edgec model file carries its "
+                                "own spec; one from outside torchvision/edgec builds only if you repeat it here."),
     click.option("--input-shape", callback=_shape, help="e.g. 1,3,224,224 (default: from the model file or the data)."),
     click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled nn.Module (runs code from the "
                                                       "file: only for files you trust)."),

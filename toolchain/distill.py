@@ -33,8 +33,8 @@ def distill(teacher: nn.Module, student: nn.Module, train_data, eval_data, cfg: 
     its task (edgec.kdloss). Returns the stage record: teacher and student accuracy before/after (None where the
     labels are not class ids), the losses chosen, the training history, time."""
     import numpy as np
-    from edgec.train import rows
-    example = rows(train_data.x, np.arange(min(2, len(train_data))))
+    from edgec.train import read_rows
+    example = read_rows(train_data, np.arange(min(2, len(train_data))))
     try:
         t_out = _output_shapes(teacher, example)
     except Exception as e:  # noqa: BLE001 - e.g. a torch.export program traced at a fixed batch size

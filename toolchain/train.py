@@ -127,6 +127,13 @@ def rows(x, idx) -> tuple:
     return tuple(out)
 
 
+def read_rows(data: Dataset, idx) -> tuple:
+    """Samples `idx` of a dataset as the model's input tensors: dict feeds where the dataset has them."""
+    if hasattr(data, "read"):  # dict feeds {input name: array}, in the model's input order
+        return rows(data.read(idx), slice(None))
+    return rows(data.x, idx)
+
+
 def _as_tensors(batch) -> tuple:
     return rows(batch, slice(None))
 
@@ -392,7 +399,7 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
     torch.set_num_threads(threads["threads"])
     device = _pick_device(cfg)
     torch.manual_seed(cfg.seed)  # adapters start equal on every rank
-    example = rows(train_data.x, np.arange(min(2, len(train_data))))
+    example = read_rows(train_data, np.arange(min(2, len(train_data))))
     augment = _augment_choice(cfg, example)
     specs = _output_losses(student, teacher, example, cfg,
                            train_data.y is not None and train_data.y.dtype.kind in "iu")
@@ -452,7 +459,7 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
             total_loss, seen = 0.0, 0
             for start in range(0, len(order), cfg.batch_size):
                 idx = np.sort(order[start:start + cfg.batch_size])
-                xb = rows(train_data.x, idx)
+                xb = read_rows(train_data, idx)
                 if augment["applied"]:
                     xb = (augment_batch(xb[0], gen),)
                 xb = tuple(t.to(device) for t in xb)

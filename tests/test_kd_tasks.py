@@ -78,7 +78,7 @@ def _gap(student, teacher, x):
 
 def test_sigmoid_outputs_are_learnt_with_bce_where_a_temperature_softmax_barely_moves():
     teacher = _sigmoid_teacher()
-    data = Dataset(_signals(512, 0), None, "signals")
+    data = Dataset({"input": _signals(512, 0)}, None, "signals")
     held = torch.from_numpy(_signals(256, 1))
     gaps = {}
     for how in ("auto", "kl"):
@@ -101,7 +101,7 @@ def test_sigmoid_outputs_are_learnt_with_bce_where_a_temperature_softmax_barely_
 def test_several_outputs_each_distilled_with_its_weight():
     torch.manual_seed(0)
     teacher = MultiHead(64).eval()
-    data = Dataset(_signals(256, 3), None, "signals")
+    data = Dataset({"input": _signals(256, 3)}, None, "signals")
     student = MultiHead(16)
     held = torch.from_numpy(_signals(128, 4))
     with torch.no_grad():

@@ -128,22 +128,23 @@ def quantize_cmd(model, data, eval_data, image_size, mean, std, output, force, a
                  target, exclude_nodes, exclude_op_types, per_tensor, bias_correction, equalize):
     """Static INT8 quantization of an ONNX model with ONNX Runtime calibration on --data."""
     from edgec.data import load_data
-    from edgec.exporters.compare import accuracy, compare_outputs
+    import numpy as np
+    from edgec.exporters.compare import accuracy, compare_outputs, onnx_inputs
     from edgec.exporters.quantize import quantize_int8
     from edgec.core.fsutil import atomic_path
     from edgec.pipeline import agreement, plain
     opts = quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor,
                               bias_correction, equalize)
-    calib = load_data(data, image_size=image_size, mean=mean, std=std)
-    calib.validate()
+    specs = onnx_inputs(model)
+    calib = load_data(data, image_size=image_size, mean=mean, std=std).bind(specs)
     with atomic_path(output, force=force, inputs=(model, data, eval_data)) as tmp:
         info = plain(quantize_int8(model, tmp, calib, opts))
-        check = load_data(eval_data, image_size=image_size, mean=mean, std=std) if eval_data else calib
-        x = check.head(512)
+        check = load_data(eval_data, image_size=image_size, mean=mean, std=std).bind(specs) if eval_data else calib
+        x = check.take(np.arange(min(512, len(check))))   # streamed
         info["agreement"] = agreement(compare_outputs(model, tmp, x))
         if check.labelled:
-            info["fp32_accuracy"] = 100 * accuracy(model, x, check.y[:len(x)])
-            info["int8_accuracy"] = 100 * accuracy(tmp, x, check.y[:len(x)])
+            info["fp32_accuracy"] = 100 * accuracy(model, x, x.y)
+            info["int8_accuracy"] = 100 * accuracy(tmp, x, x.y)
     if as_json:
         emit_json(info)
     else:

@@ -16,6 +16,7 @@ the uninterrupted run would have done, without storing RNG state.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -64,17 +65,17 @@ class TrainConfig:
         self.kd_loss = kdloss.parse(self.kd_loss)
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+        if self.epochs < 1 or self.batch_size < 1 or not 0 < self.lr < math.inf:  # also refuses nan
             raise OptionError("--epochs, --batch-size and --lr must be positive")
         if not 0.0 <= self.alpha <= 1.0:
             raise OptionError(f"--alpha {self.alpha} is outside 0..1")
-        if self.temperature <= 0:
+        if not 0 < self.temperature < math.inf:
             raise OptionError(f"--temperature {self.temperature} must be positive")
         if self.optimizer not in ("sgd", "adamw") or self.schedule not in ("cosine", "constant"):
             raise OptionError("--optimizer is sgd|adamw and --schedule cosine|constant")
         if self.patience is not None and self.patience < 1:
             raise OptionError(f"--patience {self.patience} must be at least 1 epoch")
-        if self.hint_weight < 0:
+        if not self.hint_weight >= 0:
             raise OptionError(f"--hint-weight {self.hint_weight} must not be negative")
         if self.resume and not self.checkpoint:
             raise OptionError("--resume needs a checkpoint path (the output's .ckpt)")
@@ -386,6 +387,18 @@ class _Quiet:
         pass
 
 
+def _check_labels(student: nn.Module, example: tuple, data: Dataset, label_output: str | None = None) -> None:
+    """Class ids outside the student's outputs: one data error before training, not an IndexError inside it."""
+    was_training = student.training
+    with torch.no_grad():
+        out = student.eval()(*example)
+    student.train(was_training)
+    out = kdloss.flatten(out)[_label_key(out, label_output)]
+    y = np.asarray(data.y)
+    if out.ndim == 2 and y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+        data.validate(num_classes=int(out.shape[1]))
+
+
 def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_data: Dataset | None = None,
           teacher: nn.Module | None = None, label: str = "train", stop_after: int | None = None) -> dict:
     """Train `student` in place; keeps the weights of the best epoch on eval_data. Returns metrics.
@@ -400,6 +413,8 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
     device = _pick_device(cfg)
     torch.manual_seed(cfg.seed)  # adapters start equal on every rank
     example = read_rows(train_data, np.arange(min(2, len(train_data))))
+    if train_data.y is not None and (teacher is None or cfg.alpha < 1):  # labels feed the loss: they must fit
+        _check_labels(student, example, train_data, cfg.label_output)
     augment = _augment_choice(cfg, example)
     specs = _output_losses(student, teacher, example, cfg,
                            train_data.y is not None and train_data.y.dtype.kind in "iu")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edgec.commands.options import data_options, emit_json, kd_options, model_options, output_options
+from edgec.commands.options import FINITE, data_options, emit_json, kd_options, model_options, output_options
 
 
 def _hint(ctx, param, values):
@@ -25,11 +25,11 @@ def _hint(ctx, param, values):
 @kd_options
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Per process.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--weight-decay", type=FINITE, default=5e-4, show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
 @click.option("--hint", "hints", multiple=True, callback=_hint,
               help="Feature loss STUDENT_LAYER[:TEACHER_LAYER] (repeatable), e.g. layer3.")
-@click.option("--hint-weight", type=float, default=1.0, show_default=True)
+@click.option("--hint-weight", type=FINITE, default=1.0, show_default=True)
 @click.option("--kd-loss", "kd_loss", multiple=True, metavar="OUTPUT=KIND[:WEIGHT]",
               help="Loss of one output: kl (logits), bce (probabilities), mse (regression), cosine (embeddings), "
                    "e.g. 0=bce or output_1=mse:0.5 (repeatable; default: chosen from the teacher's outputs).")

@@ -17,7 +17,7 @@ import torch
 from edgec.data import Dataset, check_memory, load_data, split
 from edgec.inputspec import (apply_overrides, declared_inputs, dynamic_from_data, example_args, legacy_shape,
                              parse_input_shapes)
-from edgec.core.errors import BudgetExceeded, DataError, OptionError
+from edgec.core.errors import BudgetExceeded, DataError, OptionError, cause_line
 from edgec.core.fsutil import atomic_path
 from edgec.metrics import count_flops, count_params
 from edgec.modelio import LoadedModel, load_model
@@ -138,7 +138,7 @@ def load_inputs(model_path, *, arch=None, trust_pickle=False, input_shape=None, 
         shapes = ", ".join(f"{s.name} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
                            for s, t in zip(specs, example))
         raise DataError(f"the model fails on a sample ({shapes}) from {calib.source} "
-                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); check --input-shape/--image-size") from None
+                        f"({cause_line(e)}); check --input-shape/--image-size") from None
     out = out[0] if isinstance(out, (tuple, list)) else out
     num_outputs = int(out.shape[-1]) if out.ndim else 1
     outs = out_all if isinstance(out_all, (tuple, list)) else (out_all,)

@@ -46,7 +46,7 @@ class QuantOptions:
     pre_process: bool = True
     percentile: float = 99.999
     histogram_bins: int = 2048
-    # chunk size is chosen to keep activations under this; with 1024 a default ResNet18 build at 224 passed 2.0 GB
+    # chunk size is chosen to keep activations under this; with 1024 a default ResNet18 build at 224 passed 1.9 GB
     # during calibration (benchmarks/memory_build.py, MEMORY_RESULTS.md); 384 keeps chunks of ~20 such samples
     calibration_memory_mb: float = 384
     force_calibration_data: bool = False   # accept random-looking / too few samples

@@ -27,6 +27,7 @@ from edgec.core.fsutil import atomic_path
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _TYPES = ("uint8", "int8")
+BIAS_METHODS = ("fast", "empirical")
 
 
 @dataclass
@@ -47,7 +48,11 @@ class QuantOptions:
     calibration_memory_mb: float = 1024    # chunk size is chosen to keep activations under this
     force_calibration_data: bool = False   # accept random-looking / too few samples
     equalize: bool | None = None           # cross-layer equalization; None = see transforms_default()
-    bias_correction: bool | None = None    # empirical bias correction; None = see transforms_default()
+    bias_correction: bool | None = None    # bias correction; None = see transforms_default()
+    bias_method: str = "fast"              # fast (analytic, from calibration statistics) | empirical (sequential)
+    adaround: bool | None = None           # learned weight rounding (edgec.exporters.adaround); None = default
+    adaround_iterations: int = 500
+    adaround_seconds: float = 60.0         # time box: past it the remaining layers keep round-to-nearest
     transform_samples: int = 64            # samples for the transforms' statistics (as good as 128 here)
 
     def validate(self) -> None:
@@ -67,6 +72,8 @@ class QuantOptions:
         for name in ("equalize", "bias_correction"):
             if not (getattr(self, name) is None or isinstance(getattr(self, name), bool)):
                 raise OptionError(f"{name} must be true, false or unset (automatic), got {getattr(self, name)!r}")
+        if self.bias_method not in BIAS_METHODS:
+            raise OptionError(f"unknown bias correction method {self.bias_method!r}; choose {' or '.join(BIAS_METHODS)}")
         if isinstance(self.transform_samples, bool) or not isinstance(self.transform_samples, int) \
                 or self.transform_samples < 1:
             raise OptionError(f"transform_samples must be a whole number >= 1, got {self.transform_samples!r}")
@@ -140,6 +147,7 @@ class Prepared:
     node_ops: dict                         # node name -> op type, in the graph that gets quantized
     transforms: dict | None = None
     bias_originals: dict | None = None     # node -> (bias name, uncorrected value): restored when excluded
+    weight_originals: dict | None = None   # node -> (weight name, FP32 value) where AdaRound rounded it
 
     def resolve_exclusions(self, nodes: Iterable[str] = (), op_types: Iterable[str] = ()) -> list[str]:
         nodes, op_types = list(nodes), list(op_types)
@@ -160,12 +168,13 @@ class Prepared:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         s = self.scheme
         model_path = self.model_path
-        back = set(exclude) & set(self.bias_originals or {})
-        if back:  # a layer left in FP32 has no weight error: its bias must be the original one
+        back = set(exclude) & (set(self.bias_originals or {}) | set(self.weight_originals or {}))
+        if back:  # a layer left in FP32 has no weight error: its weight and bias must be the original ones
             import onnx
             from edgec.exporters.transforms import restore_biases
             model = onnx.load(str(self.model_path))
-            restore_biases(model, self.bias_originals, back)
+            restore_biases(model, self.bias_originals or {}, back)
+            restore_biases(model, self.weight_originals or {}, back)
             model_path = self.workdir / "fp32.excluded.onnx"
             onnx.save_model(model, str(model_path))
         fmt = quant_format or s.quant_format
@@ -259,18 +268,23 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
         pre = workdir / "fp32.pre.onnx"
         record = _pre_process(fp32_path, pre, options.pre_process)
         transforms, bias = _equalize(pre, calibration, options, workdir)
-        graph = onnx.load(str(pre), load_external_data=False).graph
-        node_ops = {n.name: n.op_type for n in graph.node}
-        del graph
+        model = onnx.load(str(pre), load_external_data=False)
+        node_ops = {n.name: n.op_type for n in model.graph.node}
+        from edgec.exporters.transforms import bias_inputs
+        wanted = bias_inputs(model) if bias and options.bias_method == "fast" else []
+        del model
         qrange = (0, 255) if scheme.activation_type == "uint8" else (-128, 127)
         calib = calibrate(pre, calibration, method=options.method, num_samples=options.num_samples,
                           symmetric=scheme.activation_symmetric, qrange=qrange, percentile=options.percentile,
                           bins=options.histogram_bins, memory_mb=options.calibration_memory_mb, workdir=workdir,
-                          force=options.force_calibration_data, progress=default_progress(progress))
+                          force=options.force_calibration_data, progress=default_progress(progress),
+                          channel_means=wanted)
         cache = workdir / "ranges.json"
         save_ranges(calib.ranges, cache)
         p = Prepared(workdir, pre, cache, fp32_path, options, scheme, calib, record, node_ops, transforms)
         exclude = p.resolve_exclusions(options.exclude_nodes, options.exclude_op_types)  # fail before quantizing
+        if options.adaround:
+            _adaround(p, calibration, exclude)
         if bias:
             _bias_correct(p, calibration, exclude)
         return p
@@ -330,14 +344,39 @@ def _bias_correct(p: Prepared, calibration, exclude: list[str]) -> None:
     started = time.perf_counter()
     probe = p.quantize(p.workdir / "bias-probe.onnx", exclude, quant_format="QDQ")
     model = onnx.load(str(p.model_path))
-    rec, originals = tf.bias_correct(model, onnx.load(str(probe)), calibration, p.options.transform_samples,
-                                     p.workdir, exclude)
+    if p.options.bias_method == "fast":
+        reference = {name: value for name, value in (p.weight_originals or {}).values()}
+        rec, originals = tf.fast_bias_correct(model, onnx.load(str(probe)), p.calibration.channel_means, exclude,
+                                              reference=reference)
+    else:
+        rec, originals = tf.bias_correct(model, onnx.load(str(probe)), calibration, p.options.transform_samples,
+                                         p.workdir, exclude)
     probe.unlink(missing_ok=True)
     if rec["applied"]:
         onnx.save_model(model, str(p.model_path))
     p.bias_originals = originals
     p.transforms["bias_correction"] = {**rec, "reason": p.transforms["bias_correction"]["reason"],
                                        "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _adaround(p: Prepared, calibration, exclude: list[str]) -> None:
+    """Learned rounding of the weights (after calibration: the scales are ORT's, read from a first
+    quantization; activation ranges do not depend on the weights' rounding)."""
+    import onnx
+    from edgec.exporters.adaround import AdaRoundConfig, adaround
+    started = time.perf_counter()
+    probe = p.quantize(p.workdir / "adaround-probe.onnx", exclude, quant_format="QDQ")
+    model = onnx.load(str(p.model_path))
+    rec, originals = adaround(model, onnx.load(str(probe)), calibration, reduce_range=p.scheme.reduce_range,
+                              weight_type=p.scheme.weight_type, num_samples=p.options.transform_samples,
+                              workdir=p.workdir, exclude=exclude,
+                              config=AdaRoundConfig(iterations=p.options.adaround_iterations,
+                                                    time_budget_s=p.options.adaround_seconds))
+    probe.unlink(missing_ok=True)
+    if rec["applied"]:
+        onnx.save_model(model, str(p.model_path))
+    p.weight_originals = originals
+    p.transforms["adaround"] = {**rec, "seconds": round(time.perf_counter() - started, 2)}
 
 
 def quantized_ops(int8_path) -> dict:

@@ -7,6 +7,7 @@ top-1 disagreement with FP32) is within budget; stop at the time box and always 
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,10 @@ class FallbackOptions:
     # A node whose FP32 fallback would leave less than this share of Conv/MatMul/Gemm weights in INT8 is passed
     # over (issue #6's bar is 90%): EfficientNet-Lite0's classifier alone holds 28% of its weights.
     min_int8_weight_share: float = 0.90
+    # Without labels, agreement with FP32 is the budget: the fallback runs until the mean cosine of the INT8
+    # outputs to FP32 reaches this (each output; a one-value-per-sample output is judged over all samples).
+    # None = the top-1 agreement within max_accuracy_drop points, as with labels.
+    min_cosine: float | None = None
 
     def validate(self) -> None:
         if self.max_accuracy_drop < 0:
@@ -39,6 +44,8 @@ class FallbackOptions:
             raise OptionError(f"max_excluded_share must be within [0, 1], got {self.max_excluded_share}")
         if not 0 <= self.min_int8_weight_share <= 1:
             raise OptionError(f"min_int8_weight_share must be within [0, 1], got {self.min_int8_weight_share}")
+        if self.min_cosine is not None and not 0 < self.min_cosine <= 1:
+            raise OptionError(f"--min-cosine must be within (0, 1], got {self.min_cosine}")
 
 
 @dataclass
@@ -51,7 +58,7 @@ class NodeSensitivity:
 
 @dataclass
 class FallbackReport:
-    metric: str                            # "accuracy" | "top1_agreement"
+    metric: str                            # "accuracy" | "top1_agreement" | "cosine" (1 - drop/100)
     fp32_score: float
     int8_score: float                      # all nodes INT8
     final_score: float
@@ -70,14 +77,27 @@ class FallbackReport:
         return asdict(self)
 
 
+def cosine_score(refs: list, outs: list) -> float:
+    """Agreement of every output with FP32, the worst one: the mean per-sample cosine, or for an output with
+    one value per sample (where a per-sample cosine is always +-1) the cosine over all samples at once."""
+    scores = []
+    for ref, out in zip(refs, outs):
+        if ref.reshape(len(ref), -1).shape[1] > 1:
+            scores.append(output_agreement(ref, out)["mean_cosine"])
+        else:
+            scores.append(output_agreement(ref.reshape(1, -1), out.reshape(1, -1))["mean_cosine"])
+    return float(min(scores))
+
+
 class _Evaluator:
     """Scores a candidate INT8 model against the FP32 reference on fixed real samples."""
 
-    def __init__(self, fp32_path, x, y, batch_size: int):
+    def __init__(self, fp32_path, x, y, batch_size: int, cosine: bool = False):
         self.x, self.y, self.batch = np.asarray(x, np.float32), y, batch_size
-        self.ref = run_onnx(ort_session(fp32_path), self.x, batch_size)[0]
-        self.metric = "accuracy" if y is not None else "top1_agreement"
-        self.fp32_score = self._score(self.ref)
+        self.refs = run_onnx(ort_session(fp32_path), self.x, batch_size)
+        self.ref = self.refs[0]
+        self.metric = "accuracy" if y is not None else "cosine" if cosine else "top1_agreement"
+        self.fp32_score = 1.0 if self.metric == "cosine" else self._score(self.ref)
 
     def _score(self, logits) -> float:
         flat = logits.reshape(len(logits), -1)
@@ -86,8 +106,11 @@ class _Evaluator:
 
     def __call__(self, path) -> tuple[float, float]:
         """(score, output error = 1 - mean cosine to FP32)."""
-        out = run_onnx(ort_session(path), self.x, self.batch)[0]
-        return self._score(out), 1.0 - output_agreement(self.ref, out)["mean_cosine"]
+        outs = run_onnx(ort_session(path), self.x, self.batch)
+        if self.metric == "cosine":
+            score = cosine_score(self.refs, outs)
+            return score, 1.0 - score
+        return self._score(outs[0]), 1.0 - output_agreement(self.ref, outs[0])["mean_cosine"]
 
 
 def _drop(ev: _Evaluator, score: float) -> float:
@@ -102,7 +125,10 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
     progress = default_progress(progress)
     started = time.perf_counter()
     deadline = started + options.time_budget_s
-    ev = _Evaluator(prepared.fp32_path, x, y, options.batch_size)
+    cosine = y is None and options.min_cosine is not None
+    if cosine:   # the cosine budget in the same units as an accuracy drop: points of (1 - cosine)
+        options = dataclasses.replace(options, max_accuracy_drop=round(100 * (1 - options.min_cosine), 6))
+    ev = _Evaluator(prepared.fp32_path, x, y, options.batch_size, cosine=cosine)
     base_excl = prepared.resolve_exclusions(prepared.options.exclude_nodes, prepared.options.exclude_op_types)
     work = Path(prepared.workdir)
     cand = work / "candidate.onnx"

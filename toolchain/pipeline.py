@@ -150,24 +150,32 @@ def stage_export(module, inputs: Inputs, path: Path, opset: int) -> Stage:
 
 
 def stage_quantize(fp32: Path, int8: Path, inputs: Inputs, options, max_drop: float | None = None,
-                   fallback_seconds: float = 0.0) -> Stage:
+                   fallback_seconds: float = 0.0, min_cosine: float | None = None) -> Stage:
     """Static INT8; with a drop budget and a time box, the most sensitive nodes fall back to FP32 until the
-    drop on calibration samples fits (never on the eval data, which stays for the honest check after)."""
+    drop on calibration samples fits (never on the eval data, which stays for the honest check after).
+    Without labelled eval data the budget is agreement with FP32: mean cosine >= min_cosine."""
     from edgec.exporters.quantize import quantize_int8
-    # only where the budget is gated afterwards: accuracy needs labelled eval data (agreement is reported, not gated)
-    fallback = max_drop is not None and fallback_seconds > 0 and inputs.eval is not None and inputs.eval.labelled
+    labelled = inputs.eval is not None and inputs.eval.labelled
+    gated = max_drop is not None if labelled else min_cosine is not None
+    fallback = gated and fallback_seconds > 0
     stage = Stage("quantize", "model.fp32.onnx + calibration data (no labels needed)",
                   "model.onnx: static INT8 (QDQ), ONNX Runtime calibration"
-                  + ("; sensitive nodes kept in FP32 when over the accuracy budget" if fallback else ""),
-                  options={**plain(options), "fallback": {"max_accuracy_drop": max_drop,
+                  + (("; sensitive nodes kept in FP32 when over the accuracy budget" if labelled else
+                      f"; sensitive nodes kept in FP32 while the mean cosine to FP32 is under {min_cosine}")
+                     if fallback else ""),
+                  options={**plain(options), "fallback": {"max_accuracy_drop": max_drop if labelled else None,
+                                                          "min_cosine": None if labelled else min_cosine,
                                                           "time_budget_s": fallback_seconds} if fallback else None})
     with timed(stage):
         if fallback:
             from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
             n = len(inputs.calib)  # spread over the data: folders are sorted by class
             scored = inputs.calib.take(np.unique(np.linspace(0, n - 1, min(n, FALLBACK_SAMPLES)).astype(int)))
-            info, _ = quantize_with_budget(fp32, int8, inputs.calib, scored.head(len(scored)), scored.y, options,
-                                           FallbackOptions(max_accuracy_drop=max_drop, time_budget_s=fallback_seconds))
+            y = scored.y if labelled else None
+            info, _ = quantize_with_budget(fp32, int8, inputs.calib, scored.head(len(scored)), y, options,
+                                           FallbackOptions(max_accuracy_drop=max_drop if max_drop is not None else 1.0,
+                                                           time_budget_s=fallback_seconds,
+                                                           min_cosine=None if labelled else min_cosine))
         else:
             info = quantize_int8(fp32, int8, inputs.calib, options)
         stage.metrics = plain(info)
@@ -246,6 +254,7 @@ class BuildOptions:
     quant: object = None                 # edgec.exporters.quantize.QuantOptions; None = defaults for this host
     max_accuracy_drop: float | None = 1.0
     fallback_seconds: float = 300.0      # time box of the sensitivity fallback; 0 = fail instead of falling back
+    min_cosine: float | None = 0.99      # without labels: the fallback's budget, mean cosine of INT8 to FP32
     providers: tuple = ("cpu",)
     bench_seconds: float = 2.0           # per model and provider; 0 = no benchmark
     prune: object = None                 # edgec.prune.PruneConfig or None
@@ -286,7 +295,8 @@ def build(opts: BuildOptions) -> dict:
         if opts.prebuilt_int8 is not None:
             stages.append(stage_take_int8(int8, *opts.prebuilt_int8))
         else:
-            stages.append(stage_quantize(fp32, int8, inputs, quant, opts.max_accuracy_drop, opts.fallback_seconds))
+            stages.append(stage_quantize(fp32, int8, inputs, quant, opts.max_accuracy_drop, opts.fallback_seconds,
+                                         opts.min_cosine))
         stages.append(stage_evaluate(fp32, int8, inputs, opts.max_accuracy_drop,
                                      stages[-1].metrics.get("sensitivity")))
         if opts.bench_seconds > 0 and opts.providers:

@@ -31,7 +31,7 @@ class AdaRoundConfig:
     reg: float = 0.01                # weight of the rounding regulariser (AIMET's default)
     beta: tuple = (20.0, 2.0)        # annealing of the regulariser's exponent
     warm_start: float = 0.2          # share of iterations without the regulariser
-    positions: int = 256             # output positions sampled per calibration sample for H
+    positions: int = 64              # output positions sampled per calibration sample for H
     time_budget_s: float = 60.0      # past it, the remaining layers keep round-to-nearest
     seed: int = 0
 
@@ -78,28 +78,36 @@ class _Layer:
             self.w = w.reshape(self.groups, w.shape[0] // self.groups, -1)
         self.scale = np.asarray(scale, np.float64).reshape(self.groups, -1, 1) * np.ones((1, 1, 1))
         d = self.w.shape[2]
-        self.h = np.zeros((self.groups, d, d))
+        # A Gemm sees one row per sample: fewer rows than inputs, so its rows are kept (the error is then
+        # ||X dW^T||^2, cheaper than dW H dW^T with H of D x D); a conv's many positions are folded into H.
+        self.h = np.zeros((self.groups, d, d)) if geo is not None else None
+        self.x: list = []
         self.rows = 0
 
     def add(self, x, rng, positions):
         if self.geo is None:
-            rows = x.reshape(len(x), -1).astype(np.float64)
-            self.h[0] += rows.T @ rows
-            self.rows += len(rows)
+            self.x.append(x.reshape(len(x), -1).astype(np.float32))
+            self.rows += len(x)
             return
-        p = _patches(x, self.geo, rng, positions).astype(np.float64)   # (N, G*D, P)
+        p = _patches(x, self.geo, rng, positions)                    # (N, G*D, P), float32
         n = p.shape[0]
         p = p.reshape(n, self.groups, -1, p.shape[2]).transpose(1, 2, 0, 3).reshape(self.groups, self.w.shape[2], -1)
-        self.h += np.matmul(p, p.transpose(0, 2, 1))
+        self.h += np.matmul(p, p.transpose(0, 2, 1))                  # per chunk in float32, summed in float64
         self.rows += p.shape[2]
 
 
-def _optimise(layer: _Layer, cfg: AdaRoundConfig) -> tuple[np.ndarray, dict]:
-    """Learn the rounding of one layer; returns (new FP32 weight = scale * q, figures)."""
+def _optimise(layer: _Layer, cfg: AdaRoundConfig, deadline: float) -> tuple[np.ndarray, dict]:
+    """Learn the rounding of one layer (stopping early at `deadline`); returns (new FP32 weight = scale * q,
+    figures)."""
     import torch
     w = torch.from_numpy(layer.w.astype(np.float32))
     s = torch.from_numpy(np.broadcast_to(layer.scale, layer.w.shape[:2] + (1,)).astype(np.float32).copy())
-    h = torch.from_numpy((layer.h / max(layer.rows, 1)).astype(np.float32))
+    if layer.h is not None:
+        h = torch.from_numpy((layer.h / max(layer.rows, 1)).astype(np.float32))
+        error = lambda dw: ((dw @ h) * dw).sum()                           # noqa: E731
+    else:
+        x = torch.from_numpy(np.concatenate(layer.x)) / math.sqrt(max(layer.rows, 1))
+        error = lambda dw: ((x @ dw[0].T) ** 2).sum()                       # noqa: E731
     ws = w / s
     floor = torch.floor(ws)
     rest = (ws - floor).clamp(1e-4, 1 - 1e-4)
@@ -109,14 +117,17 @@ def _optimise(layer: _Layer, cfg: AdaRoundConfig) -> tuple[np.ndarray, dict]:
         return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
 
     def recon(q):
-        dw = s * q.clamp(layer.qmin, layer.qmax) - w
-        return ((dw @ h) * dw).sum()
+        return error(s * q.clamp(layer.qmin, layer.qmax) - w)
 
     with torch.no_grad():
         nearest = recon(torch.round(ws)).item()
     opt = torch.optim.Adam([v], lr=cfg.lr)
     warm = int(cfg.warm_start * cfg.iterations)
+    done = 0
     for it in range(cfg.iterations):
+        if it % 25 == 0 and time.perf_counter() > deadline:
+            break
+        done += 1
         hv = soft(v)
         loss = recon(floor + hv)
         if it >= warm:
@@ -133,7 +144,8 @@ def _optimise(layer: _Layer, cfg: AdaRoundConfig) -> tuple[np.ndarray, dict]:
     if learned >= nearest:       # never worse than round-to-nearest on the layer's own objective
         q = torch.round(ws).clamp(layer.qmin, layer.qmax)
     new = (s * q).numpy().reshape(layer.shape)
-    return new, {"error_nearest": nearest, "error_learned": min(learned, nearest), "flipped": flipped}
+    return new, {"error_nearest": nearest, "error_learned": min(learned, nearest), "flipped": flipped,
+                 "iterations": done}
 
 
 def adaround(model, qdq_model, calibration, *, reduce_range: bool, weight_type: str, num_samples: int, workdir,
@@ -188,12 +200,13 @@ def adaround(model, qdq_model, calibration, *, reduce_range: bool, weight_type: 
     seen = run_collect(model, list(by_input), calibration, num_samples, workdir, reduce)
     collected = time.perf_counter() - started
     deadline = started + cfg.time_budget_s
-    originals, errors, flipped, timed_out = {}, [], 0, 0
+    originals, errors, flipped, timed_out, cut = {}, [], 0, 0, 0
     for layer in layers:
         if time.perf_counter() > deadline:
             timed_out += 1
             continue
-        new, fig = _optimise(layer, cfg)
+        new, fig = _optimise(layer, cfg, deadline)
+        cut += fig["iterations"] < cfg.iterations
         n = layer.node
         originals[n.name] = (n.input[1], g.array(n.input[1]).copy())
         g.set(n.input[1], new.T if layer.transposed else new)
@@ -203,7 +216,7 @@ def adaround(model, qdq_model, calibration, *, reduce_range: bool, weight_type: 
     record = {"applied": bool(originals), "layers": len(originals), "samples": seen,
               "iterations": cfg.iterations, "positions_per_sample": cfg.positions,
               "weights_flipped_from_nearest": flipped, "skipped": dict(skipped),
-              "layers_left_nearest_by_time_box": timed_out,
+              "layers_left_nearest_by_time_box": timed_out, "layers_cut_short_by_time_box": cut,
               "mean_layer_error_reduction": round(float(np.mean(gain)), 4) if gain else 0.0,
               "collect_seconds": round(collected, 2), "seconds": round(time.perf_counter() - started, 2)}
     return record, originals

@@ -223,9 +223,18 @@ def _needs_symbolic_shapes(model) -> bool:
 
 def _pre_process(fp32_path: Path, out: Path, enabled: bool) -> dict:
     import onnx
+    import onnx.version_converter
     from onnxruntime.quantization.shape_inference import quant_pre_process
     before = onnx.load(str(fp32_path))
     record = {"enabled": enabled, "symbolic_shape_inference": None, "batchnorm_before": 0, "batchnorm_after": 0}
+    opset = next((o.version for o in before.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset < 13:
+        # per-channel DequantizeLinear (its axis attribute) needs opset 13: ORT writes it anyway, and the
+        # INT8 file of an opset-11 model then fails to load ("Unrecognized attribute: axis")
+        before = onnx.version_converter.convert_version(before, 13)
+        fp32_path = out.with_name("fp32.opset13.onnx")
+        onnx.save_model(before, str(fp32_path))
+        record["opset_upgraded"] = [opset, 13]
     record["batchnorm_before"] = sum(n.op_type == "BatchNormalization" for n in before.graph.node)
     if enabled:
         last_error = None

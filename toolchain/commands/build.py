@@ -15,6 +15,10 @@ build_options = apply(
                       "FP32 (--fallback-seconds); still over it on the eval data, the build fails."),
     click.option("--fallback-seconds", type=float, default=300.0, show_default=True,
                  help="Time box of the sensitivity fallback; 0 fails instead of keeping nodes in FP32."),
+    click.option("--min-cosine", type=float, default=0.99, show_default=True,
+                 help="Without labelled eval data: the most sensitive nodes are kept in FP32 until the INT8 "
+                      "outputs' mean cosine to FP32 reaches this (within --fallback-seconds, 90%% of the weights "
+                      "staying INT8)."),
     click.option("--ep", "providers", multiple=True, default=["cpu"], show_default=True,
                  help="Execution provider(s) to benchmark on: cpu, cuda, tensorrt, auto."),
     click.option("--bench-seconds", type=float, default=2.0, show_default=True,
@@ -39,8 +43,8 @@ def _run_build(opts, as_json: bool, title: str):
 
 def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, image_size, mean, std, output, force,
                    calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor, bias_correction, equalize,
-                   opset, max_accuracy_drop, fallback_seconds, providers, bench_seconds, prune_ratio, distill, epochs,
-                   lr, alpha, temperature, extra=None):
+                   opset, max_accuracy_drop, fallback_seconds, min_cosine, providers, bench_seconds, prune_ratio,
+                   distill, epochs, lr, alpha, temperature, extra=None):
     from edgec.core.errors import OptionError
     from edgec.pipeline import BuildOptions
     prune_cfg = distill_cfg = None
@@ -59,7 +63,8 @@ def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, imag
         eval_data=eval_data, image_size=image_size, mean=mean, std=std, opset=opset,
         quant=quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor,
                                  bias_correction, equalize),
-        max_accuracy_drop=max_accuracy_drop, fallback_seconds=fallback_seconds, providers=tuple(providers),
+        max_accuracy_drop=max_accuracy_drop, fallback_seconds=fallback_seconds, min_cosine=min_cosine,
+        providers=tuple(providers),
         bench_seconds=bench_seconds,
         prune=prune_cfg, distill=distill_cfg, force=force, extra=extra or {})
 

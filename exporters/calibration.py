@@ -26,9 +26,15 @@ Progress = Callable[[int, int, str], None]  # (done, total, status)
 # ---------------------------------------------------------------- input stream and its guard
 
 def stream_samples(calibration: Iterable, limit: int | None, sample_shape: tuple | None = None):
-    """Yield float32 arrays of shape (b, ...) from a re-iterable of batches, stopping after `limit` samples."""
+    """Yield float32 arrays of shape (b, ...) from a re-iterable of batches (arrays, or {input_name: array} dicts
+    of a single-input model), stopping after `limit` samples."""
     seen = 0
     for batch in calibration:
+        if isinstance(batch, dict):   # the shared feed form {input_name: array}; the quantizer takes one input
+            if len(batch) != 1:
+                raise DataError(f"calibration batch feeds {len(batch)} inputs ({', '.join(map(str, batch))}); "
+                                "static INT8 calibration here takes single-input models")
+            batch = next(iter(batch.values()))
         arr = np.asarray(batch, dtype=np.float32)
         if arr.ndim == 0:
             raise DataError("calibration yields scalars; yield arrays of shape (batch, *input_shape)")

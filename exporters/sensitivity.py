@@ -3,7 +3,8 @@
 Sensitivity of a node = how much the INT8 model's output error (1 - mean cosine to FP32 on real samples)
 shrinks when only that node is left in FP32 (one quantization per node, reusing the calibrated ranges).
 Fallback: exclude nodes in that order, one more at a time, until the accuracy drop (or, without labels, the
-top-1 disagreement with FP32) is within budget; stop at the time box and always keep the best model found.
+top-1 disagreement with FP32, or with `min_cosine` the mean cosine to FP32) is within budget; stop at the time
+box and always keep the best model found.
 """
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ class _Evaluator:
     """Scores a candidate INT8 model against the FP32 reference on fixed real samples."""
 
     def __init__(self, fp32_path, x, y, batch_size: int, cosine: bool = False):
-        self.x, self.y, self.batch = np.asarray(x, np.float32), y, batch_size
+        self.x, self.y, self.batch = x, y, batch_size   # a dict feed (or one array: single-input models)
         self.refs = run_onnx(ort_session(fp32_path), self.x, batch_size)
         self.ref = self.refs[0]
         self.metric = "accuracy" if y is not None else "cosine" if cosine else "top1_agreement"

@@ -1,17 +1,19 @@
 """The `edgec` command line: a thin click group. Each command lives in edgec.commands.<name>
 and imports its heavy dependencies (torch, onnx) only when it runs."""
 import importlib
+import signal
 import sys
+import threading
 
 import click
 
 from edgec.core import __version__
-from edgec.core.errors import EdgecError
+from edgec.core.errors import DataError, EdgecError
 
 # command name -> module in edgec.commands that defines a click command of the same name
 COMMANDS = {
     "demo": "build", "build": "build", "export": "build", "quantize": "build",
-    "inspect": "package", "verify": "package",
+    "inspect": "package", "verify": "package", "sign": "package", "keygen": "package",
     "bench": "bench",
     "prune": "prune", "distill": "distill",
     "compare": "compare",
@@ -48,11 +50,33 @@ def cli(ctx, debug):
     ctx.ensure_object(dict)["debug"] = debug
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (CI timeouts, `timeout`, containers) unwinds like Ctrl-C: every temporary output is removed."""
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
 def main(argv=None):
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    try:
+        _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv=None):
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="edgec", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt (and so SIGTERM) into Abort
+        if isinstance(e.__cause__, Terminated):
+            click.echo("edgec: terminated", err=True)
+            sys.exit(143)
         click.echo("edgec: aborted", err=True)
         sys.exit(130)
     except click.UsageError as e:  # one line like every other user error, plus where to look
@@ -68,6 +92,10 @@ def main(argv=None):
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         click.echo(f"edgec: error: {msg}", err=True)
         sys.exit(e.exit_code)
+    except MemoryError:   # past every estimate: still one line with the fix, never a traceback
+        click.echo("edgec: error: out of memory; use fewer --samples, smaller --eval-data or a smaller input shape",
+                   err=True)
+        sys.exit(DataError.exit_code)
     except KeyboardInterrupt:
         click.echo("edgec: interrupted", err=True)
         sys.exit(130)

@@ -28,6 +28,7 @@ RECIPES = {
     "qat-kd": "quantization-aware fine-tuning with the teacher's soft targets, exported as INT8 QDQ",
 }
 RESULT_SCHEMA = "edgec.compare/1"
+COMPARE_MARKER = ".edgec-compare"  # in every folder compare writes: a rerun may reuse and overwrite it
 
 
 @dataclass
@@ -125,12 +126,11 @@ def _eval_onnx(ws: Workspace, onnx_path: Path, reference: Path | None) -> dict:
     from edgec.exporters.compare import accuracy, compare_outputs
     from edgec.pipeline import agreement
     data = ws.inputs.eval if ws.inputs.eval is not None else ws.inputs.calib
-    x = data.head(len(data))
-    out = {}
+    out = {}   # the data is streamed batch by batch
     if data.labelled:
-        out["accuracy"] = 100 * accuracy(onnx_path, x, data.y)
+        out["accuracy"] = 100 * accuracy(onnx_path, data, data.y)
     if reference is not None and reference != onnx_path:
-        out["agreement"] = agreement(compare_outputs(reference, onnx_path, x))
+        out["agreement"] = agreement(compare_outputs(reference, onnx_path, data))
     return out
 
 
@@ -139,8 +139,7 @@ def _fp32_onnx(ws: Workspace) -> Path:
         from edgec.exporters.onnx_export import export_onnx
         path = ws.dir("fp32") / "model.onnx"
         if not path.is_file() or ws.opts.fresh:
-            import torch
-            export_onnx(ws.inputs.model.module, torch.from_numpy(ws.inputs.calib.head(1)), path)
+            export_onnx(ws.inputs.model.module, ws.inputs.calib.head(1), path, inputs=ws.inputs.specs)
         ws.shared["fp32_onnx"] = path
     return ws.shared["fp32_onnx"]
 
@@ -209,9 +208,9 @@ def recipe_prune_kd(ws: Workspace, row: str) -> dict:
     from edgec.exporters.onnx_export import export_onnx
     from edgec.modelio import load_model
     student_path, details = _student(ws)
-    student = load_model(student_path).module
+    student = load_model(student_path, ws.inputs.model.arch).module  # the spec the user already trusted
     path = ws.dir(row) / "model.onnx"
-    export_onnx(student, torch.from_numpy(ws.inputs.calib.head(1)), path)
+    export_onnx(student, ws.inputs.calib.head(1), path, inputs=ws.inputs.specs)
     return {"onnx": path, **_module_figures(student, ws.inputs.input_shape), **_eval_onnx(ws, path, None),
             "precision": "fp32", "details": details}
 
@@ -222,7 +221,7 @@ def recipe_prune_kd_ptq(ws: Workspace, row: str) -> dict:
         recipe_prune_kd(ws, "prune-kd")
     from edgec.modelio import load_model
     student_path, details = _student(ws)
-    figures = _module_figures(load_model(student_path).module, ws.inputs.input_shape)
+    figures = _module_figures(load_model(student_path, ws.inputs.model.arch).module, ws.inputs.input_shape)
     result = recipe_ptq(ws, row, "minmax", source=fp32, figures=figures)
     result["details"] = {**details, **result["details"]}
     return result
@@ -240,7 +239,7 @@ def recipe_qat(ws: Workspace, row: str) -> dict:
                                      validation, cfg, inputs.input_shape)
     path = ws.dir(row) / "model.onnx"
     # torch (fake quant) and ORT measured on the same eval samples: the QAT promise is that they agree
-    export = export_qat_onnx(qat_model, torch.from_numpy(inputs.calib.head(1)), path,
+    export = export_qat_onnx(qat_model, torch.from_numpy(inputs.calib.x[0:1]), path,
                              eval_data=inputs.eval if inputs.eval is not None else inputs.calib)
     result = {"onnx": path, **_module_figures(inputs.model.module, inputs.input_shape),
               **_eval_onnx(ws, path, _fp32_onnx(ws)), "precision": "int8",
@@ -268,12 +267,13 @@ def planned_rows(opts: CompareOptions) -> list[tuple[str, callable]]:
 
 def run_compare(opts: CompareOptions) -> dict:
     from edgec.recommend import recommend
+    from edgec.core.fsutil import claim_folder
     opts.validate()
+    claim_folder(opts.output, COMPARE_MARKER, create=False)  # before minutes of work: never someone else's files
     inputs = load_inputs(opts.model, arch=opts.arch, trust_pickle=opts.trust_pickle, input_shape=opts.input_shape,
                          data=opts.data, eval_data=opts.eval_data, image_size=opts.image_size, mean=opts.mean,
                          std=opts.std)
-    root = Path(opts.output)
-    root.mkdir(parents=True, exist_ok=True)
+    root = claim_folder(opts.output, COMPARE_MARKER)
     ws = Workspace(root, opts, inputs)
     rows = []
     for row, fn in planned_rows(opts):

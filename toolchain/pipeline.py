@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgec.data import Dataset, load_data, split
+from edgec.data import Dataset, check_memory, load_data, split
+from edgec.inputspec import (apply_overrides, declared_inputs, dynamic_from_data, example_args, legacy_shape,
+                             parse_input_shapes)
 from edgec.core.errors import BudgetExceeded, DataError, OptionError
 from edgec.core.fsutil import atomic_path
 from edgec.metrics import count_flops, count_params
@@ -76,32 +78,32 @@ class timed:
 @dataclass
 class Inputs:
     model: LoadedModel
-    input_shape: tuple
+    input_shape: tuple | None   # a single-input model's shape at batch 1 (FLOPs, model files); None: several
     calib: Dataset
     eval: Dataset | None
     num_outputs: int
+    specs: list = field(default_factory=list)   # edgec.core.feeds.InputSpec per model input, completed from data
+
+    def example(self) -> tuple:
+        """Positional torch arguments of one real sample, in the model's input order."""
+        return example_args(self.calib.head(1), self.specs)
 
 
-def parse_shape(text: str | None) -> tuple | None:
-    if not text:
-        return None
-    try:
-        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
-    except ValueError:
-        raise OptionError(f"--input-shape {text!r}: expected integers like 1,3,224,224") from None
-    if len(shape) < 2 or any(d <= 0 for d in shape):
-        raise OptionError(f"--input-shape {text!r}: expected a batch and at least one positive dimension")
-    return shape
+def parse_shape(text) -> tuple | dict | None:
+    """--input-shape (repeatable): `1,3,224,224` for a single-input model, or NAME=DIMS per input."""
+    return parse_input_shapes(text)
 
 
 def load_inputs(model_path, *, arch=None, trust_pickle=False, input_shape=None, data="builtin:digits",
                 eval_data=None, image_size=None, mean=None, std=None) -> Inputs:
     """Load and validate model and data before any work starts."""
-    loaded = load_model(model_path, arch, trust_pickle=trust_pickle, input_shape=input_shape)
+    one_shape = legacy_shape(input_shape) if isinstance(input_shape, tuple) else None
+    loaded = load_model(model_path, arch, trust_pickle=trust_pickle, input_shape=one_shape)
     kw = dict(image_size=image_size, mean=mean, std=std)
     calib = load_data(data, **kw)
-    shape = loaded.input_shape or (1, *calib.sample_shape)
-    calib.validate(shape)
+    specs = dynamic_from_data(calib.bind(apply_overrides(declared_inputs(loaded), input_shape)).specs, calib)
+    calib.specs = specs
+    shape = (loaded.input_shape or legacy_shape(specs[0].shape)) if len(specs) == 1 else None
     if eval_data:
         evaluation = load_data(eval_data, **kw)
     elif calib.source == "builtin:digits:train":
@@ -111,18 +113,24 @@ def load_inputs(model_path, *, arch=None, trust_pickle=False, input_shape=None, 
         note(f"no --eval-data: holding out {len(evaluation)} of {calib.source}'s samples for evaluation")
     else:
         evaluation = None
-    example = torch.from_numpy(calib.head(1))
+    example = example_args(calib.head(1), specs)
     try:
         with torch.no_grad():
-            out = loaded.module(example)
+            out = out_all = loaded.module(*example)
     except Exception as e:  # noqa: BLE001 - any failure here means data and model do not fit
-        raise DataError(f"the model fails on a sample of shape {tuple(example.shape)} from {calib.source} "
+        shapes = ", ".join(f"{s.name} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                           for s, t in zip(specs, example))
+        raise DataError(f"the model fails on a sample ({shapes}) from {calib.source} "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); check --input-shape/--image-size") from None
     out = out[0] if isinstance(out, (tuple, list)) else out
-    num_outputs = int(out.shape[-1])
+    num_outputs = int(out.shape[-1]) if out.ndim else 1
     if evaluation is not None:
-        evaluation.validate(shape, num_classes=num_outputs if out.ndim == 2 else None)
-    return Inputs(loaded, shape, calib, evaluation, num_outputs)
+        evaluation.bind(specs, num_classes=num_outputs if out.ndim == 2 else None)
+    outs = out_all if isinstance(out_all, (tuple, list)) else (out_all,)
+    params = [*loaded.module.parameters(), *loaded.module.buffers()]
+    check_memory(sum(t.numel() * t.element_size() for t in params),
+                 sum(o.numel() * o.element_size() for o in outs), calib, evaluation)
+    return Inputs(loaded, shape, calib, evaluation, num_outputs, specs)
 
 
 # ---------------------------------------------------------------- stages
@@ -131,7 +139,7 @@ def stage_load(inputs: Inputs) -> Stage:
     m = inputs.model
     return Stage("load", "model file + data", "eager/TorchScript module, validated data",
                  options=m.describe(),
-                 metrics={"params": count_params(m.module), "flops": count_flops(m.module, inputs.input_shape),
+                 metrics={"params": count_params(m.module), "flops": count_flops(m.module, inputs.example()),
                           "calib": inputs.calib.describe(),
                           "eval": inputs.eval.describe() if inputs.eval is not None else None})
 
@@ -139,10 +147,9 @@ def stage_load(inputs: Inputs) -> Stage:
 def stage_export(module, inputs: Inputs, path: Path, opset: int) -> Stage:
     from edgec.exporters.onnx_export import check_onnx_against_torch, export_onnx
     stage = Stage("export", "torch module + example input", "model.fp32.onnx checked against torch",
-                  options={"opset": opset, "dynamic_batch": True})
+                  options={"opset": opset, "dynamic_axes": {s.name: s.dynamic_axes for s in inputs.specs}})
     with timed(stage):
-        example = torch.from_numpy(inputs.calib.head(1))
-        info = export_onnx(module, example, path, opset=opset)
+        info = export_onnx(module, inputs.calib.head(1), path, opset=opset, inputs=inputs.specs)
         check_data = inputs.eval if inputs.eval is not None else inputs.calib
         check = check_onnx_against_torch(module, path, check_data.head(EXPORT_CHECK_SAMPLES))
         stage.metrics = {"export": plain(info), "check": check}
@@ -171,8 +178,10 @@ def stage_quantize(fp32: Path, int8: Path, inputs: Inputs, options, max_drop: fl
             from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
             n = len(inputs.calib)  # spread over the data: folders are sorted by class
             scored = inputs.calib.take(np.unique(np.linspace(0, n - 1, min(n, FALLBACK_SAMPLES)).astype(int)))
+            # re-read per candidate where that is cheap (memory-mapped arrays), else decoded once and kept
+            x = scored if scored.rereadable else scored.head(len(scored))
             y = scored.y if labelled else None
-            info, _ = quantize_with_budget(fp32, int8, inputs.calib, scored.head(len(scored)), y, options,
+            info, _ = quantize_with_budget(fp32, int8, inputs.calib, x, y, options,
                                            FallbackOptions(max_accuracy_drop=max_drop if max_drop is not None else 1.0,
                                                            time_budget_s=fallback_seconds,
                                                            min_cosine=None if labelled else min_cosine))
@@ -207,12 +216,11 @@ def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | Non
     stage = Stage("evaluate", "both ONNX models + eval data", "accuracy (labels) or agreement with FP32",
                   options={"max_accuracy_drop": max_drop})
     with timed(stage):
-        data = inputs.eval if inputs.eval is not None else inputs.calib
-        x = data.head(len(data))
+        data = inputs.eval if inputs.eval is not None else inputs.calib   # streamed batch by batch
         stage.metrics["data"] = data.describe()
-        stage.metrics["agreement"] = agreement(compare_outputs(fp32, int8, x))
+        stage.metrics["agreement"] = agreement(compare_outputs(fp32, int8, data))
         if data.labelled:
-            fp, q = 100 * accuracy(fp32, x, data.y), 100 * accuracy(int8, x, data.y)
+            fp, q = 100 * accuracy(fp32, data, data.y), 100 * accuracy(int8, data, data.y)
             stage.metrics.update(fp32_accuracy=fp, int8_accuracy=q, accuracy_drop=round(fp - q, 4))
             if max_drop is not None and fp - q > max_drop:
                 tried = (f"; the fallback kept {len(fallback['excluded'])} node(s) in FP32 ({fallback['stopped']})"
@@ -224,12 +232,13 @@ def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | Non
     return stage
 
 
-def stage_bench(int8: Path, fp32: Path, providers: list[str], seconds: float) -> Stage:
+def stage_bench(int8: Path, fp32: Path, providers: list[str], seconds: float, shapes: dict | None = None) -> Stage:
+    """`shapes`: {input: dims} at which to time (one real sample's: the data's sequence lengths)."""
     from edgec.runtime import benchmark
     stage = Stage("bench", "ONNX models", "latency per execution provider (INT8 and FP32, interleaved)",
-                  options={"providers": providers, "seconds_per_model": seconds})
+                  options={"providers": providers, "seconds_per_model": seconds, "shapes": shapes})
     with timed(stage):
-        results = benchmark([int8, fp32], providers=providers, runs=f"{seconds}s", warmup="5")
+        results = benchmark([int8, fp32], providers=providers, runs=f"{seconds}s", warmup="5", shapes=shapes)
         per_model = len(results) // 2  # ordered models x providers
         stage.metrics = {r.ep: {"int8": r.to_json(), "fp32": f.to_json()}
                          for r, f in zip(results[:per_model], results[per_model:])}
@@ -262,10 +271,11 @@ class BuildOptions:
     force: bool = False
     extra: dict = field(default_factory=dict)  # recorded verbatim in the manifest (e.g. {"demo": true})
     prebuilt_int8: tuple | None = None   # (path, record): an INT8 model made elsewhere (compare's QAT) replaces PTQ
+    sign_key: str | None = None          # NAME.key from `edgec keygen`: the package is signed before it appears
 
 
-def build(opts: BuildOptions) -> dict:
-    """Run every stage and write the package; returns its manifest."""
+def build(opts: BuildOptions):
+    """Run every stage and write the package; returns its manifest (edgec.core.package.Manifest)."""
     from edgec import package
     from edgec.exporters.quantize import QuantOptions
 
@@ -274,9 +284,11 @@ def build(opts: BuildOptions) -> dict:
         raise OptionError(f"--max-accuracy-drop {opts.max_accuracy_drop}: a budget in points, 0 or more")
     if opts.fallback_seconds < 0:
         raise OptionError(f"--fallback-seconds {opts.fallback_seconds}: 0 (no fallback) or more")
-    Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
     from edgec.core.fsutil import check_writable
-    check_writable(opts.output, opts.force)  # fail before hours of work, not after
+    reads = (opts.model, opts.data, opts.eval_data)
+    check_writable(opts.output, opts.force, inputs=reads, directory=True)  # fail before hours of work, not after
+    from edgec.core.signing import load_private_key
+    sign_key = load_private_key(opts.sign_key) if opts.sign_key else None  # a wrong key fails now, not after
     inputs = load_inputs(opts.model, arch=opts.arch, trust_pickle=opts.trust_pickle,
                          input_shape=opts.input_shape, data=opts.data, eval_data=opts.eval_data,
                          image_size=opts.image_size, mean=opts.mean, std=opts.std)
@@ -289,7 +301,7 @@ def build(opts: BuildOptions) -> dict:
     if opts.distill is not None:
         stages.append(stage_distill(original, module, inputs, opts.distill))
     quant = opts.quant if opts.quant is not None else QuantOptions()
-    with atomic_path(opts.output, force=opts.force, directory=True) as tmp:
+    with atomic_path(opts.output, force=opts.force, directory=True, inputs=reads) as tmp:
         fp32, int8 = tmp / package.FP32_FILE, tmp / package.MODEL_FILE
         stages.append(stage_export(module, inputs, fp32, opts.opset))
         if opts.prebuilt_int8 is not None:
@@ -300,10 +312,11 @@ def build(opts: BuildOptions) -> dict:
         stages.append(stage_evaluate(fp32, int8, inputs, opts.max_accuracy_drop,
                                      stages[-1].metrics.get("sensitivity")))
         if opts.bench_seconds > 0 and opts.providers:
-            stages.append(stage_bench(int8, fp32, list(opts.providers), opts.bench_seconds))
+            stages.append(stage_bench(int8, fp32, list(opts.providers), opts.bench_seconds,
+                                      {k: list(v.shape) for k, v in inputs.calib.head(1).items()}))
         manifest = package.make_manifest(tmp, inputs, module, stages, extra=opts.extra,
                                          seconds=time.perf_counter() - started)
-        package.write_package_files(tmp, manifest)
+        package.write_package_files(tmp, manifest, sign_key=sign_key)
     return manifest
 
 

@@ -31,10 +31,10 @@ build_options = apply(
 
 def _run_build(opts, as_json: bool, title: str):
     from edgec.pipeline import build
-    from edgec.report import print_summary
+    from edgec.core.report import print_summary
     manifest = build(opts)
     if as_json:
-        emit_json(manifest)
+        emit_json(manifest.to_json())
     else:
         print_summary(manifest, title)
         click.echo(f"package: {opts.output}  (edgec inspect {opts.output} | edgec verify {opts.output})")
@@ -75,9 +75,13 @@ def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, imag
 @output_options
 @quant_options
 @build_options
-def build_cmd(as_json, **kw):
+@click.option("--sign-key", type=click.Path(dir_okay=False),
+              help="Sign the package with this Ed25519 private key (NAME.key from `edgec keygen`) as it is written.")
+def build_cmd(as_json, sign_key, **kw):
     """Turn a trained PyTorch model into a verified INT8 ONNX package (NAME.edgec/)."""
-    _run_build(_build_options(**kw), as_json, f"edgec build: {kw['model']}")
+    opts = _build_options(**kw)
+    opts.sign_key = sign_key
+    _run_build(opts, as_json, f"edgec build: {kw['model']}")
 
 
 @click.command("demo")
@@ -88,11 +92,11 @@ def demo_cmd(output, retrain, as_json):
     """The built-in default end to end: ResNet18 trained on the embedded digits -> INT8 package."""
     from edgec.core.errors import OutputExists
     from edgec.demo import demo_model
-    from edgec.package import read_manifest
+    from edgec.core.package import read_manifest
     force = False
     if Path(output).exists():  # replace only an earlier demo package, never anything else
         try:
-            force = bool(read_manifest(output).get("demo"))
+            force = bool(read_manifest(output).extra.get("demo"))
         except Exception:  # noqa: BLE001 - not a package at all: refuse below
             force = False
         if not force:
@@ -115,7 +119,7 @@ def export_cmd(model, arch, input_shape, trust_pickle, data, eval_data, image_si
     from edgec.pipeline import load_inputs, plain, stage_export
     inputs = load_inputs(model, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape, data=data,
                          eval_data=eval_data, image_size=image_size, mean=mean, std=std)
-    with atomic_path(output, force=force) as tmp:
+    with atomic_path(output, force=force, inputs=(model, data, eval_data)) as tmp:
         stage = stage_export(inputs.model.module, inputs, tmp, opset)
     _print_stage(stage, as_json, output)
 
@@ -129,22 +133,23 @@ def quantize_cmd(model, data, eval_data, image_size, mean, std, output, force, a
                  target, exclude_nodes, exclude_op_types, per_tensor, bias_correction, equalize):
     """Static INT8 quantization of an ONNX model with ONNX Runtime calibration on --data."""
     from edgec.data import load_data
-    from edgec.exporters.compare import accuracy, compare_outputs
+    import numpy as np
+    from edgec.exporters.compare import accuracy, compare_outputs, onnx_inputs
     from edgec.exporters.quantize import quantize_int8
     from edgec.core.fsutil import atomic_path
     from edgec.pipeline import agreement, plain
     opts = quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor,
                               bias_correction, equalize)
-    calib = load_data(data, image_size=image_size, mean=mean, std=std)
-    calib.validate()
-    with atomic_path(output, force=force) as tmp:
+    specs = onnx_inputs(model)
+    calib = load_data(data, image_size=image_size, mean=mean, std=std).bind(specs)
+    with atomic_path(output, force=force, inputs=(model, data, eval_data)) as tmp:
         info = plain(quantize_int8(model, tmp, calib, opts))
-        check = load_data(eval_data, image_size=image_size, mean=mean, std=std) if eval_data else calib
-        x = check.head(512)
+        check = load_data(eval_data, image_size=image_size, mean=mean, std=std).bind(specs) if eval_data else calib
+        x = check.take(np.arange(min(512, len(check))))   # streamed
         info["agreement"] = agreement(compare_outputs(model, tmp, x))
         if check.labelled:
-            info["fp32_accuracy"] = 100 * accuracy(model, x, check.y[:len(x)])
-            info["int8_accuracy"] = 100 * accuracy(tmp, x, check.y[:len(x)])
+            info["fp32_accuracy"] = 100 * accuracy(model, x, x.y)
+            info["int8_accuracy"] = 100 * accuracy(tmp, x, x.y)
     if as_json:
         emit_json(info)
     else:

@@ -44,7 +44,10 @@ def compare_cmd(model, arch, input_shape, trust_pickle, data, eval_data, image_s
                 max_accuracy_drop, budgets, max_size, prefer, package_path, force, as_json):
     """Compare compression recipes on your model and data: size, FLOPs, accuracy, latency, in one table and plot."""
     from edgec.compare import RECIPES, CompareOptions, package_winner, run_compare
+    from edgec.core.fsutil import check_writable
     from edgec.report import print_compare
+    if package_path:  # checked before the comparison runs, not after minutes of work
+        check_writable(package_path, force, inputs=(model, data, eval_data, output), directory=True)
     opts = CompareOptions(
         model=model, output=output, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape, data=data,
         eval_data=eval_data, image_size=image_size, mean=mean, std=std,

@@ -63,7 +63,7 @@ def distill_cmd(model, arch, input_shape, trust_pickle, student, student_arch, d
     if not (student or student_arch):
         from edgec.core.errors import OptionError
         raise OptionError("pass --student FILE (e.g. the output of `edgec prune`) or --student-arch SPEC")
-    check_writable(output, force)
+    check_writable(output, force, inputs=(model, student, data, eval_data))
     ddp = Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port)
     ddp.validate()
     result = launch(job, ddp) if ddp.distributed else run_job(job)

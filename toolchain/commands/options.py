@@ -33,15 +33,22 @@ def apply(*decorators):
 model_options = apply(
     click.argument("model", type=click.Path(dir_okay=False)),
     click.option("--arch", help="Architecture for a checkpoint/state_dict: torchvision:NAME[?k=v], file.py:factory "
-                                "or package.module:factory."),
-    click.option("--input-shape", callback=_shape, help="e.g. 1,3,224,224 (default: from the model file or the data)."),
+                                "or package.module:factory. The last two IMPORT (run) that file or module and "
+                                "call the factory: name only code you trust. An edgec model file carries its "
+                                "own spec; one from outside torchvision/edgec builds only if you repeat it here."),
+    click.option("--input-shape", multiple=True, callback=_shape,
+                 help="Input shape, e.g. 1,3,224,224; for a model with several inputs NAME=DIMS, repeatable. A name "
+                      "instead of a number marks a dynamic axis, `batch` the batch axis: state=2,batch,128, "
+                      "ids=batch,seq (default: from the model and the data)."),
     click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled nn.Module (runs code from the "
                                                       "file: only for files you trust)."),
 )
 
 data_options = apply(
     click.option("--data", default="builtin:digits", show_default=True,
-                 help="Calibration/training data: builtin:digits, a .npz (x, optional y) or an image folder."),
+                 help="Calibration/training data: builtin:digits, a .npz (one array per input name, or x for a "
+                      "single-input model; optional y labels), an image folder, or file.py:function (a data hook: "
+                      "edgec IMPORTS and RUNS that file; it returns dict batches {input_name: array})."),
     click.option("--eval-data", help="Labelled held-out data (default: builtin:digits:test for the built-in data, "
                                      "else 20%% of --data when labelled)."),
     click.option("--image-size", type=int, help="Image folders: resize+crop to this size (default 224)."),

@@ -37,7 +37,7 @@ def prune_cmd(model, arch, input_shape, trust_pickle, data, image_size, mean, st
     if not dry_run:
         if not output:
             raise OptionError("-o/--output is required (or --dry-run to only print the plan)")
-        check_writable(output, force)  # fail before the work, not after
+        check_writable(output, force, inputs=(model, data))  # fail before the work, not after
     loaded, dataset = _load(model, arch, input_shape, trust_pickle, data, image_size, mean, std)
     if dry_run:
         return _dry_run(loaded, cfg, dataset, as_json)

@@ -28,8 +28,9 @@ from edgec.core.fsutil import atomic_path
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _TYPES = ("uint8", "int8")
 BIAS_METHODS = ("fast", "empirical")
-ADAROUND_OFF = ("off by default: on EfficientNet-Lite0 it did not earn its time over fast bias correction "
-                "(benchmarks/QUANT_RESULTS.md); adaround=True to use it")
+ADAROUND_OFF = ("off by default: not shown to earn its time on a hard model yet (EfficientNet-Lite0 on a loaded "
+                "2-core host: its statistics pass alone overran the 60 s time box, so no layer was rounded, "
+                "benchmarks/QUANT_RESULTS.md); adaround=True to use it")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from edgec.core.errors import ExportError, ModelError
+from edgec.core.errors import ExportError, ModelError, cause_line
 from edgec.core.feeds import BATCH, FeedLayout, InputSpec, as_feed, batch_len, feed_batches
 from edgec.exporters.compare import ort_session, output_agreement, output_batch_axis
 from edgec.core.fsutil import atomic_path
@@ -78,6 +78,11 @@ def _eval_mode(module):
             module.train(was)
 
 
+def default_output_names(count: int) -> list[str]:
+    """The names exported outputs get when none are given (the names --task/--label-output refer to)."""
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
 def _outputs_tuple(out) -> tuple:
     import torch
     if isinstance(out, torch.Tensor):
@@ -109,12 +114,30 @@ def _param_bytes(module) -> int:
 
 
 def _quiet():
-    """Both exporters print progress and deprecation chatter; keep stdout clean for --json callers."""
+    """Both exporters print progress and deprecation chatter; keep stdout clean for --json callers. They also
+    log (torch's opset notes, onnxscript's version converter with a full traceback even when the export
+    succeeds): silenced while they run; a real failure raises and is reported as one line."""
+    import logging
     stack = contextlib.ExitStack()
     stack.enter_context(warnings.catch_warnings())
     warnings.simplefilter("ignore")
     stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    stack.callback(logging.disable, previous)
     return stack
+
+
+def check_onnx_file(path) -> None:
+    """An ONNX model file, or a one-line model error (not a protobuf traceback)."""
+    import onnx
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise ModelError(f"{path} not found") from None
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and friends for a file that is not ONNX
+        raise ModelError(f"{path} is not an ONNX model ({type(e).__name__}); pass a .onnx file, e.g. from "
+                         "edgec export") from None
 
 
 def _torchscript_export(module, args, file, opset, specs, output_names, dynamic, out_axes):
@@ -207,10 +230,10 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
             outs = _outputs_tuple(module(*args))
         except Exception as e:
             raise ModelError(f"the model fails on the example input ({shapes_text}): "
-                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; fix --input-shape") from e
+                             f"{cause_line(e)}; fix --input-shape") from e
         out_axes = _output_batch_axes(module, args, specs, outs) if dynamic_batch else []
         if output_names is None:
-            output_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+            output_names = default_output_names(len(outs))
         elif len(output_names) != len(outs):
             raise ExportError(f"{len(output_names)} output names for {len(outs)} outputs; give one name per output")
         large = _param_bytes(module) >= EXTERNAL_DATA_THRESHOLD
@@ -266,8 +289,7 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+    return cause_line(e)[:300]
 
 
 def _export_error(op: str | None, e: BaseException, opset: int) -> ExportError:

@@ -1,10 +1,10 @@
 """Sensitivity analysis and accuracy-aware fallback: keep the fewest, most sensitive nodes in FP32.
 
-Sensitivity of a node = how much the INT8 model's output error (1 - mean cosine to FP32 on real samples)
-shrinks when only that node is left in FP32 (one quantization per node, reusing the calibrated ranges).
-Fallback: exclude nodes in that order, one more at a time, until the accuracy drop (or, without labels, the
-top-1 disagreement with FP32, or with `min_cosine` the mean cosine to FP32) is within budget; stop at the time
-box and always keep the best model found.
+Sensitivity of a node = how much the INT8 model's output error (the worst noise-to-signal ratio over its
+outputs, 10^(-SQNR/10), on real samples) shrinks when only that node is left in FP32 (one quantization per
+node, reusing the calibrated ranges). Fallback: exclude nodes in that order, one more at a time, until the
+drop of the checked outputs' task figures (edgec.exporters.metrics: accuracy with labels, agreement with FP32
+without, or with `min_cosine` the mean cosine to FP32) is within budget; stop at the time box and always keep the best model found.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from edgec.core.errors import OptionError
 from edgec.exporters.calibration import Progress, default_progress
-from edgec.exporters.compare import ort_session, output_agreement, run_onnx
+from edgec.exporters.compare import ort_session, run_onnx
 from edgec.exporters.quantize import (COMPUTE_OPS, Prepared, QuantInfo, QuantOptions, prepare,
                                       write_quantized)
 
@@ -27,10 +27,12 @@ class FallbackOptions:
     max_accuracy_drop: float = 1.0         # points (1.0 = one percentage point)
     time_budget_s: float = 300.0
     max_excluded_share: float = 0.10       # never keep more than this share of Conv/MatMul/Gemm nodes in FP32
-    batch_size: int = 64
+    batch_size: int | None = None        # None: about 8 MB of inputs per batch (compare.auto_batch; ORT arenas)
     # A node whose FP32 fallback would leave less than this share of Conv/MatMul/Gemm weights in INT8 is passed
     # over (issue #6's bar is 90%): EfficientNet-Lite0's classifier alone holds 28% of its weights.
     min_int8_weight_share: float = 0.90
+    checks: object = None                  # edgec.exporters.metrics.CheckOptions: outputs, tasks, label output
+    num_classes: int | None = None         # the data's class count where known (task detection)
     # Without labels, agreement with FP32 is the budget: the fallback runs until the mean cosine of the INT8
     # outputs to FP32 reaches this (each output; a one-value-per-sample output is judged over all samples).
     # None = the top-1 agreement within max_accuracy_drop points, as with labels.
@@ -53,13 +55,13 @@ class FallbackOptions:
 class NodeSensitivity:
     node: str
     op_type: str
-    error_when_excluded: float             # 1 - mean cosine with only this node in FP32
+    error_when_excluded: float             # worst noise/signal ratio over the outputs, only this node in FP32
     error_reduction: float                 # baseline error - error_when_excluded (higher = more sensitive)
 
 
 @dataclass
 class FallbackReport:
-    metric: str                            # "accuracy" | "top1_agreement" | "cosine" (1 - drop/100)
+    metric: str                            # the checked outputs' figure, e.g. "accuracy" | "top1_agreement" | "cosine"
     fp32_score: float
     int8_score: float                      # all nodes INT8
     final_score: float
@@ -91,27 +93,30 @@ def cosine_score(refs: list, outs: list) -> float:
 
 
 class _Evaluator:
-    """Scores a candidate INT8 model against the FP32 reference on fixed real samples."""
+    """Scores a candidate INT8 model against the FP32 reference on fixed real samples, with the gate's figures."""
 
-    def __init__(self, fp32_path, x, y, batch_size: int, cosine: bool = False):
-        self.x, self.y, self.batch = x, y, batch_size   # a dict feed (or one array: single-input models)
-        self.refs = run_onnx(ort_session(fp32_path), self.x, batch_size)
-        self.ref = self.refs[0]
-        self.metric = "accuracy" if y is not None else "cosine" if cosine else "top1_agreement"
-        self.fp32_score = 1.0 if self.metric == "cosine" else self._score(self.ref)
-
-    def _score(self, logits) -> float:
-        flat = logits.reshape(len(logits), -1)
-        target = np.asarray(self.y) if self.y is not None else self.ref.reshape(len(self.ref), -1).argmax(1)
-        return float((flat.argmax(1) == target).mean())
+    def __init__(self, fp32_path, x, y, batch_size: int, checks=None, num_classes: int | None = None,
+                 cosine: bool = False):
+        from edgec.exporters.metrics import CandidateScore, CheckOptions, batch_first
+        self.x, self.batch, self.cosine = x, batch_size, cosine   # a dict feed (or one array: single-input models)
+        session = ort_session(fp32_path)
+        ref = batch_first(session, run_onnx(session, self.x, batch_size))
+        if cosine:   # the label-free budget: agreement with FP32 (edgec.exporters.sensitivity.cosine_score)
+            self.refs, self.metric, self.fp32_score = ref, "cosine", 1.0
+            return
+        self.scorer = CandidateScore([o.name for o in session.get_outputs()], ref, y,
+                                     checks if checks is not None else CheckOptions(), num_classes)
+        self.metric, self.fp32_score = self.scorer.metric, self.scorer.fp32_score
 
     def __call__(self, path) -> tuple[float, float]:
-        """(score, output error = 1 - mean cosine to FP32)."""
-        outs = run_onnx(ort_session(path), self.x, self.batch)
-        if self.metric == "cosine":
-            score = cosine_score(self.refs, outs)
+        """(score, output error)."""
+        from edgec.exporters.metrics import batch_first
+        session = ort_session(path)
+        out = batch_first(session, run_onnx(session, self.x, self.batch))
+        if self.cosine:
+            score = cosine_score(self.refs, out)
             return score, 1.0 - score
-        return self._score(outs[0]), 1.0 - output_agreement(self.ref, outs[0])["mean_cosine"]
+        return self.scorer.score(out), self.scorer.error(out)
 
 
 def _drop(ev: _Evaluator, score: float) -> float:
@@ -129,7 +134,7 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
     cosine = y is None and options.min_cosine is not None
     if cosine:   # the cosine budget in the same units as an accuracy drop: points of (1 - cosine)
         options = dataclasses.replace(options, max_accuracy_drop=round(100 * (1 - options.min_cosine), 6))
-    ev = _Evaluator(prepared.fp32_path, x, y, options.batch_size, cosine=cosine)
+    ev = _Evaluator(prepared.fp32_path, x, y, options.batch_size, options.checks, options.num_classes, cosine=cosine)
     base_excl = prepared.resolve_exclusions(prepared.options.exclude_nodes, prepared.options.exclude_op_types)
     work = Path(prepared.workdir)
     cand = work / "candidate.onnx"

@@ -368,7 +368,8 @@ def package_winner(opts: CompareOptions, summary: dict, path, force: bool) -> st
     root = Path(opts.output)
     common = dict(output=str(path), arch=opts.arch, trust_pickle=opts.trust_pickle, input_shape=opts.input_shape,
                   data=opts.data, eval_data=opts.eval_data, image_size=opts.image_size, mean=opts.mean, std=opts.std,
-                  providers=opts.providers, force=force, max_accuracy_drop=None,
+                  # ungated: the comparison applied its constraints (and qat-kd's FP32 is the original model)
+                  providers=opts.providers, force=force, max_accuracy_drop=None, min_sqnr=float("-inf"),
                   extra={"compare": {"recipe": winner, "folder": str(root)}})
     if winner.startswith("ptq-int8-"):
         opts_build = BuildOptions(model=opts.model, quant=QuantOptions(method=row["details"]["calibration"]), **common)

@@ -5,27 +5,27 @@ from pathlib import Path
 
 import click
 
-from edgec.commands.options import (apply, data_options, emit_json, kd_options, model_options, output_options,
-                                    quant_options, quant_options_from)
+from edgec.commands.options import (FINITE, apply, check_options, data_options, emit_json, kd_options,
+                                    model_options, output_options, quant_options, quant_options_from, _opset)
 
 build_options = apply(
-    click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17)."),
-    click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
+    click.option("--opset", type=int, default=17, show_default=True, callback=_opset, help="ONNX opset (17-20)."),
+    click.option("--max-accuracy-drop", type=FINITE, default=1.0, show_default=True,
                  help="INT8 may lose at most this many points vs FP32: over it, the most sensitive nodes are kept in "
                       "FP32 (--fallback-seconds); still over it on the eval data, the build fails."),
-    click.option("--fallback-seconds", type=float, default=300.0, show_default=True,
+    click.option("--fallback-seconds", type=FINITE, default=300.0, show_default=True,
                  help="Time box of the sensitivity fallback; 0 fails instead of keeping nodes in FP32."),
-    click.option("--min-cosine", type=float, default=0.99, show_default=True,
-                 help="Without labelled eval data: the most sensitive nodes are kept in FP32 until the INT8 "
-                      "outputs' mean cosine to FP32 reaches this (within --fallback-seconds, 90%% of the weights "
-                      "staying INT8)."),
+    click.option("--min-cosine", type=float, default=None,
+                 help="Without labelled eval data: the fallback's budget is instead the INT8 outputs' mean cosine "
+                      "to FP32 (e.g. 0.99), within --fallback-seconds, 90%% of the weights staying INT8."),
     click.option("--ep", "providers", multiple=True, default=["cpu"], show_default=True,
                  help="Execution provider(s) to benchmark on: cpu, cuda, tensorrt, auto."),
-    click.option("--bench-seconds", type=float, default=2.0, show_default=True,
+    click.option("--bench-seconds", type=FINITE, default=2.0, show_default=True,
                  help="Benchmark time per model and provider; 0 skips the benchmark."),
-    click.option("--prune", "prune_ratio", type=float, help="Remove this fraction of channels (structured) first."),
+    click.option("--prune", "prune_ratio", type=FINITE, help="Remove this fraction of channels (structured) first."),
     click.option("--distill", is_flag=True, help="Train the (pruned) model on the original's soft targets."),
     kd_options,
+    check_options,
 )
 
 
@@ -43,9 +43,10 @@ def _run_build(opts, as_json: bool, title: str):
 
 def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, image_size, mean, std, output, force,
                    calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor, bias_correction, equalize,
-                   opset, max_accuracy_drop, fallback_seconds, min_cosine, providers, bench_seconds, prune_ratio,
-                   distill, epochs, lr, alpha, temperature, extra=None):
+                   opset, max_accuracy_drop, min_sqnr, tasks, label_output, fallback_seconds, min_cosine, providers,
+                   bench_seconds, prune_ratio, distill, epochs, lr, alpha, temperature, extra=None):
     from edgec.core.errors import OptionError
+    from edgec.exporters.metrics import parse_tasks
     from edgec.pipeline import BuildOptions
     prune_cfg = distill_cfg = None
     if prune_ratio is not None:
@@ -63,8 +64,8 @@ def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, imag
         eval_data=eval_data, image_size=image_size, mean=mean, std=std, opset=opset,
         quant=quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor,
                                  bias_correction, equalize),
-        max_accuracy_drop=max_accuracy_drop, fallback_seconds=fallback_seconds, min_cosine=min_cosine,
-        providers=tuple(providers),
+        max_accuracy_drop=max_accuracy_drop, min_sqnr=min_sqnr, tasks=parse_tasks(tasks), label_output=label_output,
+        fallback_seconds=fallback_seconds, min_cosine=min_cosine, providers=tuple(providers),
         bench_seconds=bench_seconds,
         prune=prune_cfg, distill=distill_cfg, force=force, extra=extra or {})
 
@@ -111,7 +112,7 @@ def demo_cmd(output, retrain, as_json):
 @model_options
 @data_options
 @output_options
-@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--opset", type=int, default=17, show_default=True, callback=_opset, help="ONNX opset (17-20).")
 def export_cmd(model, arch, input_shape, trust_pickle, data, eval_data, image_size, mean, std, output, force,
                as_json, opset):
     """Export a PyTorch model to ONNX, checked against torch on real samples."""
@@ -138,10 +139,14 @@ def quantize_cmd(model, data, eval_data, image_size, mean, std, output, force, a
     from edgec.exporters.quantize import quantize_int8
     from edgec.core.fsutil import atomic_path
     from edgec.pipeline import agreement, plain
+    from edgec.pipeline import check_calibration_size
+    from edgec.exporters.onnx_export import check_onnx_file
+    check_onnx_file(model)
     opts = quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor,
                               bias_correction, equalize)
     specs = onnx_inputs(model)
     calib = load_data(data, image_size=image_size, mean=mean, std=std).bind(specs)
+    check_calibration_size(calib)
     with atomic_path(output, force=force, inputs=(model, data, eval_data)) as tmp:
         info = plain(quantize_int8(model, tmp, calib, opts))
         check = load_data(eval_data, image_size=image_size, mean=mean, std=std).bind(specs) if eval_data else calib

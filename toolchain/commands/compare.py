@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from edgec.commands.options import data_options, emit_json, kd_options, model_options
+from edgec.commands.options import FINITE, data_options, emit_json, kd_options, model_options
 
 
 def _size(ctx, param, value):
@@ -27,12 +27,12 @@ def _size(ctx, param, value):
 @click.option("--calibration", "calibrations", multiple=True, type=click.Choice(["minmax", "entropy", "percentile"]),
               help="Calibration method(s) for ptq-int8, one row each (default: all three).")
 @click.option("--ep", "providers", multiple=True, default=["cpu"], show_default=True, help="Execution provider(s).")
-@click.option("--prune-ratio", type=float, default=0.5, show_default=True)
+@click.option("--prune-ratio", type=FINITE, default=0.5, show_default=True)
 @kd_options
 @click.option("--qat-epochs", type=int, default=3, show_default=True)
-@click.option("--bench-seconds", type=float, default=3.0, show_default=True, help="Benchmark time per model.")
+@click.option("--bench-seconds", type=FINITE, default=3.0, show_default=True, help="Benchmark time per model.")
 @click.option("--fresh", is_flag=True, help="Recompute every recipe instead of reusing saved results.")
-@click.option("--max-accuracy-drop", type=float, help="Constraint: points of accuracy a recipe may lose vs FP32.")
+@click.option("--max-accuracy-drop", type=FINITE, help="Constraint: points of accuracy a recipe may lose vs FP32.")
 @click.option("--budget", "budgets", multiple=True, help="Constraint: latency on the first --ep, e.g. p90=10ms.")
 @click.option("--max-size", callback=_size, help="Constraint: file size, e.g. 5MB.")
 @click.option("--prefer", type=click.Choice(["latency", "size"]), default="latency", show_default=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edgec.commands.options import data_options, emit_json, kd_options, model_options, output_options
+from edgec.commands.options import FINITE, data_options, emit_json, kd_options, model_options, output_options
 
 
 def _hint(ctx, param, values):
@@ -25,12 +25,16 @@ def _hint(ctx, param, values):
 @kd_options
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Per process.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--weight-decay", type=FINITE, default=5e-4, show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
 @click.option("--hint", "hints", multiple=True, callback=_hint,
               help="Feature loss STUDENT_LAYER[:TEACHER_LAYER] (repeatable), e.g. layer3.")
-@click.option("--hint-weight", type=float, default=1.0, show_default=True)
-@click.option("--no-augment", is_flag=True, help="No random translation of training images.")
+@click.option("--hint-weight", type=FINITE, default=1.0, show_default=True)
+@click.option("--kd-loss", "kd_loss", multiple=True, metavar="OUTPUT=KIND[:WEIGHT]",
+              help="Loss of one output: kl (logits), bce (probabilities), mse (regression), cosine (embeddings), "
+                   "e.g. 0=bce or output_1=mse:0.5 (repeatable; default: chosen from the teacher's outputs).")
+@click.option("--label-output", help="The output the labels belong to (position or name; default: the first).")
+@click.option("--no-augment", is_flag=True, help="No random translation of training images (only image inputs are ever translated).")
 @click.option("--patience", type=int, help="Stop after this many epochs without a better eval accuracy.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -44,17 +48,17 @@ def _hint(ctx, param, values):
 @output_options
 def distill_cmd(model, arch, input_shape, trust_pickle, student, student_arch, data, eval_data, image_size, mean,
                 std, epochs, batch_size, lr, optimizer, weight_decay, schedule, alpha, temperature, hints,
-                hint_weight, no_augment, patience, seed, device, resume, nproc_per_node, nnodes, node_rank,
+                hint_weight, kd_loss, label_output, no_augment, patience, seed, device, resume, nproc_per_node, nnodes, node_rank,
                 master_addr, master_port, output, force, as_json):
     """Train a student (--student FILE or --student-arch SPEC) on MODEL's soft targets; write it to -o."""
     from edgec.distill import DistillJob, run_job
     from edgec.distributed import Launch, launch
     from edgec.core.fsutil import check_writable
-    from edgec.train import TrainConfig
+    from edgec.kdloss import parse as parse_kd_loss
     train_cfg = dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                     schedule=schedule, alpha=alpha, temperature=temperature, augment=not no_augment, seed=seed,
+                     schedule=schedule, alpha=alpha, temperature=temperature, augment=False if no_augment else None, seed=seed,
                      patience=patience, hints=[list(h) for h in hints], hint_weight=hint_weight, resume=resume,
-                     device=device)
+                     device=device, kd_loss=[list(t) for t in parse_kd_loss(kd_loss)], label_output=label_output)
     job = DistillJob(teacher=model, output=output, arch=arch, input_shape=list(input_shape) if input_shape else None,
                      trust_pickle=trust_pickle, student=student, student_arch=student_arch, data=data,
                      eval_data=eval_data, image_size=image_size, mean=list(mean) if mean else None,
@@ -85,6 +89,9 @@ def _print(r: dict) -> None:
     click.echo(f"{'FLOPs':16} {_fmt(r['teacher_flops']):>10} {_fmt(r['flops']):>10}")
     click.echo(f"{'accuracy':16} {pct(r['teacher_accuracy']):>10} {pct(r['best_accuracy']):>10}  "
                f"(student before: {pct(r['student_accuracy_before'])})")
-    click.echo(f"{r['recipe']}: best epoch {r['best_epoch']} of {len(r['epochs'])}, {r['seconds']:.0f}s, "
+    for spec in r.get("kd_loss", []):
+        click.echo(f"loss on output {spec['output']}: {spec['kind']} x{spec['weight']:g} ({spec['reason']})")
+    kept = r["kept_epoch"]
+    click.echo(f"{r['recipe']}: kept epoch {kept['epoch']} of {len(r['epochs'])} ({kept['reason']}), {r['seconds']:.0f}s, "
                f"{r['world_size']} process(es){', stopped early' if r['stopped_early'] else ''}")
     click.echo(f"wrote {r['output']}" if r["output"] else f"interrupted; continue with --resume ({r['checkpoint']})")

@@ -4,13 +4,41 @@ from __future__ import annotations
 import click
 
 
+class FiniteFloat(click.ParamType):
+    """A float that is a number: nan and inf are refused where the option is declared (nan compares false
+    with every bound, so `--lr nan` trained an all-NaN model and `--max-accuracy-drop nan` disabled the gate)."""
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        import math
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE = FiniteFloat()
+
+
 def _floats(ctx, param, value):
+    import math
     if value is None:
         return None
     try:
-        return tuple(float(v) for v in value.split(","))
+        numbers = tuple(float(v) for v in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated numbers like 0.485,0.456,0.406") from None
+        numbers = ()
+    if not numbers or not all(math.isfinite(v) for v in numbers):
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers like 0.485,0.456,0.406")
+    return numbers
+
+
+def _opset(ctx, param, value):
+    """What the exporters write: 17 (edgec's floor) up to the TorchScript exporter's newest."""
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as newest
+    if value is not None and not 17 <= value <= newest:
+        raise click.BadParameter(f"{value}: edgec exports ONNX opset 17 to {newest}")
+    return value
 
 
 def _shape(ctx, param, value):
@@ -51,7 +79,8 @@ data_options = apply(
                       "edgec IMPORTS and RUNS that file; it returns dict batches {input_name: array})."),
     click.option("--eval-data", help="Labelled held-out data (default: builtin:digits:test for the built-in data, "
                                      "else 20%% of --data when labelled)."),
-    click.option("--image-size", type=int, help="Image folders: resize+crop to this size (default 224)."),
+    click.option("--image-size", type=click.IntRange(1, 4096),
+                 help="Image folders: resize+crop to this size (default 224)."),
     click.option("--mean", callback=_floats, help="Per-channel mean to subtract, e.g. 0.485,0.456,0.406."),
     click.option("--std", callback=_floats, help="Per-channel std to divide by, e.g. 0.229,0.224,0.225."),
 )
@@ -65,11 +94,24 @@ output_options = apply(
 # knowledge distillation: the same flags, defaults and meaning in build, compare and distill
 kd_options = apply(
     click.option("--epochs", type=int, default=10, show_default=True, help="Distillation epochs."),
-    click.option("--lr", type=float, default=0.01, show_default=True,
+    click.option("--lr", type=FINITE, default=0.01, show_default=True,
                  help="Peak learning rate of distillation (one-cycle cosine)."),
-    click.option("--alpha", type=float, default=0.5, show_default=True,
+    click.option("--alpha", type=FINITE, default=0.5, show_default=True,
                  help="Weight of the teacher's soft targets (0 = plain fine-tuning on labels)."),
-    click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature."),
+    click.option("--temperature", type=FINITE, default=2.0, show_default=True, help="Distillation temperature."),
+)
+
+# what INT8 is checked on, per output (edgec.exporters.metrics): the same flags wherever models are gated
+check_options = apply(
+    click.option("--min-sqnr", type=FINITE, default=None,
+                 help="Every output's SQNR of INT8 vs FP32 over the eval data must reach this many dB "
+                      "(default 15: properly calibrated INT8 measured 26-44 dB, wrong calibration ranges 0-23)."),
+    click.option("--task", "tasks", multiple=True, metavar="OUTPUT=TASK",
+                 help="What an output is, so it gets its task's check: classify, multilabel, regress, score, "
+                      "embed, none (repeatable; a one-output model may say --task classify). Default: detected "
+                      "and printed."),
+    click.option("--label-output", help="The output the labels of --data/--eval-data apply to (needed when the "
+                                        "model has several outputs; 'none' ignores the labels)."),
 )
 
 quant_options = apply(

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from edgec.commands.options import _floats, emit_json, model_options
+from edgec.commands.options import FINITE, _floats, emit_json, model_options
 
 
 @click.command("prune")
@@ -12,9 +12,9 @@ from edgec.commands.options import _floats, emit_json, model_options
 @click.option("--image-size", type=int, help="Image folders: resize+crop to this size.")
 @click.option("--mean", callback=_floats, help="Per-channel mean to subtract.")
 @click.option("--std", callback=_floats, help="Per-channel std to divide by.")
-@click.option("--ratio", type=float, help="Fraction of channels to remove, in (0, 1), e.g. 0.5.")
-@click.option("--target-flops", type=float, help="Instead of --ratio: keep this fraction of the FLOPs, e.g. 0.25.")
-@click.option("--target-params", type=float, help="Instead of --ratio: keep this fraction of the parameters.")
+@click.option("--ratio", type=FINITE, help="Fraction of channels to remove, in (0, 1), e.g. 0.5.")
+@click.option("--target-flops", type=FINITE, help="Instead of --ratio: keep this fraction of the FLOPs, e.g. 0.25.")
+@click.option("--target-params", type=FINITE, help="Instead of --ratio: keep this fraction of the parameters.")
 @click.option("--importance", type=click.Choice(["l1", "l2", "bn", "taylor"]), default="l2", show_default=True,
               help="Channel ranking: weight magnitude, BatchNorm scale, or first-order Taylor (needs --data).")
 @click.option("--global", "global_pruning", is_flag=True, help="Rank channels across layers (uneven widths).")

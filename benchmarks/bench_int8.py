@@ -40,7 +40,7 @@ CONFIGS = {
     "edgec-mse+bc-fast": dict(method="mse", bias_correction=True, adaround=False),
     "edgec-adaround": dict(adaround=True, bias_correction=False),
     "edgec-adaround+bc-fast": dict(adaround=True, bias_correction=True),
-    # what `edgec build` does without labels: the default quantization, then the --min-cosine 0.99 fallback
+    # `edgec build --min-cosine 0.99` without labels: the default quantization, then the cosine fallback
     # scored on calibration samples (64 here, to fit the time box on a shared machine)
     "edgec-default+min-cosine": dict(fallback=True),
 }

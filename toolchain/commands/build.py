@@ -17,7 +17,7 @@ build_options = apply(
                  help="Time box of the sensitivity fallback; 0 fails instead of keeping nodes in FP32."),
     click.option("--min-cosine", type=float, default=None,
                  help="Without labelled eval data: the fallback's budget is instead the INT8 outputs' mean cosine "
-                      "to FP32 (e.g. 0.99), within --fallback-seconds, 90%% of the weights staying INT8."),
+                      "to FP32 (e.g. 0.99), within --fallback-seconds, 90% of the weights staying INT8."),
     click.option("--ep", "providers", multiple=True, default=["cpu"], show_default=True,
                  help="Execution provider(s) to benchmark on: cpu, cuda, tensorrt, auto."),
     click.option("--bench-seconds", type=FINITE, default=2.0, show_default=True,

@@ -17,7 +17,7 @@ import numpy as np
 
 from edgec.core.errors import OptionError
 from edgec.exporters.calibration import Progress, default_progress
-from edgec.exporters.compare import ort_session, run_onnx
+from edgec.exporters.compare import ort_session, output_agreement, run_onnx
 from edgec.exporters.quantize import (COMPUTE_OPS, Prepared, QuantInfo, QuantOptions, prepare,
                                       write_quantized)
 

@@ -4,10 +4,11 @@ Sensitivity of a node = how much the INT8 model's output error (the worst noise-
 outputs, 10^(-SQNR/10), on real samples) shrinks when only that node is left in FP32 (one quantization per
 node, reusing the calibrated ranges). Fallback: exclude nodes in that order, one more at a time, until the
 drop of the checked outputs' task figures (edgec.exporters.metrics: accuracy with labels, agreement with FP32
-without) is within budget; stop at the time box and always keep the best model found.
+without, or with `min_cosine` the mean cosine to FP32) is within budget; stop at the time box and always keep the best model found.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 
 from edgec.core.errors import OptionError
 from edgec.exporters.calibration import Progress, default_progress
-from edgec.exporters.compare import ort_session, run_onnx
+from edgec.exporters.compare import ort_session, output_agreement, run_onnx
 from edgec.exporters.quantize import (COMPUTE_OPS, Prepared, QuantInfo, QuantOptions, prepare,
                                       write_quantized)
 
@@ -32,6 +33,10 @@ class FallbackOptions:
     min_int8_weight_share: float = 0.90
     checks: object = None                  # edgec.exporters.metrics.CheckOptions: outputs, tasks, label output
     num_classes: int | None = None         # the data's class count where known (task detection)
+    # Without labels, agreement with FP32 is the budget: the fallback runs until the mean cosine of the INT8
+    # outputs to FP32 reaches this (each output; a one-value-per-sample output is judged over all samples).
+    # None = the top-1 agreement within max_accuracy_drop points, as with labels.
+    min_cosine: float | None = None
 
     def validate(self) -> None:
         if self.max_accuracy_drop < 0:
@@ -42,6 +47,8 @@ class FallbackOptions:
             raise OptionError(f"max_excluded_share must be within [0, 1], got {self.max_excluded_share}")
         if not 0 <= self.min_int8_weight_share <= 1:
             raise OptionError(f"min_int8_weight_share must be within [0, 1], got {self.min_int8_weight_share}")
+        if self.min_cosine is not None and not 0 < self.min_cosine <= 1:
+            raise OptionError(f"--min-cosine must be within (0, 1], got {self.min_cosine}")
 
 
 @dataclass
@@ -54,7 +61,7 @@ class NodeSensitivity:
 
 @dataclass
 class FallbackReport:
-    metric: str                            # the checked outputs' figure, e.g. "accuracy" | "top1_agreement"
+    metric: str                            # the checked outputs' figure, e.g. "accuracy" | "top1_agreement" | "cosine"
     fp32_score: float
     int8_score: float                      # all nodes INT8
     final_score: float
@@ -73,14 +80,30 @@ class FallbackReport:
         return asdict(self)
 
 
+def cosine_score(refs: list, outs: list) -> float:
+    """Agreement of every output with FP32, the worst one: the mean per-sample cosine, or for an output with
+    one value per sample (where a per-sample cosine is always +-1) the cosine over all samples at once."""
+    scores = []
+    for ref, out in zip(refs, outs):
+        if ref.reshape(len(ref), -1).shape[1] > 1:
+            scores.append(output_agreement(ref, out)["mean_cosine"])
+        else:
+            scores.append(output_agreement(ref.reshape(1, -1), out.reshape(1, -1))["mean_cosine"])
+    return float(min(scores))
+
+
 class _Evaluator:
     """Scores a candidate INT8 model against the FP32 reference on fixed real samples, with the gate's figures."""
 
-    def __init__(self, fp32_path, x, y, batch_size: int, checks=None, num_classes: int | None = None):
+    def __init__(self, fp32_path, x, y, batch_size: int, checks=None, num_classes: int | None = None,
+                 cosine: bool = False):
         from edgec.exporters.metrics import CandidateScore, CheckOptions, batch_first
-        self.x, self.batch = x, batch_size   # a dict feed (or one array: single-input models)
+        self.x, self.batch, self.cosine = x, batch_size, cosine   # a dict feed (or one array: single-input models)
         session = ort_session(fp32_path)
         ref = batch_first(session, run_onnx(session, self.x, batch_size))
+        if cosine:   # the label-free budget: agreement with FP32 (edgec.exporters.sensitivity.cosine_score)
+            self.refs, self.metric, self.fp32_score = ref, "cosine", 1.0
+            return
         self.scorer = CandidateScore([o.name for o in session.get_outputs()], ref, y,
                                      checks if checks is not None else CheckOptions(), num_classes)
         self.metric, self.fp32_score = self.scorer.metric, self.scorer.fp32_score
@@ -90,6 +113,9 @@ class _Evaluator:
         from edgec.exporters.metrics import batch_first
         session = ort_session(path)
         out = batch_first(session, run_onnx(session, self.x, self.batch))
+        if self.cosine:
+            score = cosine_score(self.refs, out)
+            return score, 1.0 - score
         return self.scorer.score(out), self.scorer.error(out)
 
 
@@ -105,7 +131,10 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
     progress = default_progress(progress)
     started = time.perf_counter()
     deadline = started + options.time_budget_s
-    ev = _Evaluator(prepared.fp32_path, x, y, options.batch_size, options.checks, options.num_classes)
+    cosine = y is None and options.min_cosine is not None
+    if cosine:   # the cosine budget in the same units as an accuracy drop: points of (1 - cosine)
+        options = dataclasses.replace(options, max_accuracy_drop=round(100 * (1 - options.min_cosine), 6))
+    ev = _Evaluator(prepared.fp32_path, x, y, options.batch_size, options.checks, options.num_classes, cosine=cosine)
     base_excl = prepared.resolve_exclusions(prepared.options.exclude_nodes, prepared.options.exclude_op_types)
     work = Path(prepared.workdir)
     cand = work / "candidate.onnx"

@@ -442,6 +442,135 @@ def bias_correct(model, qdq_model, calibration, num_samples: int, workdir, exclu
     return record, originals
 
 
+def bias_inputs(model, exclude=()) -> list[str]:
+    """Input tensors of the Conv/Gemm nodes whose per-channel means fast bias correction needs."""
+    excluded = set(exclude)
+    return list(dict.fromkeys(n.input[0] for n in model.graph.node
+                              if n.op_type in CONV_LIKE and n.name not in excluded and n.input))
+
+
+def _tap_fractions(node, spatial: tuple, kernel: tuple) -> np.ndarray | None:
+    """For each kernel tap, the share of output positions where it reads inside the (zero-padded) input:
+    a Conv's mean output is sum_taps w * fraction * mean input. None when the spatial shape is unknown."""
+    if not spatial or len(spatial) != len(kernel):
+        return None
+    d = len(kernel)
+    strides = _attr(node, "strides", [1] * d)
+    dil = _attr(node, "dilations", [1] * d)
+    pads = _attr(node, "pads", [0] * 2 * d)
+    if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return None
+    per_axis = []
+    for a in range(d):
+        n_in, k, s, dl, lo = spatial[a], kernel[a], strides[a], dil[a], pads[a]
+        n_out = (n_in + lo + pads[a + d] - dl * (k - 1) - 1) // s + 1
+        if n_out < 1:
+            return None
+        pos = np.arange(n_out)[:, None] * s - lo + np.arange(k)[None, :] * dl   # (out, tap) input index
+        per_axis.append(((pos >= 0) & (pos < n_in)).mean(axis=0))
+    frac = per_axis[0]
+    for f in per_axis[1:]:
+        frac = np.multiply.outer(frac, f)
+    return frac
+
+
+def _targets(model, q, exclude):
+    """Quantized Conv/Gemm nodes whose bias can be corrected: (node, its QDQ twin), skipped counts."""
+    from onnx import numpy_helper
+    g = _Graph(model)
+    producers = {o: n for n in q.graph.node for o in n.output}
+    qnodes = {n.name: n for n in q.graph.node}
+    excluded, targets, skipped = set(exclude), [], defaultdict(int)
+    for n in model.graph.node:
+        if n.op_type not in CONV_LIKE or n.name in excluded or len(n.input) < 2:
+            continue
+        qn = qnodes.get(n.name)
+        if qn is None or producers.get(qn.input[1]) is None or producers[qn.input[1]].op_type != "DequantizeLinear":
+            skipped["weight not quantized"] += 1
+            continue
+        if len(n.input) > 2 and n.input[2] and (not g.private(n.input[2]) or g.array(n.input[2]).ndim != 1):
+            skipped["bias shared or not 1-D"] += 1
+            continue
+        if n.op_type == "Gemm" and _attr(n, "transA", 0):
+            skipped["Gemm with transA"] += 1
+            continue
+        if g.array(n.input[1]) is None:
+            skipped["weight not a constant"] += 1
+            continue
+        targets.append((n, qn))
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    return g, targets, skipped, producers, inits
+
+
+def _set_bias(g: _Graph, n, shift: np.ndarray, originals: dict) -> None:
+    """Lower node n's bias by `shift` (adding a bias when it has none); remember the original."""
+    if len(n.input) > 2 and n.input[2]:
+        originals[n.name] = (n.input[2], g.array(n.input[2]).copy())
+        g.set(n.input[2], g.array(n.input[2]).astype(np.float64) - shift)
+        return
+    name = f"{n.name}_bias_corrected"
+    while name in g.inits:
+        name += "_"
+    g.add(name, -shift)
+    while len(n.input) < 3:
+        n.input.append("")
+    n.input[2] = name
+    originals[n.name] = (name, None)
+
+
+def fast_bias_correct(model, qdq_model, input_means: dict, exclude=(), reference: dict | None = None
+                      ) -> tuple[dict, dict]:
+    """Analytic bias correction in place, from statistics the calibration pass already collected (no
+    extra pass): each quantized Conv/Gemm's output is shifted in expectation by its own weight rounding,
+    E[(W_q - W) x] = (W_q - W) E[x] for a linear layer, with E[x] the per-channel mean of its FP32 input
+    (zero padding accounted per kernel tap); the bias is lowered by that shift. This is what NNCF's fast
+    bias correction computes (it runs the layer with quantized weights on a blob of the input means).
+    `input_means`: input tensor -> (per-channel mean, spatial shape). W_q is ORT's own rounding, read from
+    `qdq_model`. `reference`: weight name -> FP32 value where `model` holds an already rounded weight
+    (AdaRound). Returns (record, originals: node -> (bias, old | None))."""
+    g, targets, skipped, producers, inits = _targets(model, qdq_model, exclude)
+    originals, shifts = {}, []
+    for n, qn in targets:
+        stat = input_means.get(n.input[0])
+        if stat is None:
+            skipped["no input statistics"] += 1
+            continue
+        mean, spatial = stat
+        w = (reference or {}).get(n.input[1])
+        w = (g.array(n.input[1]) if w is None else w).astype(np.float64)
+        wq = _const(qn.input[1], producers, inits)
+        if wq is None or wq.shape != w.shape:
+            skipped["weight not quantized"] += 1
+            continue
+        dw = wq - w
+        if n.op_type == "Gemm":
+            alpha, beta = _attr(n, "alpha", 1.0), _attr(n, "beta", 1.0)
+            dw = dw.T if _attr(n, "transB", 0) else dw            # (K, N)
+            if mean.shape[0] != dw.shape[0]:
+                skipped["input mean does not match the weight"] += 1
+                continue
+            shift = alpha * (mean @ dw) / beta
+        else:
+            groups = _attr(n, "group", 1)
+            out, cpg = dw.shape[0], dw.shape[1]
+            if mean.shape[0] != cpg * groups:
+                skipped["input mean does not match the weight"] += 1
+                continue
+            frac = _tap_fractions(n, spatial, dw.shape[2:])
+            taps = dw if frac is None else dw * frac
+            per_in = taps.reshape(out, cpg, -1).sum(axis=2)                      # (out, cpg)
+            m = mean.reshape(groups, 1, cpg)
+            shift = (per_in.reshape(groups, out // groups, cpg) * m).sum(axis=2).reshape(out)
+        _set_bias(g, n, shift, originals)
+        shifts.append(float(np.abs(shift).mean()))
+    record = {"applied": bool(originals), "layers": len(originals), "skipped": dict(skipped),
+              "kind": "analytic (fast): (W_int8 - W) E[x] per layer from the calibration pass's channel means"}
+    if shifts:
+        record.update(mean_abs_shift=round(float(np.mean(shifts)), 6),
+                      max_layer_mean_abs_shift=round(float(np.max(shifts)), 6))
+    return record, originals
+
+
 def restore_biases(model, originals: dict, nodes) -> int:
     """Put back the uncorrected bias of `nodes` (layers left in FP32 need no correction)."""
     g = _Graph(model)
@@ -460,4 +589,5 @@ def restore_biases(model, originals: dict, nodes) -> int:
 
 
 __all__ = ["equalize", "find_pairs", "count_depthwise", "relu6_inputs", "channel_max", "bias_correct",
+           "fast_bias_correct", "bias_inputs",
            "restore_biases", "run_collect"]

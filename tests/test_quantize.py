@@ -337,3 +337,31 @@ def test_fallback_passes_over_nodes_that_would_leave_too_few_int8_weights(subjec
     assert info.ops["int8_weight_share"] >= 0.9
     with pytest.raises(OptionError, match="min_int8_weight_share"):
         FallbackOptions(min_int8_weight_share=1.5).validate()
+
+
+def test_label_free_fallback_keeps_nodes_in_fp32_until_the_cosine_budget_holds(subject):
+    """Without labels, agreement with FP32 is the budget: nodes fall back until the mean cosine reaches it."""
+    from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
+    opts = QuantOptions(method="percentile", percentile=60.0, bias_correction=False)   # surely too clipped
+    info, rep = quantize_with_budget(subject["fp32"], subject["dir"] / "cos.onnx", [subject["calib"][:128]],
+                                     subject["x"][:128], None, opts,
+                                     FallbackOptions(min_cosine=0.9999, max_excluded_share=0.5, time_budget_s=120))
+    assert rep.metric == "cosine" and rep.fp32_score == 1.0
+    assert rep.int8_score < 0.9999 and rep.budget_points == pytest.approx(0.01)
+    assert rep.excluded and rep.final_score > rep.int8_score          # FP32 nodes bought agreement back
+    assert set(info.excluded_nodes) <= set(info.float_nodes) and info.sensitivity["metric"] == "cosine"
+    agree = compare_outputs(subject["fp32"], subject["dir"] / "cos.onnx", subject["x"][:128])["outputs"]["output"]
+    assert agree["mean_cosine"] == pytest.approx(rep.final_score, abs=1e-6)
+    with pytest.raises(OptionError, match="min-cosine"):
+        FallbackOptions(min_cosine=1.5).validate()
+
+
+def test_cosine_budget_judges_one_value_outputs_over_all_samples():
+    from edgec.exporters.compare import output_agreement
+    from edgec.exporters.sensitivity import cosine_score
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(64, 1))
+    noisy = ref + rng.normal(scale=0.5, size=ref.shape)
+    assert output_agreement(ref, np.abs(noisy) * np.sign(ref))["mean_cosine"] == 1.0   # per sample: blind
+    assert 0.5 < cosine_score([ref], [noisy]) < 0.95                                   # over all samples: not
+    assert cosine_score([ref, rng.normal(size=(64, 5))], [ref, rng.normal(size=(64, 5))]) < 0.5  # worst output

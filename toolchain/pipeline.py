@@ -184,16 +184,19 @@ def stage_export(module, inputs: Inputs, path: Path, opset: int) -> Stage:
 
 
 def stage_quantize(fp32: Path, int8: Path, inputs: Inputs, options, max_drop: float | None = None,
-                   fallback_seconds: float = 0.0) -> Stage:
+                   fallback_seconds: float = 0.0, min_cosine: float | None = None) -> Stage:
     """Static INT8; with a drop budget and a time box, the most sensitive nodes fall back to FP32 until the
     drop on calibration samples fits (never on the eval data, which stays for the honest check after).
-    The drop is the gate's own: the checked outputs' task figures, with labels or against FP32 without."""
+    The drop is the gate's own: the checked outputs' task figures, with labels or against FP32 without; with
+    min_cosine and no labels, the mean cosine of every output to FP32 (edgec.exporters.sensitivity.cosine_score)."""
     from edgec.exporters.quantize import quantize_int8
     fallback = max_drop is not None and fallback_seconds > 0
+    labelled = inputs.eval is not None and inputs.eval.labelled
     stage = Stage("quantize", "model.fp32.onnx + calibration data (no labels needed)",
                   "model.onnx: static INT8 (QDQ), ONNX Runtime calibration"
-                  + ("; sensitive nodes kept in FP32 when over the accuracy budget" if fallback else ""),
+                  + ("; sensitive nodes kept in FP32 when over the budget" if fallback else ""),
                   options={**plain(options), "fallback": {"max_accuracy_drop": max_drop,
+                                                          "min_cosine": None if labelled else min_cosine,
                                                           "time_budget_s": fallback_seconds} if fallback else None})
     with timed(stage):
         if fallback:
@@ -204,7 +207,8 @@ def stage_quantize(fp32: Path, int8: Path, inputs: Inputs, options, max_drop: fl
             x = scored if scored.rereadable else scored.head(len(scored))
             info, _ = quantize_with_budget(fp32, int8, inputs.calib, x, scored.y, options,
                                            FallbackOptions(max_accuracy_drop=max_drop, time_budget_s=fallback_seconds,
-                                                           checks=inputs.checks, num_classes=num_classes(scored)))
+                                                           checks=inputs.checks, num_classes=num_classes(scored),
+                                                           min_cosine=None if labelled else min_cosine))
         else:
             info = quantize_int8(fp32, int8, inputs.calib, options)
         stage.metrics = plain(info)
@@ -317,6 +321,7 @@ class BuildOptions:
     tasks: dict = field(default_factory=dict)  # output name -> task (--task); "" = the only output
     label_output: str | None = None      # the output labels apply to (--label-output); "none" ignores them
     fallback_seconds: float = 300.0      # time box of the sensitivity fallback; 0 = fail instead of falling back
+    min_cosine: float | None = None      # without labels: the fallback's budget as mean cosine to FP32 instead
     providers: tuple = ("cpu",)
     bench_seconds: float = 2.0           # per model and provider; 0 = no benchmark
     prune: object = None                 # edgec.prune.PruneConfig or None
@@ -363,7 +368,8 @@ def build(opts: BuildOptions):
         if opts.prebuilt_int8 is not None:
             stages.append(stage_take_int8(int8, *opts.prebuilt_int8))
         else:
-            stages.append(stage_quantize(fp32, int8, inputs, quant, opts.max_accuracy_drop, opts.fallback_seconds))
+            stages.append(stage_quantize(fp32, int8, inputs, quant, opts.max_accuracy_drop, opts.fallback_seconds,
+                                         opts.min_cosine))
         stages.append(stage_evaluate(fp32, int8, inputs, opts.max_accuracy_drop,
                                      stages[-1].metrics.get("sensitivity")))
         if opts.bench_seconds > 0 and opts.providers:

@@ -15,6 +15,9 @@ build_options = apply(
                       "FP32 (--fallback-seconds); still over it on the eval data, the build fails."),
     click.option("--fallback-seconds", type=FINITE, default=300.0, show_default=True,
                  help="Time box of the sensitivity fallback; 0 fails instead of keeping nodes in FP32."),
+    click.option("--min-cosine", type=float, default=None,
+                 help="Without labelled eval data: the fallback's budget is instead the INT8 outputs' mean cosine "
+                      "to FP32 (e.g. 0.99), within --fallback-seconds, 90% of the weights staying INT8."),
     click.option("--ep", "providers", multiple=True, default=["cpu"], show_default=True,
                  help="Execution provider(s) to benchmark on: cpu, cuda, tensorrt, auto."),
     click.option("--bench-seconds", type=FINITE, default=2.0, show_default=True,
@@ -40,8 +43,8 @@ def _run_build(opts, as_json: bool, title: str):
 
 def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, image_size, mean, std, output, force,
                    calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor, bias_correction, equalize,
-                   opset, max_accuracy_drop, min_sqnr, tasks, label_output, fallback_seconds, providers, bench_seconds, prune_ratio, distill, epochs,
-                   lr, alpha, temperature, extra=None):
+                   opset, max_accuracy_drop, min_sqnr, tasks, label_output, fallback_seconds, min_cosine, providers,
+                   bench_seconds, prune_ratio, distill, epochs, lr, alpha, temperature, extra=None):
     from edgec.core.errors import OptionError
     from edgec.exporters.metrics import parse_tasks
     from edgec.pipeline import BuildOptions
@@ -62,7 +65,7 @@ def _build_options(model, arch, input_shape, trust_pickle, data, eval_data, imag
         quant=quant_options_from(calibration, samples, target, exclude_nodes, exclude_op_types, per_tensor,
                                  bias_correction, equalize),
         max_accuracy_drop=max_accuracy_drop, min_sqnr=min_sqnr, tasks=parse_tasks(tasks), label_output=label_output,
-        fallback_seconds=fallback_seconds, providers=tuple(providers),
+        fallback_seconds=fallback_seconds, min_cosine=min_cosine, providers=tuple(providers),
         bench_seconds=bench_seconds,
         prune=prune_cfg, distill=distill_cfg, force=force, extra=extra or {})
 

@@ -115,7 +115,7 @@ check_options = apply(
 )
 
 quant_options = apply(
-    click.option("--calibration", type=click.Choice(["minmax", "entropy", "percentile", "auto"]), default=None,
+    click.option("--calibration", type=click.Choice(["minmax", "entropy", "percentile", "auto", "mse"]), default=None,
                  help="Calibration method (default: the quantizer's recommended one)."),
     click.option("--samples", type=int, default=None, help="Calibration samples (default 256, or all if fewer)."),
     click.option("--target", default=None, help="Device to quantize for: host, cpu-avx2, cpu-vnni, cpu-arm64, cuda, "

@@ -1,330 +1,136 @@
 """`edgec build`: model.pt -> (prune) -> (distill) -> ONNX FP32 -> INT8 -> accuracy check -> bench -> package.
 
-Each stage is one function that takes the previous artifact and its options and returns the next
-artifact plus a record (`Stage`); the manifest is the sum of those records. Everything is written into
-a temporary folder that is renamed to NAME.edgec only when every stage has passed.
+The stages are edgec.stages' (shared with compare); the manifest is the sum of their records. Everything is
+written into a temporary folder that is renamed to NAME.edgec only when every stage has passed.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from edgec.data import Dataset, load_data, split
-from edgec.core.errors import BudgetExceeded, DataError, OptionError
+from edgec import stages
+from edgec.core.errors import OptionError
 from edgec.core.fsutil import atomic_path
-from edgec.metrics import count_flops, count_params
-from edgec.modelio import LoadedModel, load_model
-from edgec.core.progress import note
-
-EVAL_FRACTION = 0.2      # held out of --data when no --eval-data is given
-VALIDATION_FRACTION = 0.1  # held out of the training data to pick the best epoch (never the eval data)
-EXPORT_CHECK_SAMPLES = 64
-FALLBACK_SAMPLES = 512   # calibration samples that score sensitivity fallback candidates
+from edgec.source import Source, SourceSpec, load_source
+from edgec.stages import OnnxModel, TorchModel
 
 
-def plain(obj):
-    """Dataclasses, numpy scalars and paths -> JSON-ready values."""
-    if dataclasses.is_dataclass(obj):
-        return plain(obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+def _quant_defaults():
+    from edgec.exporters.quantize import QuantOptions
+    return QuantOptions()
 
-
-@dataclass
-class Stage:
-    """What a stage needs, what it gives, with which options, what it measured, how long it took."""
-    name: str
-    needs: str
-    gives: str
-    options: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return plain({"name": self.name, "needs": self.needs, "gives": self.gives, "options": self.options,
-                      "metrics": self.metrics, "seconds": round(self.seconds, 3)})
-
-
-class timed:
-    def __init__(self, stage: Stage):
-        self.stage = stage
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        note(f"{self.stage.name}: {self.stage.gives}")
-        return self.stage
-
-    def __exit__(self, *exc):
-        self.stage.seconds = time.perf_counter() - self.t0
-        return False
-
-
-# ---------------------------------------------------------------- inputs
-
-@dataclass
-class Inputs:
-    model: LoadedModel
-    input_shape: tuple
-    calib: Dataset
-    eval: Dataset | None
-    num_outputs: int
-
-
-def parse_shape(text: str | None) -> tuple | None:
-    if not text:
-        return None
-    try:
-        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
-    except ValueError:
-        raise OptionError(f"--input-shape {text!r}: expected integers like 1,3,224,224") from None
-    if len(shape) < 2 or any(d <= 0 for d in shape):
-        raise OptionError(f"--input-shape {text!r}: expected a batch and at least one positive dimension")
-    return shape
-
-
-def load_inputs(model_path, *, arch=None, trust_pickle=False, input_shape=None, data="builtin:digits",
-                eval_data=None, image_size=None, mean=None, std=None) -> Inputs:
-    """Load and validate model and data before any work starts."""
-    loaded = load_model(model_path, arch, trust_pickle=trust_pickle, input_shape=input_shape)
-    kw = dict(image_size=image_size, mean=mean, std=std)
-    calib = load_data(data, **kw)
-    shape = loaded.input_shape or (1, *calib.sample_shape)
-    calib.validate(shape)
-    if eval_data:
-        evaluation = load_data(eval_data, **kw)
-    elif calib.source == "builtin:digits:train":
-        evaluation = load_data("builtin:digits:test")
-    elif calib.labelled and len(calib) >= 10:
-        calib, evaluation = split(calib, EVAL_FRACTION)
-        note(f"no --eval-data: holding out {len(evaluation)} of {calib.source}'s samples for evaluation")
-    else:
-        evaluation = None
-    example = torch.from_numpy(calib.head(1))
-    try:
-        with torch.no_grad():
-            out = loaded.module(example)
-    except Exception as e:  # noqa: BLE001 - any failure here means data and model do not fit
-        raise DataError(f"the model fails on a sample of shape {tuple(example.shape)} from {calib.source} "
-                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); check --input-shape/--image-size") from None
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    num_outputs = int(out.shape[-1])
-    if evaluation is not None:
-        evaluation.validate(shape, num_classes=num_outputs if out.ndim == 2 else None)
-    return Inputs(loaded, shape, calib, evaluation, num_outputs)
-
-
-# ---------------------------------------------------------------- stages
-
-def stage_load(inputs: Inputs) -> Stage:
-    m = inputs.model
-    return Stage("load", "model file + data", "eager/TorchScript module, validated data",
-                 options=m.describe(),
-                 metrics={"params": count_params(m.module), "flops": count_flops(m.module, inputs.input_shape),
-                          "calib": inputs.calib.describe(),
-                          "eval": inputs.eval.describe() if inputs.eval is not None else None})
-
-
-def stage_export(module, inputs: Inputs, path: Path, opset: int) -> Stage:
-    from edgec.exporters.onnx_export import check_onnx_against_torch, export_onnx
-    stage = Stage("export", "torch module + example input", "model.fp32.onnx checked against torch",
-                  options={"opset": opset, "dynamic_batch": True})
-    with timed(stage):
-        example = torch.from_numpy(inputs.calib.head(1))
-        info = export_onnx(module, example, path, opset=opset)
-        check_data = inputs.eval if inputs.eval is not None else inputs.calib
-        check = check_onnx_against_torch(module, path, check_data.head(EXPORT_CHECK_SAMPLES))
-        stage.metrics = {"export": plain(info), "check": check}
-    return stage
-
-
-def stage_quantize(fp32: Path, int8: Path, inputs: Inputs, options, max_drop: float | None = None,
-                   fallback_seconds: float = 0.0) -> Stage:
-    """Static INT8; with a drop budget and a time box, the most sensitive nodes fall back to FP32 until the
-    drop on calibration samples fits (never on the eval data, which stays for the honest check after)."""
-    from edgec.exporters.quantize import quantize_int8
-    # only where the budget is gated afterwards: accuracy needs labelled eval data (agreement is reported, not gated)
-    fallback = max_drop is not None and fallback_seconds > 0 and inputs.eval is not None and inputs.eval.labelled
-    stage = Stage("quantize", "model.fp32.onnx + calibration data (no labels needed)",
-                  "model.onnx: static INT8 (QDQ), ONNX Runtime calibration"
-                  + ("; sensitive nodes kept in FP32 when over the accuracy budget" if fallback else ""),
-                  options={**plain(options), "fallback": {"max_accuracy_drop": max_drop,
-                                                          "time_budget_s": fallback_seconds} if fallback else None})
-    with timed(stage):
-        if fallback:
-            from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
-            n = len(inputs.calib)  # spread over the data: folders are sorted by class
-            scored = inputs.calib.take(np.unique(np.linspace(0, n - 1, min(n, FALLBACK_SAMPLES)).astype(int)))
-            info, _ = quantize_with_budget(fp32, int8, inputs.calib, scored.head(len(scored)), scored.y, options,
-                                           FallbackOptions(max_accuracy_drop=max_drop, time_budget_s=fallback_seconds))
-        else:
-            info = quantize_int8(fp32, int8, inputs.calib, options)
-        stage.metrics = plain(info)
-    return stage
-
-
-def agreement(compared: dict) -> dict:
-    """The first output's agreement figures, top-1 agreement in percent like every accuracy in edgec."""
-    first = dict(next(iter(compared["outputs"].values())))
-    if "top1_agreement" in first:
-        first["top1_agreement"] = round(100 * first["top1_agreement"], 4)
-    return {"samples": compared["samples"], **first, "outputs": list(compared["outputs"])}
-
-
-def stage_take_int8(int8: Path, source: Path, record: dict) -> Stage:
-    """An INT8 model produced by another recipe (quantization-aware training) instead of calibration."""
-    import shutil
-    stage = Stage("quantize", "an INT8 ONNX model made by another recipe", "model.onnx: copied, not recalibrated",
-                  options={"source": str(source)}, metrics=plain(record))
-    with timed(stage):
-        shutil.copyfile(source, int8)
-    return stage
-
-
-def stage_evaluate(fp32: Path, int8: Path, inputs: Inputs, max_drop: float | None,
-                   fallback: dict | None = None) -> Stage:
-    """FP32 vs INT8 on held-out data: accuracy with labels, agreement with the FP32 model always."""
-    from edgec.exporters.compare import accuracy, compare_outputs
-    stage = Stage("evaluate", "both ONNX models + eval data", "accuracy (labels) or agreement with FP32",
-                  options={"max_accuracy_drop": max_drop})
-    with timed(stage):
-        data = inputs.eval if inputs.eval is not None else inputs.calib
-        x = data.head(len(data))
-        stage.metrics["data"] = data.describe()
-        stage.metrics["agreement"] = agreement(compare_outputs(fp32, int8, x))
-        if data.labelled:
-            fp, q = 100 * accuracy(fp32, x, data.y), 100 * accuracy(int8, x, data.y)
-            stage.metrics.update(fp32_accuracy=fp, int8_accuracy=q, accuracy_drop=round(fp - q, 4))
-            if max_drop is not None and fp - q > max_drop:
-                tried = (f"; the fallback kept {len(fallback['excluded'])} node(s) in FP32 ({fallback['stopped']})"
-                         if fallback else "")
-                raise BudgetExceeded(
-                    f"INT8 accuracy {q:.2f}% is {fp - q:.2f} points below FP32 {fp:.2f}% (allowed "
-                    f"{max_drop}){tried}; try --calibration percentile|auto, other --data, a longer "
-                    "--fallback-seconds, --exclude-op-types, or raise --max-accuracy-drop")
-    return stage
-
-
-def stage_bench(int8: Path, fp32: Path, providers: list[str], seconds: float) -> Stage:
-    from edgec.runtime import benchmark
-    stage = Stage("bench", "ONNX models", "latency per execution provider (INT8 and FP32, interleaved)",
-                  options={"providers": providers, "seconds_per_model": seconds})
-    with timed(stage):
-        results = benchmark([int8, fp32], providers=providers, runs=f"{seconds}s", warmup="5")
-        per_model = len(results) // 2  # ordered models x providers
-        stage.metrics = {r.ep: {"int8": r.to_json(), "fp32": f.to_json()}
-                         for r, f in zip(results[:per_model], results[per_model:])}
-    return stage
-
-
-# ---------------------------------------------------------------- build
 
 @dataclass
 class BuildOptions:
-    model: str
+    source: SourceSpec
     output: str
-    arch: str | None = None
-    trust_pickle: bool = False
-    input_shape: tuple | None = None
-    data: str = "builtin:digits"
-    eval_data: str | None = None
-    image_size: int | None = None
-    mean: tuple | None = None
-    std: tuple | None = None
+    quant: object = field(default_factory=_quant_defaults)  # edgec.exporters.quantize.QuantOptions
+    prune: object = None                 # edgec.prune.PruneConfig or None
+    distill: object = None               # edgec.train.TrainConfig or None (fine-tune/distill after pruning)
     opset: int = 17
-    quant: object = None                 # edgec.exporters.quantize.QuantOptions; None = defaults for this host
     max_accuracy_drop: float | None = 1.0
     fallback_seconds: float = 300.0      # time box of the sensitivity fallback; 0 = fail instead of falling back
     providers: tuple = ("cpu",)
     bench_seconds: float = 2.0           # per model and provider; 0 = no benchmark
-    prune: object = None                 # edgec.prune.PruneConfig or None
-    distill: object = None               # edgec.train.TrainConfig or None (fine-tune/distill after pruning)
     force: bool = False
     extra: dict = field(default_factory=dict)  # recorded verbatim in the manifest (e.g. {"demo": true})
-    prebuilt_int8: tuple | None = None   # (path, record): an INT8 model made elsewhere (compare's QAT) replaces PTQ
+
+    def validate(self) -> None:
+        if self.opset < 17:
+            raise OptionError(f"--opset {self.opset}: edgec needs opset 17 or newer")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise OptionError(f"--max-accuracy-drop {self.max_accuracy_drop}: a budget in points, 0 or more")
+        if self.fallback_seconds < 0:
+            raise OptionError(f"--fallback-seconds {self.fallback_seconds}: 0 (no fallback) or more")
+        if self.bench_seconds < 0:
+            raise OptionError(f"--bench-seconds {self.bench_seconds}: 0 (no benchmark) or more")
+        if self.prune is not None:
+            self.prune.validate()
+        if self.distill is not None:
+            self.distill.validate()
 
 
 def build(opts: BuildOptions) -> dict:
     """Run every stage and write the package; returns its manifest."""
     from edgec import package
-    from edgec.exporters.quantize import QuantOptions
+    from edgec.core.fsutil import check_writable
+    from edgec.core.progress import note
 
     started = time.perf_counter()
-    if opts.max_accuracy_drop is not None and opts.max_accuracy_drop < 0:
-        raise OptionError(f"--max-accuracy-drop {opts.max_accuracy_drop}: a budget in points, 0 or more")
-    if opts.fallback_seconds < 0:
-        raise OptionError(f"--fallback-seconds {opts.fallback_seconds}: 0 (no fallback) or more")
-    Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
-    from edgec.core.fsutil import check_writable
+    opts.validate()
     check_writable(opts.output, opts.force)  # fail before hours of work, not after
-    inputs = load_inputs(opts.model, arch=opts.arch, trust_pickle=opts.trust_pickle,
-                         input_shape=opts.input_shape, data=opts.data, eval_data=opts.eval_data,
-                         image_size=opts.image_size, mean=opts.mean, std=opts.std)
-    stages = [stage_load(inputs)]
-    module = inputs.model.module
-    original = module
+    if opts.prune is not None and opts.distill is None:
+        note("pruning without --distill loses accuracy; add --distill to recover it")
+    source = load_source(opts.source)
+    records = [stages.load(source)]
+    original = TorchModel(source.model.module, source.model.arch)
+    model = original
     if opts.prune is not None:
-        module, stage = stage_prune(inputs, opts.prune)
-        stages.append(stage)
+        model, record = stages.prune(source, opts.prune)
+        records.append(record)
     if opts.distill is not None:
-        stages.append(stage_distill(original, module, inputs, opts.distill))
-    quant = opts.quant if opts.quant is not None else QuantOptions()
+        model, record = stages.distill(source, model, opts.distill)
+        records.append(record)
     with atomic_path(opts.output, force=opts.force, directory=True) as tmp:
-        fp32, int8 = tmp / package.FP32_FILE, tmp / package.MODEL_FILE
-        stages.append(stage_export(module, inputs, fp32, opts.opset))
-        if opts.prebuilt_int8 is not None:
-            stages.append(stage_take_int8(int8, *opts.prebuilt_int8))
-        else:
-            stages.append(stage_quantize(fp32, int8, inputs, quant, opts.max_accuracy_drop, opts.fallback_seconds))
-        stages.append(stage_evaluate(fp32, int8, inputs, opts.max_accuracy_drop,
-                                     stages[-1].metrics.get("sensitivity")))
+        fp32, record = stages.export(source, model, tmp / package.FP32_FILE, opts.opset)
+        records.append(record)
+        budget = stages.fallback_budget(source, opts.max_accuracy_drop, opts.fallback_seconds)
+        int8, quantized = stages.quantize(source.calib, fp32, tmp / package.MODEL_FILE, opts.quant, budget)
+        records.append(quantized)
+        records.append(stages.evaluate(source.check_data, int8, fp32, opts.max_accuracy_drop, quantized))
         if opts.bench_seconds > 0 and opts.providers:
-            stages.append(stage_bench(int8, fp32, list(opts.providers), opts.bench_seconds))
-        manifest = package.make_manifest(tmp, inputs, module, stages, extra=opts.extra,
-                                         seconds=time.perf_counter() - started)
-        package.write_package_files(tmp, manifest)
+            records.append(stages.bench(int8, fp32, list(opts.providers), opts.bench_seconds))
+        return write_package(tmp, source, model, records, extra=opts.extra, seconds=time.perf_counter() - started)
+
+
+def write_package(folder: Path, source: Source, model: TorchModel, records: list, *, extra=None,
+                  seconds: float = 0.0) -> dict:
+    """The manifest from the stage records, the report, the hashes: the one package writer (build, compare)."""
+    from edgec import package
+    manifest = package.make_manifest(folder, source, model.module, records, extra=extra, seconds=seconds)
+    package.write_package_files(folder, manifest)
     return manifest
 
 
-def stage_prune(inputs: Inputs, cfg) -> tuple:
-    from edgec.prune import prune_model
-    if not inputs.model.eager:
-        raise OptionError(f"--prune needs an eager model (checkpoint + --arch or an edgec model file); "
-                          f"{inputs.model.path} is {inputs.model.kind}")
-    stage = Stage("prune", "eager module (+ data for Taylor importance)", "module with channels removed",
-                  options=plain(cfg))
-    with timed(stage):
-        import copy
-        pruned, record = prune_model(copy.deepcopy(inputs.model), cfg, inputs.calib)
-        stage.metrics = plain(record)
-    return pruned, stage
+def export_model(spec: SourceSpec, output: str, *, opset: int = 17, force: bool = False) -> dict:
+    """`edgec export`: the export stage alone; returns its summary. A model file that records its input shape
+    needs no --data: the check against torch then runs on random inputs of that shape (and says so)."""
+    source = load_source(spec, random_ok=True)
+    with atomic_path(output, force=force) as tmp:
+        onnx, record = stages.export(source, TorchModel(source.model.module), tmp, opset)
+    info, check = record.info, record.check
+    worst = max(check["outputs"].values(), key=lambda m: m["max_abs_err"])
+    return {"output": str(output), "sha256": onnx.sha256, "bytes": info.file_bytes, "exporter": info.exporter,
+            "opset": info.opset, "input": {"name": info.input_name, "shape": info.input_shape,
+                                           "dtype": info.input_dtype},
+            "outputs": [{"name": n, "shape": s, "dtype": d}
+                        for n, s, d in zip(info.output_names, info.output_shapes, info.output_dtypes)],
+            "check": {"data": record.check_data, "samples": check["samples"], "max_abs_err": worst["max_abs_err"],
+                      "min_cosine": min(m["min_cosine"] for m in check["outputs"].values())},
+            "warnings": info.warnings, "seconds": round(record.seconds, 2)}
 
 
-def training_split(calib: Dataset) -> tuple[Dataset, Dataset | None]:
-    """(train, validation): the best epoch is picked on data held out of training, not on the eval data
-    whose accuracy is reported. Unlabelled or tiny data: no validation, the last epoch is kept."""
-    if not calib.labelled or len(calib) < 50:
-        return calib, None
-    return split(calib, VALIDATION_FRACTION)
-
-
-def stage_distill(teacher, student, inputs: Inputs, cfg) -> Stage:
-    from edgec.distill import distill
-    stage = Stage("distill", "teacher + student + training data", "student trained on the teacher's soft targets",
-                  options=plain(cfg))
-    with timed(stage):
-        train_data, validation = training_split(inputs.calib)
-        stage.metrics = plain(distill(teacher, student, train_data, validation, cfg))
-        stage.metrics["validation_samples"] = len(validation) if validation is not None else 0
-    return stage
+def quantize_model(model: str, spec: SourceSpec, output: str, options, *, force: bool = False) -> dict:
+    """`edgec quantize`: an ONNX model -> static INT8 calibrated on --data, checked against the FP32 model on
+    up to 512 samples of --eval-data (else --data); returns its summary."""
+    import numpy as np
+    from edgec.data import load_data
+    from edgec.source import DEFAULT_DATA
+    kw = dict(image_size=spec.image_size, mean=spec.mean, std=spec.std)
+    calib = load_data(spec.data or DEFAULT_DATA, **kw)
+    calib.validate()
+    check = load_data(spec.eval_data, **kw) if spec.eval_data else calib
+    check = check.take(np.arange(min(512, len(check))))
+    with atomic_path(output, force=force) as tmp:
+        fp32 = OnnxModel.at(model)
+        int8, quantized = stages.quantize(calib, fp32, tmp, options)
+        evaluated = stages.evaluate(check, int8, fp32)
+    info, agreement = quantized.info, evaluated.agreement or {}
+    return {"output": str(output), "sha256": int8.sha256, "bytes": info.int8_bytes, "fp32_bytes": info.fp32_bytes,
+            "size_ratio": info.size_ratio, "method": info.method, "samples": info.samples,
+            "int8_weight_share": info.ops.get("int8_weight_share"), "excluded_nodes": info.excluded_nodes,
+            "eval_data": check.source, "eval_samples": len(check), "fp32_accuracy": evaluated.reference_accuracy,
+            "int8_accuracy": evaluated.accuracy, "accuracy_drop": evaluated.accuracy_drop,
+            "top1_agreement": agreement.get("top1_agreement"), "mean_cosine": agreement.get("mean_cosine"),
+            "seconds": round(quantized.seconds + evaluated.seconds, 2)}

@@ -1,0 +1,389 @@
+"""The stage engine that build and compare share: typed artifacts in and out of each stage, a typed record per
+stage. A stage is a function `(source, artifact(s), options) -> (artifact, record)`; its record class declares
+what the stage needs and gives (recorded in the manifest, like Olive's passes) and renders itself as JSON once,
+at the boundary (`to_dict`). Nothing reads a previous stage's results back out of a dict.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from edgec.core.errors import BudgetExceeded
+from edgec.core.progress import note
+from edgec.source import Source, require_eager, training_split
+
+EXPORT_CHECK_SAMPLES = 64
+FALLBACK_SAMPLES = 512   # calibration samples that score sensitivity fallback candidates
+KD_LR = 0.01             # peak learning rate of distillation after pruning (build --distill, compare prune-kd)
+
+
+def plain(obj):
+    """Dataclasses, numpy scalars and paths -> JSON-ready values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return plain(obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# ---------------------------------------------------------------- artifacts
+
+@dataclass(frozen=True)
+class TorchModel:
+    """An eager/TorchScript/exported module in memory, as a stage takes or gives it."""
+    module: Any
+    arch: str | None = None
+
+
+@dataclass(frozen=True)
+class OnnxModel:
+    """An ONNX file on disk, identified by its bytes: what is measured is what is shipped."""
+    path: Path
+    sha256: str
+    precision: str = "fp32"           # fp32 | fp16 | int8
+
+    @classmethod
+    def at(cls, path, precision: str = "fp32") -> "OnnxModel":
+        from edgec.package import file_record
+        return cls(Path(path), file_record(Path(path))["sha256"], precision)
+
+    @property
+    def bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+# ---------------------------------------------------------------- records
+
+@dataclass(kw_only=True)
+class StageRecord:
+    """What a stage needs and gives (class level), how long it took; subclasses hold the typed results."""
+    name: ClassVar[str]
+    needs: ClassVar[str]
+    gives: ClassVar[str]
+    seconds: float = 0.0
+
+    def options(self) -> dict:
+        return {}
+
+    def metrics(self) -> dict:
+        return {}
+
+    def to_dict(self) -> dict:
+        return plain({"name": self.name, "needs": self.needs, "gives": self.gives, "options": self.options(),
+                      "metrics": self.metrics(), "seconds": round(self.seconds, 3)})
+
+
+class timed:
+    """Announce a stage, and time it into its record."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        note(self.label)
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        return False
+
+
+@dataclass(kw_only=True)
+class LoadRecord(StageRecord):
+    name = "load"
+    needs = "model file + data"
+    gives = "eager/TorchScript module, validated data"
+    model: dict
+    params: int
+    flops: int | None
+    calib: dict
+    eval: dict | None
+
+    def options(self):
+        return self.model
+
+    def metrics(self):
+        return {"params": self.params, "flops": self.flops, "calib": self.calib, "eval": self.eval}
+
+
+@dataclass(kw_only=True)
+class PruneRecord(StageRecord):
+    name = "prune"
+    needs = "eager module (+ data for Taylor importance)"
+    gives = "module with channels removed"
+    config: Any                        # edgec.prune.PruneConfig
+    result: dict                       # prune_model's record: ratio, params/FLOPs before and after, channel plan
+
+    def options(self):
+        return plain(self.config)
+
+    def metrics(self):
+        return plain(self.result)
+
+
+@dataclass(kw_only=True)
+class DistillRecord(StageRecord):
+    name = "distill"
+    needs = "teacher + student + training data"
+    gives = "student trained on the teacher's soft targets"
+    config: Any                        # edgec.train.TrainConfig
+    result: dict                       # edgec.distill.distill's record: accuracies, epochs
+    validation_samples: int
+
+    def options(self):
+        return plain(self.config)
+
+    def metrics(self):
+        return {**plain(self.result), "validation_samples": self.validation_samples}
+
+
+@dataclass(kw_only=True)
+class ExportRecord(StageRecord):
+    name = "export"
+    needs = "torch module + example input"
+    gives = "model.fp32.onnx checked against torch"
+    opset: int
+    info: Any                          # edgec.exporters.onnx_export.ExportInfo
+    check: dict                        # ORT vs torch on real (or, said so, random) inputs
+    check_data: str
+
+    def options(self):
+        return {"opset": self.opset, "dynamic_batch": True}
+
+    def metrics(self):
+        return {"export": plain(self.info), "check": {**self.check, "data": self.check_data}}
+
+
+@dataclass(kw_only=True)
+class QuantizeRecord(StageRecord):
+    name = "quantize"
+    needs = "model.fp32.onnx + calibration data (no labels needed)"
+    quant: Any                         # edgec.exporters.quantize.QuantOptions
+    info: Any                          # edgec.exporters.quantize.QuantInfo
+    fallback: Any = None               # edgec.exporters.sensitivity.FallbackReport when the fallback ran
+    budget: dict | None = None         # the fallback's accuracy budget and time box
+
+    @property
+    def gives(self):
+        return "model.onnx: static INT8 (QDQ), ONNX Runtime calibration" + (
+            "; sensitive nodes kept in FP32 when over the accuracy budget" if self.budget else "")
+
+    def options(self):
+        return {**plain(self.quant), "fallback": self.budget}
+
+    def metrics(self):
+        return plain(self.info)
+
+
+@dataclass(kw_only=True)
+class TakenInt8Record(StageRecord):
+    name = "quantize"
+    needs = "an INT8 ONNX model made by another recipe"
+    gives = "model.onnx: copied, not recalibrated"
+    source: str
+    record: dict
+    fallback: ClassVar[None] = None
+
+    def options(self):
+        return {"source": self.source}
+
+    def metrics(self):
+        return plain(self.record)
+
+
+@dataclass(kw_only=True)
+class EvaluateRecord(StageRecord):
+    """A model against its reference on the held-out data: accuracy with labels, agreement always."""
+    name = "evaluate"
+    needs = "both ONNX models + eval data"
+    gives = "accuracy (labels) or agreement with FP32"
+    max_accuracy_drop: float | None
+    data: dict
+    agreement: dict | None = None      # with the reference model, first output
+    reference_accuracy: float | None = None
+    accuracy: float | None = None
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        if self.accuracy is None or self.reference_accuracy is None:
+            return None
+        return round(self.reference_accuracy - self.accuracy, 4)
+
+    def within(self, max_drop: float | None) -> bool:
+        return max_drop is None or self.accuracy_drop is None or self.accuracy_drop <= max_drop
+
+    def options(self):
+        return {"max_accuracy_drop": self.max_accuracy_drop}
+
+    def metrics(self):
+        out = {"data": self.data, "agreement": self.agreement}
+        if self.accuracy is not None:
+            out.update(fp32_accuracy=self.reference_accuracy, int8_accuracy=self.accuracy,
+                       accuracy_drop=self.accuracy_drop)
+        return out
+
+
+@dataclass(kw_only=True)
+class BenchRecord(StageRecord):
+    name = "bench"
+    needs = "ONNX models"
+    gives = "latency per execution provider (INT8 and FP32, interleaved)"
+    providers: list
+    seconds_per_model: float
+    int8: dict                         # ep -> edgec.bench/1 result
+    fp32: dict = field(default_factory=dict)
+
+    def options(self):
+        return {"providers": self.providers, "seconds_per_model": self.seconds_per_model}
+
+    def metrics(self):
+        return {ep: {"int8": r, "fp32": self.fp32.get(ep)} for ep, r in self.int8.items()}
+
+
+@dataclass
+class StoredRecord:
+    """A stage record read back from compare's cache: already JSON, rendered as it was recorded."""
+    data: dict
+
+    def to_dict(self) -> dict:
+        return self.data
+
+
+# ---------------------------------------------------------------- stages
+
+def load(source: Source) -> LoadRecord:
+    from edgec.metrics import count_flops, count_params
+    m = source.model
+    return LoadRecord(model=m.describe(), params=count_params(m.module),
+                      flops=count_flops(m.module, source.input_shape), calib=source.calib.describe(),
+                      eval=source.eval.describe() if source.eval is not None else None)
+
+
+def prune(source: Source, cfg) -> tuple[TorchModel, PruneRecord]:
+    import copy
+    from edgec.prune import prune_model
+    require_eager(source.model, "pruning")
+    with timed("prune: module with channels removed") as t:
+        pruned, result = prune_model(copy.deepcopy(source.model), cfg, source.calib)
+    return TorchModel(pruned, source.model.arch), PruneRecord(config=cfg, result=result, seconds=t.seconds)
+
+
+def distill(source: Source, student: TorchModel, cfg, *, label: str = "distill") -> tuple[TorchModel, DistillRecord]:
+    """Train `student` (in place) on the source model's soft targets."""
+    from edgec.distill import distill as run_distill
+    with timed(f"{label}: student trained on the teacher's soft targets") as t:
+        train_data, validation = training_split(source.calib)
+        result = run_distill(source.model.module, student.module, train_data, validation, cfg, label=label)
+    return student, DistillRecord(config=cfg, result=result, seconds=t.seconds,
+                                  validation_samples=len(validation) if validation is not None else 0)
+
+
+def export(source: Source, model: TorchModel, path: Path, opset: int = 17) -> tuple[OnnxModel, ExportRecord]:
+    """torch -> ONNX, then ORT vs torch on real samples (the eval data when there is some)."""
+    from edgec.exporters.onnx_export import check_onnx_against_torch, export_onnx
+    with timed(f"export: {Path(path).name} checked against torch") as t:
+        info = export_onnx(model.module, source.example(), path, opset=opset)
+        data = source.check_data
+        check = check_onnx_against_torch(model.module, path, data.head(EXPORT_CHECK_SAMPLES))
+    return OnnxModel.at(path), ExportRecord(opset=opset, info=info, check=check, check_data=data.source,
+                                            seconds=t.seconds)
+
+
+def fallback_budget(source: Source, max_drop: float | None, seconds: float) -> dict | None:
+    """The sensitivity fallback runs only where the budget is gated afterwards: accuracy needs labelled eval data
+    (agreement is reported, not gated)."""
+    if max_drop is None or seconds <= 0 or source.eval is None or not source.eval.labelled:
+        return None
+    return {"max_accuracy_drop": max_drop, "time_budget_s": seconds}
+
+
+def quantize(calib, fp32: OnnxModel, path: Path, options, budget: dict | None = None
+             ) -> tuple[OnnxModel, QuantizeRecord]:
+    """Static INT8 calibrated on `calib`; with a budget, the most sensitive nodes fall back to FP32 until the
+    drop on calibration samples fits (never on the eval data, which stays for the honest check after)."""
+    from edgec.exporters.quantize import quantize_int8
+    report = None
+    with timed(f"quantize: {Path(path).name}: static INT8 (QDQ), ONNX Runtime calibration"
+               + ("; sensitive nodes kept in FP32 when over the accuracy budget" if budget else "")) as t:
+        if budget:
+            from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
+            n = len(calib)  # spread over the data: folders are sorted by class
+            scored = calib.take(np.unique(np.linspace(0, n - 1, min(n, FALLBACK_SAMPLES)).astype(int)))
+            info, report = quantize_with_budget(fp32.path, path, calib, scored.head(len(scored)), scored.y, options,
+                                                FallbackOptions(max_accuracy_drop=budget["max_accuracy_drop"],
+                                                                time_budget_s=budget["time_budget_s"]))
+        else:
+            info = quantize_int8(fp32.path, path, calib, options)
+    return OnnxModel.at(path, "int8"), QuantizeRecord(quant=options, info=info, fallback=report, budget=budget,
+                                                      seconds=t.seconds)
+
+
+def take_int8(made: OnnxModel, path: Path, record: dict) -> tuple[OnnxModel, TakenInt8Record]:
+    """An INT8 model produced by another recipe (quantization-aware training) instead of calibration."""
+    import shutil
+    with timed("quantize: model.onnx: copied, not recalibrated") as t:
+        shutil.copyfile(made.path, path)
+    return OnnxModel.at(path, "int8"), TakenInt8Record(source=str(made.path), record=record, seconds=t.seconds)
+
+
+def agreement(compared: dict) -> dict:
+    """The first output's agreement figures, top-1 agreement in percent like every accuracy in edgec."""
+    first = dict(next(iter(compared["outputs"].values())))
+    if "top1_agreement" in first:
+        first["top1_agreement"] = round(100 * first["top1_agreement"], 4)
+    return {"samples": compared["samples"], **first, "outputs": list(compared["outputs"])}
+
+
+def evaluate(data, model: OnnxModel, reference: OnnxModel | None, max_drop: float | None = None,
+             quantized: QuantizeRecord | TakenInt8Record | None = None) -> EvaluateRecord:
+    """`model` vs `reference` (the FP32 model it was made from) on held-out `data` (Source.check_data). Over
+    `max_drop` points of accuracy: BudgetExceeded (the gate of build and of compare --package)."""
+    from edgec.exporters.compare import accuracy, compare_outputs
+    with timed("evaluate: accuracy (labels) or agreement with FP32") as t:
+        x = data.head(len(data))
+        record = EvaluateRecord(max_accuracy_drop=max_drop, data=data.describe())
+        if reference is not None:
+            record.agreement = agreement(compare_outputs(reference.path, model.path, x))
+        if data.labelled:
+            record.accuracy = 100 * accuracy(model.path, x, data.y)
+            if reference is not None:
+                record.reference_accuracy = 100 * accuracy(reference.path, x, data.y)
+    record.seconds = t.seconds
+    if not record.within(max_drop):
+        report = quantized.fallback if quantized is not None else None
+        tried = (f"; the fallback kept {len(report.excluded)} node(s) in FP32 ({report.stopped})"
+                 if report is not None else "")
+        fp, q = record.reference_accuracy, record.accuracy
+        raise BudgetExceeded(
+            f"INT8 accuracy {q:.2f}% is {fp - q:.2f} points below FP32 {fp:.2f}% (allowed "
+            f"{max_drop}){tried}; try --calibration percentile|auto, other --data, a longer "
+            "--fallback-seconds, --exclude-op-types, or raise --max-accuracy-drop")
+    return record
+
+
+def bench_models(models: list[OnnxModel], providers: list[str], seconds: float, *,
+                 inspect: bool = True) -> list[dict]:
+    """All models interleaved in one run (their ratios survive machine drift): per model, {ep: bench result}."""
+    from edgec.runtime import benchmark
+    results = benchmark([m.path for m in models], providers=list(providers), runs=f"{seconds}s", warmup="5",
+                        inspect=inspect)
+    per_model = len(results) // len(models)   # ordered models x providers
+    return [{r.ep: r.to_json() for r in results[i * per_model:(i + 1) * per_model]} for i in range(len(models))]
+
+
+def bench(int8: OnnxModel, fp32: OnnxModel, providers: list[str], seconds: float) -> BenchRecord:
+    with timed("bench: latency per execution provider (INT8 and FP32, interleaved)") as t:
+        q, f = bench_models([int8, fp32], providers, seconds)
+    return BenchRecord(providers=list(providers), seconds_per_model=seconds, int8=q, fp32=f, seconds=t.seconds)

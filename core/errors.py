@@ -48,7 +48,3 @@ class OptionError(EdgecError):
     """Options that are individually valid but do not fit together or cannot apply."""
     exit_code = 2
 
-
-EXIT_CODES = {cls.__name__: cls.exit_code for cls in
-              (EdgecError, OptionError, ModelError, DataError, ExportError, ProviderError,
-               BudgetExceeded, OutputExists, VerifyError)}

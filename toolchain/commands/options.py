@@ -115,14 +115,6 @@ class Group:
         return obj
 
 
-def apply(*decorators):
-    def wrap(f):
-        for d in reversed(decorators):
-            f = d(f)
-        return f
-    return wrap
-
-
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (nothing else there).")
 
 

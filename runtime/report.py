@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import onnxruntime as ort
 
 from edgec.core import __version__
 from edgec.core.errors import OptionError
+from edgec.core.package import MANIFEST_FILE
 from edgec.runtime.gate import SCHEMA
 
 _INTERESTING_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8",
@@ -78,30 +78,16 @@ def render_table(results, console) -> None:
                           f"{g['qdq_nodes_left']} Q/DQ nodes left; {len(g['fallback_nodes'])} CPU fallback nodes")
 
 
-def record(result, config: dict) -> Path:
-    """Write `latency.<ep>` into the package's manifest.json, atomically (temp file + os.replace). The manifest is
-    not itself listed in the package's sha256 `files` map, so the other hashes stay valid."""
-    if not result.path or not Path(result.path, "manifest.json").is_file():
-        raise OptionError(f"--record needs a package folder with a manifest.json; {result.path} is not one")
-    mpath = Path(result.path, "manifest.json")
-    manifest = json.loads(mpath.read_text())
-    lat = result.latency
-    manifest.setdefault("latency", {})[result.ep] = {
-        "p50_ms": lat.p50, "p90_ms": lat.p90, "p95_ms": lat.p95, "p99_ms": lat.p99, "mean_ms": lat.mean,
-        "p50_ci_ms": lat.p50_ci, "n": lat.n, "throughput_ips": result.throughput, "batch": result.batch,
-        "threads": result.threads, "load_ms": result.load_ms, "first_ms": result.first_ms,
-        "memory_mb": result.memory_mb, "host": host_info(), "config": config, "schema": SCHEMA,
-        "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=mpath.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, mpath)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return mpath
+def record(result) -> Path:
+    """`bench --record`: the result into the package's manifest under latency.<ep>, in the typed record build
+    writes (edgec.core.package.Latency), atomically. The manifest does not list itself, so the file hashes stay
+    valid; a signature does not (the manifest changed): sign again after recording."""
+    from edgec.core.package import Latency, record_latency
+    if not result.path or not Path(result.path, MANIFEST_FILE).is_file():
+        raise OptionError(f"--record needs a package folder with a {MANIFEST_FILE}; {result.path} is not one")
+    latency = Latency.from_bench(result.to_json())
+    latency.host = host_info()   # measured here (on the device), not on the machine that built the package
+    return record_latency(result.path, result.ep, latency)
 
 
 def print_json(doc: dict, stream=None) -> None:

@@ -3,15 +3,15 @@ Input names, shapes and dtypes come from the ONNX Runtime session itself; dynami
 --shape, --batch or the package manifest, and every mismatch is a one-line error before anything runs."""
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from edgec.core.errors import DataError, ModelError, OptionError
+from edgec.core.errors import DataError, ModelError, OptionError, VerifyError
+from edgec.core.package import MANIFEST_FILE, MODEL_FILE, Manifest, read_manifest
 from edgec.runtime import providers as eps
 
 DTYPES = {
@@ -26,11 +26,11 @@ class ModelFile:
     label: str                      # what tables and JSON call it: the file or package name
     onnx_path: Path
     package: Path | None = None     # the NAME.edgec folder, when it is one
-    manifest: dict = field(default_factory=dict)
+    manifest: Manifest | None = None
 
     @property
     def manifest_path(self) -> Path | None:
-        return self.package / "manifest.json" if self.package else None
+        return self.package / MANIFEST_FILE if self.package else None
 
 
 def open_model(path) -> ModelFile:
@@ -38,17 +38,16 @@ def open_model(path) -> ModelFile:
     if not p.exists():
         raise ModelError(f"model not found: {p}; pass a .onnx file or a NAME.edgec package folder")
     if p.is_dir():
-        onnx_path = p / "model.onnx"
+        onnx_path = p / MODEL_FILE
         if not onnx_path.is_file():
-            raise ModelError(f"{p} is a folder without model.onnx, so not an edgec package; "
+            raise ModelError(f"{p} is a folder without {MODEL_FILE}, so not an edgec package; "
                              f"build one with `edgec build` or pass the .onnx file")
-        manifest = {}
-        mpath = p / "manifest.json"
-        if mpath.is_file():
+        manifest = None
+        if (p / MANIFEST_FILE).exists():
             try:
-                manifest = json.loads(mpath.read_text())
-            except (OSError, ValueError) as e:
-                raise ModelError(f"{mpath} is not valid JSON ({e}); rebuild the package or remove the file") from None
+                manifest = read_manifest(p)
+            except VerifyError as e:   # here the package is a model to run: a bad one is a model error
+                raise ModelError(str(e)) from None
         return ModelFile(p.name, onnx_path, p, manifest)
     return ModelFile(p.name, p)
 
@@ -76,18 +75,6 @@ def create_session(model: ModelFile, providers: list[str], options: ort.SessionO
 
 def inputs_of(sess: ort.InferenceSession) -> list[InputInfo]:
     return [InputInfo(i.name, list(i.shape), i.type) for i in sess.get_inputs()]
-
-
-def _manifest_shapes(manifest: dict) -> dict[str, list]:
-    """Input shapes from a package manifest: `inputs` as a list of {name, shape} or a map name -> {shape}."""
-    inputs = manifest.get("inputs") or manifest.get("io", {}).get("inputs") or []
-    if isinstance(inputs, dict):
-        inputs = [{"name": k, **v} for k, v in inputs.items() if isinstance(v, dict)]
-    out = {}
-    for i in inputs:
-        if isinstance(i, dict) and "name" in i and isinstance(i.get("shape"), list):
-            out[i["name"]] = i["shape"]
-    return out
 
 
 def parse_shape_option(text: str, input_names: list[str]) -> tuple[str, list[int]]:
@@ -119,7 +106,7 @@ def resolve_shapes(model: ModelFile, inputs: list[InputInfo], shapes: dict[str, 
     if unknown:
         raise OptionError(f"--shape names {', '.join(sorted(unknown))}, which {model.label} does not have; "
                           f"its inputs are {', '.join(i.name for i in inputs)}")
-    from_manifest = _manifest_shapes(model.manifest)
+    from_manifest = model.manifest.input_shapes() if model.manifest is not None else {}
     out = {}
     for inp in inputs:
         declared = inp.shape

@@ -58,6 +58,22 @@ def outlier_calibration(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def built_package(trained_cnn, tmp_path_factory):
+    """A package made by the real writer (`edgec build` of the trained CNN on builtin:digits), once per session:
+    (path, stdout). Tests that change it work on a copy (copy_package)."""
+    out = tmp_path_factory.mktemp("pkg") / "cnn.edgec"
+    code, stdout, stderr = run_cli("build", trained_cnn[0], "-o", out, "--bench-seconds", "0.3", "--samples", "128")
+    assert code == 0, stderr
+    return out, stdout
+
+
+def copy_package(src, dst):
+    import shutil
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
 def run_cli(*args):
     """Run the real CLI entry point in-process; returns (exit_code, stdout, stderr)."""
     import contextlib

@@ -5,7 +5,8 @@ import onnxruntime as ort
 import pytest
 
 from edgec.cli import main
-from test_runtime_fixtures import int8_onnx, make_package, tiny_onnx  # noqa: F401 (fixtures)
+from conftest import copy_package, run_cli
+from test_runtime_fixtures import int8_onnx, tiny_onnx  # noqa: F401 (fixtures)
 
 FAST = ["--runs", "30", "--warmup", "2", "--threads", "1"]
 
@@ -64,11 +65,21 @@ def test_interleaved_comparison_shows_ratios(capsys, tiny_onnx, int8_onnx):
     assert "1.00 (ref)" in out and "x [" in out
 
 
-def test_record_writes_manifest(capsys, tiny_onnx, tmp_path):
-    pkg = make_package(tmp_path / "tiny.edgec", tiny_onnx)
+def test_record_then_inspect_shows_int8_latency(capsys, built_package, tiny_onnx, tmp_path):
+    """build -> bench --record -> inspect and report rendering still show the INT8 latency (it showed '-')."""
+    from edgec.core.package import read_manifest
+    from edgec.core.report import render_markdown
+    pkg = copy_package(built_package[0], tmp_path / "cnn.edgec")
     code, _, err = run(capsys, pkg, *FAST, "--record")
     assert code == 0 and "recorded latency.cpu" in err
-    assert json.loads((pkg / "manifest.json").read_text())["latency"]["cpu"]["n"] == 30
+    manifest = read_manifest(pkg)
+    assert manifest.latency["cpu"].n == 30 and not manifest.latency["cpu"].interleaved
+    p50 = f"{manifest.latency['cpu'].p50_ms:.3f} ms"
+    code, out, _ = run_cli("inspect", pkg)
+    assert code == 0 and "latency p50 (cpu, alone)" in out and p50 in out
+    row = next(line for line in render_markdown(manifest).splitlines() if line.startswith("| latency p50"))
+    assert p50 in row and "| - |" not in row
+    assert run_cli("verify", pkg)[0] == 0          # recording keeps every file hash valid
     assert run(capsys, tiny_onnx, *FAST, "--record")[0] == 2          # plain .onnx: nowhere to record
 
 

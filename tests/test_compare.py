@@ -97,7 +97,7 @@ def test_package_winner(compared, trained_cnn, tmp_path):
     evaluate = next(s for s in manifest["stages"] if s["name"] == "evaluate")
     assert evaluate["options"]["max_accuracy_drop"] == 1.0 and evaluate["metrics"]["accuracy_drop"] <= 1.0
     assert [s["name"] for s in manifest["stages"]] == ["load", "export", "quantize", "evaluate", "bench"]
-    assert manifest["source"]["path"] == str(trained_cnn[0]) and manifest["latency"]["cpu"]["latency_ms"]["p50"] > 0
+    assert manifest["source"]["path"] == str(trained_cnn[0]) and manifest["latency"]["cpu"]["p50_ms"] > 0
 
 
 def test_a_recipe_over_the_default_drop_is_never_recommended_or_packaged(trained_cnn, outlier_calibration, tmp_path):
@@ -124,7 +124,7 @@ def test_a_recipe_over_the_default_drop_is_never_recommended_or_packaged(trained
         package_row(run, rows[1], rows, pkg, max_accuracy_drop=1.0)
     assert not pkg.exists() and not list(tmp_path.glob(".p.edgec*"))
     manifest = package_row(run, rows[1], rows, pkg, max_accuracy_drop=100.0)
-    assert manifest["files"]["model.onnx"]["sha256"] == rows[1].sha256
+    assert manifest.files["model.onnx"].sha256 == rows[1].sha256
 
 
 def test_pareto_front():

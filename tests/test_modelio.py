@@ -1,10 +1,12 @@
 """Every model format loads; every bad file is one clear error; a hostile pickle never runs."""
 import os
+import re
 
 import pytest
 import torch
 import torchvision
 
+from conftest import run_cli
 from edgec.core.errors import ModelError
 from edgec.modelio import build_arch, load_model, save_model
 
@@ -127,3 +129,125 @@ def test_arch_from_python_file(tmp_path, resnet):
     torch.save(m.state_dict(), tmp_path / "sd.pt")
     loaded = load_model(tmp_path / "sd.pt", f"{tmp_path / 'arch.py'}:build?classes=10")
     assert _same(loaded.module, m)
+
+
+# ---------------------------------------------------------------- the arch spec stored in an edgec model file
+
+def _edgec_file_with_arch(tmp_path, arch):
+    """An edgec model file whose stored spec is `arch` (weights of digits_cnn; the spec is what is tested)."""
+    m = build_arch("edgec.models.zoo:digits_cnn")
+    path = tmp_path / "m.pt"
+    save_model(path, m, arch, (1, 3, 32, 32))
+    return path
+
+
+@pytest.mark.parametrize("spec", ["os:system?command=touch {marker}", "{evil}:build"])
+def test_arch_from_a_file_never_runs_by_default(tmp_path, monkeypatch, spec):
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "evil_arch.py"
+    evil.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                    "from edgec.models.zoo import digits_cnn as build\n")
+    spec = spec.format(marker=marker, evil=evil)
+    path = _edgec_file_with_arch(tmp_path, spec)
+    with pytest.raises(ModelError, match="pass --arch") as e:
+        load_model(path)
+    assert spec in str(e.value) and not marker.exists()
+    code, _, stderr = run_cli("build", path, "-o", tmp_path / "o.edgec")
+    assert code == 3 and "--arch" in stderr and not marker.exists() and not (tmp_path / "o.edgec").exists()
+
+
+def test_arch_from_a_file_runs_when_the_user_names_it(tmp_path):
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "my_arch.py"
+    evil.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                    "from edgec.models.zoo import digits_cnn as build\n")
+    path = _edgec_file_with_arch(tmp_path, f"{evil}:build")
+    loaded = load_model(path, f"{evil}:build")  # the same spec on the command line is the opt-in
+    assert loaded.kind == "edgec" and marker.exists()
+
+
+def test_builtin_arch_from_a_file_needs_no_opt_in(tmp_path):
+    path = _edgec_file_with_arch(tmp_path, "edgec.models.zoo:digits_cnn")
+    assert load_model(path).arch == "edgec.models.zoo:digits_cnn"
+
+
+def test_conflicting_arch_is_refused(tmp_path):
+    path = _edgec_file_with_arch(tmp_path, "edgec.models.zoo:digits_cnn")
+    with pytest.raises(ModelError, match="records its own architecture.*drop --arch"):
+        load_model(path, "torchvision:resnet18")
+    assert load_model(path, "edgec.models.zoo:digits_cnn").kind == "edgec"  # the same spec is fine
+    ts = tmp_path / "ts.pt"
+    torch.jit.save(torch.jit.script(load_model(path).module), ts)
+    with pytest.raises(ModelError, match="carries its own architecture"):
+        load_model(ts, "torchvision:resnet18")
+
+
+@pytest.mark.parametrize("body,message", [
+    ("raise RuntimeError('no GPU here')\n", "importing .* raised RuntimeError: no GPU here"),
+    ("def build():\n    raise ValueError('bad width')\n", r"build\(\) raised ValueError: bad width"),
+    ("def build():\n    return 42\n", "returned int, not a torch.nn.Module"),
+    ("import sys\nsys.exit(0)\n", "raised SystemExit"),
+    ("def build(:\n", "raised SyntaxError"),
+])
+def test_user_arch_failures_are_model_errors(tmp_path, body, message):
+    (tmp_path / "arch.py").write_text(body)
+    torch.save(build_arch("edgec.models.zoo:digits_cnn").state_dict(), tmp_path / "sd.pt")
+    code, _, stderr = run_cli("build", tmp_path / "sd.pt", "--arch", f"{tmp_path / 'arch.py'}:build",
+                              "-o", tmp_path / "o.edgec")
+    assert code == 3, stderr
+    assert re.search(message, stderr) and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "o.edgec").exists()
+
+
+# ---------------------------------------------------------------- files that inflate
+
+def test_decompression_bomb_is_refused(tmp_path):
+    import zipfile
+    sd = build_arch("edgec.models.zoo:digits_cnn").state_dict()
+    sd["extra"] = torch.zeros(4 * 2**20)  # 16 MB of zeros: deflates to a few KB
+    torch.save(sd, tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as zin, zipfile.ZipFile(tmp_path / "bomb.pt", "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, zin.read(info.filename), compress_type=zipfile.ZIP_DEFLATED)
+    assert (tmp_path / "bomb.pt").stat().st_size < 2**20  # torch.load itself would read it
+    with pytest.raises(ModelError, match="decompression bomb"):
+        load_model(tmp_path / "bomb.pt", "edgec.models.zoo:digits_cnn")
+
+
+def _edgec_obj(tmp_path):
+    path = _edgec_file_with_arch(tmp_path, "edgec.models.zoo:digits_cnn")
+    return torch.load(path, weights_only=True)
+
+
+def test_stride_zero_weight_is_refused(tmp_path):
+    # one stored float declared as a 10 x 200000 classifier (8 MB here; 10**5 times more costs nothing more)
+    obj = _edgec_obj(tmp_path)
+    obj["state_dict"]["9.weight"] = torch.zeros(1).expand(10, 200000)
+    obj["structure"]["9"]["in_features"] = 200000
+    torch.save(obj, tmp_path / "inflate.pt")
+    assert (tmp_path / "inflate.pt").stat().st_size < 2**20
+    with pytest.raises(ModelError, match="declares 2,000,000 elements .* stores 1"):
+        load_model(tmp_path / "inflate.pt")
+    torch.save(obj["state_dict"], tmp_path / "sd.pt")  # the same trick in a plain state_dict
+    with pytest.raises(ModelError, match="stores 1"):
+        load_model(tmp_path / "sd.pt", "edgec.models.zoo:digits_cnn")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda o: o["structure"]["9"].update(in_features=10**12), "not a channel count"),
+    (lambda o: o["structure"]["9"].update(forward="x"), "not a channel count"),
+    (lambda o: o["structure"].update({"9": 5}), "not a channel count"),
+    (lambda o: o.update(structure=[1, 2]), "not a mapping"),
+    (lambda o: (o["structure"]["9"].update(in_features=128),
+                o["state_dict"].update({"9.weight": torch.zeros(10, 128)})), "not a channel count"),
+    (lambda o: o.update(input_shape=[1, 3, -1, 10**9]), "input_shape"),
+    (lambda o: o.update(state_dict=[1]), "state_dict of tensors"),
+    (lambda o: o.pop("arch"), "architecture spec"),
+])
+def test_malformed_structure_is_refused(tmp_path, edit, message):
+    obj = _edgec_obj(tmp_path)
+    edit(obj)
+    torch.save(obj, tmp_path / "bad.pt")
+    with pytest.raises(ModelError, match=message):
+        load_model(tmp_path / "bad.pt")

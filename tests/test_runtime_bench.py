@@ -9,7 +9,8 @@ from edgec.core.errors import DataError, ModelError, OptionError, ProviderError
 from edgec.runtime import (SCHEMA, benchmark, check_budgets, check_regression, document, parse_amount, parse_budget,
                            record)
 from edgec.runtime.providers import resolve
-from test_runtime_fixtures import dynamic_hw_onnx, int8_onnx, make_package, tiny_onnx  # noqa: F401 (fixtures)
+from conftest import copy_package
+from test_runtime_fixtures import dynamic_hw_onnx, int8_onnx, tiny_onnx, with_dynamic_spatial_axes  # noqa: F401
 
 FAST = dict(warmup="2", runs="30", threads=1)
 
@@ -62,10 +63,17 @@ def test_dynamic_dims_from_shape_option_or_manifest(dynamic_hw_onnx, tmp_path):
         benchmark([dynamic_hw_onnx], **FAST)
     (r,) = benchmark([dynamic_hw_onnx], shapes=["x=2,3,8,8"], inspect=False, **FAST)
     assert r.inputs[0]["shape"] == [2, 3, 8, 8] and r.batch == 2
-    pkg = make_package(tmp_path / "dyn.edgec", dynamic_hw_onnx,
-                       {"inputs": [{"name": "x", "shape": ["N", 3, 12, 12], "dtype": "float32"}]})
+
+
+
+def test_package_input_shape_drives_dynamic_axes(built_package, tmp_path):
+    """The shape the builder recorded (manifest inputs[].example) fills axes the model leaves dynamic."""
+    pkg = copy_package(built_package[0], tmp_path / "dyn.edgec")
+    with_dynamic_spatial_axes(pkg / "model.onnx")
+    with pytest.raises(DataError, match="dynamic dimension 'height'"):   # the bare model cannot say
+        benchmark([pkg / "model.onnx"], inspect=False, **FAST)
     (r,) = benchmark([pkg], inspect=False, **FAST)
-    assert r.model == "dyn.edgec" and r.inputs[0]["shape"] == [1, 3, 12, 12]
+    assert r.model == "dyn.edgec" and r.inputs[0]["shape"] == [1, 3, 32, 32]
 
 
 def test_error_paths(tiny_onnx, tmp_path):
@@ -133,18 +141,21 @@ def test_baseline_regression_with_confidence(tiny_onnx):
     assert none == [] and any("no baseline" in w for w in warnings)
 
 
-def test_record_into_package_manifest(tiny_onnx, tmp_path):
-    pkg = make_package(tmp_path / "tiny.edgec", tiny_onnx,
-                       {"schema": "edgec.package/1", "files": {"model.onnx": "sha"}, "latency": {"cuda": {"p50_ms": 1}}})
+def test_record_into_package_manifest(built_package, tiny_onnx, tmp_path):
+    pkg = copy_package(built_package[0], tmp_path / "cnn.edgec")
+    before = json.loads((pkg / "manifest.json").read_text())
     (r,) = benchmark([pkg], inspect=False, **FAST)
-    record(r, {"runs": "30"})
+    record(r)
     m = json.loads((pkg / "manifest.json").read_text())
-    assert m["files"] == {"model.onnx": "sha"} and m["latency"]["cuda"] == {"p50_ms": 1}
-    assert m["latency"]["cpu"]["p50_ms"] == r.latency.p50 and m["latency"]["cpu"]["n"] == 30
-    assert sorted(p.name for p in pkg.iterdir()) == ["manifest.json", "model.onnx"]   # no temp file left
+    assert m["files"] == before["files"] and m["metrics"] == before["metrics"]     # only latency.cpu changed
+    assert {k: v for k, v in m.items() if k != "latency"} == {k: v for k, v in before.items() if k != "latency"}
+    cpu = m["latency"]["cpu"]
+    assert cpu["p50_ms"] == r.latency.p50 and cpu["n"] == 30 and not cpu["interleaved"] and cpu["host"]["cpu"]
+    assert set(cpu) == set(before["latency"]["cpu"])        # the very record build writes, not another shape
+    assert sorted(p.name for p in pkg.iterdir()) == sorted(before["files"]) + ["manifest.json"]  # no temp file
     (plain,) = benchmark([tiny_onnx], inspect=False, **FAST)
     with pytest.raises(OptionError, match="--record"):
-        record(plain, {})
+        record(plain)
 
 
 @pytest.mark.gpu

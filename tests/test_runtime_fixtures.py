@@ -1,8 +1,7 @@
 """Tiny real ONNX models for the runtime and bench CLI tests (built with onnx.helper: no torch, milliseconds).
-Imported by test_runtime_*.py and test_bench_cli.py; pytest collects no tests here."""
+Imported by test_runtime_*.py and test_bench_cli.py; pytest collects no tests here. Packages are never invented
+here: tests that need one take conftest's `built_package` (made by the real `edgec build`), or a copy of it."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -59,9 +58,15 @@ def int8_onnx(tmp_path_factory, tiny_onnx):
     return out
 
 
-def make_package(folder, onnx_path, manifest=None):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.onnx").write_bytes(onnx_path.read_bytes())
-    (folder / "manifest.json").write_text(json.dumps(manifest if manifest is not None else
-                                                     {"schema": "edgec.package/1", "files": {"model.onnx": "x"}}))
-    return folder
+
+def with_dynamic_spatial_axes(onnx_path, names=("height", "width")):
+    """Re-declare a conv net's input H and W as dynamic axes, as an exporter with dynamic spatial axes writes it
+    (the net is fully convolutional up to its global pooling, so any size runs)."""
+    import onnx
+    model = onnx.load(str(onnx_path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for d, name in zip(dims[2:], names):
+        d.dim_param = name
+    del model.graph.value_info[:]   # stale fixed shapes of intermediate tensors
+    onnx.save(model, str(onnx_path))
+    return onnx_path

@@ -1,7 +1,9 @@
 """The `edgec` command line: a thin click group. Each command lives in edgec.commands.<name>
 and imports its heavy dependencies (torch, onnx) only when it runs."""
 import importlib
+import signal
 import sys
+import threading
 
 import click
 
@@ -11,7 +13,7 @@ from edgec.core.errors import EdgecError
 # command name -> module in edgec.commands that defines a click command of the same name
 COMMANDS = {
     "demo": "build", "build": "build", "export": "build", "quantize": "build",
-    "inspect": "package", "verify": "package",
+    "inspect": "package", "verify": "package", "sign": "package", "keygen": "package",
     "bench": "bench",
     "prune": "prune", "distill": "distill",
     "compare": "compare",
@@ -48,11 +50,33 @@ def cli(ctx, debug):
     ctx.ensure_object(dict)["debug"] = debug
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (CI timeouts, `timeout`, containers) unwinds like Ctrl-C: every temporary output is removed."""
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
 def main(argv=None):
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    try:
+        _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv=None):
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="edgec", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt (and so SIGTERM) into Abort
+        if isinstance(e.__cause__, Terminated):
+            click.echo("edgec: terminated", err=True)
+            sys.exit(143)
         click.echo("edgec: aborted", err=True)
         sys.exit(130)
     except click.UsageError as e:  # one line like every other user error, plus where to look

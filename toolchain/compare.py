@@ -36,6 +36,7 @@ RECIPES = {
 }
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 RESULT_SCHEMA = "edgec.compare/1"
+COMPARE_MARKER = ".edgec-compare"  # in every folder compare writes: a rerun may reuse and overwrite it
 OPSET = 17
 
 
@@ -235,7 +236,7 @@ class Run:
     def student_fp32(self) -> tuple[OnnxModel, dict, Path, object]:
         from edgec.modelio import load_model
         path, record = self.student()
-        module = load_model(path).module
+        module = load_model(path, self.source.model.arch).module  # the spec the user already trusted
 
         def make(onnx_path):
             _, export = stages.export(self.source, TorchModel(module), onnx_path, OPSET)
@@ -364,16 +365,16 @@ class Run:
 
 def run_compare(opts: CompareOptions) -> dict:
     """Every planned recipe, evaluated, benchmarked, ranked; with opts.package, the winner packaged."""
+    from edgec.core.fsutil import check_writable, claim_folder
     from edgec.plots import write_plots
     from edgec.recommend import recommend
     from edgec.report import render_compare_markdown
     opts.validate()
-    if opts.package:
-        from edgec.core.fsutil import check_writable
-        check_writable(opts.package, opts.force)  # before the work, not after
+    if opts.package:  # checked before the comparison runs, not after minutes of work
+        check_writable(opts.package, opts.force, inputs=(*_reads(opts), opts.output), directory=True)
+    claim_folder(opts.output, COMPARE_MARKER, create=False)  # before minutes of work: never someone else's files
     source = load_source(opts.source)
-    root = Path(opts.output)
-    root.mkdir(parents=True, exist_ok=True)
+    root = claim_folder(opts.output, COMPARE_MARKER)
     run = Run(opts, source)
     rows = [run.row(*planned) for planned in run.planned()]
     _bench(run, rows)
@@ -389,6 +390,10 @@ def run_compare(opts: CompareOptions) -> dict:
     os.replace(tmp, root / "compare.json")
     (root / "report.md").write_text(render_compare_markdown(summary))
     return plain(summary)
+
+
+def _reads(opts: CompareOptions) -> tuple:
+    return opts.source.model, opts.source.data, opts.source.eval_data
 
 
 def _bench(run: Run, rows: list[Row]) -> None:
@@ -454,7 +459,7 @@ def package_row(run: Run, row: Row, rows: list[Row], path, *, force: bool = Fals
     from edgec.pipeline import write_package
     if row.precision != "int8" or row.reference is None:
         raise OptionError(f"{row.recipe} is not an INT8 recipe made from an FP32 model; a package ships INT8")
-    with atomic_path(path, force=force, directory=True) as tmp:
+    with atomic_path(path, force=force, directory=True, inputs=(*_reads(run.opts), run.root)) as tmp:
         shutil.copyfile(run.root / row.reference, tmp / package.FP32_FILE)
         shutil.copyfile(run.root / row.onnx, tmp / package.MODEL_FILE)
         fp32, int8 = OnnxModel.at(tmp / package.FP32_FILE), OnnxModel.at(tmp / package.MODEL_FILE, "int8")
@@ -467,7 +472,8 @@ def package_row(run: Run, row: Row, rows: list[Row], path, *, force: bool = Fals
             records.append(stages.BenchRecord(providers=list(run.opts.providers),
                                               seconds_per_model=run.opts.bench_seconds, int8=row.bench,
                                               fp32=measured_fp32.bench if measured_fp32 is not None else {}))
-        module = load_model(run.root / row.student).module if row.student else run.source.model.module
+        arch = run.source.model.arch  # the spec the user already trusted
+        module = load_model(run.root / row.student, arch).module if row.student else run.source.model.module
         return write_package(tmp, run.source, TorchModel(module), records, seconds=row.seconds,
                              extra={"compare": {"recipe": row.recipe, "folder": str(run.root),
                                                 "sha256": row.sha256}})

@@ -59,7 +59,7 @@ def run_distill(spec, student: str | None, student_arch: str | None, train: dict
     job.config().validate()  # bad options fail here, before processes start
     if not (student or student_arch):
         raise OptionError("pass --student FILE (e.g. the output of `edgec prune`) or --student-arch SPEC")
-    check_writable(output, force)
+    check_writable(output, force, inputs=(spec.model, student, spec.data, spec.eval_data))
     launch_cfg.validate()
     return launch(job, launch_cfg) if launch_cfg.distributed else run_job(job)
 

@@ -64,8 +64,16 @@ def _parse_value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
+def arch_is_builtin(spec: str) -> bool:
+    """torchvision's and edgec's own architectures: building them runs no code from elsewhere."""
+    source = spec.partition("?")[0].rpartition(":")[0]
+    return source == "torchvision" or source == "edgec.models" or source.startswith("edgec.models.")
+
+
 def build_arch(spec: str) -> nn.Module:
-    """`torchvision:NAME[?k=v&...]`, `path/to/file.py:factory[?k=v]` or `package.module:factory[?k=v]`."""
+    """`torchvision:NAME[?k=v&...]`, `path/to/file.py:factory[?k=v]` or `package.module:factory[?k=v]`.
+
+    The last two import (run) the named file or module and call the factory: only for code the user named."""
     if ":" not in spec:
         raise ModelError(f"--arch {spec!r} is not a spec; use torchvision:resnet18?num_classes=10, "
                          "path/to/file.py:factory or package.module:factory")
@@ -73,7 +81,7 @@ def build_arch(spec: str) -> nn.Module:
     kwargs = {}
     for item in filter(None, query.split("&")):
         key, eq, value = item.partition("=")
-        if not eq:
+        if not eq or not key.isidentifier():
             raise ModelError(f"--arch {spec!r}: option {item!r} needs key=value")
         kwargs[key] = _parse_value(value)
     source, _, name = target.rpartition(":")
@@ -82,33 +90,45 @@ def build_arch(spec: str) -> nn.Module:
         try:
             return torchvision.models.get_model(name, weights=None, **kwargs)
         except ValueError:
-            known = ", ".join(torchvision.models.list_models()[:8])
-            raise ModelError(f"--arch {spec!r}: torchvision has no model {name!r} (e.g. {known}, ...)") from None
-        except TypeError as e:
-            raise ModelError(f"--arch {spec!r}: bad option for {name}: {e}") from None
+            if name not in torchvision.models.list_models():
+                known = ", ".join(torchvision.models.list_models()[:8])
+                raise ModelError(f"--arch {spec!r}: torchvision has no model {name!r} (e.g. {known}, ...)") from None
+            raise ModelError(f"--arch {spec!r}: bad option for {name}") from None
+        except (TypeError, RuntimeError, AssertionError) as e:
+            raise ModelError(f"--arch {spec!r}: bad option for {name}: {_first_line(e)}") from None
     factory = _load_factory(source, name, spec)
     try:
         model = factory(**kwargs)
-    except TypeError as e:
-        raise ModelError(f"--arch {spec!r}: calling {name}({query}) failed: {e}") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's factory: any failure is theirs to fix
+        raise ModelError(f"--arch {spec!r}: {name}({query}) raised {type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"--arch {spec!r}: {name}() returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _load_factory(source: str, name: str, spec: str):
-    if source.endswith(".py"):
-        path = Path(source)
-        if not path.is_file():
-            raise ModelError(f"--arch {spec!r}: file {source} not found")
-        mod_spec = importlib.util.spec_from_file_location(f"edgec_arch_{path.stem}", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    else:
-        try:
+    try:
+        if source.endswith(".py"):
+            path = Path(source)
+            if not path.is_file():
+                raise ModelError(f"--arch {spec!r}: file {source} not found")
+            mod_spec = importlib.util.spec_from_file_location(f"edgec_arch_{path.stem}", path)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
             module = importlib.import_module(source)
-        except ImportError as e:
-            raise ModelError(f"--arch {spec!r}: cannot import {source} ({e}); is it installed or on PYTHONPATH?") from None
+    except ModelError:
+        raise
+    except ImportError as e:
+        raise ModelError(f"--arch {spec!r}: cannot import {source} ({e}); is it installed or on PYTHONPATH?") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed while importing
+        raise ModelError(f"--arch {spec!r}: importing {source} raised {type(e).__name__}: {_first_line(e)}") \
+            from None
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ModelError(f"--arch {spec!r}: {source} has no callable {name!r}")
@@ -128,26 +148,78 @@ def record_structure(model: nn.Module) -> dict:
     return out
 
 
-def apply_structure(model: nn.Module, structure: dict, state_dict: dict) -> None:
+def apply_structure(model: nn.Module, structure: dict, state_dict: dict, path="model file") -> None:
     """Resize modules to the recorded shapes: set their attributes and re-create parameters and
-    buffers with the saved tensors' shapes (values are loaded afterwards by load_state_dict)."""
+    buffers with the saved tensors' shapes (values are loaded afterwards by load_state_dict).
+
+    Pruning only removes channels, so a recorded shape may only shrink what the architecture builds: a larger
+    one is refused before anything is allocated (a file could otherwise ask for gigabytes)."""
+    if not isinstance(structure, dict):
+        raise ModelError(f"{path}: its structure record is a {type(structure).__name__}, not a mapping; save it again")
     modules = dict(model.named_modules())
     for name, attrs in structure.items():
         module = modules.get(name)
         if module is None:
             raise ModelError(f"model file records module {name!r}, which the architecture does not have; "
                              "was it saved from a different --arch?")
+        allowed = next((a for cls, a in _SHAPE_ATTRS.items() if isinstance(module, cls)), ())
+        for attr, value in (attrs.items() if isinstance(attrs, dict) else [(None, attrs)]):
+            if attr not in allowed or not _fits(value, getattr(module, attr)):
+                raise ModelError(f"{path}: structure record {name}.{attr} = {str(value)[:40]} is not a channel "
+                                 f"count this architecture can shrink to ({name} is {type(module).__name__}); refused")
         for attr, value in attrs.items():
             setattr(module, attr, tuple(value) if isinstance(value, list) else value)
         prefix = f"{name}." if name else ""
         for pname, param in list(module.named_parameters(recurse=False)):
             saved = state_dict.get(prefix + pname)
             if saved is not None and saved.shape != param.shape:
+                _no_growth(path, prefix + pname, saved, param)
                 setattr(module, pname, nn.Parameter(torch.empty_like(saved), requires_grad=param.requires_grad))
         for bname, buf in list(module.named_buffers(recurse=False)):
             saved = state_dict.get(prefix + bname)
             if buf is not None and saved is not None and saved.shape != buf.shape:
+                _no_growth(path, prefix + bname, saved, buf)
                 module.register_buffer(bname, torch.empty_like(saved))
+
+
+def _fits(value, built) -> bool:
+    """A recorded shape attribute: positive ints, as many as the built one has, none larger."""
+    values = value if isinstance(value, list) else [value]
+    builts = list(built) if isinstance(built, (tuple, list)) else [built]
+    return len(values) == len(builts) and all(
+        type(v) is int and 0 < v <= b for v, b in zip(values, builts))
+
+
+def _no_growth(path, name: str, saved: torch.Tensor, built: torch.Tensor) -> None:
+    if saved.dim() != built.dim() or any(s > b for s, b in zip(saved.shape, built.shape)):
+        raise ModelError(f"{path}: tensor {name} has shape {tuple(saved.shape)}, larger than the architecture's "
+                         f"{tuple(built.shape)}; a pruned model only shrinks; refused")
+
+
+def check_tensor_sizes(path, tensors: dict) -> None:
+    """Every tensor's elements are really stored in the file: a view with more elements than its storage
+    (stride 0 expanding one stored value to gigabytes) is refused before anything copies it."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+            continue
+        stored = t.untyped_storage().nbytes() // max(t.element_size(), 1)
+        if t.numel() > stored:
+            raise ModelError(f"{path}: tensor {name} declares {t.numel():,} elements (shape {tuple(t.shape)}) but "
+                             f"stores {stored:,}; the file inflates when loaded; refused")
+
+
+def check_zip_sizes(path: Path) -> None:
+    """torch writes its archives uncompressed: records that decompress far beyond the file's own size are a
+    decompression bomb, refused before torch allocates them."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            declared = sum(i.file_size for i in zf.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a readable zip: the loaders below give the error
+    size = path.stat().st_size
+    if declared > 2 * size + 2**20:
+        raise ModelError(f"{path}: its records decompress to {declared / 1e6:,.0f} MB from a "
+                         f"{size / 1e6:,.1f} MB file (torch saves uncompressed); refused as a decompression bomb")
 
 
 # ---------------------------------------------------------------- loading
@@ -207,27 +279,37 @@ def load_model(path, arch: str | None = None, *, trust_pickle: bool = False,
         raise ModelError(f"{path} is empty; re-save the model")
     names = _zip_names(path)
     if names is not None:
+        check_zip_sizes(path)
         if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
+            _no_arch(path, arch, "TorchScript")
             return _load_torchscript(path, input_shape)
         if any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json")
                for n in names):
-            return _load_exported(path, input_shape)
+            _no_arch(path, arch, "torch.export")
+            return _load_exported(path, input_shape, trust_pickle)
     elif zipfile.is_zipfile(path) is False and _looks_truncated_zip(path):
         raise ModelError(f"{path} is truncated or corrupt (incomplete zip archive); copy or save it again")
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):  # only reachable with trust_pickle
         return LoadedModel(obj.eval(), "pickle", path, arch=arch, input_shape=input_shape)
     if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
-        return _from_edgec_dict(obj, path, input_shape)
+        return _from_edgec_dict(obj, path, input_shape, arch)
     state_dict = _unwrap_state_dict(obj)
     if state_dict is None:
         raise ModelError(f"{path} holds a {type(obj).__name__}, not a model, checkpoint or state_dict")
+    check_tensor_sizes(path, state_dict)
     if arch is None:
         raise ModelError(f"{path} is a state_dict (weights only); pass --arch, e.g. "
                          "--arch torchvision:resnet18?num_classes=10 or --arch my_model.py:build")
     model = build_arch(arch)
     load_weights(model, state_dict, path, arch)
     return LoadedModel(model.eval(), "checkpoint", path, arch=arch, input_shape=input_shape)
+
+
+def _no_arch(path: Path, arch: str | None, kind: str) -> None:
+    if arch is not None:
+        raise ModelError(f"{path} is a {kind} file, which carries its own architecture; drop --arch {arch!r} "
+                         "(--arch is for checkpoints and state_dicts)")
 
 
 def _looks_truncated_zip(path: Path) -> bool:
@@ -260,10 +342,13 @@ def _load_torchscript(path: Path, input_shape) -> LoadedModel:
     return LoadedModel(module.eval(), "torchscript", path, input_shape=input_shape)
 
 
-def _load_exported(path: Path, input_shape) -> LoadedModel:
+def _load_exported(path: Path, input_shape, trust_pickle: bool) -> LoadedModel:
+    from edgec.pt2 import load_exported_program
     try:
-        program = torch.export.load(str(path))
-    except Exception as e:  # noqa: BLE001
+        program = load_exported_program(path, trust_pickle)
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only with --trust-pickle: torch.export.load's own errors
         raise ModelError(f"{path} looks like a torch.export program but does not load "
                          f"({str(e).splitlines()[0]})") from None
     if input_shape is None:
@@ -273,12 +358,29 @@ def _load_exported(path: Path, input_shape) -> LoadedModel:
     return LoadedModel(program.module(), "exported", path, input_shape=input_shape)
 
 
-def _from_edgec_dict(obj: dict, path: Path, input_shape) -> LoadedModel:
-    arch = obj["arch"]
+def _from_edgec_dict(obj: dict, path: Path, input_shape, given_arch: str | None = None) -> LoadedModel:
+    arch = obj.get("arch")
+    if not isinstance(arch, str):
+        raise ModelError(f"{path} is an edgec model file without an architecture spec; save it again")
+    if given_arch is not None and given_arch != arch:
+        raise ModelError(f"{path} records its own architecture {arch!r}; drop --arch {given_arch!r} "
+                         "(an edgec model file is rebuilt from its own spec)")
+    if given_arch is None and not arch_is_builtin(arch):
+        raise ModelError(f"{path} records the architecture {arch!r}, which imports and runs code from outside "
+                         f"torchvision and edgec; if you trust it, pass --arch '{arch}' to allow it")
+    state_dict = obj.get("state_dict")
+    if not (isinstance(state_dict, dict) and all(isinstance(v, torch.Tensor) for v in state_dict.values())):
+        raise ModelError(f"{path} is an edgec model file without a state_dict of tensors; save it again")
+    check_tensor_sizes(path, state_dict)
     model = build_arch(arch)
-    apply_structure(model, obj.get("structure", {}), obj["state_dict"])
-    load_weights(model, obj["state_dict"], path, arch)
-    shape = input_shape or (tuple(obj["input_shape"]) if obj.get("input_shape") else None)
+    apply_structure(model, obj.get("structure", {}), state_dict, path)
+    load_weights(model, state_dict, path, arch)
+    stored = obj.get("input_shape")
+    if stored is not None and not (isinstance(stored, list) and 2 <= len(stored) <= 8 and
+                                   all(type(d) is int and 0 < d <= 2**20 for d in stored)):
+        raise ModelError(f"{path}: its input_shape {str(stored)[:40]} is not a list of positive sizes; "
+                         "pass --input-shape or save it again")
+    shape = input_shape or (tuple(stored) if stored else None)
     return LoadedModel(model.eval(), "edgec", path, arch=arch, input_shape=shape,
                        meta={k: obj[k] for k in ("history", "preprocess", "metrics") if k in obj})
 

@@ -1,156 +1,109 @@
-"""The package folder NAME.edgec/ and its manifest (schema `edgec.manifest/1`, documented in README).
+"""The package writer: a build's stage records -> the typed manifest (edgec.core.package), report.md, hashes.
 
-The report is rendered from the manifest alone, so `inspect` works on any package later.
+The only part of the package contract that needs torch and onnx (versions, FLOPs, the model's declared inputs
+and outputs); everything that reads a package goes through edgec.core.package without them.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import json
-import os
 import platform
 from pathlib import Path
 
 import numpy as np
 
 from edgec.core import __version__
-from edgec.core.errors import VerifyError
-
-SCHEMA = "edgec.manifest/1"
-MODEL_FILE, FP32_FILE, MANIFEST_FILE, REPORT_FILE = "model.onnx", "model.fp32.onnx", "manifest.json", "report.md"
-
-
-def file_record(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+from edgec.core.package import (FP32_FILE, MANIFEST_FILE, MODEL_FILE, REPORT_FILE, SCHEMA, SIGNATURE_FILE,  # noqa: F401
+                                Agreement, Figures, Latency, Manifest, Metrics, ModelMetrics, Quantization,
+                                Source, StageRecord, TensorSpec, Toolchain, file_record, now, write_manifest)
 
 
-def toolchain_versions() -> dict:
+def toolchain_versions() -> Toolchain:
     import onnx
     import onnxruntime
     import torch
     from edgec.exporters.target import host_cpu
-    cpu = host_cpu()
-    return {"edgec": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "cpu_features": list(cpu.features)}
+    return Toolchain(edgec=__version__, torch=torch.__version__, onnx=onnx.__version__,
+                     onnxruntime=onnxruntime.__version__, numpy=np.__version__, python=platform.python_version(),
+                     machine=platform.machine(), cpu_features=list(host_cpu().features))
 
 
-def _stage(stages, name):
-    return next((s for s in stages if s["name"] == name), None)
+def tensor_specs(onnx_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(inputs, outputs) as the ONNX file declares them: every input, any dtype and rank, dynamic axes by name."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+
+    def spec(vi):
+        t = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "dynamic") for d in t.shape.dim]
+        return TensorSpec(vi.name, shape, np.dtype(tensor_dtype_to_np_dtype(t.elem_type)).name)
+
+    return [spec(i) for i in graph.input if i.name not in initializers], [spec(o) for o in graph.output]
 
 
-def make_manifest(folder: Path, inputs, module, stages, *, extra=None, seconds=0.0) -> dict:
+def _example_shapes(calib, inputs: list[TensorSpec]) -> dict[str, list[int]]:
+    """The concrete shape of one calibration sample per input (a dict feed, or one array for one input)."""
+    head = calib.head(1)
+    if isinstance(head, dict):
+        return {name: list(np.shape(v)) for name, v in head.items()}
+    return {inputs[0].name: list(np.shape(head))} if inputs else {}
+
+
+def _stage(stages: list[StageRecord], name: str) -> StageRecord | None:
+    return next((s for s in stages if s.name == name), None)
+
+
+def make_manifest(folder: Path, inputs, module, stages, *, extra=None, seconds=0.0) -> Manifest:
     from edgec.metrics import count_flops, count_params
-    stages = [s.to_dict() for s in stages]
-    export = _stage(stages, "export")["metrics"]["export"]
-    evaluation = _stage(stages, "evaluate")["metrics"]
+    records = [StageRecord.from_json(s.to_dict(), f"stage {s.name}") for s in stages]
+    evaluation = _stage(records, "evaluate").metrics
     params, flops = count_params(module), count_flops(module, inputs.input_shape)
     fp32_bytes, int8_bytes = (folder / FP32_FILE).stat().st_size, (folder / MODEL_FILE).stat().st_size
+    model_inputs, model_outputs = tensor_specs(folder / MODEL_FILE)
+    examples = _example_shapes(inputs.calib, model_inputs)
+    for spec in model_inputs:
+        spec.example = examples.get(spec.name)
 
-    def quality(kind):
+    def model_metrics(kind, size):
+        m = ModelMetrics(bytes=size, params=params, flops=flops)
         if "fp32_accuracy" in evaluation:
-            return {"accuracy": evaluation[f"{kind}_accuracy"]}
-        return {"agreement": evaluation["agreement"] if kind == "int8" else {"top1_agreement": 100.0, "mean_cosine": 1.0}}
+            m.accuracy = evaluation[f"{kind}_accuracy"]
+        else:   # without labels: INT8 against FP32 (FP32 agrees with itself)
+            m.agreement = Agreement.from_json(evaluation["agreement"]) if kind == "int8" else \
+                Agreement(top1_agreement=100.0, mean_cosine=1.0)
+        return m
 
-    quant = _stage(stages, "quantize")["metrics"]
-    manifest = {
-        "schema": SCHEMA,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": inputs.model.describe(),
-        "files": {},
-        "input": {"name": export["input_name"], "shape": export["input_shape"], "dtype": export["input_dtype"],
-                  "preprocess": inputs.calib.preprocess, "classes": inputs.calib.classes},
-        "output": [{"name": n, "shape": s, "dtype": d} for n, s, d in
-                   zip(export["output_names"], export["output_shapes"], export["output_dtypes"])],
-        "opset": export["opset"],
-        "toolchain": toolchain_versions(),
-        "quantization": {k: quant.get(k) for k in ("scheme", "method", "samples", "excluded_nodes", "ops",
-                                                   "pre_process", "transforms", "sensitivity") if k in quant},
-        "stages": stages,
-        "metrics": {
-            "fp32": {**quality("fp32"), "bytes": fp32_bytes, "params": params, "flops": flops},
-            "int8": {**quality("int8"), "bytes": int8_bytes, "params": params, "flops": flops},
-            "compression_ratio": round(fp32_bytes / int8_bytes, 3),
-        },
-        "latency": {},
-        "build_seconds": round(seconds, 2),
-    }
-    original = _stage(stages, "load")["metrics"]
+    metrics = Metrics(fp32=model_metrics("fp32", fp32_bytes), int8=model_metrics("int8", int8_bytes),
+                      compression_ratio=round(fp32_bytes / int8_bytes, 3))
+    original = _stage(records, "load").metrics
     if original["params"] != params:  # pruned: compare against what the user gave us
-        manifest["metrics"]["original"] = {"params": original["params"], "flops": original["flops"]}
-    bench = _stage(stages, "bench")
+        metrics.original = Figures(params=original["params"], flops=original["flops"])
+    latency = {}
+    bench = _stage(records, "bench")
     if bench:
-        manifest["latency"] = {ep: r["int8"] for ep, r in bench["metrics"].items()}
-        manifest["metrics"]["fp32"]["latency"] = {ep: r["fp32"] for ep, r in bench["metrics"].items()}
-    if extra:
-        manifest.update(extra)
-    return manifest
+        measured = now()
+        latency = {ep: Latency.from_bench(r["int8"], measured) for ep, r in bench.metrics.items()}
+        metrics.fp32.latency = {ep: Latency.from_bench(r["fp32"], measured) for ep, r in bench.metrics.items()}
+    quant = _stage(records, "quantize").metrics
+    return Manifest(
+        schema=SCHEMA, created=now(), source=Source.from_json(inputs.model.describe(), "source"), files={},
+        inputs=model_inputs, outputs=model_outputs, opset=_stage(records, "export").metrics["export"]["opset"],
+        toolchain=toolchain_versions(),
+        quantization=Quantization.from_json({k: v for k, v in quant.items() if k in (
+            "scheme", "method", "samples", "excluded_nodes", "ops", "pre_process", "transforms", "sensitivity")},
+            "quantization"),
+        stages=records, metrics=metrics, latency=latency, build_seconds=round(seconds, 2),
+        preprocess=inputs.calib.preprocess or None, classes=inputs.calib.classes, extra=dict(extra or {}))
 
 
-def write_package_files(folder: Path, manifest: dict) -> None:
-    """Render the report, hash every file, write the manifest last."""
-    from edgec.report import render_markdown
+def write_package_files(folder: Path, manifest: Manifest, sign_key=None) -> None:
+    """Render the report, hash every file, write the manifest last; with `sign_key` (a NAME.key path), sign it
+    in the same temporary folder, so the package appears complete and signed, or not at all."""
+    from edgec.core.report import render_markdown
     (folder / REPORT_FILE).write_text(render_markdown(manifest))
-    manifest["files"] = {p.name: file_record(p) for p in sorted(folder.iterdir())
-                         if p.is_file() and p.name != MANIFEST_FILE}
+    manifest.files = {p.name: file_record(p) for p in sorted(folder.iterdir())
+                      if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE)}
     write_manifest(folder, manifest)
-
-
-def write_manifest(folder: Path, manifest: dict) -> None:
-    tmp = folder / f".{MANIFEST_FILE}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, folder / MANIFEST_FILE)
-
-
-def read_manifest(folder) -> dict:
-    folder = Path(folder)
-    path = folder / MANIFEST_FILE
-    if not folder.exists():
-        raise VerifyError(f"package {folder} not found")
-    if not path.is_file():
-        raise VerifyError(f"{folder} has no {MANIFEST_FILE}: not an edgec package (build one with edgec build)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VerifyError(f"{path} is not valid JSON ({e}); rebuild the package") from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise VerifyError(f"{path} has schema {manifest.get('schema') if isinstance(manifest, dict) else None!r}, "
-                          f"expected {SCHEMA!r}; rebuild with this edgec version")
-    return manifest
-
-
-def verify_package(folder) -> dict:
-    """Hashes match the manifest, the INT8 model loads in ONNX Runtime and runs once with finite outputs."""
-    import onnxruntime as ort
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    checked = []
-    for name, rec in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.is_file():
-            raise VerifyError(f"{folder}: {name} is listed in the manifest but missing; rebuild or restore it")
-        got = file_record(path)
-        if got != rec:
-            what = "size" if got["bytes"] != rec["bytes"] else "sha256"
-            raise VerifyError(f"{folder}: {name} does not match the manifest ({what} differs): it was modified "
-                              "or corrupted; rebuild or restore it")
-        checked.append(name)
-    for required in (MODEL_FILE, FP32_FILE):
-        if required not in checked:
-            raise VerifyError(f"{folder}: manifest lists no {required}; rebuild the package")
-    try:
-        sess = ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - ORT raises its own types for unloadable models
-        raise VerifyError(f"{folder}/{MODEL_FILE} does not load in ONNX Runtime ({str(e).splitlines()[0]})") from None
-    inp = sess.get_inputs()[0]
-    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    outs = sess.run(None, {inp.name: x})
-    if not all(np.isfinite(o).all() for o in outs):
-        raise VerifyError(f"{folder}/{MODEL_FILE} produced NaN/Inf on a test input; rebuild the package")
-    return {"package": str(folder), "files_checked": checked, "ran": True,
-            "input": {"name": inp.name, "shape": shape}, "outputs": [list(o.shape) for o in outs]}
+    if sign_key is not None:
+        from edgec.core.signing import sign_package
+        sign_package(folder, sign_key)

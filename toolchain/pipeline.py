@@ -35,6 +35,7 @@ class BuildOptions:
     bench_seconds: float = 2.0           # per model and provider; 0 = no benchmark
     force: bool = False
     extra: dict = field(default_factory=dict)  # recorded verbatim in the manifest (e.g. {"demo": true})
+    sign_key: str | None = None          # NAME.key from `edgec keygen`: the package is signed before it appears
 
     def validate(self) -> None:
         if self.opset < 17:
@@ -51,15 +52,18 @@ class BuildOptions:
             self.distill.validate()
 
 
-def build(opts: BuildOptions) -> dict:
-    """Run every stage and write the package; returns its manifest."""
+def build(opts: BuildOptions):
+    """Run every stage and write the package; returns its manifest (edgec.core.package.Manifest)."""
     from edgec import package
     from edgec.core.fsutil import check_writable
     from edgec.core.progress import note
+    from edgec.core.signing import load_private_key
 
     started = time.perf_counter()
     opts.validate()
-    check_writable(opts.output, opts.force)  # fail before hours of work, not after
+    reads = (opts.source.model, opts.source.data, opts.source.eval_data)
+    check_writable(opts.output, opts.force, inputs=reads, directory=True)  # fail before hours of work, not after
+    sign_key = load_private_key(opts.sign_key) if opts.sign_key else None  # a wrong key fails now, not after
     if opts.prune is not None and opts.distill is None:
         note("pruning without --distill loses accuracy; add --distill to recover it")
     source = load_source(opts.source)
@@ -72,7 +76,7 @@ def build(opts: BuildOptions) -> dict:
     if opts.distill is not None:
         model, record = stages.distill(source, model, opts.distill)
         records.append(record)
-    with atomic_path(opts.output, force=opts.force, directory=True) as tmp:
+    with atomic_path(opts.output, force=opts.force, directory=True, inputs=reads) as tmp:
         fp32, record = stages.export(source, model, tmp / package.FP32_FILE, opts.opset)
         records.append(record)
         budget = stages.fallback_budget(source, opts.max_accuracy_drop, opts.fallback_seconds)
@@ -81,15 +85,17 @@ def build(opts: BuildOptions) -> dict:
         records.append(stages.evaluate(source.check_data, int8, fp32, opts.max_accuracy_drop, quantized))
         if opts.bench_seconds > 0 and opts.providers:
             records.append(stages.bench(int8, fp32, list(opts.providers), opts.bench_seconds))
-        return write_package(tmp, source, model, records, extra=opts.extra, seconds=time.perf_counter() - started)
+        return write_package(tmp, source, model, records, extra=opts.extra, seconds=time.perf_counter() - started,
+                             sign_key=sign_key)
 
 
 def write_package(folder: Path, source: Source, model: TorchModel, records: list, *, extra=None,
-                  seconds: float = 0.0) -> dict:
-    """The manifest from the stage records, the report, the hashes: the one package writer (build, compare)."""
+                  seconds: float = 0.0, sign_key=None):
+    """The manifest from the stage records, the report, the hashes (and the signature): the one package
+    writer (build, compare --package). Returns the edgec.core.package.Manifest."""
     from edgec import package
     manifest = package.make_manifest(folder, source, model.module, records, extra=extra, seconds=seconds)
-    package.write_package_files(folder, manifest)
+    package.write_package_files(folder, manifest, sign_key=sign_key)
     return manifest
 
 
@@ -97,7 +103,7 @@ def export_model(spec: SourceSpec, output: str, *, opset: int = 17, force: bool 
     """`edgec export`: the export stage alone; returns its summary. A model file that records its input shape
     needs no --data: the check against torch then runs on random inputs of that shape (and says so)."""
     source = load_source(spec, random_ok=True)
-    with atomic_path(output, force=force) as tmp:
+    with atomic_path(output, force=force, inputs=(spec.model, spec.data, spec.eval_data)) as tmp:
         onnx, record = stages.export(source, TorchModel(source.model.module), tmp, opset)
     info, check = record.info, record.check
     worst = max(check["outputs"].values(), key=lambda m: m["max_abs_err"])
@@ -122,7 +128,7 @@ def quantize_model(model: str, spec: SourceSpec, output: str, options, *, force:
     calib.validate()
     check = load_data(spec.eval_data, **kw) if spec.eval_data else calib
     check = check.take(np.arange(min(512, len(check))))
-    with atomic_path(output, force=force) as tmp:
+    with atomic_path(output, force=force, inputs=(model, spec.data, spec.eval_data)) as tmp:
         fp32 = OnnxModel.at(model)
         int8, quantized = stages.quantize(calib, fp32, tmp, options)
         evaluated = stages.evaluate(check, int8, fp32)

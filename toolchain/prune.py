@@ -322,7 +322,7 @@ def prune_file(spec, cfg: PruneConfig, output, *, force: bool = False) -> dict:
     from edgec.modelio import save_model
     if not output:
         raise OptionError("-o/--output is required (or --dry-run to only print the plan)")
-    check_writable(output, force)  # fail before the work, not after
+    check_writable(output, force, inputs=(spec.model, spec.data))  # fail before the work, not after
     loaded, dataset = _load(spec)
     pruned, record = prune_model(loaded, cfg, dataset)
     if loaded.arch is None:

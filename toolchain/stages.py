@@ -55,7 +55,7 @@ class OnnxModel:
 
     @classmethod
     def at(cls, path, precision: str = "fp32") -> "OnnxModel":
-        from edgec.package import file_record
+        from edgec.core.package import file_record
         return cls(Path(path), file_record(Path(path))["sha256"], precision)
 
     @property

@@ -103,7 +103,7 @@ def bench_cmd(models, eps, threads, batch, shapes, warmup, runs, budgets, baseli
     doc = document(results, config, gate)
     if record:
         for r in results:
-            path = record_result(r, config)
+            path = record_result(r)
             click.echo(f"[edgec] recorded latency.{r.ep} in {path}", err=True)
 
     if as_json:

@@ -16,10 +16,10 @@ def build_options(kw: dict, **fixed):
                         distill=kd if kw["distill"] else None, **fixed)
 
 
-def _render_build(manifest: dict, output, as_json: bool, title: str) -> None:
-    from edgec.report import print_summary
+def _render_build(manifest, output, as_json: bool, title: str) -> None:
+    from edgec.core.report import print_summary
     if as_json:
-        emit_json(manifest)
+        emit_json(manifest.to_json())
     else:
         print_summary(manifest, title)
         click.echo(f"package: {output}  (edgec inspect {output} | edgec verify {output})")
@@ -46,13 +46,13 @@ def demo_cmd(output, retrain, as_json):
     """The built-in default end to end: ResNet18 trained on the embedded digits -> INT8 package."""
     from edgec.core.errors import OutputExists
     from edgec.demo import demo_model
-    from edgec.package import read_manifest
+    from edgec.core.package import read_manifest
     from edgec.pipeline import BuildOptions, build
     from edgec.source import SourceSpec
     force = False
     if Path(output).exists():  # replace only an earlier demo package, never anything else
         try:
-            force = bool(read_manifest(output).get("demo"))
+            force = bool(read_manifest(output).extra.get("demo"))
         except Exception:  # noqa: BLE001 - not a package at all: refuse below
             force = False
         if not force:

@@ -134,7 +134,9 @@ def _source_group() -> Group:
     return Group(SourceSpec, {
         "model": Flag(("MODEL",), click={"type": click.Path(dir_okay=False)}),
         "arch": Flag(("--arch",), "Architecture for a checkpoint/state_dict: torchvision:NAME[?k=v], file.py:factory "
-                                  "or package.module:factory."),
+                                  "or package.module:factory. The last two IMPORT (run) that file or module and "
+                                  "call the factory: name only code you trust. An edgec model file carries its "
+                                  "own spec; one from outside torchvision/edgec builds only if you repeat it here."),
         "input_shape": Flag(("--input-shape",), "e.g. 1,3,224,224 (default: from the model file or the data).",
                             click={"callback": _shape}),
         "trust_pickle": Flag(("--trust-pickle",), "Allow loading a fully pickled nn.Module (runs code from the "
@@ -242,6 +244,8 @@ def _build_group() -> Group:
                       click={"type": float}),
         "distill": Flag(("--distill",), "Train the (pruned) model on the original's soft targets.",
                         default=False, click={"is_flag": True}),
+        "sign_key": Flag(("--sign-key",), "Sign the package with this Ed25519 private key (NAME.key from `edgec "
+                                          "keygen`) as it is written.", click={"type": click.Path(dir_okay=False)}),
     })
 
 

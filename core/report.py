@@ -1,0 +1,159 @@
+"""Human views of a package, rendered from its typed manifest alone: the summary table (build, inspect), the
+inspect listing and report.md. Torch-free (rich only for the terminal table), so the lean device install
+renders them too. Every text that comes from a manifest is escaped: a crafted one cannot drive the terminal."""
+from __future__ import annotations
+
+from edgec.core.package import Latency, Manifest, ModelMetrics, Sensitivity, TensorSpec, escape
+
+
+def mb(n) -> str:
+    return f"{n / 1e6:.2f} MB" if n is not None else "-"
+
+
+def count(n, unit="") -> str:
+    if n is None:
+        return "-"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n}{unit}"
+
+
+def shape_text(shape) -> str:
+    return "[" + ", ".join(escape(d) for d in shape) + "]"
+
+
+def tensor_text(t: TensorSpec) -> str:
+    return f"{escape(t.name)} {shape_text(t.shape)} {escape(t.dtype)}"
+
+
+def _quality(m: ModelMetrics) -> str:
+    if m.accuracy is not None:
+        return f"{m.accuracy:.2f}%"
+    top1 = m.agreement.top1_agreement if m.agreement else None
+    return f"{top1:.2f}% agree" if top1 is not None else "-"
+
+
+def _latency(lat: Latency | None) -> str:
+    return f"{lat.p50_ms:.3f} ms" if lat is not None else "-"
+
+
+def summary_rows(manifest: Manifest) -> list[tuple[str, str, str, str]]:
+    """(metric, FP32, INT8, change) rows: what a user wants to see first."""
+    m = manifest.metrics
+    fp, q = m.fp32, m.int8
+    rows = [("file size", mb(fp.bytes), mb(q.bytes), f"{m.compression_ratio:.2f}x smaller")]
+    if m.original is not None:
+        rows.append(("params (original)", count(m.original.params), "", ""))
+        rows.append(("FLOPs (original)", count(m.original.flops), "", ""))
+    rows.append(("params", count(fp.params), count(q.params), "INT8 weights"))
+    rows.append(("FLOPs / sample", count(fp.flops), count(q.flops), "same ops, 8-bit"))
+    if fp.accuracy is not None and q.accuracy is not None:
+        change = f"{q.accuracy - fp.accuracy:+.2f} points"
+    else:
+        cos = q.agreement.mean_cosine if q.agreement else None
+        change = f"mean cosine {cos:.4f}" if cos is not None else ""
+    rows.append(("accuracy" if fp.accuracy is not None else "agreement with FP32", _quality(fp), _quality(q), change))
+    for ep, lat in manifest.latency.items():
+        base = fp.latency.get(ep)
+        same = base is not None and base.how == lat.how   # a ratio only of figures measured the same way
+        speed = f"{base.p50_ms / lat.p50_ms:.2f}x faster" if same and lat.p50_ms else ""
+        fp_text = _latency(base) + (f" ({base.how})" if base is not None and not same else "")
+        rows.append((f"latency p50 ({escape(ep)}, {lat.how})", fp_text, _latency(lat), speed))
+    return rows
+
+
+def print_summary(manifest: Manifest, title: str, file=None) -> None:
+    from rich.console import Console
+    from rich.markup import escape as markup
+    from rich.table import Table
+    table = Table(title=markup(escape(title)))
+    for col in ("", "FP32", "INT8", "change"):
+        table.add_column(col, justify="left" if not col else "right")
+    for row in summary_rows(manifest):
+        table.add_row(*(markup(c) for c in row))
+    Console(file=file, width=110).print(table)
+
+
+def inspect_lines(manifest: Manifest) -> list[str]:
+    """The plain lines `edgec inspect` prints under the table."""
+    out = [f"input  {tensor_text(i)}" for i in manifest.inputs]
+    out += [f"output {tensor_text(o)}" for o in manifest.outputs]
+    q = manifest.quantization
+    if q.scheme is not None:
+        s = q.scheme
+        out.append(f"quantization: {escape(q.method)} calibration, {q.samples} samples, activations "
+                   f"{escape(s.activation_type)}, weights {escape(s.weight_type)}, reduce_range={s.reduce_range}")
+    out.append("stages: " + " -> ".join(f"{escape(s.name)} ({s.seconds:.1f}s)" for s in manifest.stages))
+    out += [f"  {escape(name):18} {rec.bytes:>12,d} B  sha256 {escape(rec.sha256[:16])}…"
+            for name, rec in manifest.files.items()]
+    for ep, lat in manifest.latency.items():
+        out.append(f"latency {escape(ep)}: p50 {lat.p50_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms, n={lat.n}, "
+                   f"batch {lat.batch}, {lat.how}, measured {escape(lat.measured or '-')}")
+    return out
+
+
+def _md_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pairs(d: dict | None) -> str:
+    return ", ".join(f"{escape(k)} {_value(v)}" for k, v in (d or {}).items()) or "none recorded"
+
+
+def _value(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    return escape(v)
+
+
+def render_markdown(manifest: Manifest) -> str:
+    src, tc = manifest.source, manifest.toolchain
+    out = [f"# edgec package: {escape(src.path)}", "",
+           f"Built {escape(manifest.created)} by edgec {escape(tc.edgec)} (torch {escape(tc.torch)}, onnx "
+           f"{escape(tc.onnx)}, onnxruntime {escape(tc.onnxruntime)}) in {manifest.build_seconds:.0f} s.", "",
+           "## Summary", "", _md_table(["", "FP32", "INT8", "change"], summary_rows(manifest)), "",
+           "Latency: \"alone\" is one model in its session, as `edgec bench` and the gate measure it; "
+           "\"interleaved\" alternates INT8 and FP32 runs (for their ratio).", "",
+           "## Inputs and outputs", ""]
+    out += [f"- input `{escape(i.name)}` {shape_text(i.shape)} {escape(i.dtype)}"
+            + (f" (built with {shape_text(i.example)})" if i.example else "") for i in manifest.inputs]
+    out += [f"- output `{escape(o.name)}` {shape_text(o.shape)} {escape(o.dtype)}" for o in manifest.outputs]
+    out += [f"- preprocess: {_pairs(manifest.preprocess)}", f"- ONNX opset {manifest.opset}", ""]
+    q = manifest.quantization
+    if q.scheme is not None:
+        s = q.scheme
+        yes = {True: "yes", False: "no", None: "-"}
+        out += ["## Quantization", "",
+                f"- method {escape(q.method)}, {q.samples} calibration samples; activations "
+                f"{escape(s.activation_type)}, weights {escape(s.weight_type)}, per-channel {yes[s.per_channel]}, "
+                f"reduce_range {yes[s.reduce_range]}, format {escape(s.quant_format)}; target {escape(s.target)}"]
+        out += [f"- why: {escape(r)}" for r in s.reasons]
+        if q.ops is not None:
+            share = f" ({100 * q.ops.int8_weight_share:.1f}% of Conv/MatMul/Gemm weights)" \
+                if q.ops.int8_weight_share is not None else ""
+            out += [f"- INT8 compute nodes: {q.ops.int8} of {q.ops.int8 + q.ops.float}{share}"]
+        out += [f"- kept in FP32: {', '.join(escape(n) for n in q.excluded_nodes) or 'none'}", ""]
+        out += _fallback_md(q.sensitivity)
+    out += ["## Stages", "", _md_table(["stage", "needs", "gives", "seconds"],
+                                       [(escape(s.name), escape(s.needs), escape(s.gives), f"{s.seconds:.1f}")
+                                        for s in manifest.stages]), ""]
+    return "\n".join(out) + "\n"
+
+
+def _fallback_md(report: Sensitivity | None) -> list[str]:
+    """The accuracy-aware fallback: what it measured and which nodes it kept in FP32, with their error figures."""
+    if report is None:
+        return []
+    out = ["### Accuracy-aware fallback", "",
+           f"- {escape(report.metric)} on calibration samples: FP32 {100 * report.fp32_score:.2f}%, all-INT8 "
+           f"{100 * report.int8_score:.2f}%, final {100 * report.final_score:.2f}% (drop "
+           f"{report.drop_points:.2f} of {report.budget_points} points allowed); {escape(report.stopped)}; "
+           f"{report.nodes_measured} of {report.nodes_total} nodes measured in {report.seconds:.1f} s", ""]
+    if report.excluded:
+        out += [_md_table(["node kept in FP32", "op", "output error when alone in FP32", "error reduction"],
+                          [(escape(e.node), escape(e.op_type), f"{e.error_when_excluded:.5f}",
+                            f"{e.error_reduction:.5f}") for e in report.excluded]), ""]
+    return out

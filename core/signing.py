@@ -1,0 +1,122 @@
+"""Ed25519 signatures over a package's manifest (which hashes every file), with the `cryptography` package.
+
+`NAME.key` is the private key (PKCS#8 PEM, created 0600), `NAME.pub` the public key (SubjectPublicKeyInfo PEM).
+The signature file `manifest.sig` sits in the package next to the manifest; it names the key that made it (the
+first 16 hex digits of the public key's sha256) so a wrong key is told apart from a changed manifest.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edgec.core.errors import OptionError, OutputExists, VerifyError
+
+SIGNATURE_SCHEMA = "edgec.signature/1"
+MAX_SIGNATURE_BYTES = 4096
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def keygen(stem, force: bool = False) -> tuple[Path, Path]:
+    """Write STEM.key (mode 0600, never world-readable, not even for a moment) and STEM.pub."""
+    stem = Path(stem)
+    key, pub = stem.with_name(stem.name + ".key"), stem.with_name(stem.name + ".pub")
+    for path in (key, pub):
+        if (path.exists() or path.is_symlink()) and not force:
+            raise OutputExists(f"{path} already exists; pass --force to replace it or choose another -o")
+    private = Ed25519PrivateKey.generate()
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    for path in (key, pub):
+        if path.is_symlink() or path.exists():
+            path.unlink()
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    pub.write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
+    return key, pub
+
+
+def _read_key(path, private: bool):
+    path = Path(path)
+    what = "private key (NAME.key from edgec keygen)" if private else "public key (NAME.pub from edgec keygen)"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise OptionError(f"--key {path}: no such file; pass the {what}") from None
+    except OSError as e:
+        raise OptionError(f"--key {path}: cannot be read ({e.strerror})") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None) if private else \
+            serialization.load_pem_public_key(data)
+    except (ValueError, TypeError):
+        raise OptionError(f"--key {path} is not a PEM {what}") from None
+    wanted = Ed25519PrivateKey if private else Ed25519PublicKey
+    if not isinstance(key, wanted):
+        raise OptionError(f"--key {path} is not an Ed25519 {what}")
+    return key
+
+
+def load_private_key(path) -> Ed25519PrivateKey:
+    return _read_key(path, private=True)
+
+
+def load_public_key(path) -> Ed25519PublicKey:
+    return _read_key(path, private=False)
+
+
+def sign_bytes(private: Ed25519PrivateKey, manifest: bytes) -> bytes:
+    """The signature file's content for these manifest bytes."""
+    doc = {"schema": SIGNATURE_SCHEMA, "algorithm": "ed25519", "key_id": key_id(private.public_key()),
+           "signed": "manifest.json", "signature": base64.b64encode(private.sign(manifest)).decode()}
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+def sign_package(folder, key) -> Path:
+    """Sign the package's manifest with the private key at `key` (a path or a loaded key); atomic write."""
+    from edgec.core.package import SIGNATURE_FILE, manifest_bytes, package_dir
+    folder = package_dir(folder)
+    private = key if isinstance(key, Ed25519PrivateKey) else load_private_key(key)
+    target = folder / SIGNATURE_FILE
+    tmp = folder / f".{SIGNATURE_FILE}.tmp"
+    tmp.write_bytes(sign_bytes(private, manifest_bytes(folder)))
+    os.replace(tmp, target)
+    return target
+
+
+def verify_signature(folder: Path, manifest: bytes, public_key) -> str:
+    """VerifyError (exit 9) unless `folder`'s signature file is a valid signature of `manifest` by this key."""
+    from edgec.core.package import SIGNATURE_FILE
+    public = public_key if isinstance(public_key, Ed25519PublicKey) else load_public_key(public_key)
+    path = Path(folder) / SIGNATURE_FILE
+    if path.is_symlink() or not path.is_file():
+        raise VerifyError(f"{folder}: no {SIGNATURE_FILE} (the package is not signed); sign it with "
+                          "`edgec sign PKG --key NAME.key` or build with --sign-key")
+    try:
+        raw = path.read_bytes()[:MAX_SIGNATURE_BYTES + 1]
+        doc = json.loads(raw) if len(raw) <= MAX_SIGNATURE_BYTES else None
+        signature = base64.b64decode(doc["signature"], validate=True)
+        signer = doc["key_id"]
+    except (ValueError, KeyError, TypeError):
+        raise VerifyError(f"{folder}/{SIGNATURE_FILE} is not an {SIGNATURE_SCHEMA} signature; sign the package "
+                          "again") from None
+    if signer != key_id(public):
+        raise VerifyError(f"{folder} is signed by key {str(signer)[:16]!r}, not by this --key ({key_id(public)}): "
+                          "wrong key, or re-signed by someone else")
+    try:
+        public.verify(signature, manifest)
+    except InvalidSignature:
+        raise VerifyError(f"{folder}: the signature does not match manifest.json: the manifest was changed after "
+                          "signing (or the signature was); do not trust this package") from None
+    return signer

@@ -361,6 +361,18 @@ class Integrity:
     signature: str                 # "verified", "absent" or "present, not checked (no --key)"
 
 
+def sign_package(folder, key) -> Path:
+    """Sign the package's manifest with the private key at `key` (a path or a loaded key); atomic write."""
+    from edgec.core.signing import Ed25519PrivateKey, load_private_key, sign_bytes
+    folder = package_dir(folder)
+    private = key if isinstance(key, Ed25519PrivateKey) else load_private_key(key)
+    target = folder / SIGNATURE_FILE
+    tmp = folder / f".{SIGNATURE_FILE}.tmp"
+    tmp.write_bytes(sign_bytes(private, manifest_bytes(folder)))
+    os.replace(tmp, target)
+    return target
+
+
 def check_integrity(folder, public_key=None) -> Integrity:
     """What a device checks before trusting a package, without running it: the folder holds exactly the
     manifest, its signature (optional) and the files the manifest lists, all regular files (no symlinks, no
@@ -372,7 +384,7 @@ def check_integrity(folder, public_key=None) -> Integrity:
     signature = "absent"
     if public_key is not None:
         from edgec.core.signing import verify_signature
-        verify_signature(folder, data, public_key)   # before parsing: a signed manifest is trusted input
+        verify_signature(folder / SIGNATURE_FILE, data, public_key)   # before parsing: a signed manifest is trusted input
         signature = "verified"
     manifest = parse_manifest(data, str(where))
     allowed = set(manifest.files) | {MANIFEST_FILE, SIGNATURE_FILE}

@@ -83,25 +83,14 @@ def sign_bytes(private: Ed25519PrivateKey, manifest: bytes) -> bytes:
     return (json.dumps(doc, indent=2) + "\n").encode()
 
 
-def sign_package(folder, key) -> Path:
-    """Sign the package's manifest with the private key at `key` (a path or a loaded key); atomic write."""
-    from edgec.core.package import SIGNATURE_FILE, manifest_bytes, package_dir
-    folder = package_dir(folder)
-    private = key if isinstance(key, Ed25519PrivateKey) else load_private_key(key)
-    target = folder / SIGNATURE_FILE
-    tmp = folder / f".{SIGNATURE_FILE}.tmp"
-    tmp.write_bytes(sign_bytes(private, manifest_bytes(folder)))
-    os.replace(tmp, target)
-    return target
-
-
-def verify_signature(folder: Path, manifest: bytes, public_key) -> str:
-    """VerifyError (exit 9) unless `folder`'s signature file is a valid signature of `manifest` by this key."""
-    from edgec.core.package import SIGNATURE_FILE
+def verify_signature(path: Path, manifest: bytes, public_key) -> str:
+    """VerifyError (exit 9) unless the signature file at `path` is a valid signature of `manifest` by this key.
+    (The package module knows the file's name and passes it: this module imports nothing of the package's.)"""
     public = public_key if isinstance(public_key, Ed25519PublicKey) else load_public_key(public_key)
-    path = Path(folder) / SIGNATURE_FILE
+    path = Path(path)
+    folder, name = path.parent, path.name
     if path.is_symlink() or not path.is_file():
-        raise VerifyError(f"{folder}: no {SIGNATURE_FILE} (the package is not signed); sign it with "
+        raise VerifyError(f"{folder}: no {name} (the package is not signed); sign it with "
                           "`edgec sign PKG --key NAME.key` or build with --sign-key")
     try:
         raw = path.read_bytes()[:MAX_SIGNATURE_BYTES + 1]
@@ -109,7 +98,7 @@ def verify_signature(folder: Path, manifest: bytes, public_key) -> str:
         signature = base64.b64decode(doc["signature"], validate=True)
         signer = doc["key_id"]
     except (ValueError, KeyError, TypeError):
-        raise VerifyError(f"{folder}/{SIGNATURE_FILE} is not an {SIGNATURE_SCHEMA} signature; sign the package "
+        raise VerifyError(f"{folder}/{name} is not an {SIGNATURE_SCHEMA} signature; sign the package "
                           "again") from None
     if signer != key_id(public):
         raise VerifyError(f"{folder} is signed by key {str(signer)[:16]!r}, not by this --key ({key_id(public)}): "

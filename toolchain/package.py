@@ -105,5 +105,5 @@ def write_package_files(folder: Path, manifest: Manifest, sign_key=None) -> None
                       if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE)}
     write_manifest(folder, manifest)
     if sign_key is not None:
-        from edgec.core.signing import sign_package
+        from edgec.core.package import sign_package
         sign_package(folder, sign_key)

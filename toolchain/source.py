@@ -71,13 +71,18 @@ class Source:
     @cached_property
     def fingerprint(self) -> str:
         """Hash of what every artifact depends on: the model file's bytes and the spec (cache keys)."""
-        digest = hashlib.sha256()
-        with open(self.model.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        spec = {**self.spec.to_json(), "model": None, "input_shape": list(self.input_shape)}
-        digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
-        return digest.hexdigest()
+        from edgec.core.package import file_record
+        spec = {**self.spec.to_json(), "model": file_record(self.model.path).sha256,
+                "input_shape": list(self.input_shape), "data": [_stamp(p) for p in (self.spec.data, self.spec.eval_data)]}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _stamp(spec: str | None):
+    """A data spec with the size and time of the file or folder it names: changed data, other cache keys."""
+    if spec is None or not Path(spec).exists():
+        return spec
+    st = Path(spec).stat()
+    return [spec, st.st_size, st.st_mtime_ns]
 
 
 def image_size_for(spec: SourceSpec, loaded: LoadedModel) -> int | None:

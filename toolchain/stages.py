@@ -56,7 +56,7 @@ class OnnxModel:
     @classmethod
     def at(cls, path, precision: str = "fp32") -> "OnnxModel":
         from edgec.core.package import file_record
-        return cls(Path(path), file_record(Path(path))["sha256"], precision)
+        return cls(Path(path), file_record(Path(path)).sha256, precision)
 
     @property
     def bytes(self) -> int:
@@ -256,6 +256,10 @@ class BenchRecord(StageRecord):
 class StoredRecord:
     """A stage record read back from compare's cache: already JSON, rendered as it was recorded."""
     data: dict
+
+    @property
+    def name(self) -> str:
+        return self.data["name"]
 
     def to_dict(self) -> dict:
         return self.data

@@ -85,10 +85,10 @@ class StageRecord:
 
 
 class timed:
-    """Announce a stage, and time it into its record."""
+    """Announce a stage by what it gives (its record class says), and time it."""
 
-    def __init__(self, label: str):
-        self.label = label
+    def __init__(self, record: type, gives: str | None = None, label: str | None = None):
+        self.label = f"{label or record.name}: {gives or record.gives}"
 
     def __enter__(self):
         self.t0 = time.perf_counter()
@@ -279,7 +279,7 @@ def prune(source: Source, cfg) -> tuple[TorchModel, PruneRecord]:
     import copy
     from edgec.prune import prune_model
     require_eager(source.model, "pruning")
-    with timed("prune: module with channels removed") as t:
+    with timed(PruneRecord) as t:
         pruned, result = prune_model(copy.deepcopy(source.model), cfg, source.calib)
     return TorchModel(pruned, source.model.arch), PruneRecord(config=cfg, result=result, seconds=t.seconds)
 
@@ -287,7 +287,7 @@ def prune(source: Source, cfg) -> tuple[TorchModel, PruneRecord]:
 def distill(source: Source, student: TorchModel, cfg, *, label: str = "distill") -> tuple[TorchModel, DistillRecord]:
     """Train `student` (in place) on the source model's soft targets."""
     from edgec.distill import distill as run_distill
-    with timed(f"{label}: student trained on the teacher's soft targets") as t:
+    with timed(DistillRecord, label=label) as t:
         train_data, validation = training_split(source.calib)
         result = run_distill(source.model.module, student.module, train_data, validation, cfg, label=label)
     return student, DistillRecord(config=cfg, result=result, seconds=t.seconds,
@@ -297,7 +297,7 @@ def distill(source: Source, student: TorchModel, cfg, *, label: str = "distill")
 def export(source: Source, model: TorchModel, path: Path, opset: int = 17) -> tuple[OnnxModel, ExportRecord]:
     """torch -> ONNX, then ORT vs torch on real samples (the eval data when there is some)."""
     from edgec.exporters.onnx_export import check_onnx_against_torch, export_onnx
-    with timed(f"export: {Path(path).name} checked against torch") as t:
+    with timed(ExportRecord) as t:
         info = export_onnx(model.module, source.example(), path, opset=opset)
         data = source.check_data
         check = check_onnx_against_torch(model.module, path, data.head(EXPORT_CHECK_SAMPLES))
@@ -319,8 +319,7 @@ def quantize(calib, fp32: OnnxModel, path: Path, options, budget: dict | None = 
     drop on calibration samples fits (never on the eval data, which stays for the honest check after)."""
     from edgec.exporters.quantize import quantize_int8
     report = None
-    with timed(f"quantize: {Path(path).name}: static INT8 (QDQ), ONNX Runtime calibration"
-               + ("; sensitive nodes kept in FP32 when over the accuracy budget" if budget else "")) as t:
+    with timed(QuantizeRecord, QuantizeRecord(quant=options, info=None, budget=budget).gives) as t:
         if budget:
             from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
             n = len(calib)  # spread over the data: folders are sorted by class
@@ -337,7 +336,7 @@ def quantize(calib, fp32: OnnxModel, path: Path, options, budget: dict | None = 
 def take_int8(made: OnnxModel, path: Path, record: dict) -> tuple[OnnxModel, TakenInt8Record]:
     """An INT8 model produced by another recipe (quantization-aware training) instead of calibration."""
     import shutil
-    with timed("quantize: model.onnx: copied, not recalibrated") as t:
+    with timed(TakenInt8Record) as t:
         shutil.copyfile(made.path, path)
     return OnnxModel.at(path, "int8"), TakenInt8Record(source=str(made.path), record=record, seconds=t.seconds)
 
@@ -355,7 +354,7 @@ def evaluate(data, model: OnnxModel, reference: OnnxModel | None, max_drop: floa
     """`model` vs `reference` (the FP32 model it was made from) on held-out `data` (Source.check_data). Over
     `max_drop` points of accuracy: BudgetExceeded (the gate of build and of compare --package)."""
     from edgec.exporters.compare import accuracy, compare_outputs
-    with timed("evaluate: accuracy (labels) or agreement with FP32") as t:
+    with timed(EvaluateRecord) as t:
         x = data.head(len(data))
         record = EvaluateRecord(max_accuracy_drop=max_drop, data=data.describe())
         if reference is not None:
@@ -388,6 +387,6 @@ def bench_models(models: list[OnnxModel], providers: list[str], seconds: float, 
 
 
 def bench(int8: OnnxModel, fp32: OnnxModel, providers: list[str], seconds: float) -> BenchRecord:
-    with timed("bench: latency per execution provider (INT8 and FP32, interleaved)") as t:
+    with timed(BenchRecord) as t:
         q, f = bench_models([int8, fp32], providers, seconds)
     return BenchRecord(providers=list(providers), seconds_per_model=seconds, int8=q, fp32=f, seconds=t.seconds)

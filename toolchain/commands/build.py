@@ -102,9 +102,10 @@ def quantize_cmd(model, as_json, **kw):
         emit_json(s)
         return
     click.echo(f"quantized {model} -> {s['output']}: {s['fp32_bytes'] / 1e6:.2f} MB -> {s['bytes'] / 1e6:.2f} MB "
-               f"({s['size_ratio']:.2f}x), {s['method']} calibration on {s['samples']} samples, "
+               f"({s['fp32_bytes'] / s['bytes']:.2f}x smaller), {s['method']} calibration on {s['samples']} samples, "
                f"{100 * (s['int8_weight_share'] or 0):.1f}% of weights INT8, {len(s['excluded_nodes'])} node(s) FP32")
-    quality = (f"accuracy {s['fp32_accuracy']:.2f}% -> {s['int8_accuracy']:.2f}% ({-s['accuracy_drop']:+.2f} points), "
+    quality = (f"accuracy {s['fp32_accuracy']:.2f}% -> {s['int8_accuracy']:.2f}% "
+               f"({s['int8_accuracy'] - s['fp32_accuracy']:+.2f} points), "
                if s["int8_accuracy"] is not None else "")
     agree = f"top-1 agreement {s['top1_agreement']:.2f}%, " if s["top1_agreement"] is not None else ""
     click.echo(f"  on {s['eval_samples']} samples of {s['eval_data']}: {quality}{agree}"

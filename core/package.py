@@ -361,18 +361,6 @@ class Integrity:
     signature: str                 # "verified", "absent" or "present, not checked (no --key)"
 
 
-def sign_package(folder, key) -> Path:
-    """Sign the package's manifest with the private key at `key` (a path or a loaded key); atomic write."""
-    from edgec.core.signing import Ed25519PrivateKey, load_private_key, sign_bytes
-    folder = package_dir(folder)
-    private = key if isinstance(key, Ed25519PrivateKey) else load_private_key(key)
-    target = folder / SIGNATURE_FILE
-    tmp = folder / f".{SIGNATURE_FILE}.tmp"
-    tmp.write_bytes(sign_bytes(private, manifest_bytes(folder)))
-    os.replace(tmp, target)
-    return target
-
-
 def check_integrity(folder, public_key=None) -> Integrity:
     """What a device checks before trusting a package, without running it: the folder holds exactly the
     manifest, its signature (optional) and the files the manifest lists, all regular files (no symlinks, no
@@ -382,9 +370,8 @@ def check_integrity(folder, public_key=None) -> Integrity:
     data = manifest_bytes(folder)
     where = escape(folder / MANIFEST_FILE)
     signature = "absent"
-    if public_key is not None:
-        from edgec.core.signing import verify_signature
-        verify_signature(folder / SIGNATURE_FILE, data, public_key)   # before parsing: a signed manifest is trusted input
+    if public_key is not None:   # before parsing: only a manifest signed by this key is trusted input
+        verify_signature(folder, data, public_key)
         signature = "verified"
     manifest = parse_manifest(data, str(where))
     allowed = set(manifest.files) | {MANIFEST_FILE, SIGNATURE_FILE}
@@ -420,3 +407,34 @@ def check_integrity(folder, public_key=None) -> Integrity:
                               "modified or corrupted; rebuild or restore it")
         checked.append(name)
     return Integrity(manifest, checked, signature)
+
+
+# ---------------------------------------------------------------- signing
+
+def sign_package(folder, key) -> Path:
+    """Sign the package's manifest bytes (a NAME.key path or a loaded key) into manifest.sig, atomically."""
+    from edgec.core.signing import load_private_key, sign_bytes
+    folder = package_dir(folder)
+    private = load_private_key(key) if isinstance(key, (str, os.PathLike)) else key
+    fd, tmp = tempfile.mkstemp(prefix=f".{SIGNATURE_FILE}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(sign_bytes(private, manifest_bytes(folder)))
+        os.replace(tmp, folder / SIGNATURE_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return folder / SIGNATURE_FILE
+
+
+def verify_signature(folder: Path, manifest: bytes, public_key) -> str:
+    """The signer's key id; VerifyError unless manifest.sig is this key's signature of these manifest bytes."""
+    from edgec.core.signing import MAX_SIGNATURE_BYTES, load_public_key, verify_bytes
+    public = load_public_key(public_key) if isinstance(public_key, (str, os.PathLike)) else public_key
+    path = folder / SIGNATURE_FILE
+    if path.is_symlink() or not path.is_file():
+        raise VerifyError(f"{escape(folder)}: no {SIGNATURE_FILE} (the package is not signed); sign it with "
+                          "`edgec sign PKG --key NAME.key` or build with --sign-key")
+    with open(path, "rb") as f:
+        signature_file = f.read(MAX_SIGNATURE_BYTES + 1)
+    return verify_bytes(public, manifest, signature_file, f"{escape(folder)}/{SIGNATURE_FILE}")

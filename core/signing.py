@@ -1,8 +1,9 @@
 """Ed25519 signatures over a package's manifest (which hashes every file), with the `cryptography` package.
 
 `NAME.key` is the private key (PKCS#8 PEM, created 0600), `NAME.pub` the public key (SubjectPublicKeyInfo PEM).
-The signature file `manifest.sig` sits in the package next to the manifest; it names the key that made it (the
-first 16 hex digits of the public key's sha256) so a wrong key is told apart from a changed manifest.
+Bytes in, bytes out: edgec.core.package puts the signature file (`manifest.sig`) into a package and checks it.
+A signature names the key that made it (the first 16 hex digits of the public key's sha256), so a wrong key is
+told apart from a changed manifest.
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ def key_id(public: Ed25519PublicKey) -> str:
 def keygen(stem, force: bool = False) -> tuple[Path, Path]:
     """Write STEM.key (mode 0600, never world-readable, not even for a moment) and STEM.pub."""
     stem = Path(stem)
+    if stem.suffix in (".key", ".pub"):   # -o release.key means the pair release.key / release.pub
+        stem = stem.with_suffix("")
+    if not stem.parent.is_dir():
+        raise OptionError(f"-o {stem}: the folder {stem.parent} does not exist; create it or choose another -o")
     key, pub = stem.with_name(stem.name + ".key"), stem.with_name(stem.name + ".pub")
     for path in (key, pub):
         if (path.exists() or path.is_symlink()) and not force:
@@ -83,29 +88,21 @@ def sign_bytes(private: Ed25519PrivateKey, manifest: bytes) -> bytes:
     return (json.dumps(doc, indent=2) + "\n").encode()
 
 
-def verify_signature(path: Path, manifest: bytes, public_key) -> str:
-    """VerifyError (exit 9) unless the signature file at `path` is a valid signature of `manifest` by this key.
-    (The package module knows the file's name and passes it: this module imports nothing of the package's.)"""
-    public = public_key if isinstance(public_key, Ed25519PublicKey) else load_public_key(public_key)
-    path = Path(path)
-    folder, name = path.parent, path.name
-    if path.is_symlink() or not path.is_file():
-        raise VerifyError(f"{folder}: no {name} (the package is not signed); sign it with "
-                          "`edgec sign PKG --key NAME.key` or build with --sign-key")
+def verify_bytes(public: Ed25519PublicKey, signed: bytes, signature_file: bytes, where: str) -> str:
+    """The signer's key id, or a VerifyError (exit 9) unless `signature_file` (a manifest.sig's bytes) is a valid
+    signature of `signed` by `public`."""
     try:
-        raw = path.read_bytes()[:MAX_SIGNATURE_BYTES + 1]
-        doc = json.loads(raw) if len(raw) <= MAX_SIGNATURE_BYTES else None
+        doc = json.loads(signature_file) if len(signature_file) <= MAX_SIGNATURE_BYTES else None
         signature = base64.b64decode(doc["signature"], validate=True)
         signer = doc["key_id"]
     except (ValueError, KeyError, TypeError):
-        raise VerifyError(f"{folder}/{name} is not an {SIGNATURE_SCHEMA} signature; sign the package "
-                          "again") from None
+        raise VerifyError(f"{where} is not an {SIGNATURE_SCHEMA} signature; sign the package again") from None
     if signer != key_id(public):
-        raise VerifyError(f"{folder} is signed by key {str(signer)[:16]!r}, not by this --key ({key_id(public)}): "
+        raise VerifyError(f"{where} is by key {str(signer)[:16]!r}, not by this --key ({key_id(public)}): "
                           "wrong key, or re-signed by someone else")
     try:
-        public.verify(signature, manifest)
+        public.verify(signature, signed)
     except InvalidSignature:
-        raise VerifyError(f"{folder}: the signature does not match manifest.json: the manifest was changed after "
-                          "signing (or the signature was); do not trust this package") from None
+        raise VerifyError(f"{where} does not match manifest.json: the manifest was changed after signing (or the "
+                          "signature was); do not trust this package") from None
     return signer

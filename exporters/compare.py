@@ -5,11 +5,13 @@ Shared by the export check (ORT vs torch) and the quantization check (INT8 vs FP
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from edgec.core.errors import DataError
+from edgec.core.feeds import (BATCH, ORT_DTYPES, FeedLayout, as_feed, batch_len, feed_batches, onnx_input_specs,
+                              slice_feed)
 
 
 def ort_session(path, *, optimize: bool = True, threads: int | None = None):
@@ -24,24 +26,62 @@ def ort_session(path, *, optimize: bool = True, threads: int | None = None):
     return ort.InferenceSession(str(Path(path)), so, providers=["CPUExecutionProvider"])
 
 
-def iter_batches(x, batch_size: int) -> Iterable[np.ndarray]:
-    for start in range(0, len(x), batch_size):
-        yield np.ascontiguousarray(np.asarray(x[start:start + batch_size], dtype=np.float32))
+def onnx_inputs(path) -> list:
+    """The InputSpecs an ONNX file declares (a clean ModelError when ORT cannot load it)."""
+    from edgec.core.errors import ModelError
+    try:
+        sess = ort_session(path)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own pybind types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path} is not an ONNX model onnxruntime can load ({first[:200]}); export it again "
+                         "with `edgec export`") from None
+    return onnx_input_specs(sess.get_inputs())
 
 
-def run_onnx(session, x, batch_size: int = 64) -> list[np.ndarray]:
-    """All outputs for all samples, evaluated batch by batch (the model has a dynamic batch axis)."""
-    if len(x) == 0:
+def feeds_of(session, data, batch_size: int) -> Iterable[dict]:
+    """Dict feeds for `session` from `data`: one whole-set feed (a dict of arrays, or one array for a
+    single-input model) cut into batches, or a re-iterable of batches (a Dataset, a list of dicts), streamed."""
+    names = [i.name for i in session.get_inputs()]
+    layout = FeedLayout.of_onnx(session.get_inputs())
+    if isinstance(data, (np.ndarray, Mapping)) or hasattr(data, "__array__"):
+        return feed_batches(as_feed(data, names), names, batch_size, layout)
+    return (as_feed(b, names) for b in data)
+
+
+def run_onnx(session, data, batch_size: int = 64) -> list[np.ndarray]:
+    """All outputs for all samples, evaluated batch by batch (the model has a dynamic batch axis). `data`: a
+    dict feed, one array (single-input models) or a re-iterable of dict batches (streamed)."""
+    inputs = session.get_inputs()
+    types = {i.name: ORT_DTYPES.get(i.type) for i in inputs}
+    layout = FeedLayout.of_onnx(inputs)
+    fixed = {i.name: i.shape[layout.axis(i.name)] for i in inputs
+             if len(i.shape) and isinstance(i.shape[layout.axis(i.name)], int)}
+    parts = []
+    for feed in feeds_of(session, data, batch_size):
+        n = batch_len(feed, layout)
+        want = next(iter(fixed.values()), None)
+        if want is not None and n != want:  # a model exported with a static batch only takes exactly that many rows
+            for start in range(0, n, want):
+                piece = slice_feed(feed, start, start + want, layout)
+                if batch_len(piece, layout) != want:
+                    raise DataError(f"the model has a fixed batch of {want} and {n} samples were given; "
+                                    "export it with a dynamic batch axis or give a multiple of it")
+                parts.append(_run(session, piece, types, layout))
+        elif n:
+            parts.append(_run(session, feed, types, layout))
+    if not parts:
         raise DataError("no samples to run the model on; pass at least one sample")
-    inp = session.get_inputs()[0]
-    name, fixed = inp.name, inp.shape[0] if isinstance(inp.shape[0], int) else None
-    if fixed is not None:  # a model exported with a static batch only takes exactly that many rows
-        if len(x) % fixed:
-            raise DataError(f"the model has a fixed batch of {fixed} and {len(x)} samples were given; "
-                            "export it with a dynamic batch axis or give a multiple of it")
-        batch_size = fixed
-    parts = [session.run(None, {name: b}) for b in iter_batches(x, batch_size)]
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+    return [np.concatenate([p[i] for p in parts], axis=output_batch_axis(session, i)) for i in range(len(parts[0]))]
+
+
+def _run(session, feed: dict, types: dict, layout) -> list[np.ndarray]:
+    cast = {k: np.ascontiguousarray(v, dtype=types.get(k) or v.dtype) for k, v in feed.items()}
+    return session.run(None, cast)
+
+
+def output_batch_axis(session, index: int) -> int:
+    dims = list(session.get_outputs()[index].shape)
+    return dims.index(BATCH) if BATCH in dims else 0
 
 
 def output_agreement(ref: np.ndarray, got: np.ndarray) -> dict:
@@ -65,14 +105,14 @@ def compare_outputs(fp32_path, int8_path, samples, *, batch_size: int = 64) -> d
     a, b = ort_session(fp32_path), ort_session(int8_path)
     ra, rb = run_onnx(a, samples, batch_size), run_onnx(b, samples, batch_size)
     names = [o.name for o in a.get_outputs()]
-    return {"samples": int(len(samples)),
+    return {"samples": int(len(ra[0])) if ra and np.ndim(ra[0]) else 0,
             "outputs": {n: output_agreement(x, y) for n, x, y in zip(names, ra, rb)}}
 
 
 def accuracy(onnx_path, x, y: Sequence[int], batch: int = 64, *, output: int = 0) -> float:
     """Top-1 accuracy of output `output` against integer labels."""
     y = np.asarray(y)
-    if len(y) != len(x):
-        raise DataError(f"{len(y)} labels for {len(x)} samples; give one label per sample")
     logits = run_onnx(ort_session(onnx_path), x, batch)[output]
+    if len(y) != len(logits):
+        raise DataError(f"{len(y)} labels for {len(logits)} samples; give one label per sample")
     return float((logits.reshape(len(logits), -1).argmax(1) == y).mean())

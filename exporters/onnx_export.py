@@ -17,11 +17,13 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from edgec.core.errors import ExportError, ModelError
-from edgec.exporters.compare import ort_session, output_agreement, run_onnx
+from edgec.core.feeds import BATCH, FeedLayout, InputSpec, as_feed, batch_len, feed_batches
+from edgec.exporters.compare import ort_session, output_agreement, output_batch_axis
 from edgec.core.fsutil import atomic_path
 
 TWO_GB = 2 ** 31
@@ -34,9 +36,10 @@ class ExportInfo:
     exporter: str                  # "torchscript" | "dynamo"
     opset: int                     # read back from the written file
     opset_requested: int
-    input_name: str
+    input_name: str                # the first input (single-input readers); every input is in `inputs`
     input_shape: list              # "batch" marks the dynamic axis
     input_dtype: str
+    inputs: list                   # [{name, shape, dtype}] in the model's order, as written in the file
     output_names: list[str]
     output_shapes: list[list]
     output_dtypes: list[str]
@@ -114,39 +117,98 @@ def _quiet():
     return stack
 
 
-def _torchscript_export(module, example, file, opset, input_name, output_names, dynamic_batch):
+def _torchscript_export(module, args, file, opset, specs, output_names, dynamic, out_axes):
     import torch
-    axes = {n: {0: "batch"} for n in [input_name, *output_names]} if dynamic_batch else None
-    torch.onnx.export(module, (example,), str(file), dynamo=False, opset_version=opset, input_names=[input_name],
-                      output_names=output_names, dynamic_axes=axes, do_constant_folding=True)
+    axes = None
+    if dynamic:
+        axes = {s.name: s.dynamic_axes for s in specs}
+        axes.update({n: {a: BATCH} for n, a in zip(output_names, out_axes) if a is not None})
+    torch.onnx.export(module, args, str(file), dynamo=False, opset_version=opset,
+                      input_names=[s.name for s in specs], output_names=output_names, dynamic_axes=axes,
+                      do_constant_folding=True)
 
 
-def _dynamo_export(module, example, file, opset, input_name, output_names, dynamic_batch, large):
+def _dynamo_export(module, args, file, opset, specs, output_names, dynamic, out_axes, large):
     import torch
     shapes = None
-    if dynamic_batch:
-        if example.shape[0] < 2:  # torch.export specialises a size-1 dimension to a constant
-            example = example.expand(2, *example.shape[1:]).clone()
-        shapes = ({0: torch.export.Dim("batch", min=1)},)
-    torch.onnx.export(module, (example,), str(file), dynamo=True, opset_version=opset, input_names=[input_name],
-                      output_names=output_names, dynamic_shapes=shapes, external_data=large, verbose=False)
+    if dynamic:
+        dims: dict = {}
+        shapes, grown = [], []
+        for s, a in zip(specs, args):
+            if a.shape[s.batch_axis] < 2:  # torch.export specialises a size-1 dimension to a constant
+                a = torch.cat([a, a], dim=s.batch_axis)
+            grown.append(a)
+            shapes.append({axis: dims.setdefault(name, torch.export.Dim(name, min=1 if name == BATCH else 2))
+                           for axis, name in s.dynamic_axes.items()})
+        args, shapes = tuple(grown), tuple(shapes)
+    torch.onnx.export(module, args, str(file), dynamo=True, opset_version=opset,
+                      input_names=[s.name for s in specs], output_names=output_names, dynamic_shapes=shapes,
+                      external_data=large, verbose=False)
+
+
+def example_specs(example, input_name: str = "input", inputs: Sequence[InputSpec] | None = None):
+    """(positional torch args, InputSpecs) from an example: a tensor or array (one input), a tuple, or a dict
+    feed; `inputs` (the model's InputSpecs) give the names, order and dynamic axes."""
+    import torch
+    if inputs is None:
+        if isinstance(example, Mapping):
+            inputs = [InputSpec(k, shape=[BATCH, *[int(d) for d in np.shape(v)[1:]]]) for k, v in example.items()]
+        else:
+            items = example if isinstance(example, (tuple, list)) else (example,)
+            names = [input_name] if len(items) == 1 else [f"{input_name}_{i}" for i in range(len(items))]
+            inputs = [InputSpec(n, shape=[BATCH, *[int(d) for d in np.shape(v)[1:]]]) for n, v in zip(names, items)]
+            example = dict(zip(names, items))
+    else:
+        example = as_feed(example, [s.name for s in inputs]) if not isinstance(example, Mapping) or \
+            not all(isinstance(v, torch.Tensor) for v in example.values()) else example
+    specs = [s for s in inputs if s.name in example]
+    args = []
+    for s in specs:
+        v = example[s.name]
+        # a fresh copy: a slice would drag its whole base tensor along
+        args.append(v.detach().clone() if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v)))
+    return tuple(args), specs
+
+
+def _output_batch_axes(module, args, specs, outs) -> list:
+    """The batch axis of each output: the one that grows when the batch does (None: no batch axis)."""
+    import torch
+    try:
+        doubled = tuple(torch.cat([a, a], dim=s.batch_axis) for a, s in zip(args, specs))
+        bigger = _outputs_tuple(module(*doubled))
+    except Exception:  # noqa: BLE001 - a model with a fixed batch: outputs keep axis 0 as their batch
+        return [0 if o.ndim else None for o in outs]
+    axes = []
+    for o, b in zip(outs, bigger):
+        grown = [i for i, (x, y) in enumerate(zip(o.shape, b.shape)) if y == 2 * x and x > 0]
+        axes.append(grown[0] if grown else None)
+    return axes
 
 
 def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "input", output_names=None,
-                dynamic_batch: bool = True, force: bool = True) -> ExportInfo:
-    """Export `model` (nn.Module, ScriptModule or ExportedProgram) to `path`, checked and shape-inferred."""
+                dynamic_batch: bool = True, force: bool = True,
+                inputs: Sequence[InputSpec] | None = None) -> ExportInfo:
+    """Export `model` (nn.Module, ScriptModule or ExportedProgram) to `path`, checked and shape-inferred.
+    `example`: a tensor (one input), a tuple of tensors, or a dict feed {name: tensor/array}; `inputs`: the
+    model's InputSpecs (names in order, batch axis and other dynamic axes, exported as dynamic)."""
     import onnx
     import torch
 
     started = time.perf_counter()
     module, kind = _as_module(model)
-    example = example.detach().clone()  # a slice would drag its whole base tensor along
+    args, specs = example_specs(example, input_name, inputs)
+    if not dynamic_batch:
+        specs = [InputSpec(s.name, s.dtype, [d if isinstance(d, int) else int(a.shape[i]) for i, d in
+                                             enumerate(s.shape or a.shape)], s.batch_axis, s.optional, s.source)
+                 for s, a in zip(specs, args)]
+    shapes_text = ", ".join(f"{s.name} {tuple(a.shape)}" for s, a in zip(specs, args))
     with _eval_mode(module), torch.no_grad():
         try:
-            outs = _outputs_tuple(module(example))
+            outs = _outputs_tuple(module(*args))
         except Exception as e:
-            raise ModelError(f"the model fails on the example input of shape {tuple(example.shape)}: "
+            raise ModelError(f"the model fails on the example input ({shapes_text}): "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; fix --input-shape") from e
+        out_axes = _output_batch_axes(module, args, specs, outs) if dynamic_batch else []
         if output_names is None:
             output_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
         elif len(output_names) != len(outs):
@@ -157,7 +219,7 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.export-", dir=path.parent) as tmp:
             raw = Path(tmp) / "raw.onnx"
-            args = (example, raw, opset, input_name, list(output_names), dynamic_batch)
+            call = (args, raw, opset, specs, list(output_names), dynamic_batch, out_axes)
             exporter, first_error = "torchscript", None
             if kind == "exported_program":
                 # The TorchScript exporter cannot trace a program's module (it refuses train()); dynamo takes the
@@ -165,15 +227,15 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
                 exporter = "dynamo"
                 try:
                     with _quiet():
-                        torch.onnx.export(model, (example,), str(raw), dynamo=True, opset_version=opset,
-                                          input_names=[input_name], output_names=list(output_names),
+                        torch.onnx.export(model, args, str(raw), dynamo=True, opset_version=opset,
+                                          input_names=[s.name for s in specs], output_names=list(output_names),
                                           external_data=large, verbose=False)
                 except Exception as e:  # noqa: BLE001
                     raise _export_error(_unsupported_op(str(e)), e, opset) from e
             else:
                 try:
                     with _quiet():
-                        _torchscript_export(module, *args)
+                        _torchscript_export(module, *call)
                 except Exception as e:  # noqa: BLE001 - any tracer failure means: try the other exporter
                     first_error = e
             if first_error is not None:
@@ -184,19 +246,19 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
                 notes.append(f"TorchScript exporter failed ({_first_line(first_error)}); used dynamo")
                 try:
                     with _quiet():
-                        _dynamo_export(module, *args, large)
+                        _dynamo_export(module, *call, large)
                 except Exception as e:  # noqa: BLE001
                     raise _export_error(_unsupported_op(str(e)) or op, e, opset) from e
             proto = onnx.load(str(raw), load_external_data=True)
             written = _written_opset(proto)
             if written != opset:
                 notes.append(f"asked for opset {opset}, the {exporter} exporter wrote opset {written}")
-            info_io = _io_signature(proto, input_name)
+            info_io = _io_signature(proto, specs[0].name)
             if dynamic_batch and not isinstance(info_io["input_shape"][0], str):
                 notes.append(f"the batch axis is fixed at {info_io['input_shape'][0]}: for an ExportedProgram, "
                              "export it with dynamic_shapes={0: torch.export.Dim('batch')} to get a dynamic one")
             info = _save_checked(proto, path, tmp, large, force, opset)
-    ex = ExportInfo(exporter=exporter, opset=written, opset_requested=opset, input_name=input_name,
+    ex = ExportInfo(exporter=exporter, opset=written, opset_requested=opset, input_name=specs[0].name,
                     output_names=list(output_names), external_data=bool(info),
                     file_bytes=path.stat().st_size + (info or 0), seconds=round(time.perf_counter() - started, 3),
                     warnings=notes, **info_io)
@@ -225,6 +287,8 @@ def _io_signature(proto, input_name) -> dict:
     inp = next((i for i in proto.graph.input if i.name == input_name), proto.graph.input[0])
     dt = lambda vi: onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name  # noqa: E731
     return {"input_shape": _dims(inp), "input_dtype": dt(inp),
+            "inputs": [{"name": i.name, "shape": _dims(i), "dtype": dt(i)} for i in proto.graph.input
+                       if i.name not in {t.name for t in proto.graph.initializer}],
             "output_shapes": [_dims(o) for o in proto.graph.output],
             "output_dtypes": [dt(o) for o in proto.graph.output]}
 
@@ -259,26 +323,36 @@ def _save_checked(proto, path: Path, tmp: str, large: bool, force: bool, opset: 
 
 def check_onnx_against_torch(model, onnx_path, samples, *, atol: float = 1e-3, cos_min: float = 0.9999,
                              batch_size: int = 32) -> dict:
-    """Run real ORT (CPU) and torch on the same real samples; raise ExportError naming an output that disagrees
-    (max abs error over atol * max(1, max |torch output|), or a sample's cosine under cos_min)."""
+    """Run real ORT (CPU) and torch on the same real samples (a dict feed, or one array for a single-input
+    model); raise ExportError naming an output that disagrees (max abs error over atol * max(1, max |torch
+    output|), or a sample's cosine under cos_min)."""
     import torch
-    samples = np.asarray(samples, dtype=np.float32)
     module, _ = _as_module(model)
     sess = ort_session(onnx_path)
-    got = run_onnx(sess, samples, batch_size)
+    names = [i.name for i in sess.get_inputs()]
+    layout = FeedLayout.of_onnx(sess.get_inputs())
+    types = {i.name: i.type for i in sess.get_inputs()}
+    got_parts, ref_parts, count = [], [], 0
     with _eval_mode(module), torch.no_grad():
-        ref_parts = [_outputs_tuple(module(torch.from_numpy(samples[i:i + batch_size])))
-                     for i in range(0, len(samples), batch_size)]
-    ref = [torch.cat([p[i] for p in ref_parts]).numpy() for i in range(len(ref_parts[0]))]
+        for feed in feed_batches(as_feed(samples, names), names, batch_size, layout):
+            feed = {k: v.astype(np.float32) if types[k] == "tensor(float)" else v for k, v in feed.items()}
+            got_parts.append(sess.run(None, feed))
+            ref_parts.append([o.numpy() for o in _outputs_tuple(module(*[torch.from_numpy(feed[n]) for n in names]))])
+            count += batch_len(feed, layout)
+    if count == 0:
+        raise ExportError("no samples to check the exported model on; give at least one sample")
     sess_names = [o.name for o in sess.get_outputs()]
-    if len(ref) != len(got):
-        raise ExportError(f"torch returns {len(ref)} outputs, the ONNX model {len(got)}; re-export the model")
-    metrics = {"samples": int(len(samples)), "atol": atol, "cos_min": cos_min, "outputs": {}}
-    for name, r, g in zip(sess_names, ref, got):
+    got = [np.concatenate([p[i] for p in got_parts], axis=output_batch_axis(sess, i)) for i in range(len(got_parts[0]))]
+    if len(ref_parts[0]) != len(got):
+        raise ExportError(f"torch returns {len(ref_parts[0])} outputs, the ONNX model {len(got)}; re-export the model")
+    ref = [np.concatenate([p[i] for p in ref_parts], axis=output_batch_axis(sess, i)) for i in range(len(got))]
+    metrics = {"samples": int(count), "atol": atol, "cos_min": cos_min, "outputs": {}}
+    for i, (name, r, g) in enumerate(zip(sess_names, ref, got)):
         if r.shape != g.shape:
             raise ExportError(f"output {name}: torch shape {r.shape}, ONNX Runtime {g.shape}; re-export with "
                               "dynamic_batch or the right example shape")
-        m = output_agreement(r, g)
+        axis = output_batch_axis(sess, i)
+        m = output_agreement(np.moveaxis(r, axis, 0), np.moveaxis(g, axis, 0))
         metrics["outputs"][name] = m
         # atol is relative to the output's scale above 1: logits of 100 legitimately differ by more than 1e-3.
         tol = atol * max(1.0, m["ref_abs_max"])

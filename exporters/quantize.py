@@ -44,7 +44,9 @@ class QuantOptions:
     pre_process: bool = True
     percentile: float = 99.999
     histogram_bins: int = 2048
-    calibration_memory_mb: float = 1024    # chunk size is chosen to keep activations under this
+    # chunk size is chosen to keep activations under this; 1024 took a default ResNet18 build at 224 to a 2.0 GB
+    # peak (benchmarks/memory_build.py), 384 keeps the whole build under the 1.5 GB goal at the same speed
+    calibration_memory_mb: float = 384
     force_calibration_data: bool = False   # accept random-looking / too few samples
     equalize: bool | None = None           # cross-layer equalization; None = see transforms_default()
     bias_correction: bool | None = None    # empirical bias correction; None = see transforms_default()

@@ -74,7 +74,7 @@ class _Evaluator:
     """Scores a candidate INT8 model against the FP32 reference on fixed real samples."""
 
     def __init__(self, fp32_path, x, y, batch_size: int):
-        self.x, self.y, self.batch = np.asarray(x, np.float32), y, batch_size
+        self.x, self.y, self.batch = x, y, batch_size   # a dict feed (or one array: single-input models)
         self.ref = run_onnx(ort_session(fp32_path), self.x, batch_size)[0]
         self.metric = "accuracy" if y is not None else "top1_agreement"
         self.fp32_score = self._score(self.ref)

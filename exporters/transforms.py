@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgec.core.feeds import batch_len, onnx_input_specs
+
 CONV_LIKE = ("Conv", "Gemm")
 RELU6_MARGIN = 1.25        # unseen inputs may exceed the calibrated maximum by this much before ReLU6 differs
 MAX_STEP = 100.0           # one rescale is clamped to [1/100, 100]: dead channels must not blow up
@@ -232,13 +234,13 @@ def run_collect(model, tensors: list[str], calibration, num_samples: int, workdi
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # the tensors as they are
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    names, inp = [o.name for o in sess.get_outputs()], sess.get_inputs()[0].name
+    names, specs = [o.name for o in sess.get_outputs()], onnx_input_specs(sess.get_inputs())
     wanted, seen = set(tensors), 0
-    for x in rechunk(stream_samples(calibration, num_samples), chunk):
-        for name, value in zip(names, sess.run(None, {inp: x})):
+    for x in rechunk(stream_samples(calibration, num_samples, specs), chunk):   # x: a dict feed
+        for name, value in zip(names, sess.run(None, x)):
             if name in wanted:
                 reduce(name, value)
-        seen += len(x)
+        seen += batch_len(x)
     path.unlink(missing_ok=True)
     return seen
 
@@ -296,7 +298,7 @@ def _channel_means(sess, feeds_for, outputs, chunks) -> dict:
             v = v.astype(np.float64)
             part = v.reshape(v.shape[0], v.shape[1], -1).mean(axis=2).sum(axis=0)   # mean over positions
             sums[name] = sums.get(name, 0) + part
-        count += len(x)
+        count += batch_len(x)
     return {k: v / count for k, v in sums.items()}, count
 
 
@@ -366,8 +368,8 @@ def bias_correct(model, qdq_model, calibration, num_samples: int, workdir, exclu
         targets.append(n)
     if not targets:
         return {"applied": False, "layers": 0, "samples": 0, "skipped": dict(skipped)}, {}
-    chunks = list(rechunk(stream_samples(calibration, num_samples), 16))
-    inp = model.graph.input[0].name
+    specs = onnx_input_specs(model.graph.input, [i.name for i in model.graph.initializer])
+    chunks = list(rechunk(stream_samples(calibration, num_samples, specs), 16))   # dict feeds
 
     # FP32 reference: every target's output mean in one pass.
     fp = onnx.ModelProto()
@@ -375,7 +377,7 @@ def bias_correct(model, qdq_model, calibration, num_samples: int, workdir, exclu
     for n in targets:
         fp.graph.output.append(onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None))
     sess = _session(fp, Path(workdir) / "bc-fp32.onnx")
-    ref, seen = _channel_means(sess, lambda x: {inp: x}, [n.output[0] for n in targets], chunks)
+    ref, seen = _channel_means(sess, lambda x: x, [n.output[0] for n in targets], chunks)
     del sess, fp
 
     # INT8 graph with each target's bias as an input (its dequantized value to start with).
@@ -395,7 +397,7 @@ def bias_correct(model, qdq_model, calibration, num_samples: int, workdir, exclu
 
     def feeds(x, names):
         values = {f"edgec_bias_correction/{k}": v.astype(np.float32) for k, v in current.items()}
-        return {k: x if k == inp else values[k] for k in names}
+        return {k: x[k] if k in x else values[k] for k in names}
 
     total = {n.name: 0.0 for n in targets}
     levels = _levels(model, targets)

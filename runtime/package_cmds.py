@@ -61,8 +61,7 @@ def verify_cmd(package, public_key, as_json):
 def sign_cmd(package, private_key):
     """Sign a package's manifest (which hashes every file) with Ed25519; writes PACKAGE/manifest.sig.
     The package is checked first: only an intact package is signed."""
-    from edgec.core.package import check_integrity
-    from edgec.core.package import sign_package
+    from edgec.core.package import check_integrity, sign_package
     from edgec.core.signing import load_private_key
     key = load_private_key(private_key)
     check_integrity(package)

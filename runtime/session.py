@@ -11,14 +11,11 @@ import numpy as np
 import onnxruntime as ort
 
 from edgec.core.errors import DataError, ModelError, OptionError, VerifyError
+from edgec.core.feeds import ORT_DTYPES
 from edgec.core.package import MANIFEST_FILE, MODEL_FILE, Manifest, read_manifest
 from edgec.runtime import providers as eps
 
-DTYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
-}
+DTYPES = ORT_DTYPES  # ORT type string -> numpy dtype
 
 
 @dataclass

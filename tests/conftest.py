@@ -51,7 +51,7 @@ def outlier_calibration(tmp_path_factory):
     """Digits with one sample scaled x1000: min/max ranges blow up and INT8 collapses (a real PTQ failure)."""
     import numpy as np
     from edgec.data import load_data
-    x = load_data("builtin:digits:train").head(256).copy()
+    x = load_data("builtin:digits:train").x[:256].copy()
     x[0] *= 1000
     path = tmp_path_factory.mktemp("calib") / "outlier.npz"
     np.savez(path, x=x)

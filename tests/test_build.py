@@ -35,6 +35,7 @@ def test_package_contract(package, trained_cnn):
     assert fp32["accuracy"] > 90 and fp32["accuracy"] - int8["accuracy"] <= 1.0
     assert int8["bytes"] < fp32["bytes"]
     assert m["latency"]["cpu"]["p50_ms"] > 0 and m["latency"]["cpu"]["interleaved"]
+    assert ".tmp-" not in (out / MANIFEST_FILE).read_text()    # no trace of the temporary build folder
     assert m["metrics"]["fp32"]["latency"]["cpu"]["p50_ms"] > 0
     assert m["quantization"]["scheme"]["reasons"]
     fallback = m["quantization"]["sensitivity"]  # the budget was checked on calibration samples before evaluation
@@ -199,7 +200,7 @@ def test_build_prunes_and_distills(trained_cnn, tmp_path):
 def test_unlabelled_data_and_transform_flags(trained_cnn, tmp_path):
     # no labels anywhere: agreement with FP32 is reported and nothing is gated, so no fallback search runs
     from edgec.data import load_data
-    x = load_data("builtin:digits:train").head(200)
+    x = load_data("builtin:digits:train").x[:200]
     np.savez(tmp_path / "calib.npz", x=x[:150])
     np.savez(tmp_path / "eval.npz", x=x[150:])
     out = tmp_path / "u.edgec"

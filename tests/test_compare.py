@@ -127,6 +127,17 @@ def test_a_recipe_over_the_default_drop_is_never_recommended_or_packaged(trained
     assert manifest.files["model.onnx"].sha256 == rows[1].sha256
 
 
+def test_compare_json_matches_its_schema(compared):
+    import jsonschema
+    from edgec.core.records import json_schema
+    out, summary, _ = compared
+    schema = json_schema("compare")
+    jsonschema.validate(summary, schema)
+    jsonschema.validate(json.loads((out / "compare.json").read_text()), schema)
+    with pytest.raises(jsonschema.ValidationError):    # the check can fail
+        jsonschema.validate({**summary, "recipes": [{"recipe": "x"}]}, schema)
+
+
 def test_pareto_front():
     pts = [(10, 90, "a"), (5, 80, "b"), (12, 95, "c"), (11, 85, "d"), (5, 70, "e")]
     assert [p[2] for p in pareto_front(pts)] == ["b", "a", "c"]

@@ -1,4 +1,5 @@
-"""Data kinds load into NCHW float32; bad data is refused before any work, in one clear line."""
+"""Data kinds load as dict feeds keyed by input name (images: NCHW float32); bad data is refused before any
+work, in one clear line."""
 import numpy as np
 import pytest
 
@@ -10,7 +11,7 @@ def test_builtin_digits_splits_are_fixed_and_disjoint():
     train, test = load_data("builtin:digits"), load_data("builtin:digits:test")
     assert train.sample_shape == (3, 32, 32) and len(train) + len(test) == 1797
     assert set(np.unique(test.y)) == set(range(10))
-    assert np.isfinite(train.x).all() and abs(float(train.x.mean())) < 0.2
+    assert np.isfinite(train.x[:]).all() and abs(float(train.x[:].mean())) < 0.2
     again = load_data("builtin:digits:test")
     assert np.array_equal(again.y, test.y)
 
@@ -19,7 +20,7 @@ def test_npz_uint8_nhwc_and_unlabelled(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8), y=np.arange(6) % 2)
     d = load_data(str(tmp_path / "d.npz"))
-    assert d.sample_shape == (3, 8, 8) and d.x.dtype == np.float32 and d.x.max() <= 1.0
+    assert d.sample_shape == (3, 8, 8) and d.x.dtype == np.float32 and d.x[:].max() <= 1.0
     assert d.preprocess["layout"] == "NHWC->NCHW" and d.labelled
     np.savez(tmp_path / "u.npz", x=rng.standard_normal((4, 1, 8, 8)).astype(np.float32))
     assert not load_data(str(tmp_path / "u.npz")).labelled
@@ -33,7 +34,7 @@ def test_image_folder(tmp_path):
             Image.fromarray(np.full((40, 50, 3), 60 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
     d = load_data(str(tmp_path), image_size=32)
     assert len(d) == 6 and d.classes == ["cat", "dog"] and list(d.y) == [0, 0, 0, 1, 1, 1]
-    batch = next(d.batches(4))
+    batch = next(d.batches(4))["x"]
     assert batch.shape == (4, 3, 32, 32) and batch.dtype == np.float32
     rest, held = split(d, 0.34)
     assert len(rest) + len(held) == 6 and set(held.y) == {0, 1}
@@ -41,7 +42,7 @@ def test_image_folder(tmp_path):
 
 @pytest.mark.parametrize("make,message", [
     (lambda p: np.savez(p / "d.npz", x=np.full((3, 1, 4, 4), np.nan, np.float32)), "NaN or Inf"),
-    (lambda p: np.savez(p / "d.npz", z=np.zeros(3)), "no 'x'"),
+    (lambda p: np.savez(p / "d.npz", y=np.zeros(3, int)), "no inputs"),
     (lambda p: np.savez(p / "d.npz", x=np.zeros((0, 1, 4, 4), np.float32)), "no samples"),
     (lambda p: np.savez(p / "d.npz", x=np.zeros((3, 1, 4, 4), np.float32), y=np.zeros(2, int)), "2 labels for 3"),
     (lambda p: np.savez(p / "d.npz", x=np.zeros((3, 1, 4, 4), np.float32), y=np.array([0.5, 1, 2])), "integer class"),

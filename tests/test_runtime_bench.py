@@ -74,6 +74,10 @@ def test_package_input_shape_drives_dynamic_axes(built_package, tmp_path):
         benchmark([pkg / "model.onnx"], inspect=False, **FAST)
     (r,) = benchmark([pkg], inspect=False, **FAST)
     assert r.model == "dyn.edgec" and r.inputs[0]["shape"] == [1, 3, 32, 32]
+    from conftest import run_cli
+    code, stdout, stderr = run_cli("bench", pkg, "--runs", "5", "--warmup", "1", "--json", "--no-inspect")
+    assert code == 0, stderr                                               # `edgec bench PKG`, no --shape
+    assert json.loads(stdout)["results"][0]["inputs"][0]["shape"] == [1, 3, 32, 32]
 
 
 def test_error_paths(tiny_onnx, tmp_path):
@@ -152,7 +156,7 @@ def test_record_into_package_manifest(built_package, tiny_onnx, tmp_path):
     cpu = m["latency"]["cpu"]
     assert cpu["p50_ms"] == r.latency.p50 and cpu["n"] == 30 and not cpu["interleaved"] and cpu["host"]["cpu"]
     assert set(cpu) == set(before["latency"]["cpu"])        # the very record build writes, not another shape
-    assert sorted(p.name for p in pkg.iterdir()) == sorted(before["files"]) + ["manifest.json"]  # no temp file
+    assert {p.name for p in pkg.iterdir()} == {*before["files"], "manifest.json"}      # no temp file left
     (plain,) = benchmark([tiny_onnx], inspect=False, **FAST)
     with pytest.raises(OptionError, match="--record"):
         record(plain)

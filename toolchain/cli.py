@@ -8,7 +8,7 @@ import threading
 import click
 
 from edgec.core import __version__
-from edgec.core.errors import EdgecError
+from edgec.core.errors import DataError, EdgecError
 
 # command name -> module in edgec.commands that defines a click command of the same name
 COMMANDS = {
@@ -92,6 +92,10 @@ def _main(argv=None):
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         click.echo(f"edgec: error: {msg}", err=True)
         sys.exit(e.exit_code)
+    except MemoryError:   # past every estimate: still one line with the fix, never a traceback
+        click.echo("edgec: error: out of memory; use fewer --samples, smaller --eval-data or a smaller input shape",
+                   err=True)
+        sys.exit(DataError.exit_code)
     except KeyboardInterrupt:
         click.echo("edgec: interrupted", err=True)
         sys.exit(130)

@@ -282,6 +282,8 @@ class Run:
 
     def recipe_qat(self) -> Made:
         import copy
+
+        import torch
         from edgec.qat import QatConfig, export_qat_onnx, qat_finetune
         source = self.source
         require_eager(source.model, "qat-kd")
@@ -293,7 +295,8 @@ class Run:
             qat_model, record = qat_finetune(copy.deepcopy(source.model.module), source.model.module, train_data,
                                              validation, cfg, source.input_shape)
             # torch (fake quant) and ORT measured on the same eval samples: the QAT promise is that they agree
-            export = export_qat_onnx(qat_model, source.example(), path, eval_data=source.check_data)
+            export = export_qat_onnx(qat_model, torch.from_numpy(source.calib.x[0:1]), path,
+                                     eval_data=source.check_data)
             details = {"qat": plain(record), "export": plain(export)}
             check = export.get("check") or {}
             if check.get("torch_accuracy") is not None:
@@ -355,7 +358,7 @@ class Run:
                                                           made.model.sha256, made.model.bytes)
         row.reference = rel(made.reference.path) if made.reference is not None else None
         row.student = rel(made.student)
-        row.params, row.flops = count_params(made.module), count_flops(made.module, self.source.input_shape)
+        row.params, row.flops = count_params(made.module), count_flops(made.module, self.source.example())
         row.accuracy, row.agreement = evaluated.accuracy, evaluated.agreement
         row.details, row.stages = made.details, [self.load, *made.stages]
         return row
@@ -403,7 +406,8 @@ def _bench(run: Run, rows: list[Row]) -> None:
         return
     note(f"benchmarking {len(ok)} models interleaved on {', '.join(run.opts.providers)}")
     measured = stages.bench_models([OnnxModel(run.root / r.onnx, r.sha256, r.precision) for r in ok],
-                                   list(run.opts.providers), run.opts.bench_seconds, inspect=False)
+                                   list(run.opts.providers), run.opts.bench_seconds,
+                                   shapes=run.source.sample_shapes(), inspect=False)
     for row, per_ep in zip(ok, measured):
         row.bench = per_ep
         row.latency = {}
@@ -470,7 +474,8 @@ def package_row(run: Run, row: Row, rows: list[Row], path, *, force: bool = Fals
         measured_fp32 = next((r for r in rows if r.onnx == row.reference), None)
         if row.bench:
             records.append(stages.BenchRecord(providers=list(run.opts.providers),
-                                              seconds_per_model=run.opts.bench_seconds, int8=row.bench,
+                                              seconds_per_model=run.opts.bench_seconds,
+                                              shapes=run.source.sample_shapes(), int8=row.bench,
                                               fp32=measured_fp32.bench if measured_fp32 is not None else {}))
         arch = run.source.model.arch  # the spec the user already trusted
         module = load_model(run.root / row.student, arch).module if row.student else run.source.model.module

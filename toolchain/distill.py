@@ -30,7 +30,7 @@ def distill(teacher: nn.Module, student: nn.Module, train_data, eval_data, cfg: 
             label: str = "distill", stop_after: int | None = None) -> dict:
     """Train `student` in place on `teacher`'s soft targets (alpha=0: plain fine-tuning). Returns the stage
     record: teacher and student accuracy before/after, the training history, time."""
-    example = torch.from_numpy(train_data.head(2))
+    example = torch.from_numpy(train_data.x[0:2])
     try:
         t_out = _outputs(teacher, example)
     except Exception as e:  # noqa: BLE001 - e.g. a torch.export program traced at a fixed batch size

@@ -51,7 +51,8 @@ def run_distill(spec, student: str | None, student_arch: str | None, train: dict
     from edgec.distill import DistillJob, run_job
     from edgec.source import DEFAULT_DATA
     job = DistillJob(teacher=spec.model, output=output, arch=spec.arch, trust_pickle=spec.trust_pickle,
-                     input_shape=list(spec.input_shape) if spec.input_shape else None, student=student,
+                     input_shape=list(spec.input_shape) if isinstance(spec.input_shape, tuple) else spec.input_shape,
+                     student=student,
                      student_arch=student_arch, data=spec.data or DEFAULT_DATA, eval_data=spec.eval_data,
                      image_size=spec.image_size, mean=list(spec.mean) if spec.mean else None,
                      std=list(spec.std) if spec.std else None, force=force,

@@ -26,12 +26,18 @@ def set_eval(model: nn.Module) -> bool | None:
 
 @torch.no_grad()
 def count_flops(model: nn.Module, input_shape) -> int | None:
-    """FLOPs of one forward pass at batch 1; None when the model cannot be traced by the counter."""
-    shape = (1, *tuple(input_shape)[1:])
+    """FLOPs of one forward pass at batch 1; None when the model cannot be traced by the counter.
+    `input_shape`: a single input's shape, or the example arguments (tensors at batch 1) of any model."""
+    if not input_shape:
+        return None
+    if isinstance(input_shape[0], torch.Tensor):
+        args = tuple(input_shape)
+    else:
+        args = (torch.zeros((1, *tuple(input_shape)[1:])),)
     was_training = set_eval(model)
     try:
         with FlopCounterMode(display=False) as counter:
-            model(torch.zeros(shape))
+            model(*args)
         return int(counter.get_total_flops())
     except Exception:  # noqa: BLE001 - e.g. TorchScript ops without a flop formula: report unknown, not fail
         return None

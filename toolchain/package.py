@@ -13,7 +13,8 @@ import numpy as np
 from edgec.core import __version__
 from edgec.core.package import (FP32_FILE, MANIFEST_FILE, MODEL_FILE, REPORT_FILE, SCHEMA, SIGNATURE_FILE,  # noqa: F401
                                 Agreement, Figures, Latency, Manifest, Metrics, ModelMetrics, Quantization,
-                                Source, StageRecord, TensorSpec, Toolchain, file_record, now, write_manifest)
+                                Source, StageRecord, TensorSpec, Toolchain, file_record, now, sign_package,
+                                write_manifest)
 
 
 def toolchain_versions() -> Toolchain:
@@ -49,15 +50,26 @@ def _example_shapes(calib, inputs: list[TensorSpec]) -> dict[str, list[int]]:
     return {inputs[0].name: list(np.shape(head))} if inputs else {}
 
 
+def _inside(value, folder: str):
+    """Paths into the temporary build folder -> names in the package (the folder is renamed at the end)."""
+    if isinstance(value, str):
+        return value[len(folder) + 1:] if value.startswith(folder + "/") else value
+    if isinstance(value, dict):
+        return {k: _inside(v, folder) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_inside(v, folder) for v in value]
+    return value
+
+
 def _stage(stages: list[StageRecord], name: str) -> StageRecord | None:
     return next((s for s in stages if s.name == name), None)
 
 
 def make_manifest(folder: Path, inputs, module, stages, *, extra=None, seconds=0.0) -> Manifest:
     from edgec.metrics import count_flops, count_params
-    records = [StageRecord.from_json(s.to_dict(), f"stage {s.name}") for s in stages]
+    records = [StageRecord.from_json(_inside(s.to_dict(), str(folder)), f"stage {s.name}") for s in stages]
     evaluation = _stage(records, "evaluate").metrics
-    params, flops = count_params(module), count_flops(module, inputs.input_shape)
+    params, flops = count_params(module), count_flops(module, inputs.example())
     fp32_bytes, int8_bytes = (folder / FP32_FILE).stat().st_size, (folder / MODEL_FILE).stat().st_size
     model_inputs, model_outputs = tensor_specs(folder / MODEL_FILE)
     examples = _example_shapes(inputs.calib, model_inputs)
@@ -105,5 +117,4 @@ def write_package_files(folder: Path, manifest: Manifest, sign_key=None) -> None
                       if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE)}
     write_manifest(folder, manifest)
     if sign_key is not None:
-        from edgec.core.package import sign_package
         sign_package(folder, sign_key)

@@ -84,7 +84,7 @@ def build(opts: BuildOptions):
         records.append(quantized)
         records.append(stages.evaluate(source.check_data, int8, fp32, opts.max_accuracy_drop, quantized))
         if opts.bench_seconds > 0 and opts.providers:
-            records.append(stages.bench(int8, fp32, list(opts.providers), opts.bench_seconds))
+            records.append(stages.bench(int8, fp32, list(opts.providers), opts.bench_seconds, source.sample_shapes()))
         return write_package(tmp, source, model, records, extra=opts.extra, seconds=time.perf_counter() - started,
                              sign_key=sign_key)
 
@@ -122,12 +122,13 @@ def quantize_model(model: str, spec: SourceSpec, output: str, options, *, force:
     up to 512 samples of --eval-data (else --data); returns its summary."""
     import numpy as np
     from edgec.data import load_data
+    from edgec.exporters.compare import onnx_inputs
     from edgec.source import DEFAULT_DATA
     kw = dict(image_size=spec.image_size, mean=spec.mean, std=spec.std)
-    calib = load_data(spec.data or DEFAULT_DATA, **kw)
-    calib.validate()
-    check = load_data(spec.eval_data, **kw) if spec.eval_data else calib
-    check = check.take(np.arange(min(512, len(check))))
+    specs = onnx_inputs(model)
+    calib = load_data(spec.data or DEFAULT_DATA, **kw).bind(specs)
+    check = load_data(spec.eval_data, **kw).bind(specs) if spec.eval_data else calib
+    check = check.take(np.arange(min(512, len(check))))   # streamed
     with atomic_path(output, force=force, inputs=(model, spec.data, spec.eval_data)) as tmp:
         fp32 = OnnxModel.at(model)
         int8, quantized = stages.quantize(calib, fp32, tmp, options)

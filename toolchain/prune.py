@@ -122,7 +122,7 @@ def _accumulate_gradients(model: nn.Module, data, samples: int, batch_size: int 
     model.zero_grad(set_to_none=True)
     model.eval()  # BatchNorm statistics stay as trained
     seen = 0
-    for i, xb in enumerate(data.batches(batch_size, limit=samples)):
+    for i, xb in enumerate(data.arrays(batch_size, limit=samples)):
         x = torch.from_numpy(xb)
         logits = model(x)
         y = (torch.from_numpy(data.y[i * batch_size:i * batch_size + len(xb)]) if data.y is not None

@@ -405,7 +405,7 @@ def calibrate(qmodel: nn.Module, data, batches: int, batch_size: int) -> int:
     qmodel.eval()
     seen = 0
     try:
-        for i, xb in enumerate(data.batches(batch_size)):
+        for i, xb in enumerate(data.arrays(batch_size)):
             if i >= batches:
                 break
             qmodel(torch.from_numpy(np.asarray(xb, np.float32)))
@@ -474,8 +474,8 @@ def torch_vs_ort(qat_model: nn.Module, onnx_path, data, batch_size: int = 256) -
     """Accuracy (percent) of the fake-quantized torch model and of the ONNX file in ORT, and their agreement."""
     from edgec.exporters.compare import ort_session, output_agreement, run_onnx
     qat_model.eval()
-    ref = torch.cat([qat_model(torch.from_numpy(np.asarray(xb, np.float32))) for xb in data.batches(batch_size)])
-    got = run_onnx(ort_session(onnx_path), data.x, batch_size)[0]
+    ref = torch.cat([qat_model(torch.from_numpy(np.asarray(xb, np.float32))) for xb in data.arrays(batch_size)])
+    got = run_onnx(ort_session(onnx_path), data, batch_size)[0]
     out = {"samples": len(data), **output_agreement(ref.numpy(), got)}
     if data.y is not None:
         out["torch_accuracy"] = 100.0 * float((ref.argmax(1).numpy() == data.y).mean())
@@ -518,9 +518,9 @@ def main(argv=None) -> None:
         from edgec.exporters.quantize import quantize_int8
         fp32 = export_onnx(loaded.module, example, out / "fp32.onnx")
         ptq = quantize_int8(out / "fp32.onnx", out / "ptq.onnx", list(train_ds.batches(64))[:4])
-        record["ptq"] = {"ort_accuracy": 100 * accuracy(out / "ptq.onnx", test_ds.x, test_ds.y),
+        record["ptq"] = {"ort_accuracy": 100 * accuracy(out / "ptq.onnx", test_ds, test_ds.y),
                          "file_bytes": ptq.int8_bytes, "calibration_samples": ptq.samples}
-        record["fp32"] = {"ort_accuracy": 100 * accuracy(out / "fp32.onnx", test_ds.x, test_ds.y),
+        record["fp32"] = {"ort_accuracy": 100 * accuracy(out / "fp32.onnx", test_ds, test_ds.y),
                           "file_bytes": fp32.file_bytes}
     print(json.dumps(record, indent=1, default=str))
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from edgec.core.errors import DataError, ModelError, OptionError
+from edgec.core.errors import DataError, ModelError
 from edgec.core.progress import note
-from edgec.data import Dataset, load_data, split
+from edgec.data import DEFAULT_KEY, Dataset, check_memory, load_data, split
+from edgec.inputspec import apply_overrides, declared_inputs, dynamic_from_data, example_args, legacy_shape
 from edgec.modelio import LoadedModel, load_model
 
 DEFAULT_DATA = "builtin:digits"
@@ -21,25 +22,13 @@ VALIDATION_FRACTION = 0.1  # held out of the training data to pick the best epoc
 RANDOM_SAMPLES = 64        # export check of a self-describing model file given no --data
 
 
-def parse_shape(text: str | None) -> tuple | None:
-    if not text:
-        return None
-    try:
-        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
-    except ValueError:
-        raise OptionError(f"--input-shape {text!r}: expected integers like 1,3,224,224") from None
-    if len(shape) < 2 or any(d <= 0 for d in shape):
-        raise OptionError(f"--input-shape {text!r}: expected a batch and at least one positive dimension")
-    return shape
-
-
 @dataclass(frozen=True)
 class SourceSpec:
     """What the user named: the model file and how to read it, the data and how to preprocess it."""
     model: str
     arch: str | None = None
     trust_pickle: bool = False
-    input_shape: tuple | None = None
+    input_shape: tuple | dict | None = None   # one shape, or {input name: dims} (edgec.inputspec)
     data: str | None = None        # None: builtin:digits (export of a self-describing file: its recorded shape)
     eval_data: str | None = None
     image_size: int | None = None  # None: from the model file's recorded input shape, else 224
@@ -54,26 +43,31 @@ class SourceSpec:
 class Source:
     spec: SourceSpec
     model: LoadedModel
-    input_shape: tuple
+    input_shape: tuple | None   # a single-input model's shape at batch 1 (FLOPs, model files); None: several
     calib: Dataset
     eval: Dataset | None
     num_outputs: int
+    specs: list = field(default_factory=list)   # edgec.core.feeds.InputSpec per model input, completed from data
 
     @property
     def check_data(self) -> Dataset:
         """What measures quality: the held-out eval data, else the calibration data."""
         return self.eval if self.eval is not None else self.calib
 
-    def example(self):
-        import torch
-        return torch.from_numpy(self.calib.head(1))
+    def example(self) -> tuple:
+        """Positional torch arguments of one real sample, in the model's input order."""
+        return example_args(self.calib.head(1), self.specs)
+
+    def sample_shapes(self) -> dict:
+        """{input: dims} of one real sample (the data's sequence lengths): what the benchmark times."""
+        return {k: list(v.shape) for k, v in self.calib.head(1).items()}
 
     @cached_property
     def fingerprint(self) -> str:
         """Hash of what every artifact depends on: the model file's bytes and the spec (cache keys)."""
         from edgec.core.package import file_record
         spec = {**self.spec.to_json(), "model": file_record(self.model.path).sha256,
-                "input_shape": list(self.input_shape), "data": [_stamp(p) for p in (self.spec.data, self.spec.eval_data)]}
+                "specs": [str(s) for s in self.specs], "data": [_stamp(p) for p in (self.spec.data, self.spec.eval_data)]}
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -95,22 +89,26 @@ def image_size_for(spec: SourceSpec, loaded: LoadedModel) -> int | None:
 
 def _random_data(shape: tuple) -> Dataset:
     x = np.random.default_rng(0).standard_normal((RANDOM_SAMPLES, *shape[1:])).astype(np.float32)
-    return Dataset(x, None, f"random:normal{tuple(shape[1:])}", {})
+    return Dataset({DEFAULT_KEY: x}, None, f"random:normal{tuple(shape[1:])}", {})
 
 
 def load_source(spec: SourceSpec, *, random_ok: bool = False) -> Source:
     """Load and validate model and data before any work starts. random_ok: with no --data, a model file that
     records its input shape is checked on random inputs of that shape (export needs no real samples)."""
-    loaded = load_model(spec.model, spec.arch, trust_pickle=spec.trust_pickle, input_shape=spec.input_shape)
+    import torch
+    one_shape = legacy_shape(spec.input_shape) if isinstance(spec.input_shape, tuple) else None
+    loaded = load_model(spec.model, spec.arch, trust_pickle=spec.trust_pickle, input_shape=one_shape)
     if spec.data is None and random_ok and loaded.input_shape is not None:
         calib = _random_data(loaded.input_shape)
         note(f"no --data: checking on {RANDOM_SAMPLES} random inputs of the recorded shape "
              f"{'x'.join(map(str, loaded.input_shape))}")
     else:
-        kw = dict(image_size=image_size_for(spec, loaded), mean=spec.mean, std=spec.std)
-        calib = load_data(spec.data or DEFAULT_DATA, **kw)
-    shape = loaded.input_shape or (1, *calib.sample_shape)
-    _validate(calib, shape, spec)
+        calib = load_data(spec.data or DEFAULT_DATA, image_size=image_size_for(spec, loaded), mean=spec.mean,
+                          std=spec.std)
+    bound = _bind(calib, apply_overrides(declared_inputs(loaded), spec.input_shape))
+    specs = dynamic_from_data(bound.specs, calib)
+    calib.specs = specs
+    shape = (loaded.input_shape or legacy_shape(specs[0].shape)) if len(specs) == 1 else None
     if spec.eval_data:
         evaluation = load_data(spec.eval_data, image_size=image_size_for(spec, loaded), mean=spec.mean, std=spec.std)
     elif calib.source == "builtin:digits:train":
@@ -120,37 +118,38 @@ def load_source(spec: SourceSpec, *, random_ok: bool = False) -> Source:
         note(f"no --eval-data: holding out {len(evaluation)} of {calib.source}'s samples for evaluation")
     else:
         evaluation = None
-    num_outputs, ndim = _probe(loaded, calib)
-    if evaluation is not None:
-        _validate(evaluation, shape, spec, num_classes=num_outputs if ndim == 2 else None)
-    return Source(spec, loaded, shape, calib, evaluation, num_outputs)
-
-
-def _validate(data: Dataset, shape: tuple, spec: SourceSpec, num_classes: int | None = None) -> None:
-    try:
-        data.validate(shape, num_classes=num_classes)
-    except DataError as e:
-        want = tuple(shape[1:])
-        if data.preprocess.get("center_crop") and len(want) == 3 and want[1] == want[2] \
-                and want[1] != data.sample_shape[-1]:  # an image folder at the wrong size: name the fix
-            raise DataError(f"{data.source}: images are {data.sample_shape[-1]} px, the model expects "
-                            f"{'x'.join(map(str, want))}; pass --image-size {want[1]}") from None
-        raise e
-
-
-def _probe(loaded: LoadedModel, calib: Dataset) -> tuple[int, int]:
-    """(size of the first output's last axis, its rank) from one real sample: data and model must fit."""
-    import torch
-    example = torch.from_numpy(calib.head(1))
+    example = example_args(calib.head(1), specs)
     try:
         with torch.no_grad():
-            out = loaded.module(example)
+            out = out_all = loaded.module(*example)
     except Exception as e:  # noqa: BLE001 - any failure here means data and model do not fit
-        raise DataError(f"the model fails on a sample of shape {tuple(example.shape)} from {calib.source} "
+        shapes = ", ".join(f"{s.name} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                           for s, t in zip(specs, example))
+        raise DataError(f"the model fails on a sample ({shapes}) from {calib.source} "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                         "check --input-shape/--image-size") from None
     out = out[0] if isinstance(out, (tuple, list)) else out
-    return int(out.shape[-1]), out.ndim
+    num_outputs = int(out.shape[-1]) if out.ndim else 1
+    if evaluation is not None:
+        _bind(evaluation, specs, num_classes=num_outputs if out.ndim == 2 else None)
+    outs = out_all if isinstance(out_all, (tuple, list)) else (out_all,)
+    params = [*loaded.module.parameters(), *loaded.module.buffers()]
+    check_memory(sum(t.numel() * t.element_size() for t in params),
+                 sum(o.numel() * o.element_size() for o in outs), calib, evaluation)
+    return Source(spec, loaded, shape, calib, evaluation, num_outputs, specs)
+
+
+def _bind(data: Dataset, specs, num_classes: int | None = None) -> Dataset:
+    """Dataset.bind, with the fix named when an image folder is read at another size than the model's."""
+    try:
+        return data.bind(specs, num_classes=num_classes)
+    except DataError:
+        want = tuple(specs[0].shape[1:]) if len(specs) == 1 and specs[0].shape else ()
+        side = want[-1] if len(want) == 3 and want[1] == want[2] and isinstance(want[2], int) else None
+        if data.preprocess.get("center_crop") and side and side != data.preprocess["center_crop"]:
+            raise DataError(f"{data.source}: images are {data.preprocess['center_crop']} px, the model expects "
+                            f"{'x'.join(map(str, want))}; pass --image-size {side}") from None
+        raise
 
 
 def training_split(calib: Dataset) -> tuple[Dataset, Dataset | None]:

@@ -155,12 +155,13 @@ class ExportRecord(StageRecord):
     needs = "torch module + example input"
     gives = "model.fp32.onnx checked against torch"
     opset: int
+    dynamic_axes: dict                 # input name -> its dynamic axes, as exported
     info: Any                          # edgec.exporters.onnx_export.ExportInfo
     check: dict                        # ORT vs torch on real (or, said so, random) inputs
     check_data: str
 
     def options(self):
-        return {"opset": self.opset, "dynamic_batch": True}
+        return {"opset": self.opset, "dynamic_axes": self.dynamic_axes}
 
     def metrics(self):
         return {"export": plain(self.info), "check": {**self.check, "data": self.check_data}}
@@ -242,11 +243,12 @@ class BenchRecord(StageRecord):
     gives = "latency per execution provider (INT8 and FP32, interleaved)"
     providers: list
     seconds_per_model: float
+    shapes: dict | None                # {input: dims} timed (one real sample's: the data's sequence lengths)
     int8: dict                         # ep -> edgec.bench/1 result
     fp32: dict = field(default_factory=dict)
 
     def options(self):
-        return {"providers": self.providers, "seconds_per_model": self.seconds_per_model}
+        return {"providers": self.providers, "seconds_per_model": self.seconds_per_model, "shapes": self.shapes}
 
     def metrics(self):
         return {ep: {"int8": r, "fp32": self.fp32.get(ep)} for ep, r in self.int8.items()}
@@ -271,7 +273,7 @@ def load(source: Source) -> LoadRecord:
     from edgec.metrics import count_flops, count_params
     m = source.model
     return LoadRecord(model=m.describe(), params=count_params(m.module),
-                      flops=count_flops(m.module, source.input_shape), calib=source.calib.describe(),
+                      flops=count_flops(m.module, source.example()), calib=source.calib.describe(),
                       eval=source.eval.describe() if source.eval is not None else None)
 
 
@@ -298,11 +300,11 @@ def export(source: Source, model: TorchModel, path: Path, opset: int = 17) -> tu
     """torch -> ONNX, then ORT vs torch on real samples (the eval data when there is some)."""
     from edgec.exporters.onnx_export import check_onnx_against_torch, export_onnx
     with timed(ExportRecord) as t:
-        info = export_onnx(model.module, source.example(), path, opset=opset)
+        info = export_onnx(model.module, source.calib.head(1), path, opset=opset, inputs=source.specs)
         data = source.check_data
         check = check_onnx_against_torch(model.module, path, data.head(EXPORT_CHECK_SAMPLES))
-    return OnnxModel.at(path), ExportRecord(opset=opset, info=info, check=check, check_data=data.source,
-                                            seconds=t.seconds)
+    return OnnxModel.at(path), ExportRecord(opset=opset, dynamic_axes={s.name: s.dynamic_axes for s in source.specs},
+                                            info=info, check=check, check_data=data.source, seconds=t.seconds)
 
 
 def fallback_budget(source: Source, max_drop: float | None, seconds: float) -> dict | None:
@@ -324,7 +326,9 @@ def quantize(calib, fp32: OnnxModel, path: Path, options, budget: dict | None = 
             from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
             n = len(calib)  # spread over the data: folders are sorted by class
             scored = calib.take(np.unique(np.linspace(0, n - 1, min(n, FALLBACK_SAMPLES)).astype(int)))
-            info, report = quantize_with_budget(fp32.path, path, calib, scored.head(len(scored)), scored.y, options,
+            # re-read per candidate where that is cheap (memory-mapped arrays), else decoded once and kept
+            x = scored if scored.rereadable else scored.head(len(scored))
+            info, report = quantize_with_budget(fp32.path, path, calib, x, scored.y, options,
                                                 FallbackOptions(max_accuracy_drop=budget["max_accuracy_drop"],
                                                                 time_budget_s=budget["time_budget_s"]))
         else:
@@ -354,15 +358,14 @@ def evaluate(data, model: OnnxModel, reference: OnnxModel | None, max_drop: floa
     """`model` vs `reference` (the FP32 model it was made from) on held-out `data` (Source.check_data). Over
     `max_drop` points of accuracy: BudgetExceeded (the gate of build and of compare --package)."""
     from edgec.exporters.compare import accuracy, compare_outputs
-    with timed(EvaluateRecord) as t:
-        x = data.head(len(data))
+    with timed(EvaluateRecord) as t:   # the data is streamed batch by batch
         record = EvaluateRecord(max_accuracy_drop=max_drop, data=data.describe())
         if reference is not None:
-            record.agreement = agreement(compare_outputs(reference.path, model.path, x))
+            record.agreement = agreement(compare_outputs(reference.path, model.path, data))
         if data.labelled:
-            record.accuracy = 100 * accuracy(model.path, x, data.y)
+            record.accuracy = 100 * accuracy(model.path, data, data.y)
             if reference is not None:
-                record.reference_accuracy = 100 * accuracy(reference.path, x, data.y)
+                record.reference_accuracy = 100 * accuracy(reference.path, data, data.y)
     record.seconds = t.seconds
     if not record.within(max_drop):
         report = quantized.fallback if quantized is not None else None
@@ -376,17 +379,20 @@ def evaluate(data, model: OnnxModel, reference: OnnxModel | None, max_drop: floa
     return record
 
 
-def bench_models(models: list[OnnxModel], providers: list[str], seconds: float, *,
+def bench_models(models: list[OnnxModel], providers: list[str], seconds: float, *, shapes: dict | None = None,
                  inspect: bool = True) -> list[dict]:
-    """All models interleaved in one run (their ratios survive machine drift): per model, {ep: bench result}."""
+    """All models interleaved in one run (their ratios survive machine drift): per model, {ep: bench result}.
+    `shapes`: {input: dims} at which to time."""
     from edgec.runtime import benchmark
     results = benchmark([m.path for m in models], providers=list(providers), runs=f"{seconds}s", warmup="5",
-                        inspect=inspect)
+                        shapes=shapes, inspect=inspect)
     per_model = len(results) // len(models)   # ordered models x providers
     return [{r.ep: r.to_json() for r in results[i * per_model:(i + 1) * per_model]} for i in range(len(models))]
 
 
-def bench(int8: OnnxModel, fp32: OnnxModel, providers: list[str], seconds: float) -> BenchRecord:
+def bench(int8: OnnxModel, fp32: OnnxModel, providers: list[str], seconds: float,
+          shapes: dict | None = None) -> BenchRecord:
     with timed(BenchRecord) as t:
-        q, f = bench_models([int8, fp32], providers, seconds)
-    return BenchRecord(providers=list(providers), seconds_per_model=seconds, int8=q, fp32=f, seconds=t.seconds)
+        q, f = bench_models([int8, fp32], providers, seconds, shapes=shapes)
+    return BenchRecord(providers=list(providers), seconds_per_model=seconds, shapes=shapes, int8=q, fp32=f,
+                       seconds=t.seconds)

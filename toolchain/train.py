@@ -116,7 +116,7 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256) -> float | 
     set_eval(model)
     device = _device_of(model)
     correct = 0
-    for i, xb in enumerate(data.batches(batch_size)):
+    for i, xb in enumerate(data.arrays(batch_size)):
         pred = model(torch.from_numpy(xb).to(device)).argmax(1).cpu().numpy()
         correct += int((pred == data.y[i * batch_size:i * batch_size + len(xb)]).sum())
     return 100.0 * correct / len(data)

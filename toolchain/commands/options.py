@@ -25,9 +25,9 @@ def _floats(ctx, param, value):
 
 def _shape(ctx, param, value):
     from edgec.core.errors import OptionError
-    from edgec.source import parse_shape
+    from edgec.inputspec import parse_input_shapes
     try:
-        return parse_shape(value)
+        return parse_input_shapes(value)
     except OptionError as e:
         raise click.BadParameter(str(e)) from None
 
@@ -137,12 +137,16 @@ def _source_group() -> Group:
                                   "or package.module:factory. The last two IMPORT (run) that file or module and "
                                   "call the factory: name only code you trust. An edgec model file carries its "
                                   "own spec; one from outside torchvision/edgec builds only if you repeat it here."),
-        "input_shape": Flag(("--input-shape",), "e.g. 1,3,224,224 (default: from the model file or the data).",
-                            click={"callback": _shape}),
+        "input_shape": Flag(("--input-shape",), "Input shape, e.g. 1,3,224,224; for a model with several inputs "
+                            "NAME=DIMS, repeatable. A name instead of a number marks a dynamic axis, `batch` the batch "
+                            "axis: state=2,batch,128, ids=batch,seq (default: from the model and the data).",
+                            click={"multiple": True, "callback": _shape}),
         "trust_pickle": Flag(("--trust-pickle",), "Allow loading a fully pickled nn.Module (runs code from the "
                                                   "file: only for files you trust).", click={"is_flag": True}),
-        "data": Flag(("--data",), "Calibration/training data: builtin:digits (the default), a .npz (x, optional y) "
-                                  "or an image folder."),
+        "data": Flag(("--data",), "Calibration/training data: builtin:digits (the default), a .npz (one array per "
+                                  "input name, or x for a single-input model; optional y labels), an image folder, or "
+                                  "file.py:function (a data hook: edgec IMPORTS and RUNS that file; it returns dict "
+                                  "batches {input_name: array})."),
         "eval_data": Flag(("--eval-data",), "Labelled held-out data (default: builtin:digits:test for the built-in "
                                             "data, else 20% of --data when labelled)."),
         "image_size": Flag(("--image-size",), "Image folders: resize+crop to this size (default: the model file's "

@@ -195,11 +195,32 @@ class Figures(Record):
 
 
 @dataclass
+class OutputCheck(Record):
+    """One output, INT8 against FP32 on the eval data (edgec.exporters.metrics; every figure is in the evaluate
+    stage): its task and how it was chosen, the task figure in percent, SQNR over the eval set."""
+    name: str
+    task: str                                # classify | multilabel | regress | score | embed | none
+    chosen: str                              # "auto" (detected, `why` says from what) | "given" (--task)
+    why: str = ""
+    labels: bool = False                     # the labels applied to this output
+    metric: str | None = None                # accuracy, top1_agreement, f1, pearson, mean_cosine, ...; None: SQNR only
+    fp32: float | None = None
+    int8: float | None = None
+    drop_points: float | None = None
+    sqnr_db: float | None = None             # None: identical (see `identical`) or a zero reference
+    identical: bool = False
+    rel_error: float | None = None
+    max_abs_error_of_range: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
 class Metrics(Record):
     fp32: ModelMetrics
     int8: ModelMetrics
     compression_ratio: float
     original: Figures | None = None          # the model as given, when it was pruned
+    outputs: list[OutputCheck] = field(default_factory=list)   # every output's check
 
 
 @dataclass

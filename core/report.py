@@ -3,7 +3,7 @@ inspect listing and report.md. Torch-free (rich only for the terminal table), so
 renders them too. Every text that comes from a manifest is escaped: a crafted one cannot drive the terminal."""
 from __future__ import annotations
 
-from edgec.core.package import Latency, Manifest, ModelMetrics, Sensitivity, TensorSpec, escape
+from edgec.core.package import Latency, Manifest, ModelMetrics, OutputCheck, Sensitivity, TensorSpec, escape
 
 
 def mb(n) -> str:
@@ -34,6 +34,29 @@ def _quality(m: ModelMetrics) -> str:
     return f"{top1:.2f}% agree" if top1 is not None else "-"
 
 
+def _figure(v: float | None) -> str:
+    return f"{v:.2f}" if v is not None else "-"
+
+
+def _sqnr(o: OutputCheck) -> str:
+    return "identical" if o.identical else f"SQNR {o.sqnr_db:.1f} dB" if o.sqnr_db is not None else "SQNR -inf dB"
+
+
+def outputs_md(outputs: list[OutputCheck]) -> list[str]:
+    """Every output's check: what it was taken for (given or detected, and why), its task figure and its SQNR."""
+    if not outputs:
+        return []
+    rows = [(f"`{escape(o.name)}`", escape(o.task), escape(o.chosen) + (f": {escape(o.why)}" if o.why else ""),
+             escape(o.metric or "-") + (" (labels)" if o.labels else ""), _figure(o.fp32), _figure(o.int8),
+             _figure(o.drop_points), _sqnr(o), f"{o.rel_error:.4f}" if o.rel_error is not None else "-",
+             f"{o.max_abs_error_of_range:.4f}" if o.max_abs_error_of_range is not None else "-") for o in outputs]
+    return ["## Checks per output", "",
+            "INT8 against FP32 on the eval data. Task figures in percent (without labels FP32 scores 100 against "
+            "itself); SQNR over the whole eval set.", "",
+            _md_table(["output", "task", "chosen", "figure", "FP32", "INT8", "drop (points)", "SQNR",
+                       "relative error", "max error / range"], rows), ""]
+
+
 def _latency(lat: Latency | None) -> str:
     return f"{lat.p50_ms:.3f} ms" if lat is not None else "-"
 
@@ -51,9 +74,10 @@ def summary_rows(manifest: Manifest) -> list[tuple[str, str, str, str]]:
     if fp.accuracy is not None and q.accuracy is not None:
         change = f"{q.accuracy - fp.accuracy:+.2f} points"
     else:
-        cos = q.agreement.mean_cosine if q.agreement else None
-        change = f"mean cosine {cos:.4f}" if cos is not None else ""
+        change = ""
     rows.append(("accuracy" if fp.accuracy is not None else "agreement with FP32", _quality(fp), _quality(q), change))
+    rows += [(f"{escape(o.name)}: {escape(o.metric or 'SQNR only')} ({escape(o.task)}, {escape(o.chosen)})",
+              _figure(o.fp32), _figure(o.int8), _sqnr(o)) for o in m.outputs]
     for ep, lat in manifest.latency.items():
         base = fp.latency.get(ep)
         same = base is not None and base.how == lat.how   # a ratio only of figures measured the same way
@@ -122,6 +146,7 @@ def render_markdown(manifest: Manifest) -> str:
             + (f" (built with {shape_text(i.example)})" if i.example else "") for i in manifest.inputs]
     out += [f"- output `{escape(o.name)}` {shape_text(o.shape)} {escape(o.dtype)}" for o in manifest.outputs]
     out += [f"- preprocess: {_pairs(manifest.preprocess)}", f"- ONNX opset {manifest.opset}", ""]
+    out += outputs_md(manifest.metrics.outputs)
     q = manifest.quantization
     if q.scheme is not None:
         s = q.scheme

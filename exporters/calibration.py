@@ -358,6 +358,7 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
     so.log_severity_level = 3
     # No fusion: the ranges must be those of the tensors the quantizer will see.
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.enable_cpu_mem_arena = False   # every activation is returned as an output: no arena to keep on top of them
     sess = ort.InferenceSession(str(aug), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     stats = {n: TensorStats(bins, histogram=method != "minmax") for n in shapes}

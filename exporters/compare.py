@@ -38,17 +38,31 @@ def onnx_inputs(path) -> list:
     return onnx_input_specs(sess.get_inputs())
 
 
-def feeds_of(session, data, batch_size: int) -> Iterable[dict]:
+BATCH_BYTES = 8 * 2 ** 20   # inputs per evaluation batch: ORT's arena keeps the activations of the largest batch
+
+
+def auto_batch(bytes_per_sample: int, most: int = 64) -> int:
+    """Samples per batch so that one batch of inputs is about BATCH_BYTES (224x224 images: 13, digits: 64)."""
+    return int(max(1, min(most, BATCH_BYTES // max(1, bytes_per_sample))))
+
+
+def feeds_of(session, data, batch_size: int | None) -> Iterable[dict]:
     """Dict feeds for `session` from `data`: one whole-set feed (a dict of arrays, or one array for a
-    single-input model) cut into batches, or a re-iterable of batches (a Dataset, a list of dicts), streamed."""
+    single-input model) cut into batches, a Dataset read batch by batch, or a re-iterable of batches (a list of
+    dicts), streamed. `batch_size` None: sized by `auto_batch`."""
     names = [i.name for i in session.get_inputs()]
     layout = FeedLayout.of_onnx(session.get_inputs())
     if isinstance(data, (np.ndarray, Mapping)) or hasattr(data, "__array__"):
-        return feed_batches(as_feed(data, names), names, batch_size, layout)
+        feed = as_feed(data, names)
+        n = max(1, batch_len(feed, layout))
+        size = batch_size or auto_batch(sum(np.asarray(v).nbytes for v in feed.values()) // n)
+        return feed_batches(feed, names, size, layout)
+    if hasattr(data, "batches") and hasattr(data, "bytes_per_sample"):   # an edgec Dataset
+        return (as_feed(b, names) for b in data.batches(batch_size or auto_batch(data.bytes_per_sample())))
     return (as_feed(b, names) for b in data)
 
 
-def run_onnx(session, data, batch_size: int = 64) -> list[np.ndarray]:
+def run_onnx(session, data, batch_size: int | None = None) -> list[np.ndarray]:
     """All outputs for all samples, evaluated batch by batch (the model has a dynamic batch axis). `data`: a
     dict feed, one array (single-input models) or a re-iterable of dict batches (streamed)."""
     inputs = session.get_inputs()
@@ -100,16 +114,17 @@ def output_agreement(ref: np.ndarray, got: np.ndarray) -> dict:
     return out
 
 
-def compare_outputs(fp32_path, int8_path, samples, *, batch_size: int = 64) -> dict:
+def compare_outputs(fp32_path, int8_path, samples, *, batch_size: int | None = None) -> dict:
     """Agreement of the INT8 model with the FP32 model on real samples, per output name."""
-    a, b = ort_session(fp32_path), ort_session(int8_path)
-    ra, rb = run_onnx(a, samples, batch_size), run_onnx(b, samples, batch_size)
-    names = [o.name for o in a.get_outputs()]
+    a = ort_session(fp32_path)   # one session at a time: each keeps an arena as big as its largest batch
+    names, ra = [o.name for o in a.get_outputs()], run_onnx(a, samples, batch_size)
+    del a
+    rb = run_onnx(ort_session(int8_path), samples, batch_size)
     return {"samples": int(len(ra[0])) if ra and np.ndim(ra[0]) else 0,
             "outputs": {n: output_agreement(x, y) for n, x, y in zip(names, ra, rb)}}
 
 
-def accuracy(onnx_path, x, y: Sequence[int], batch: int = 64, *, output: int = 0) -> float:
+def accuracy(onnx_path, x, y: Sequence[int], batch: int | None = None, *, output: int = 0) -> float:
     """Top-1 accuracy of output `output` against integer labels."""
     y = np.asarray(y)
     logits = run_onnx(ort_session(onnx_path), x, batch)[output]

@@ -78,6 +78,11 @@ def _eval_mode(module):
             module.train(was)
 
 
+def default_output_names(count: int) -> list[str]:
+    """The names exported outputs get when none are given (the names --task/--label-output refer to)."""
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
 def _outputs_tuple(out) -> tuple:
     import torch
     if isinstance(out, torch.Tensor):
@@ -210,7 +215,7 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; fix --input-shape") from e
         out_axes = _output_batch_axes(module, args, specs, outs) if dynamic_batch else []
         if output_names is None:
-            output_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+            output_names = default_output_names(len(outs))
         elif len(output_names) != len(outs):
             raise ExportError(f"{len(output_names)} output names for {len(outs)} outputs; give one name per output")
         large = _param_bytes(module) >= EXTERNAL_DATA_THRESHOLD

@@ -1,9 +1,10 @@
 """Sensitivity analysis and accuracy-aware fallback: keep the fewest, most sensitive nodes in FP32.
 
-Sensitivity of a node = how much the INT8 model's output error (1 - mean cosine to FP32 on real samples)
-shrinks when only that node is left in FP32 (one quantization per node, reusing the calibrated ranges).
-Fallback: exclude nodes in that order, one more at a time, until the accuracy drop (or, without labels, the
-top-1 disagreement with FP32) is within budget; stop at the time box and always keep the best model found.
+Sensitivity of a node = how much the INT8 model's output error (the worst noise-to-signal ratio over its
+outputs, 10^(-SQNR/10), on real samples) shrinks when only that node is left in FP32 (one quantization per
+node, reusing the calibrated ranges). Fallback: exclude nodes in that order, one more at a time, until the
+drop of the checked outputs' task figures (edgec.exporters.metrics: accuracy with labels, agreement with FP32
+without) is within budget; stop at the time box and always keep the best model found.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from edgec.core.errors import OptionError
 from edgec.exporters.calibration import Progress, default_progress
-from edgec.exporters.compare import ort_session, output_agreement, run_onnx
+from edgec.exporters.compare import ort_session, run_onnx
 from edgec.exporters.quantize import (COMPUTE_OPS, Prepared, QuantInfo, QuantOptions, prepare,
                                       write_quantized)
 
@@ -29,6 +30,8 @@ class FallbackOptions:
     # A node whose FP32 fallback would leave less than this share of Conv/MatMul/Gemm weights in INT8 is passed
     # over (issue #6's bar is 90%): EfficientNet-Lite0's classifier alone holds 28% of its weights.
     min_int8_weight_share: float = 0.90
+    checks: object = None                  # edgec.exporters.metrics.CheckOptions: outputs, tasks, label output
+    num_classes: int | None = None         # the data's class count where known (task detection)
 
     def validate(self) -> None:
         if self.max_accuracy_drop < 0:
@@ -45,13 +48,13 @@ class FallbackOptions:
 class NodeSensitivity:
     node: str
     op_type: str
-    error_when_excluded: float             # 1 - mean cosine with only this node in FP32
+    error_when_excluded: float             # worst noise/signal ratio over the outputs, only this node in FP32
     error_reduction: float                 # baseline error - error_when_excluded (higher = more sensitive)
 
 
 @dataclass
 class FallbackReport:
-    metric: str                            # "accuracy" | "top1_agreement"
+    metric: str                            # the checked outputs' figure, e.g. "accuracy" | "top1_agreement"
     fp32_score: float
     int8_score: float                      # all nodes INT8
     final_score: float
@@ -71,23 +74,23 @@ class FallbackReport:
 
 
 class _Evaluator:
-    """Scores a candidate INT8 model against the FP32 reference on fixed real samples."""
+    """Scores a candidate INT8 model against the FP32 reference on fixed real samples, with the gate's figures."""
 
-    def __init__(self, fp32_path, x, y, batch_size: int):
-        self.x, self.y, self.batch = x, y, batch_size   # a dict feed (or one array: single-input models)
-        self.ref = run_onnx(ort_session(fp32_path), self.x, batch_size)[0]
-        self.metric = "accuracy" if y is not None else "top1_agreement"
-        self.fp32_score = self._score(self.ref)
-
-    def _score(self, logits) -> float:
-        flat = logits.reshape(len(logits), -1)
-        target = np.asarray(self.y) if self.y is not None else self.ref.reshape(len(self.ref), -1).argmax(1)
-        return float((flat.argmax(1) == target).mean())
+    def __init__(self, fp32_path, x, y, batch_size: int, checks=None, num_classes: int | None = None):
+        from edgec.exporters.metrics import CandidateScore, CheckOptions, batch_first
+        self.x, self.batch = x, batch_size   # a dict feed (or one array: single-input models)
+        session = ort_session(fp32_path)
+        ref = batch_first(session, run_onnx(session, self.x, batch_size))
+        self.scorer = CandidateScore([o.name for o in session.get_outputs()], ref, y,
+                                     checks if checks is not None else CheckOptions(), num_classes)
+        self.metric, self.fp32_score = self.scorer.metric, self.scorer.fp32_score
 
     def __call__(self, path) -> tuple[float, float]:
-        """(score, output error = 1 - mean cosine to FP32)."""
-        out = run_onnx(ort_session(path), self.x, self.batch)[0]
-        return self._score(out), 1.0 - output_agreement(self.ref, out)["mean_cosine"]
+        """(score, output error)."""
+        from edgec.exporters.metrics import batch_first
+        session = ort_session(path)
+        out = batch_first(session, run_onnx(session, self.x, self.batch))
+        return self.scorer.score(out), self.scorer.error(out)
 
 
 def _drop(ev: _Evaluator, score: float) -> float:
@@ -102,7 +105,7 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
     progress = default_progress(progress)
     started = time.perf_counter()
     deadline = started + options.time_budget_s
-    ev = _Evaluator(prepared.fp32_path, x, y, options.batch_size)
+    ev = _Evaluator(prepared.fp32_path, x, y, options.batch_size, options.checks, options.num_classes)
     base_excl = prepared.resolve_exclusions(prepared.options.exclude_nodes, prepared.options.exclude_op_types)
     work = Path(prepared.workdir)
     cand = work / "candidate.onnx"

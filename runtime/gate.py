@@ -11,11 +11,13 @@ the gate; a real slowdown beyond the allowance does, at 97.5% one-sided confiden
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgec.core.errors import OptionError
+from edgec.runtime.stats import min_samples, quantile_ci
 
 LATENCY_METRICS = ("p50", "p90", "p95", "p99", "mean", "min", "max")
 METRICS = LATENCY_METRICS + ("load", "first", "memory")
@@ -36,7 +38,9 @@ class Budget:
 
 
 @dataclass
-class Breach:
+class Check:
+    """One gate check of one (model, ep): a budget or the baseline regression test, passed or breached. `ci` is the
+    95% confidence interval of the measured figure where the run gives one (percentiles, mean), else None."""
     model: str
     ep: str
     metric: str
@@ -45,6 +49,21 @@ class Breach:
     unit: str
     kind: str             # "budget" | "regression"
     detail: str = ""
+    passed: bool = False
+    ci: list[float] | None = None
+    budget: str = ""      # as the user wrote it ("p90=12ms"), or "+10%" for a regression check
+
+    @property
+    def name(self) -> str:
+        return f"regression {self.metric} {self.budget} vs baseline" if self.kind == "regression" else \
+            f"budget {self.budget}"
+
+    def figure(self) -> str:
+        """'13.20 ms (95% CI 13.01-13.52) > budget 12.00 ms': what a CI report shows for this check."""
+        ci = f" (95% CI {self.ci[0]:.3f}-{self.ci[1]:.3f})" if self.ci else ""
+        sign = "<=" if self.passed else ">"
+        what = "allowed" if self.kind == "regression" else "budget"
+        return f"{self.measured:.3f} {self.unit}{ci} {sign} {what} {self.limit:.3f} {self.unit}"
 
     def line(self, many_models: bool = True) -> str:
         where = f" ({self.model} on {self.ep})" if many_models else ""
@@ -56,6 +75,9 @@ class Breach:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+Breach = Check   # a Check that did not pass; the name the Python API has always used
 
 
 def parse_budget(text: str) -> Budget:
@@ -91,8 +113,24 @@ def parse_percent(text) -> float:
     return float(m.group(1)) / 100
 
 
-def check_budgets(results, budgets: list[Budget]) -> tuple[list[Breach], list[str]]:
-    breaches, warnings = [], []
+def _ci(result, metric: str) -> list[float] | None:
+    """95% CI of a gated figure from the run's own samples: distribution-free for percentiles, normal for the
+    mean; None for single measurements (load, first, memory) and extremes."""
+    samples = getattr(result, "samples_ms", None)
+    if not samples:
+        return None
+    if metric in ("p50", "p90", "p95", "p99"):
+        ci = quantile_ci(samples, int(metric[1:]) / 100)
+        return list(ci) if ci else None
+    if metric == "mean" and result.latency.n > 1:
+        half = 1.96 * result.latency.std / math.sqrt(result.latency.n)
+        return [result.latency.mean - half, result.latency.mean + half]
+    return None
+
+
+def budget_checks(results, budgets: list[Budget]) -> tuple[list[Check], list[str]]:
+    """Every budget on every result, passed or not, and warnings for what could not be checked reliably."""
+    checks, warnings = [], []
     for r in results:
         for b in budgets:
             value = r.metric(b.metric)
@@ -102,10 +140,15 @@ def check_budgets(results, budgets: list[Budget]) -> tuple[list[Breach], list[st
                 continue
             if b.metric in r.latency.reliable and not r.latency.reliable[b.metric]:
                 warnings.append(f"{r.model} [{r.ep}]: budget {b.text} is gated on a {b.metric} from "
-                                f"{r.latency.n} runs, too few to be reliable")
-            if value > b.limit:
-                breaches.append(Breach(r.model, r.ep, b.metric, value, b.limit, b.unit, "budget"))
-    return breaches, warnings
+                                f"{r.latency.n} runs, too few to be reliable (needs {min_samples(int(b.metric[1:]))})")
+            checks.append(Check(r.model, r.ep, b.metric, value, b.limit, b.unit, "budget", passed=value <= b.limit,
+                                ci=_ci(r, b.metric), budget=b.text))
+    return checks, warnings
+
+
+def check_budgets(results, budgets: list[Budget]) -> tuple[list[Breach], list[str]]:
+    checks, warnings = budget_checks(results, budgets)
+    return [c for c in checks if not c.passed], warnings
 
 
 def load_baseline(path) -> list[dict]:
@@ -130,8 +173,8 @@ def _match(result, baseline: list[dict]) -> dict | None:
     return same_ep[0] if len(same_ep) == 1 else None
 
 
-def check_regression(results, baseline: list[dict], max_regression: float) -> tuple[list[Breach], list[str]]:
-    breaches, warnings = [], []
+def regression_checks(results, baseline: list[dict], max_regression: float) -> tuple[list[Check], list[str]]:
+    checks, warnings = [], []
     for r in results:
         base = _match(r, baseline)
         if base is None:
@@ -143,11 +186,15 @@ def check_regression(results, baseline: list[dict], max_regression: float) -> tu
         if ci is None:
             warnings.append(f"{r.model} [{r.ep}]: too few runs for a confidence interval; regression not checked")
             continue
-        if ci[0] > allowed:
-            breaches.append(Breach(r.model, r.ep, "p50", r.latency.p50, allowed, "ms", "regression",
-                                   f"(95% CI {ci[0]:.2f}-{ci[1]:.2f}, baseline {base_p50:.2f} "
-                                   f"+{max_regression:.0%})"))
-        elif ci[1] > allowed:
+        checks.append(Check(r.model, r.ep, "p50", r.latency.p50, allowed, "ms", "regression",
+                            f"(95% CI {ci[0]:.2f}-{ci[1]:.2f}, baseline {base_p50:.2f} +{max_regression:.0%})",
+                            passed=ci[0] <= allowed, ci=list(ci), budget=f"+{max_regression:.0%}"))
+        if ci[0] <= allowed < ci[1]:
             warnings.append(f"{r.model} [{r.ep}]: p50 {r.latency.p50:.2f} ms may exceed baseline {base_p50:.2f} ms "
                             f"+{max_regression:.0%} (CI upper bound {ci[1]:.2f} ms); not conclusive, run longer")
-    return breaches, warnings
+    return checks, warnings
+
+
+def check_regression(results, baseline: list[dict], max_regression: float) -> tuple[list[Breach], list[str]]:
+    checks, warnings = regression_checks(results, baseline, max_regression)
+    return [c for c in checks if not c.passed], warnings

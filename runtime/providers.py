@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnxruntime as ort
 
 from edgec.core.errors import OptionError, ProviderError
+from edgec.runtime.install import gpu_hint
 
 # short name -> ORT providers to pass, most preferred first. GPU providers keep CPU last because ORT
 # places the nodes they cannot run there; `graph.fallback_nodes` in the results shows which ones.
@@ -15,10 +16,6 @@ CHAINS = {
 }
 AUTO_ORDER = ("tensorrt", "cuda", "cpu")
 GPU_EPS = ("cuda", "tensorrt")
-HOW_TO_GET = {
-    "cuda": "pip install 'edgec[gpu]' (brings onnxruntime-gpu; needs an NVIDIA driver and CUDA/cuDNN libraries)",
-    "tensorrt": "pip install 'edgec[gpu]' and install NVIDIA TensorRT libraries (libnvinfer) on the library path",
-}
 OPT_LEVELS = {
     "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -37,7 +34,7 @@ def list_providers() -> list[dict]:
     """Every provider edgec knows, and every other one this onnxruntime offers, with availability."""
     have = ort.get_available_providers()
     rows = [{"ep": name, "ort_name": chain[0], "available": chain[0] in have,
-             "how_to_get": None if chain[0] in have else HOW_TO_GET.get(name)} for name, chain in CHAINS.items()]
+             "how_to_get": None if chain[0] in have else gpu_hint(name)} for name, chain in CHAINS.items()]
     known = {chain[0] for chain in CHAINS.values()}
     rows += [{"ep": None, "ort_name": p, "available": True, "how_to_get": None} for p in have if p not in known]
     return rows
@@ -52,7 +49,7 @@ def resolve(ep: str) -> tuple[str, list[str]]:
         raise ProviderError(f"unknown execution provider '{ep}'; choose one of: {', '.join([*CHAINS, 'auto'])}")
     if CHAINS[name][0] not in ort.get_available_providers():
         raise ProviderError(f"execution provider '{name}' ({CHAINS[name][0]}) is not available in this onnxruntime "
-                            f"{ort.__version__} (it has: {', '.join(available())}); get it with {HOW_TO_GET[name]}")
+                            f"{ort.__version__} (it has: {', '.join(available())}); {gpu_hint(name)}")
     return name, list(CHAINS[name])
 
 
@@ -62,8 +59,7 @@ def check_session_providers(name: str, session: ort.InferenceSession) -> None:
     wanted = CHAINS[name][0]
     if wanted not in session.get_providers():
         raise ProviderError(f"onnxruntime offers {wanted} but could not start it (session runs on "
-                            f"{', '.join(session.get_providers())}); check the driver and CUDA/cuDNN/TensorRT "
-                            f"libraries, or {HOW_TO_GET.get(name, 'use --ep cpu')}")
+                            f"{', '.join(session.get_providers())}); {gpu_hint(name)}, or use --ep cpu")
 
 
 def session_options(threads: int | None = None, opt_level: str = "all", profile_prefix: str | None = None,

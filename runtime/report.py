@@ -55,7 +55,8 @@ def render_table(results, console) -> None:
     for r in results:
         lat = r.latency
         ci = f" [{lat.p50_ci[0]:.2f}-{lat.p50_ci[1]:.2f}]" if lat.p50_ci else ""
-        pct = [f"{getattr(lat, k):.2f}" + ("" if lat.reliable[k] else "~") for k in ("p90", "p95", "p99")]
+        # a percentile with too few samples beyond it is left out, not printed as if it meant something
+        pct = [f"{getattr(lat, k):.2f}" if lat.reliable[k] else "-" for k in ("p90", "p95", "p99")]
         ratio = ""
         if r.ratio and r is not results[0]:
             ci_r = f" [{r.ratio['ci'][0]:.2f}-{r.ratio['ci'][1]:.2f}]" if r.ratio.get("ci") else ""
@@ -67,7 +68,8 @@ def render_table(results, console) -> None:
                   "-" if r.memory_mb is None else f"{r.memory_mb:.0f}", ratio)
     console.print(t)
     if any(not all(r.latency.reliable.values()) for r in results):
-        console.print("~ too few runs for this percentile (needs 10 samples beyond it); indicative only")
+        console.print("- too few runs to report this percentile (10 samples beyond it: p90 needs 100 runs, p95 200, "
+                      "p99 1000; --runs)")
     if len(results) > 1:
         console.print("ratio: median of per-round latency ratios vs the first row (rounds are interleaved)")
     for r in results:

@@ -90,11 +90,6 @@ def summarize(samples_ms, label: str = "") -> Summary:
     reliable = {f"p{q}": x.size >= min_samples(q) for q in PERCENTILES}
     where = f"{label}: " if label else ""
     warnings = []
-    short = [k for k, ok in reliable.items() if not ok]
-    if short:
-        need = min_samples(int(short[0][1:]))
-        warnings.append(f"{where}{x.size} runs are too few for {', '.join(short)} ({short[0]} needs >= {need}: "
-                        f"10 samples beyond it); those values are indicative only, use more --runs")
     if ci is None:
         warnings.append(f"{where}{x.size} runs are too few for a confidence interval of the median (need >= 6)")
     elif p["p50"] > 0 and (ci[1] - ci[0]) / 2 > NOISY_CI_HALF_WIDTH * p["p50"]:

@@ -118,6 +118,8 @@ def test_error_paths_are_one_line(capsys, tiny_onnx, tmp_path, case, code, needl
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this box has CUDA")
-def test_unavailable_cuda_is_exit_6_naming_the_extra(capsys, tiny_onnx):
+def test_unavailable_cuda_is_exit_6_naming_the_fix(capsys, tiny_onnx):
     code, _, err = run(capsys, tiny_onnx, "--ep", "cuda")
-    assert code == 6 and "pip install 'edgec[gpu]'" in err and "CUDAExecutionProvider" in err
+    assert code == 6 and "CUDAExecutionProvider" in err
+    # the CPU build is installed: the fix is to swap it, not to rerun the [gpu] install that cannot replace it
+    assert "pip uninstall -y onnxruntime`, then `pip install onnxruntime-gpu`" in err

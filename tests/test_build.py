@@ -89,7 +89,7 @@ def test_failed_build_leaves_nothing(trained_cnn, outlier_calibration, tmp_path,
     out = tmp_path / "fail.edgec"
     code, _, stderr = run_cli("build", trained_cnn[0], "-o", out, "--data", outlier_calibration, "--eval-data",
                               "builtin:digits:test", "--fallback-seconds", fallback, *FAST)
-    assert code == 7 and "INT8 accuracy" in stderr and "below FP32" in stderr
+    assert code == 7 and "INT8 fails the checks" in stderr and "accuracy" in stderr and "SQNR" in stderr
     assert ("the fallback kept" in stderr) == (fallback != "0")
     assert list(tmp_path.iterdir()) == []
 
@@ -139,8 +139,10 @@ def test_unlabelled_npz_gives_agreement(trained_cnn, tmp_path, digits):
     assert code == 0, stderr
     m = json.loads((out / MANIFEST_FILE).read_text())
     agreement = m["metrics"]["int8"]["agreement"]
-    assert agreement["top1_agreement"] > 90 and agreement["mean_cosine"] > 0.98
+    assert agreement["top1_agreement"] > 90 and agreement["min_sqnr_db"] > 20
     assert m["metrics"]["int8"]["accuracy"] is None
+    out, = m["metrics"]["outputs"]  # gated without labels: top-1 agreement with FP32 and SQNR
+    assert (out["task"], out["chosen"], out["labels"], out["metric"]) == ("classify", "auto", False, "top1_agreement")
 
 
 @pytest.mark.parametrize("args,code,message", [
@@ -198,7 +200,7 @@ def test_build_prunes_and_distills(trained_cnn, tmp_path):
 
 
 def test_unlabelled_data_and_transform_flags(trained_cnn, tmp_path):
-    # no labels anywhere: agreement with FP32 is reported and nothing is gated, so no fallback search runs
+    # no labels anywhere: agreement with FP32 is gated (and the fallback scores candidates by it)
     from edgec.data import load_data
     x = load_data("builtin:digits:train").x[:200]
     np.savez(tmp_path / "calib.npz", x=x[:150])
@@ -210,5 +212,5 @@ def test_unlabelled_data_and_transform_flags(trained_cnn, tmp_path):
     m = json.loads((out / MANIFEST_FILE).read_text())
     q = m["quantization"]
     assert q["transforms"]["bias_correction"]["applied"] and not q["transforms"]["equalize"]["applied"]
-    assert "sensitivity" not in q or q["sensitivity"] is None
+    assert q["sensitivity"]["metric"] == "top1_agreement" and q["sensitivity"]["within_budget"]
     assert m["metrics"]["int8"]["agreement"]["top1_agreement"] > 90

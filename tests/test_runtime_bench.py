@@ -101,8 +101,9 @@ def test_error_paths(tiny_onnx, tmp_path):
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this box has CUDA")
-def test_cuda_missing_names_the_extra():
-    with pytest.raises(ProviderError, match=r"edgec\[gpu\]"):
+def test_cuda_missing_names_the_fix():
+    # the CPU build is installed: swap it for onnxruntime-gpu (rerunning the [gpu] install would not replace it)
+    with pytest.raises(ProviderError, match=r"pip uninstall -y onnxruntime`, then `pip install onnxruntime-gpu"):
         resolve("cuda")
     assert resolve("auto")[0] == "cpu"
 
@@ -164,7 +165,7 @@ def test_record_into_package_manifest(built_package, tiny_onnx, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
-                    reason="no CUDAExecutionProvider in this onnxruntime (pip install 'edgec[gpu]' on a CUDA box)")
+                    reason="no CUDAExecutionProvider in this onnxruntime (the gpu extra, onnxruntime-gpu, on a CUDA box)")
 def test_cuda_io_binding_and_fallback_report(tiny_onnx, int8_onnx):
     results = benchmark([tiny_onnx, int8_onnx], ["cpu", "cuda"], warmup="3", runs="30")
     cuda = [r for r in results if r.ep == "cuda"]

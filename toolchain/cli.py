@@ -1,14 +1,10 @@
 """The `edgec` command line: a thin click group. Each command lives in edgec.commands.<name>
 and imports its heavy dependencies (torch, onnx) only when it runs."""
 import importlib
-import signal
-import sys
-import threading
 
 import click
 
 from edgec.core import __version__
-from edgec.core.errors import DataError, EdgecError
 
 # command name -> module in edgec.commands that defines a click command of the same name
 COMMANDS = {
@@ -17,6 +13,7 @@ COMMANDS = {
     "bench": "bench",
     "prune": "prune", "distill": "distill",
     "compare": "compare",
+    "data": "data",
 }
 
 
@@ -48,63 +45,13 @@ class LazyGroup(click.Group):
 def cli(ctx, debug):
     """edgec: PyTorch model -> pruned, distilled, INT8 ONNX package, verified and benchmarked."""
     ctx.ensure_object(dict)["debug"] = debug
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (CI timeouts, `timeout`, containers) unwinds like Ctrl-C: every temporary output is removed."""
-
-
-def _terminate(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
-    raise Terminated()
+    from edgec.runtime.install import check_install
+    check_install()  # two onnxruntime builds at once silently lose the GPU: say how to fix it first
 
 
 def main(argv=None):
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
-    try:
-        _main(argv)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _main(argv=None):
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    try:
-        cli.main(args=argv, prog_name="edgec", standalone_mode=False)
-    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt (and so SIGTERM) into Abort
-        if isinstance(e.__cause__, Terminated):
-            click.echo("edgec: terminated", err=True)
-            sys.exit(143)
-        click.echo("edgec: aborted", err=True)
-        sys.exit(130)
-    except click.UsageError as e:  # one line like every other user error, plus where to look
-        cmd = f"{e.ctx.command_path} --help" if e.ctx is not None else "edgec --help"
-        click.echo(f"edgec: error: {e.format_message()} (see {cmd})", err=True)
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        click.echo(f"edgec: error: {e.format_message()}", err=True)
-        sys.exit(e.exit_code)
-    except EdgecError as e:
-        if debug:
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        click.echo(f"edgec: error: {msg}", err=True)
-        sys.exit(e.exit_code)
-    except MemoryError:   # past every estimate: still one line with the fix, never a traceback
-        click.echo("edgec: error: out of memory; use fewer --samples, smaller --eval-data or a smaller input shape",
-                   err=True)
-        sys.exit(DataError.exit_code)
-    except KeyboardInterrupt:
-        click.echo("edgec: interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:  # our bug, not the user's
-        if debug:
-            raise
-        click.echo(f"edgec: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
-        sys.exit(1)
-    sys.exit(0)
+    from edgec.runtime.cli import run   # one error/exit-code/SIGTERM policy for edgec and edgec-runtime
+    run(cli, "edgec", argv)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ import numpy as np
 
 from edgec.core import __version__
 from edgec.core.package import (FP32_FILE, MANIFEST_FILE, MODEL_FILE, REPORT_FILE, SCHEMA, SIGNATURE_FILE,  # noqa: F401
-                                Agreement, Figures, Latency, Manifest, Metrics, ModelMetrics, Quantization,
-                                Source, StageRecord, TensorSpec, Toolchain, file_record, now, sign_package,
-                                write_manifest)
+                                Agreement, Figures, Latency, Manifest, Metrics, ModelMetrics, OutputCheck,
+                                Quantization, Source, StageRecord, TensorSpec, Toolchain, file_record, now,
+                                sign_package, write_manifest)
 
 
 def toolchain_versions() -> Toolchain:
@@ -82,11 +82,12 @@ def make_manifest(folder: Path, inputs, module, stages, *, extra=None, seconds=0
             m.accuracy = evaluation[f"{kind}_accuracy"]
         else:   # without labels: INT8 against FP32 (FP32 agrees with itself)
             m.agreement = Agreement.from_json(evaluation["agreement"]) if kind == "int8" else \
-                Agreement(top1_agreement=100.0, mean_cosine=1.0)
+                Agreement(top1_agreement=100.0 if evaluation["agreement"].get("top1_agreement") is not None else None)
         return m
 
     metrics = Metrics(fp32=model_metrics("fp32", fp32_bytes), int8=model_metrics("int8", int8_bytes),
-                      compression_ratio=round(fp32_bytes / int8_bytes, 3))
+                      compression_ratio=round(fp32_bytes / int8_bytes, 3),
+                      outputs=[OutputCheck.from_json(o, f"output {o['name']}") for o in evaluation.get("outputs", [])])
     original = _stage(records, "load").metrics
     if original["params"] != params:  # pruned: compare against what the user gave us
         metrics.original = Figures(params=original["params"], flops=original["flops"])

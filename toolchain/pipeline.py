@@ -30,6 +30,9 @@ class BuildOptions:
     distill: object = None               # edgec.train.TrainConfig or None (fine-tune/distill after pruning)
     opset: int = 17
     max_accuracy_drop: float | None = 1.0
+    min_sqnr: float | None = None        # dB, every output; None = edgec.exporters.metrics.DEFAULT_MIN_SQNR
+    tasks: dict = field(default_factory=dict)  # output name -> task (--task); "" = the only output
+    label_output: str | None = None      # the output labels apply to (--label-output); "none" ignores them
     fallback_seconds: float = 300.0      # time box of the sensitivity fallback; 0 = fail instead of falling back
     providers: tuple = ("cpu",)
     bench_seconds: float = 2.0           # per model and provider; 0 = no benchmark
@@ -51,6 +54,12 @@ class BuildOptions:
         if self.distill is not None:
             self.distill.validate()
 
+    def checks(self):
+        """What the gate checks, per output (edgec.exporters.metrics.CheckOptions)."""
+        from edgec.exporters.metrics import DEFAULT_MIN_SQNR, CheckOptions
+        return CheckOptions(dict(self.tasks), self.label_output,
+                            DEFAULT_MIN_SQNR if self.min_sqnr is None else self.min_sqnr, self.max_accuracy_drop)
+
 
 def build(opts: BuildOptions):
     """Run every stage and write the package; returns its manifest (edgec.core.package.Manifest)."""
@@ -66,7 +75,8 @@ def build(opts: BuildOptions):
     sign_key = load_private_key(opts.sign_key) if opts.sign_key else None  # a wrong key fails now, not after
     if opts.prune is not None and opts.distill is None:
         note("pruning without --distill loses accuracy; add --distill to recover it")
-    source = load_source(opts.source)
+    checks = opts.checks()
+    source = load_source(opts.source, checks=checks)
     records = [stages.load(source)]
     original = TorchModel(source.model.module, source.model.arch)
     model = original
@@ -79,10 +89,10 @@ def build(opts: BuildOptions):
     with atomic_path(opts.output, force=opts.force, directory=True, inputs=reads) as tmp:
         fp32, record = stages.export(source, model, tmp / package.FP32_FILE, opts.opset)
         records.append(record)
-        budget = stages.fallback_budget(source, opts.max_accuracy_drop, opts.fallback_seconds)
-        int8, quantized = stages.quantize(source.calib, fp32, tmp / package.MODEL_FILE, opts.quant, budget)
+        budget = stages.fallback_budget(opts.max_accuracy_drop, opts.fallback_seconds)
+        int8, quantized = stages.quantize(source.calib, fp32, tmp / package.MODEL_FILE, opts.quant, budget, checks)
         records.append(quantized)
-        records.append(stages.evaluate(source.check_data, int8, fp32, opts.max_accuracy_drop, quantized))
+        records.append(stages.evaluate(source.check_data, int8, fp32, checks, quantized))
         if opts.bench_seconds > 0 and opts.providers:
             records.append(stages.bench(int8, fp32, list(opts.providers), opts.bench_seconds, source.sample_shapes()))
         return write_package(tmp, source, model, records, extra=opts.extra, seconds=time.perf_counter() - started,
@@ -132,12 +142,12 @@ def quantize_model(model: str, spec: SourceSpec, output: str, options, *, force:
     with atomic_path(output, force=force, inputs=(model, spec.data, spec.eval_data)) as tmp:
         fp32 = OnnxModel.at(model)
         int8, quantized = stages.quantize(calib, fp32, tmp, options)
-        evaluated = stages.evaluate(check, int8, fp32)
-    info, agreement = quantized.info, evaluated.agreement or {}
+        scored, reference = stages.score(check, int8, fp32), stages.score(check, fp32, None)
+    info, agreement = quantized.info, scored.agreement or {}
     return {"output": str(output), "sha256": int8.sha256, "bytes": info.int8_bytes, "fp32_bytes": info.fp32_bytes,
             "size_ratio": info.size_ratio, "method": info.method, "samples": info.samples,
             "int8_weight_share": info.ops.get("int8_weight_share"), "excluded_nodes": info.excluded_nodes,
-            "eval_data": check.source, "eval_samples": len(check), "fp32_accuracy": evaluated.reference_accuracy,
-            "int8_accuracy": evaluated.accuracy, "accuracy_drop": evaluated.accuracy_drop,
+            "eval_data": check.source, "eval_samples": len(check), "fp32_accuracy": reference.accuracy,
+            "int8_accuracy": scored.accuracy,
             "top1_agreement": agreement.get("top1_agreement"), "mean_cosine": agreement.get("mean_cosine"),
-            "seconds": round(quantized.seconds + evaluated.seconds, 2)}
+            "seconds": round(quantized.seconds, 2)}

@@ -48,6 +48,8 @@ class Source:
     eval: Dataset | None
     num_outputs: int
     specs: list = field(default_factory=list)   # edgec.core.feeds.InputSpec per model input, completed from data
+    output_names: list = field(default_factory=list)   # as exported: what --task/--label-output name
+    checks: object = None                               # edgec.exporters.metrics.CheckOptions
 
     @property
     def check_data(self) -> Dataset:
@@ -92,10 +94,15 @@ def _random_data(shape: tuple) -> Dataset:
     return Dataset({DEFAULT_KEY: x}, None, f"random:normal{tuple(shape[1:])}", {})
 
 
-def load_source(spec: SourceSpec, *, random_ok: bool = False) -> Source:
-    """Load and validate model and data before any work starts. random_ok: with no --data, a model file that
-    records its input shape is checked on random inputs of that shape (export needs no real samples)."""
+def load_source(spec: SourceSpec, *, checks=None, random_ok: bool = False) -> Source:
+    """Load and validate model and data before any work starts; `checks` (edgec.exporters.metrics.CheckOptions)
+    name outputs, checked here too. random_ok: with no --data, a model file that records its input shape is
+    checked on random inputs of that shape (export needs no real samples)."""
     import torch
+    from edgec.exporters.metrics import CheckOptions, check_names
+    from edgec.exporters.onnx_export import default_output_names
+    checks = checks if checks is not None else CheckOptions()
+    checks.validate()
     one_shape = legacy_shape(spec.input_shape) if isinstance(spec.input_shape, tuple) else None
     loaded = load_model(spec.model, spec.arch, trust_pickle=spec.trust_pickle, input_shape=one_shape)
     if spec.data is None and random_ok and loaded.input_shape is not None:
@@ -130,13 +137,18 @@ def load_source(spec: SourceSpec, *, random_ok: bool = False) -> Source:
                         "check --input-shape/--image-size") from None
     out = out[0] if isinstance(out, (tuple, list)) else out
     num_outputs = int(out.shape[-1]) if out.ndim else 1
-    if evaluation is not None:
-        _bind(evaluation, specs, num_classes=num_outputs if out.ndim == 2 else None)
     outs = out_all if isinstance(out_all, (tuple, list)) else (out_all,)
+    names = default_output_names(len(outs))
+    # --task/--label-output name real outputs, and labels apply to a named one: checked before any long work
+    label_output = check_names(names, checks, (evaluation if evaluation is not None else calib).labelled)
+    if evaluation is not None:
+        given = checks.tasks.get(label_output, checks.tasks.get("")) if label_output else None
+        labelled_out = outs[names.index(label_output)] if given == "classify" else None
+        _bind(evaluation, specs, num_classes=int(labelled_out.shape[-1]) if labelled_out is not None else None)
     params = [*loaded.module.parameters(), *loaded.module.buffers()]
     check_memory(sum(t.numel() * t.element_size() for t in params),
                  sum(o.numel() * o.element_size() for o in outs), calib, evaluation)
-    return Source(spec, loaded, shape, calib, evaluation, num_outputs, specs)
+    return Source(spec, loaded, shape, calib, evaluation, num_outputs, specs, names, checks)
 
 
 def _bind(data: Dataset, specs, num_classes: int | None = None) -> Dataset:

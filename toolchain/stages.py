@@ -206,15 +206,19 @@ class TakenInt8Record(StageRecord):
 
 @dataclass(kw_only=True)
 class EvaluateRecord(StageRecord):
-    """A model against its reference on the held-out data: accuracy with labels, agreement always."""
+    """The gate: INT8 against the FP32 model it was made from on held-out data, every output (SQNR always, the
+    task figure where the task is known: labels on the output they are tied to, else agreement with FP32)."""
     name = "evaluate"
     needs = "both ONNX models + eval data"
-    gives = "accuracy (labels) or agreement with FP32"
-    max_accuracy_drop: float | None
+    gives = "per output: SQNR, task figure (labels on the output named) or agreement with FP32"
+    checks: Any                        # edgec.exporters.metrics.CheckOptions (max_drop included)
     data: dict
-    agreement: dict | None = None      # with the reference model, first output
-    reference_accuracy: float | None = None
+    outputs: list = field(default_factory=list)   # edgec.exporters.metrics.compare_models' per-output records
+    agreement: dict | None = None      # the short summary: samples, outputs, worst SQNR, top-1 agreement
+    reference_accuracy: float | None = None       # of the labelled classifier output, when there is one
     accuracy: float | None = None
+    label_output: str | None = None
+    failures: list = field(default_factory=list)
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -222,36 +226,46 @@ class EvaluateRecord(StageRecord):
             return None
         return round(self.reference_accuracy - self.accuracy, 4)
 
-    def within(self, max_drop: float | None) -> bool:
-        return max_drop is None or self.accuracy_drop is None or self.accuracy_drop <= max_drop
-
     def options(self):
-        return {"max_accuracy_drop": self.max_accuracy_drop}
+        c = self.checks
+        return {"max_accuracy_drop": c.max_drop, "min_sqnr_db": c.min_sqnr, "tasks": dict(c.tasks),
+                "label_output": c.label_output}
 
     def metrics(self):
-        out = {"data": self.data, "agreement": self.agreement}
-        if self.accuracy is not None:
+        out = {"data": self.data, "outputs": self.outputs, "agreement": self.agreement}
+        if self.accuracy is not None:  # the accuracy figures the manifest and compare have always carried
             out.update(fp32_accuracy=self.reference_accuracy, int8_accuracy=self.accuracy,
-                       accuracy_drop=self.accuracy_drop)
+                       accuracy_drop=self.accuracy_drop, label_output=self.label_output)
+        out["gate"] = {"passed": not self.failures, "failures": self.failures}
         return out
+
+
+@dataclass
+class Score:
+    """A compare row's quality: accuracy with labels, agreement with the model it was made from."""
+    accuracy: float | None = None
+    agreement: dict | None = None
 
 
 @dataclass(kw_only=True)
 class BenchRecord(StageRecord):
     name = "bench"
     needs = "ONNX models"
-    gives = "latency per execution provider (INT8 and FP32, interleaved)"
+    gives = ("latency per execution provider (INT8 and FP32 each alone, as `edgec bench` measures them; their "
+             "ratio from interleaved runs)")
     providers: list
     seconds_per_model: float
     shapes: dict | None                # {input: dims} timed (one real sample's: the data's sequence lengths)
     int8: dict                         # ep -> edgec.bench/1 result
     fp32: dict = field(default_factory=dict)
+    ratio: dict = field(default_factory=dict)   # ep -> FP32/INT8 time, round by round (robust to drift)
 
     def options(self):
         return {"providers": self.providers, "seconds_per_model": self.seconds_per_model, "shapes": self.shapes}
 
     def metrics(self):
-        return {ep: {"int8": r, "fp32": self.fp32.get(ep)} for ep, r in self.int8.items()}
+        return {ep: {"int8": r, "fp32": self.fp32.get(ep), "fp32_over_int8_interleaved": self.ratio.get(ep)}
+                for ep, r in self.int8.items()}
 
 
 @dataclass
@@ -307,18 +321,18 @@ def export(source: Source, model: TorchModel, path: Path, opset: int = 17) -> tu
                                             info=info, check=check, check_data=data.source, seconds=t.seconds)
 
 
-def fallback_budget(source: Source, max_drop: float | None, seconds: float) -> dict | None:
-    """The sensitivity fallback runs only where the budget is gated afterwards: accuracy needs labelled eval data
-    (agreement is reported, not gated)."""
-    if max_drop is None or seconds <= 0 or source.eval is None or not source.eval.labelled:
+def fallback_budget(max_drop: float | None, seconds: float) -> dict | None:
+    """The sensitivity fallback's budget and time box (none without a drop budget or with no time)."""
+    if max_drop is None or seconds <= 0:
         return None
     return {"max_accuracy_drop": max_drop, "time_budget_s": seconds}
 
 
-def quantize(calib, fp32: OnnxModel, path: Path, options, budget: dict | None = None
+def quantize(calib, fp32: OnnxModel, path: Path, options, budget: dict | None = None, checks=None
              ) -> tuple[OnnxModel, QuantizeRecord]:
     """Static INT8 calibrated on `calib`; with a budget, the most sensitive nodes fall back to FP32 until the
-    drop on calibration samples fits (never on the eval data, which stays for the honest check after)."""
+    drop on calibration samples fits (never on the eval data, which stays for the honest check after). The drop
+    is the gate's own (`checks`): the checked outputs' task figures, with labels or against FP32 without."""
     from edgec.exporters.quantize import quantize_int8
     report = None
     with timed(QuantizeRecord, QuantizeRecord(quant=options, info=None, budget=budget).gives) as t:
@@ -330,7 +344,8 @@ def quantize(calib, fp32: OnnxModel, path: Path, options, budget: dict | None = 
             x = scored if scored.rereadable else scored.head(len(scored))
             info, report = quantize_with_budget(fp32.path, path, calib, x, scored.y, options,
                                                 FallbackOptions(max_accuracy_drop=budget["max_accuracy_drop"],
-                                                                time_budget_s=budget["time_budget_s"]))
+                                                                time_budget_s=budget["time_budget_s"], checks=checks,
+                                                                num_classes=num_classes(scored)))
         else:
             info = quantize_int8(fp32.path, path, calib, options)
     return OnnxModel.at(path, "int8"), QuantizeRecord(quant=options, info=info, fallback=report, budget=budget,
@@ -353,30 +368,61 @@ def agreement(compared: dict) -> dict:
     return {"samples": compared["samples"], **first, "outputs": list(compared["outputs"])}
 
 
-def evaluate(data, model: OnnxModel, reference: OnnxModel | None, max_drop: float | None = None,
+def num_classes(data) -> int | None:
+    """The data's class count where the data says it (class folders, built-in data), for task detection."""
+    return len(data.classes) if data.classes else None
+
+
+def agreement_summary(outputs: list[dict]) -> dict:
+    """The short agreement record (samples, outputs, worst SQNR, top-1 agreement of the first classifier)."""
+    sqnrs = [o["sqnr_db"] for o in outputs if not o["identical"]]  # None: a zero reference, the worst case
+    out = {"samples": outputs[0]["samples"], "outputs": [o["name"] for o in outputs],
+           "min_sqnr_db": None if None in sqnrs else min(sqnrs, default=None)}
+    first = next((o for o in outputs if o["task"] == "classify"), None)
+    if first is not None:
+        out["top1_agreement"] = first["top1_agreement"]
+    return out
+
+
+def evaluate(data, model: OnnxModel, reference: OnnxModel, checks,
              quantized: QuantizeRecord | TakenInt8Record | None = None) -> EvaluateRecord:
-    """`model` vs `reference` (the FP32 model it was made from) on held-out `data` (Source.check_data). Over
-    `max_drop` points of accuracy: BudgetExceeded (the gate of build and of compare --package)."""
-    from edgec.exporters.compare import accuracy, compare_outputs
+    """The gate of build and of compare --package: `model` vs `reference` (the FP32 model it was made from) on
+    held-out `data` (Source.check_data), every output; a failed check is BudgetExceeded."""
+    from edgec.exporters.metrics import compare_models, failures
     with timed(EvaluateRecord) as t:   # the data is streamed batch by batch
-        record = EvaluateRecord(max_accuracy_drop=max_drop, data=data.describe())
-        if reference is not None:
-            record.agreement = agreement(compare_outputs(reference.path, model.path, data))
-        if data.labelled:
-            record.accuracy = 100 * accuracy(model.path, data, data.y)
-            if reference is not None:
-                record.reference_accuracy = 100 * accuracy(reference.path, data, data.y)
+        outputs = compare_models(reference.path, model.path, data.batches(64), data.y, checks,
+                                 num_classes=num_classes(data))
+        for o in outputs:
+            note(f"output {o['name']}: {o['task']} ({o['chosen']}{': ' + o['why'] if o['why'] else ''}); "
+                 + "SQNR " + ("identical" if o["identical"] else f"{o['sqnr_db']} dB")
+                 + (f", {o['metric']} FP32 {o['fp32']:.2f} INT8 {o['int8']:.2f}" if o.get("metric") else ""))
+        record = EvaluateRecord(checks=checks, data=data.describe(), outputs=outputs,
+                                agreement=agreement_summary(outputs), failures=failures(outputs, checks))
+        labelled = next((o for o in outputs if o["labels"] and o["task"] == "classify"), None)
+        if labelled is not None:
+            record.reference_accuracy, record.accuracy = labelled["fp32_accuracy"], labelled["int8_accuracy"]
+            record.label_output = labelled["name"]
     record.seconds = t.seconds
-    if not record.within(max_drop):
+    if record.failures:
         report = quantized.fallback if quantized is not None else None
         tried = (f"; the fallback kept {len(report.excluded)} node(s) in FP32 ({report.stopped})"
                  if report is not None else "")
-        fp, q = record.reference_accuracy, record.accuracy
         raise BudgetExceeded(
-            f"INT8 accuracy {q:.2f}% is {fp - q:.2f} points below FP32 {fp:.2f}% (allowed "
-            f"{max_drop}){tried}; try --calibration percentile|auto, other --data, a longer "
-            "--fallback-seconds, --exclude-op-types, or raise --max-accuracy-drop")
+            f"INT8 fails the checks: {'; '.join(record.failures)}{tried}; try --calibration percentile|auto, other "
+            "--data, a longer --fallback-seconds, --exclude-op-types, or relax --max-accuracy-drop/--min-sqnr")
     return record
+
+
+def score(data, model: OnnxModel, reference: OnnxModel | None) -> Score:
+    """A compare row's accuracy (labels) and agreement with `reference` (first output), not gated."""
+    from edgec.exporters.compare import accuracy, compare_outputs
+    with timed(EvaluateRecord, "accuracy (labels) or agreement with FP32"):   # streamed batch by batch
+        out = Score()
+        if data.labelled:
+            out.accuracy = 100 * accuracy(model.path, data, data.y)
+        if reference is not None:
+            out.agreement = agreement(compare_outputs(reference.path, model.path, data))
+    return out
 
 
 def bench_models(models: list[OnnxModel], providers: list[str], seconds: float, *, shapes: dict | None = None,
@@ -392,7 +438,12 @@ def bench_models(models: list[OnnxModel], providers: list[str], seconds: float, 
 
 def bench(int8: OnnxModel, fp32: OnnxModel, providers: list[str], seconds: float,
           shapes: dict | None = None) -> BenchRecord:
+    """Each model alone: the figure the gate (`edgec bench PKG`) measures; interleaved only for the paired ratio."""
+    from edgec.runtime import benchmark
     with timed(BenchRecord) as t:
-        q, f = bench_models([int8, fp32], providers, seconds, shapes=shapes)
+        (q,), (f,) = (bench_models([m], providers, seconds, shapes=shapes) for m in (int8, fp32))
+        pair = benchmark([int8.path, fp32.path], providers=list(providers), runs=f"{seconds}s", warmup="5",
+                         shapes=shapes, inspect=False)
+        ratio = {r.ep: r.ratio for r in pair[len(pair) // 2:]}   # models x providers: FP32's, against INT8
     return BenchRecord(providers=list(providers), seconds_per_model=seconds, shapes=shapes, int8=q, fp32=f,
-                       seconds=t.seconds)
+                       ratio=ratio, seconds=t.seconds)

@@ -89,9 +89,9 @@ class Group:
         if flag.decls[0].isupper():  # positional
             return click.argument(name, metavar=flag.decls[0], **kw)
         default = self.default(name)
-        if default is not None:
+        if default is not None and not (isinstance(default, (tuple, list, dict)) and not default):
             kw.setdefault("default", default)
-            if default is not False and default != ():
+            if default is not False:
                 kw.setdefault("show_default", True)
         return click.option(*flag.decls, name, help=flag.help, **kw)
 
@@ -221,6 +221,11 @@ def _prune_group() -> Group:
     })
 
 
+def _tasks(values):
+    from edgec.exporters.metrics import parse_tasks
+    return parse_tasks(values)
+
+
 def _prune_ratio(ratio):
     if ratio is None:
         return None
@@ -238,6 +243,14 @@ def _build_group() -> Group:
         "max_accuracy_drop": Flag(("--max-accuracy-drop",), "INT8 may lose at most this many points vs FP32: over "
                                   "it, the most sensitive nodes are kept in FP32 (--fallback-seconds); still over it "
                                   "on the eval data, the build fails.", click={"type": float}),
+        "min_sqnr": Flag(("--min-sqnr",), "Every output's SQNR of INT8 vs FP32 over the eval data must reach this "
+                         "many dB (default 20: properly calibrated INT8 measured 27-53 dB, wrong ranges 15 and below).",
+                         click={"type": float}),
+        "tasks": Flag(("--task",), "What an output is, so it gets its task's check: classify, multilabel, regress, "
+                      "score, embed, none (repeatable; a one-output model may say --task classify). Default: detected "
+                      "and printed.", convert=_tasks, click={"multiple": True, "metavar": "OUTPUT=TASK"}),
+        "label_output": Flag(("--label-output",), "The output the labels of --data/--eval-data apply to (needed when "
+                             "the model has several outputs; 'none' ignores the labels)."),
         "fallback_seconds": Flag(("--fallback-seconds",), "Time box of the sensitivity fallback; 0 fails instead of "
                                                           "keeping nodes in FP32.", click={"type": float}),
         "providers": Flag(("--ep",), "Execution provider(s) to benchmark on: cpu, cuda, tensorrt, auto.",

@@ -1,0 +1,137 @@
+"""Every ```sh block of the README runs as pasted, after the set-up command, from the clone's root: for real in bash
+(tiny settings: the demo's cached ResNet18 is replaced by the small trained CNN in the same edgec model-file format,
+torchvision arch specs by that CNN's, and the regression allowance is widened because a busy machine is no
+benchmark), and through zsh with every command stubbed, which fails on an unquoted glob such as `?` in an --arch spec
+("no matches found")."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+SMALL_ARCH = "edgec.models.zoo:digits_cnn"
+TINY = [(re.compile(r"torchvision:[a-z0-9_]+\?num_classes=10"), SMALL_ARCH),
+        (re.compile(r"--max-regression 10%"), "--max-regression 1000%")]
+SETUP = "python3 -m venv .venv"
+
+
+def command_blocks(text: str = README) -> list[str]:
+    """The ```sh blocks after the set-up and test lines (which .ci/run and the user run themselves)."""
+    return [b for b in re.findall(r"^```sh\n(.*?)^```", text, re.S | re.M) if not b.startswith(SETUP)]
+
+
+def test_setup_and_test_lines_stay_first():
+    blocks = re.findall(r"^```sh\n(.*?)^```", README, re.S | re.M)
+    setup, tests = blocks[0].strip(), blocks[1].strip()
+    assert setup.startswith(SETUP) and setup.endswith("edgec demo") and "-e ./edgec-runtime" in setup
+    ci = subprocess.run(["awk", "/^Run the tests:/{f=1} f && /^python3 /{print; exit}", str(ROOT / "README.md")],
+                        capture_output=True, text=True, check=True).stdout.strip()
+    assert ci == tests and tests.startswith("python3 ") and tests.endswith("python -m pytest -q")   # .ci/run's line
+    assert len(command_blocks()) >= 6
+
+
+def _first_words(block: str) -> set[str]:
+    """The command names of a block (first word of each line and after && || ; |), quotes respected."""
+    import shlex
+    words = set()
+    for line in block.replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.commenters = "#"
+        start = True
+        for token in lexer:
+            if token in ("&&", "||", ";", "|", "&"):
+                start = True
+            elif start:
+                words.add(token)
+                start = False
+    return words
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed here")
+@pytest.mark.parametrize("index", range(len(command_blocks())))
+def test_block_expands_in_zsh(index, tmp_path):
+    block = command_blocks()[index]
+    stubs = " ".join(sorted(_first_words(block)))
+    script = f"function {stubs} {{ print -r -- \"$@\" }}\n{block}"
+    p = subprocess.run(["zsh", "-f", "-e", "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert p.returncode == 0 and "no matches found" not in p.stderr, p.stderr
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory, trained_cnn):
+    """A folder standing in for the clone's root after the set-up command: .venv is this venv, the demo model
+    sits in the cache (tiny: the small CNN), edgec-runtime/ is the repository's."""
+    from edgec.demo import demo_model_path
+    root = tmp_path_factory.mktemp("clone")
+    (root / ".venv").symlink_to(sys.prefix)
+    (root / "edgec-runtime").symlink_to(ROOT / "edgec-runtime")
+    cached = demo_model_path()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(trained_cnn[0], cached)
+    return root
+
+
+def test_readme_blocks_run_in_bash(clone):
+    env = {**os.environ, "PATH": f"{Path(sys.prefix) / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("VIRTUAL_ENV", None)
+    for block in command_blocks():
+        script = block
+        for pattern, tiny in TINY:
+            script = pattern.sub(tiny, script)
+        p = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], capture_output=True, text=True,
+                           cwd=clone, env=env, timeout=1200)
+        assert p.returncode == 0, f"README block failed (exit {p.returncode}):\n{block}\n--- stderr:\n{p.stderr[-3000:]}"
+    assert (clone / "model.edgec" / "manifest.json").is_file() and (clone / "bench.xml").is_file()
+    assert (clone / "compare" / "report.md").is_file() and (clone / "best.edgec").is_dir()
+
+
+def workflow_steps(text: str) -> list[str]:
+    """The `run:` steps of docs/ci.md's workflow, in order (one-line or `run: |` blocks)."""
+    steps, lines = [], text.splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)(?:- )?run: (.*)$", line)
+        if not m:
+            continue
+        if m.group(2).strip() != "|":
+            steps.append(m.group(2))
+            continue
+        body = []
+        for nxt in lines[i + 1:]:
+            if nxt.strip() and len(nxt) - len(nxt.lstrip()) <= len(m.group(1)):
+                break
+            body.append(nxt.strip())
+        steps.append("\n".join(body).replace("\\\n", " "))
+    return steps
+
+
+def test_ci_doc_workflow_commands_run(clone, trained_cnn):
+    """docs/ci.md: the build job's steps, storing the baseline, then the device job's steps with the lean install,
+    in one folder (the artifact transfer is the YAML runner's). The full tool's install line is .ci/run's, so here
+    .venv is this venv."""
+    doc = (ROOT / "docs" / "ci.md").read_text()
+    (yaml_block,) = re.findall(r"^```yaml\n(.*?)^```", doc, re.S | re.M)
+    (baseline,) = re.findall(r"^```sh\n(.*?)^```", doc, re.S | re.M)
+    steps = workflow_steps(yaml_block)
+    full_install = 'python3 -m venv .venv && .venv/bin/pip install -e ./edgec-runtime -e ".[cpu]"'
+    assert steps[0] == full_install and any("lean/bin/pip install" in s for s in steps)
+    gate_at = next(i for i, s in enumerate(steps) if "lean/bin/pip install" in s)
+    if not (clone / "model.pt").exists():
+        shutil.copy(trained_cnn[0], clone / "model.pt")
+    env = {**os.environ, "PATH": f"{Path(sys.prefix) / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("VIRTUAL_ENV", None)
+    env.pop("GITHUB_STEP_SUMMARY", None)
+    for script in steps[1:gate_at] + [baseline] + steps[gate_at:]:
+        for pattern, tiny in TINY:
+            script = pattern.sub(tiny, script)
+        p = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], capture_output=True, text=True,
+                           cwd=clone, env=env, timeout=1200)
+        assert p.returncode == 0, f"docs/ci.md step failed (exit {p.returncode}):\n{script}\n{p.stderr[-3000:]}"
+    import xml.etree.ElementTree as ET
+    cases = list(ET.parse(clone / "bench.xml").getroot().iter("testcase"))
+    assert [c.get("name") for c in cases] == ["budget p90=12ms", "regression p50 +1000% vs baseline"]
+    assert "gate passed: 2 check(s)" in p.stderr and (clone / "bench.md").read_text().startswith("### edgec bench")

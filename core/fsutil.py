@@ -22,17 +22,18 @@ from edgec.core.errors import OptionError, OutputExists
 
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
-PACKAGE_MANIFEST = "manifest.json"
 
 
 # ---------------------------------------------------------------- what may be written where
 
 def is_edgec_package(folder) -> bool:
+    """A folder whose manifest says it is an edgec package (what --force may replace)."""
+    from edgec.core.package import MANIFEST_FILE, SCHEMA
     try:
-        schema = json.loads((Path(folder) / PACKAGE_MANIFEST).read_text()).get("schema", "")
+        schema = json.loads((Path(folder) / MANIFEST_FILE).read_text()).get("schema", "")
     except (OSError, ValueError, AttributeError):
         return False
-    return isinstance(schema, str) and schema.startswith("edgec.manifest/")
+    return schema == SCHEMA
 
 
 def _describe(folder: Path) -> str:

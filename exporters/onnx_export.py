@@ -114,12 +114,30 @@ def _param_bytes(module) -> int:
 
 
 def _quiet():
-    """Both exporters print progress and deprecation chatter; keep stdout clean for --json callers."""
+    """Both exporters print progress and deprecation chatter; keep stdout clean for --json callers. They also
+    log (torch's opset notes, onnxscript's version converter with a full traceback even when the export
+    succeeds): silenced while they run; a real failure raises and is reported as one line."""
+    import logging
     stack = contextlib.ExitStack()
     stack.enter_context(warnings.catch_warnings())
     warnings.simplefilter("ignore")
     stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    stack.callback(logging.disable, previous)
     return stack
+
+
+def check_onnx_file(path) -> None:
+    """An ONNX model file, or a one-line model error (not a protobuf traceback)."""
+    import onnx
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise ModelError(f"{path} not found") from None
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and friends for a file that is not ONNX
+        raise ModelError(f"{path} is not an ONNX model ({type(e).__name__}); pass a .onnx file, e.g. from "
+                         "edgec export") from None
 
 
 def _torchscript_export(module, args, file, opset, specs, output_names, dynamic, out_axes):

@@ -26,7 +26,7 @@ class FallbackOptions:
     max_accuracy_drop: float = 1.0         # points (1.0 = one percentage point)
     time_budget_s: float = 300.0
     max_excluded_share: float = 0.10       # never keep more than this share of Conv/MatMul/Gemm nodes in FP32
-    batch_size: int = 64
+    batch_size: int | None = None        # None: about 8 MB of inputs per batch (compare.auto_batch; ORT arenas)
     # A node whose FP32 fallback would leave less than this share of Conv/MatMul/Gemm weights in INT8 is passed
     # over (issue #6's bar is 90%): EfficientNet-Lite0's classifier alone holds 28% of its weights.
     min_int8_weight_share: float = 0.90

@@ -44,8 +44,9 @@ def _print_providers(as_json: bool) -> None:
 @click.argument("models", nargs=-1, type=click.Path())
 @click.option("--ep", "eps", multiple=True, default=("cpu",), show_default=True,
               help="Execution provider: cpu, cuda, tensorrt or auto. Repeat to compare providers.")
-@click.option("--threads", type=int, help="Intra-op threads (default: ONNX Runtime's choice, one per core).")
-@click.option("--batch", type=int, help="Batch size for a dynamic leading dimension (default 1).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="Intra-op threads (default: ONNX Runtime's choice, one per core).")
+@click.option("--batch", type=click.IntRange(min=1), help="Batch size for a dynamic leading dimension (default 1).")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D,D,..",
               help="Concrete input shape, e.g. --shape input=1,3,224,224. Repeatable.")
 @click.option("--warmup", default="10", show_default=True, help="Warm-up runs per model: a count (10) or a time (2s).")

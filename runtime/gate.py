@@ -161,6 +161,13 @@ def load_baseline(path) -> list[dict]:
         raise OptionError(f"baseline {p} is not a JSON file ({e}); create it with `edgec bench --json`") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("results"), list):
         raise OptionError(f"baseline {p} is not an {SCHEMA} document; create it with `edgec bench MODEL --json`")
+    for i, r in enumerate(doc["results"]):
+        p50 = r.get("latency_ms", {}).get("p50") if isinstance(r, dict) and isinstance(r.get("latency_ms"), dict) \
+            else None
+        if not (isinstance(r, dict) and isinstance(r.get("ep"), str) and isinstance(p50, (int, float))
+                and not isinstance(p50, bool) and 0 < p50 < math.inf):
+            raise OptionError(f"baseline {p}: result {i} lacks a provider (ep) and a positive latency_ms.p50; "
+                              "create the baseline with `edgec bench MODEL --json`")
     return doc["results"]
 
 

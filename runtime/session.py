@@ -142,6 +142,7 @@ def random_inputs(inputs: list[InputInfo], shapes: dict[str, list[int]], seed: i
     inputs get 0/1 so that index-like inputs (token ids, gather indices) stay in range."""
     rng = np.random.default_rng(seed)
     feed = {}
+    _check_feed_fits(inputs, shapes)
     for inp in inputs:
         dtype = DTYPES.get(inp.dtype)
         if dtype is None:
@@ -152,6 +153,20 @@ def random_inputs(inputs: list[InputInfo], shapes: dict[str, list[int]], seed: i
         else:
             feed[inp.name] = rng.integers(0, 2, size=shape).astype(dtype)
     return feed
+
+
+def _check_feed_fits(inputs: list[InputInfo], shapes: dict[str, list[int]]) -> None:
+    """Inputs (and so activations) scale with --batch/--shape: refuse what cannot fit before allocating it."""
+    need = sum(int(np.prod(shapes[i.name], dtype=np.float64)) * np.dtype(DTYPES.get(i.dtype, np.float32)).itemsize
+               for i in inputs)
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return  # no figure on this platform: let the allocation decide
+    if need > avail / 4:  # the activations of a batch are several times its inputs
+        raise OptionError(f"inputs of {need / 1e9:,.1f} GB at shapes {shapes} do not fit in the "
+                          f"{avail / 1e9:,.1f} GB of memory available; use a smaller --batch or --shape")
 
 
 def _fmt(shape) -> str:

@@ -122,12 +122,12 @@ def test_torch_accuracy_is_the_onnx_runtime_accuracy(qat_cnn, digits):
     from edgec.exporters.compare import accuracy, output_agreement, ort_session, run_onnx
     qmodel, record, info, path, _ = qat_cnn
     test_ds = digits[1]
-    ort_acc = 100 * accuracy(path, test_ds.x, test_ds.y)
+    ort_acc = 100 * accuracy(path, test_ds, test_ds.y)
     assert abs(ort_acc - record["torch_fake_quant_accuracy"]) <= 0.3
     check = info["check"]  # the record export_qat_onnx writes says the same
     assert check["ort_accuracy"] == pytest.approx(ort_acc) and check["accuracy_gap"] <= 0.3
     with torch.no_grad():
-        ref = qmodel(torch.from_numpy(test_ds.x)).numpy()
+        ref = qmodel(torch.from_numpy(test_ds.x[:])).numpy()
     agree = output_agreement(ref, run_onnx(ort_session(path), test_ds.x)[0])
     assert agree["mean_cosine"] > 0.9999 and agree["top1_agreement"] >= 0.998
 
@@ -160,7 +160,7 @@ def test_residual_model_trains_exports_and_agrees(digits, tmp_path):
     assert record["bn_folded"] == 4 and info["ort_fused"]["int8_compute"] == {"QLinearConv": 4, "QGemm": 1}
     assert info["ort_fused"]["float_compute"] == {} and info["ort_fused"]["op_types"].get("QLinearAdd") == 1
     with torch.no_grad():
-        ref = qmodel(torch.from_numpy(test_ds.x)).numpy()
+        ref = qmodel(torch.from_numpy(test_ds.x[:])).numpy()
     agree = output_agreement(ref, run_onnx(ort_session(tmp_path / "tiny.onnx"), test_ds.x)[0])
     assert agree["mean_cosine"] > 0.9999 and agree["top1_agreement"] >= 0.99
     assert record["torch_fake_quant_accuracy"] > 50  # trained (chance is 10%): activations are not degenerate

@@ -60,6 +60,11 @@ class Column:
     def __getitem__(self, item) -> np.ndarray:   # what single-input code (training, pruning) slices
         return self.read(item)
 
+    def __array__(self, dtype=None, copy=None):
+        """The whole column as one array (np.asarray(ds.x)): small data only, everything else reads batches."""
+        x = self.read(slice(0, len(self)))
+        return x if dtype is None else x.astype(dtype, copy=False)
+
     @property
     def dtype(self) -> np.dtype:
         return self.read(slice(0, 1)).dtype
@@ -694,9 +699,14 @@ class LazyImages(Column):
         return x
 
     def _read(self, file: Path) -> np.ndarray:
+        import warnings
+
         from PIL import Image, UnidentifiedImageError
         try:
-            with Image.open(file) as im:
+            with warnings.catch_warnings():  # over PIL's pixel limit: refused, not decoded into gigabytes
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im = Image.open(file)
+            with im:
                 im = im.convert("RGB")
                 # resize the short side, then centre-crop: the usual eval transform
                 w, h = im.size
@@ -709,6 +719,9 @@ class LazyImages(Column):
                 return np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"{file} is not a readable image ({e}); remove it or fix it") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise DataError(f"{file} has more pixels than PIL decodes safely ({Image.MAX_IMAGE_PIXELS:,}); "
+                            "resize it or remove it from the image folder") from None
 
 
 def load_image_folder(path: Path, *, image_size=None, mean=None, std=None) -> Dataset:
@@ -718,6 +731,9 @@ def load_image_folder(path: Path, *, image_size=None, mean=None, std=None) -> Da
     files, labels = [], []
     for label, name in enumerate(classes):
         found = sorted(f for f in (path / name).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        odd = [f for f in found if not f.is_file()]  # a FIFO or device named x.jpg would block the read forever
+        if odd:
+            raise DataError(f"{odd[0]} is not a regular file; remove it from the image folder")
         files += found
         labels += [label] * len(found)
     if not files:

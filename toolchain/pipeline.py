@@ -43,11 +43,11 @@ class BuildOptions:
     def validate(self) -> None:
         if self.opset < 17:
             raise OptionError(f"--opset {self.opset}: edgec needs opset 17 or newer")
-        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+        if self.max_accuracy_drop is not None and not self.max_accuracy_drop >= 0:  # `not >=`: nan is refused too
             raise OptionError(f"--max-accuracy-drop {self.max_accuracy_drop}: a budget in points, 0 or more")
-        if self.fallback_seconds < 0:
+        if not self.fallback_seconds >= 0:
             raise OptionError(f"--fallback-seconds {self.fallback_seconds}: 0 (no fallback) or more")
-        if self.bench_seconds < 0:
+        if not self.bench_seconds >= 0:
             raise OptionError(f"--bench-seconds {self.bench_seconds}: 0 (no benchmark) or more")
         if self.prune is not None:
             self.prune.validate()
@@ -133,10 +133,13 @@ def quantize_model(model: str, spec: SourceSpec, output: str, options, *, force:
     import numpy as np
     from edgec.data import load_data
     from edgec.exporters.compare import onnx_inputs
-    from edgec.source import DEFAULT_DATA
+    from edgec.exporters.onnx_export import check_onnx_file
+    from edgec.source import DEFAULT_DATA, check_calibration_size
+    check_onnx_file(model)
     kw = dict(image_size=spec.image_size, mean=spec.mean, std=spec.std)
     specs = onnx_inputs(model)
     calib = load_data(spec.data or DEFAULT_DATA, **kw).bind(specs)
+    check_calibration_size(calib)
     check = load_data(spec.eval_data, **kw).bind(specs) if spec.eval_data else calib
     check = check.take(np.arange(min(512, len(check))))   # streamed
     with atomic_path(output, force=force, inputs=(model, spec.data, spec.eval_data)) as tmp:

@@ -20,6 +20,7 @@ DEFAULT_DATA = "builtin:digits"
 EVAL_FRACTION = 0.2        # held out of --data when no --eval-data is given
 VALIDATION_FRACTION = 0.1  # held out of the training data to pick the best epoch (never the eval data)
 RANDOM_SAMPLES = 64        # export check of a self-describing model file given no --data
+MIN_CALIBRATION_SAMPLES = 32  # the calibration check's own minimum (exporters.calibration.check_samples)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,10 @@ def load_source(spec: SourceSpec, *, checks=None, random_ok: bool = False) -> So
         note(f"no --eval-data: holding out {len(evaluation)} of {calib.source}'s samples for evaluation")
     else:
         evaluation = None
+    if not random_ok:  # everything but export calibrates on this data
+        held_out = len(evaluation) if evaluation is not None and evaluation.source == calib.source \
+            and not spec.eval_data else 0
+        check_calibration_size(calib, held_out=held_out)
     example = example_args(calib.head(1), specs)
     try:
         with torch.no_grad():
@@ -162,6 +167,14 @@ def _bind(data: Dataset, specs, num_classes: int | None = None) -> Dataset:
             raise DataError(f"{data.source}: images are {data.preprocess['center_crop']} px, the model expects "
                             f"{'x'.join(map(str, want))}; pass --image-size {side}") from None
         raise
+
+
+def check_calibration_size(calib: Dataset, held_out: int = 0) -> None:
+    """INT8 ranges from a handful of samples do not fit real inputs (and an accuracy on them means nothing)."""
+    if len(calib) < MIN_CALIBRATION_SAMPLES:
+        kept = f" after holding out {held_out} for evaluation (or pass --eval-data)" if held_out else ""
+        raise DataError(f"{calib.source}: {len(calib)} calibration samples{kept}; edgec needs at least "
+                        f"{MIN_CALIBRATION_SAMPLES} (256 by default), drawn from the data the model will see")
 
 
 def training_split(calib: Dataset) -> tuple[Dataset, Dataset | None]:

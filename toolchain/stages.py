@@ -388,10 +388,11 @@ def evaluate(data, model: OnnxModel, reference: OnnxModel, checks,
              quantized: QuantizeRecord | TakenInt8Record | None = None) -> EvaluateRecord:
     """The gate of build and of compare --package: `model` vs `reference` (the FP32 model it was made from) on
     held-out `data` (Source.check_data), every output; a failed check is BudgetExceeded."""
+    from edgec.exporters.compare import auto_batch
     from edgec.exporters.metrics import compare_models, failures
-    with timed(EvaluateRecord) as t:   # the data is streamed batch by batch
-        outputs = compare_models(reference.path, model.path, data.batches(64), data.y, checks,
-                                 num_classes=num_classes(data))
+    with timed(EvaluateRecord) as t:   # streamed in batches of ~8 MB of inputs: ORT arenas stay small
+        batches = data.batches(auto_batch(data.bytes_per_sample()))
+        outputs = compare_models(reference.path, model.path, batches, data.y, checks, num_classes=num_classes(data))
         for o in outputs:
             note(f"output {o['name']}: {o['task']} ({o['chosen']}{': ' + o['why'] if o['why'] else ''}); "
                  + "SQNR " + ("identical" if o["identical"] else f"{o['sqnr_db']} dB")

@@ -14,6 +14,7 @@ the uninterrupted run would have done, without storing RNG state.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -56,17 +57,17 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+        if self.epochs < 1 or self.batch_size < 1 or not 0 < self.lr < math.inf:  # also refuses nan
             raise OptionError("--epochs, --batch-size and --lr must be positive")
         if not 0.0 <= self.alpha <= 1.0:
             raise OptionError(f"--alpha {self.alpha} is outside 0..1")
-        if self.temperature <= 0:
+        if not 0 < self.temperature < math.inf:
             raise OptionError(f"--temperature {self.temperature} must be positive")
         if self.optimizer not in ("sgd", "adamw") or self.schedule not in ("cosine", "constant"):
             raise OptionError("--optimizer is sgd|adamw and --schedule cosine|constant")
         if self.patience is not None and self.patience < 1:
             raise OptionError(f"--patience {self.patience} must be at least 1 epoch")
-        if self.hint_weight < 0:
+        if not self.hint_weight >= 0:
             raise OptionError(f"--hint-weight {self.hint_weight} must not be negative")
         if self.resume and not self.checkpoint:
             raise OptionError("--resume needs a checkpoint path (the output's .ckpt)")
@@ -279,6 +280,18 @@ class _Quiet:
         pass
 
 
+def _check_labels(student: nn.Module, example: torch.Tensor, data: Dataset) -> None:
+    """Class ids outside the student's outputs: one data error before training, not an IndexError inside it."""
+    was_training = student.training
+    with torch.no_grad():
+        out = student.eval()(example)
+    student.train(was_training)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    y = np.asarray(data.y)
+    if out.ndim == 2 and y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+        data.validate(num_classes=int(out.shape[1]))
+
+
 def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_data: Dataset | None = None,
           teacher: nn.Module | None = None, label: str = "train", stop_after: int | None = None) -> dict:
     """Train `student` in place; keeps the weights of the best epoch on eval_data. Returns metrics.
@@ -293,6 +306,8 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
     device = _pick_device(cfg)
     torch.manual_seed(cfg.seed)  # adapters start equal on every rank
     example = torch.from_numpy(np.asarray(train_data.x[0:1], np.float32))
+    if train_data.y is not None and (teacher is None or cfg.alpha < 1):  # labels feed the loss: they must fit
+        _check_labels(student, example, train_data)
     s_names, t_names, adapters = _build_hints(student, teacher, list(cfg.hints), example)
     trainee = _Trainee(student, s_names, adapters).to(device)
     if teacher is not None:

@@ -14,13 +14,41 @@ import click
 _FROM_CLASS = object()
 
 
+class FiniteFloat(click.ParamType):
+    """A float that is a number: nan and inf are refused where the option is declared (nan compares false
+    with every bound, so `--lr nan` trained an all-NaN model and `--max-accuracy-drop nan` disabled the gate)."""
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        import math
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE = FiniteFloat()
+
+
 def _floats(ctx, param, value):
+    import math
     if value is None:
         return None
     try:
-        return tuple(float(v) for v in value.split(","))
+        numbers = tuple(float(v) for v in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated numbers like 0.485,0.456,0.406") from None
+        numbers = ()
+    if not numbers or not all(math.isfinite(v) for v in numbers):
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers like 0.485,0.456,0.406")
+    return numbers
+
+
+def _opset(ctx, param, value):
+    """What the exporters write: 17 (edgec's floor) up to the TorchScript exporter's newest."""
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as newest
+    if value is not None and not 17 <= value <= newest:
+        raise click.BadParameter(f"{value}: edgec exports ONNX opset 17 to {newest}")
+    return value
 
 
 def _shape(ctx, param, value):
@@ -150,7 +178,7 @@ def _source_group() -> Group:
         "eval_data": Flag(("--eval-data",), "Labelled held-out data (default: builtin:digits:test for the built-in "
                                             "data, else 20% of --data when labelled)."),
         "image_size": Flag(("--image-size",), "Image folders: resize+crop to this size (default: the model file's "
-                                              "recorded input size, else 224).", click={"type": int}),
+                                              "recorded input size, else 224).", click={"type": click.IntRange(1, 4096)}),
         "mean": Flag(("--mean",), "Per-channel mean to subtract, e.g. 0.485,0.456,0.406.", click={"callback": _floats}),
         "std": Flag(("--std",), "Per-channel std to divide by, e.g. 0.229,0.224,0.225.", click={"callback": _floats}),
     })
@@ -183,17 +211,17 @@ def _train_group() -> Group:
     return Group(TrainConfig, {
         "epochs": Flag(("--epochs",), "Distillation epochs.", click={"type": int}),
         "lr": Flag(("--lr",), "Peak learning rate of distillation (one-cycle cosine).", default=KD_LR,
-                   click={"type": float}),
+                   click={"type": FINITE}),
         "alpha": Flag(("--alpha",), "Weight of the teacher's soft targets (0 = plain fine-tuning on labels).",
-                      click={"type": float}),
-        "temperature": Flag(("--temperature",), "Distillation temperature.", click={"type": float}),
+                      click={"type": FINITE}),
+        "temperature": Flag(("--temperature",), "Distillation temperature.", click={"type": FINITE}),
         "batch_size": Flag(("--batch-size",), "Per process.", click={"type": int}),
         "optimizer": Flag(("--optimizer",), "", click={"type": click.Choice(["sgd", "adamw"])}),
-        "weight_decay": Flag(("--weight-decay",), "", click={"type": float}),
+        "weight_decay": Flag(("--weight-decay",), "", click={"type": FINITE}),
         "schedule": Flag(("--schedule",), "", click={"type": click.Choice(["cosine", "constant"])}),
         "hints": Flag(("--hint",), "Feature loss STUDENT_LAYER[:TEACHER_LAYER] (repeatable), e.g. layer3.",
                       click={"multiple": True, "callback": _hint}),
-        "hint_weight": Flag(("--hint-weight",), "", click={"type": float}),
+        "hint_weight": Flag(("--hint-weight",), "", click={"type": FINITE}),
         "augment": Flag(("--augment/--no-augment",), "Random translation of training images."),
         "patience": Flag(("--patience",), "Stop after this many epochs without a better eval accuracy.",
                          click={"type": int}),
@@ -206,11 +234,11 @@ def _train_group() -> Group:
 def _prune_group() -> Group:
     from edgec.prune import IMPORTANCE, PruneConfig
     return Group(PruneConfig, {
-        "ratio": Flag(("--ratio",), "Fraction of channels to remove, in (0, 1), e.g. 0.5.", click={"type": float}),
+        "ratio": Flag(("--ratio",), "Fraction of channels to remove, in (0, 1), e.g. 0.5.", click={"type": FINITE}),
         "target_flops": Flag(("--target-flops",), "Instead of --ratio: keep this fraction of the FLOPs, e.g. 0.25.",
-                             click={"type": float}),
+                             click={"type": FINITE}),
         "target_params": Flag(("--target-params",), "Instead of --ratio: keep this fraction of the parameters.",
-                              click={"type": float}),
+                              click={"type": FINITE}),
         "importance": Flag(("--importance",), "Channel ranking: weight magnitude, BatchNorm scale, or first-order "
                                               "Taylor (needs --data).", click={"type": click.Choice(IMPORTANCE)}),
         "global_pruning": Flag(("--global",), "Rank channels across layers (uneven widths).", click={"is_flag": True}),
@@ -239,26 +267,26 @@ def _build_group() -> Group:
         "output": Flag(("-o", "--output"), "Output path.", click={"required": True, "type": click.Path()}),
         "force": Flag(("--force",), "Replace an existing output (only once the new one is complete).",
                       click={"is_flag": True}),
-        "opset": Flag(("--opset",), "ONNX opset (>= 17).", click={"type": int}),
+        "opset": Flag(("--opset",), "ONNX opset (17-20).", click={"type": int, "callback": _opset}),
         "max_accuracy_drop": Flag(("--max-accuracy-drop",), "INT8 may lose at most this many points vs FP32: over "
                                   "it, the most sensitive nodes are kept in FP32 (--fallback-seconds); still over it "
-                                  "on the eval data, the build fails.", click={"type": float}),
+                                  "on the eval data, the build fails.", click={"type": FINITE}),
         "min_sqnr": Flag(("--min-sqnr",), "Every output's SQNR of INT8 vs FP32 over the eval data must reach this "
                          "many dB (default 20: properly calibrated INT8 measured 27-53 dB, wrong ranges 15 and below).",
-                         click={"type": float}),
+                         click={"type": FINITE}),
         "tasks": Flag(("--task",), "What an output is, so it gets its task's check: classify, multilabel, regress, "
                       "score, embed, none (repeatable; a one-output model may say --task classify). Default: detected "
                       "and printed.", convert=_tasks, click={"multiple": True, "metavar": "OUTPUT=TASK"}),
         "label_output": Flag(("--label-output",), "The output the labels of --data/--eval-data apply to (needed when "
                              "the model has several outputs; 'none' ignores the labels)."),
         "fallback_seconds": Flag(("--fallback-seconds",), "Time box of the sensitivity fallback; 0 fails instead of "
-                                                          "keeping nodes in FP32.", click={"type": float}),
+                                                          "keeping nodes in FP32.", click={"type": FINITE}),
         "providers": Flag(("--ep",), "Execution provider(s) to benchmark on: cpu, cuda, tensorrt, auto.",
                           convert=tuple, click={"multiple": True}),
         "bench_seconds": Flag(("--bench-seconds",), "Benchmark time per model and provider; 0 skips the benchmark.",
-                              click={"type": float}),
+                              click={"type": FINITE}),
         "prune": Flag(("--prune",), "Remove this fraction of channels (structured) first.", convert=_prune_ratio,
-                      click={"type": float}),
+                      click={"type": FINITE}),
         "distill": Flag(("--distill",), "Train the (pruned) model on the original's soft targets.",
                         default=False, click={"is_flag": True}),
         "sign_key": Flag(("--sign-key",), "Sign the package with this Ed25519 private key (NAME.key from `edgec "
@@ -279,12 +307,12 @@ def _compare_group() -> Group:
         "calibrations": Flag(("--calibration",), "Calibration method(s) for ptq-int8, one row each.",
                              convert=tuple, click={"multiple": True, "type": click.Choice(CALIBRATIONS)}),
         "providers": Flag(("--ep",), "Execution provider(s).", convert=tuple, click={"multiple": True}),
-        "prune_ratio": Flag(("--prune-ratio",), "Fraction of channels prune-kd removes.", click={"type": float}),
+        "prune_ratio": Flag(("--prune-ratio",), "Fraction of channels prune-kd removes.", click={"type": FINITE}),
         "qat_epochs": Flag(("--qat-epochs",), "Quantization-aware fine-tuning epochs.", click={"type": int}),
-        "bench_seconds": Flag(("--bench-seconds",), "Benchmark time per model.", click={"type": float}),
+        "bench_seconds": Flag(("--bench-seconds",), "Benchmark time per model.", click={"type": FINITE}),
         "fresh": Flag(("--fresh",), "Recompute every recipe instead of reusing the cache.", click={"is_flag": True}),
         "max_accuracy_drop": Flag(("--max-accuracy-drop",), "Constraint (and --package's gate, as in build): points "
-                                  "of accuracy a recipe may lose vs FP32.", click={"type": float}),
+                                  "of accuracy a recipe may lose vs FP32.", click={"type": FINITE}),
         "budgets": Flag(("--budget",), "Constraint: latency on the first --ep, e.g. p90=10ms.",
                         convert=tuple, click={"multiple": True}),
         "max_size": Flag(("--max-size",), "Constraint: file size, e.g. 5MB.", click={"callback": _size}),

@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).with_name("SQNR_THRESHOLD.md")))
     ap.add_argument("--skip-demo", action="store_true")
+    ap.add_argument("--kinds", default=None, help="comma-separated subset of edgec.models.kinds.KINDS")
     args = ap.parse_args(argv)
     from edgec.data import load_data
     from edgec.models.kinds import KINDS, train_kind
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
             calibs[name] = work / f"{name}.npz"
             np.savez(calibs[name], x=f(train.x[0:512]).astype(np.float32))
         models = {}
-        for kind in KINDS:
+        for kind in (args.kinds.split(",") if args.kinds else KINDS):
             m = train_kind(kind, train.x[0:len(train)], train.y)
             models[kind] = work / f"{kind}.pt"
             torch.jit.save(torch.jit.trace(m, torch.from_numpy(train.x[0:2])), models[kind])
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
         for kind, path in models.items():
             for variant, calib in [("good (edgec defaults)", "builtin:digits"), *calibs.items()]:
                 for o in measure(path, calib, work, LABEL_OUTPUT.get(kind)):
-                    rows.append({"model": kind, "int8": variant, **o})
+                    rows.append({"model": kind, "variant": variant, **o})
                     print(json.dumps(rows[-1]), file=sys.stderr)
     lines = ["# Default --min-sqnr: measured", "",
              "`.venv/bin/python benchmarks/sqnr_threshold.py` (eval: builtin:digits:test, 360 samples; broken = real",
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
         fp = f"{r['fp32']:.2f}" if r.get("fp32") is not None else "-"
         q = f"{r['int8']:.2f}" if r.get("int8") is not None else "-"
         sq = "identical" if r["identical"] else (f"{r['sqnr_db']:.1f}" if r["sqnr_db"] is not None else "-inf")
-        lines.append(f"| {r['model']} | {r['int8']} | {r['name']} | {r['task']} ({r['chosen']}) | {fig} | {fp} | {q} "
+        lines.append(f"| {r['model']} | {r['variant']} | {r['name']} | {r['task']} ({r['chosen']}) | {fig} | {fp} | {q} "
                      f"| {sq} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

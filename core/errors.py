@@ -48,3 +48,25 @@ class OptionError(EdgecError):
     """Options that are individually valid but do not fit together or cannot apply."""
     exit_code = 2
 
+
+_TORCHSCRIPT_HEADER = "The following operation failed in the TorchScript interpreter."
+
+
+def cause_line(e: BaseException) -> str:
+    """One line that says why `e` happened. For most errors that is the first line of the message; a TorchScript
+    interpreter failure starts with a fixed header and a traceback, so its cause is the interpreter's own last
+    line (e.g. "RuntimeError: Expected 3D input to conv1d, but got [1, 1, 1, 512]") plus the serialized code
+    line marked "<--- HERE" that names the failing op."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    lines = [line.rstrip() for line in text.splitlines()]
+    if not lines[0].startswith(_TORCHSCRIPT_HEADER):
+        return lines[0]
+    message = next((line.strip() for line in reversed(lines) if line.strip()), lines[0])
+    original = next((i for i, line in enumerate(lines) if "original code" in line), len(lines))
+    here = [i for i, line in enumerate(lines[:original]) if "<--- HERE" in line]
+    if here and here[-1] > 0:
+        # the innermost marked line of the serialized code is the op that ran (outer frames are calls to it)
+        return f"{message} (TorchScript op: {lines[here[-1] - 1].strip()})"
+    return message

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from edgec.core.errors import ExportError, ModelError
+from edgec.core.errors import ExportError, ModelError, cause_line
 from edgec.core.feeds import BATCH, FeedLayout, InputSpec, as_feed, batch_len, feed_batches
 from edgec.exporters.compare import ort_session, output_agreement, output_batch_axis
 from edgec.core.fsutil import atomic_path
@@ -230,7 +230,7 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
             outs = _outputs_tuple(module(*args))
         except Exception as e:
             raise ModelError(f"the model fails on the example input ({shapes_text}): "
-                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; fix --input-shape") from e
+                             f"{cause_line(e)}; fix --input-shape") from e
         out_axes = _output_batch_axes(module, args, specs, outs) if dynamic_batch else []
         if output_names is None:
             output_names = default_output_names(len(outs))
@@ -289,8 +289,7 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+    return cause_line(e)[:300]
 
 
 def _export_error(op: str | None, e: BaseException, opset: int) -> ExportError:

@@ -26,6 +26,8 @@ from edgec.exporters.target import QuantScheme, scheme_for
 from edgec.core.fsutil import atomic_path
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# dynamic quantization's integer kernels (their weight, input 1, is the INT8 initializer itself)
+_DYNAMIC_OPS = {"MatMulInteger": "MatMul", "DynamicQuantizeMatMul": "MatMul", "ConvInteger": "Conv"}
 _TYPES = ("uint8", "int8")
 
 
@@ -44,13 +46,14 @@ class QuantOptions:
     pre_process: bool = True
     percentile: float = 99.999
     histogram_bins: int = 2048
-    # chunk size is chosen to keep activations under this; 1024 took a default ResNet18 build at 224 to a 2.0 GB
-    # peak (benchmarks/memory_build.py), 384 keeps the whole build under the 1.5 GB goal at the same speed
+    # chunk size is chosen to keep activations under this; with 1024 a default ResNet18 build at 224 passed 2.0 GB
+    # during calibration (benchmarks/memory_build.py, MEMORY_RESULTS.md); 384 keeps chunks of ~20 such samples
     calibration_memory_mb: float = 384
     force_calibration_data: bool = False   # accept random-looking / too few samples
     equalize: bool | None = None           # cross-layer equalization; None = see transforms_default()
     bias_correction: bool | None = None    # empirical bias correction; None = see transforms_default()
     transform_samples: int = 64            # samples for the transforms' statistics (as good as 128 here)
+    policy: bool = True                    # keep out what one 8-bit scale breaks; transformers dynamic (policy.py)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -108,6 +111,7 @@ class QuantInfo:
     seconds: float
     sensitivity: dict | None = None        # set by edgec.exporters.sensitivity.fallback
     transforms: dict | None = None         # equalization / bias correction: applied or not, counts, why
+    policy: dict | None = None             # edgec.exporters.policy: default exclusions with reasons, MatMul mode
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,6 +146,7 @@ class Prepared:
     node_ops: dict                         # node name -> op type, in the graph that gets quantized
     transforms: dict | None = None
     bias_originals: dict | None = None     # node -> (bias name, uncorrected value): restored when excluded
+    policy: dict | None = None             # edgec.exporters.policy.plan() of the pre-processed graph
 
     def resolve_exclusions(self, nodes: Iterable[str] = (), op_types: Iterable[str] = ()) -> list[str]:
         nodes, op_types = list(nodes), list(op_types)
@@ -170,8 +175,16 @@ class Prepared:
             restore_biases(model, self.bias_originals, back)
             model_path = self.workdir / "fp32.excluded.onnx"
             onnx.save_model(model, str(model_path))
-        fmt = quant_format or s.quant_format
+        exclude = list(dict.fromkeys([*exclude, *(self.policy or {}).get("nodes", [])]))
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+        if (self.policy or {}).get("mode") == "dynamic":  # activation ranges per call: no calibration cache
+            from onnxruntime.quantization import quantize_dynamic
+            with _quiet_ort():
+                quantize_dynamic(str(model_path), str(out_path), per_channel=s.per_channel,
+                                 reduce_range=s.reduce_range, weight_type=QuantType.QInt8,
+                                 nodes_to_exclude=exclude, op_types_to_quantize=["MatMul", "Gemm"])
+            return Path(out_path)
+        fmt = quant_format or s.quant_format
         extra = {"ActivationSymmetric": s.activation_symmetric, "WeightSymmetric": s.weight_symmetric,
                  "DedicatedQDQPair": s.dedicated_qdq_pair}
         with _quiet_ort():
@@ -239,6 +252,9 @@ def _pre_process(fp32_path: Path, out: Path, enabled: bool) -> dict:
             record["error"] = str(last_error).splitlines()[0][:200] if str(last_error) else type(last_error).__name__
             record["enabled"] = False
     model = onnx.load(str(out)) if record["enabled"] else before
+    if record["enabled"]:  # the optimiser copies weights that If branches share into each branch: share them again
+        from edgec.exporters.policy import dedupe_initializers
+        record["shared_initializers"] = dedupe_initializers(model)
     record["batchnorm_after"] = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
     record["batchnorm_folded"] = record["batchnorm_before"] - record["batchnorm_after"]
     if record["batchnorm_before"] == 0:
@@ -271,7 +287,9 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
                           force=options.force_calibration_data, progress=default_progress(progress))
         cache = workdir / "ranges.json"
         save_ranges(calib.ranges, cache)
-        p = Prepared(workdir, pre, cache, fp32_path, options, scheme, calib, record, node_ops, transforms)
+        from edgec.exporters.policy import plan
+        p = Prepared(workdir, pre, cache, fp32_path, options, scheme, calib, record, node_ops, transforms,
+                     policy=plan(onnx.load(str(pre), load_external_data=False), enabled=options.policy))
         exclude = p.resolve_exclusions(options.exclude_nodes, options.exclude_op_types)  # fail before quantizing
         if bias:
             _bias_correct(p, calibration, exclude)
@@ -354,10 +372,12 @@ def quantized_ops(int8_path) -> dict:
     counts: dict = {}
     float_nodes, w_int8, w_total = [], 0, 0
     for node in model.graph.node:
-        if node.op_type not in COMPUTE_OPS or len(node.input) < 2:
+        op = _DYNAMIC_OPS.get(node.op_type, node.op_type)
+        if op not in COMPUTE_OPS or len(node.input) < 2:
             continue
-        dq = [producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input[:2]]
-        c = counts.setdefault(node.op_type, {"int8": 0, "float": 0})
+        dq = [op != node.op_type or producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
+              for i in node.input[:2]]
+        c = counts.setdefault(op, {"int8": 0, "float": 0})
         weight = node.input[1]
         if weight in inits:
             size = int(np.prod(inits[weight].dims))
@@ -411,7 +431,7 @@ def write_quantized(prepared: Prepared, out_path, exclude: list[str], *, force: 
                      float_nodes=float_nodes, fp32_bytes=fp32_bytes, int8_bytes=int8_bytes,
                      size_ratio=round(int8_bytes / max(1, fp32_bytes), 4), calibration=calib,
                      pre_process=prepared.pre_process, seconds=round(time.perf_counter() - started, 2),
-                     transforms=prepared.transforms)
+                     transforms=prepared.transforms, policy=prepared.policy)
 
 
 __all__ = ["QuantOptions", "QuantInfo", "Prepared", "prepare", "quantize_int8", "write_quantized",

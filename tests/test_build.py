@@ -34,7 +34,8 @@ def test_package_contract(package, trained_cnn):
         assert fp32[k] is not None and int8[k] is not None
     assert fp32["accuracy"] > 90 and fp32["accuracy"] - int8["accuracy"] <= 1.0
     assert int8["bytes"] < fp32["bytes"]
-    assert m["latency"]["cpu"]["p50_ms"] > 0 and m["latency"]["cpu"]["interleaved"]
+    # measured alone, the figure the gate (`edgec bench PKG`) will see (issue 14); the ratio is in the bench stage
+    assert m["latency"]["cpu"]["p50_ms"] > 0 and not m["latency"]["cpu"]["interleaved"]
     assert ".tmp-" not in (out / MANIFEST_FILE).read_text()    # no trace of the temporary build folder
     assert m["metrics"]["fp32"]["latency"]["cpu"]["p50_ms"] > 0
     assert m["quantization"]["scheme"]["reasons"]

@@ -17,33 +17,42 @@ from edgec.core.errors import ModelError, OptionError
 from edgec.train import TrainConfig, evaluate, train
 
 
-def _outputs(model: nn.Module, example: torch.Tensor) -> int:
+def _output_shapes(model: nn.Module, example: tuple) -> dict:
+    """{output key: shape without the batch axis} (edgec.kdloss.flatten keys)."""
+    from edgec.kdloss import flatten
     from edgec.metrics import set_eval
     set_eval(model)
     with torch.no_grad():
-        out = model(example)
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    return int(out.shape[-1])
+        out = model(*example)
+    return {k: tuple(v.shape[1:]) for k, v in flatten(out).items()}
 
 
 def distill(teacher: nn.Module, student: nn.Module, train_data, eval_data, cfg: TrainConfig, *,
             label: str = "distill", stop_after: int | None = None) -> dict:
-    """Train `student` in place on `teacher`'s soft targets (alpha=0: plain fine-tuning). Returns the stage
-    record: teacher and student accuracy before/after, the training history, time."""
-    example = torch.from_numpy(train_data.x[0:2])
+    """Train `student` in place on `teacher`'s outputs (alpha=0: plain fine-tuning), each output with the loss of
+    its task (edgec.kdloss). Returns the stage record: teacher and student accuracy before/after (None where the
+    labels are not class ids), the losses chosen, the training history, time."""
+    import numpy as np
+    from edgec.train import read_rows
+    example = read_rows(train_data, np.arange(min(2, len(train_data))))
     try:
-        t_out = _outputs(teacher, example)
+        t_out = _output_shapes(teacher, example)
     except Exception as e:  # noqa: BLE001 - e.g. a torch.export program traced at a fixed batch size
-        raise ModelError(f"the teacher fails on a batch of {len(example)} samples ({str(e).splitlines()[-1][:120]}); "
+        from edgec.core.errors import cause_line
+        raise ModelError(f"the teacher fails on a batch of {len(example[0])} samples ({cause_line(e)[:160]}); "
                          "a torch.export program needs a dynamic batch dimension") from None
-    s_out = _outputs(student, example)
+    s_out = _output_shapes(student, example)
     if t_out != s_out:
-        raise OptionError(f"teacher gives {t_out} outputs, the student {s_out}; build the student with the same "
-                          "classes (e.g. --student-arch torchvision:mobilenet_v3_small?num_classes=" f"{t_out})")
+        if len(t_out) == 1 == len(s_out) and len(next(iter(t_out.values()))) == 1:
+            t_n, s_n = next(iter(t_out.values()))[0], next(iter(s_out.values()))[0]
+            raise OptionError(f"teacher gives {t_n} outputs, the student {s_n}; build the student with the same "
+                              "classes (e.g. --student-arch torchvision:mobilenet_v3_small?num_classes=" f"{t_n})")
+        raise OptionError(f"the teacher's outputs {t_out} and the student's {s_out} differ; the student must return "
+                          "the same outputs with the same shapes")
     from edgec.train import _dist
     rank, _ = _dist()
-    teacher_acc = evaluate(teacher, eval_data) if rank == 0 else None
-    student_acc0 = evaluate(student, eval_data) if rank == 0 else None
+    teacher_acc = evaluate(teacher, eval_data, label_output=cfg.label_output) if rank == 0 else None
+    student_acc0 = evaluate(student, eval_data, label_output=cfg.label_output) if rank == 0 else None
     record = train(student, train_data, cfg, eval_data=eval_data, teacher=teacher if cfg.alpha > 0 or cfg.hints
                    or train_data.y is None else None, label=label, stop_after=stop_after)
     record.update(teacher_accuracy=teacher_acc, student_accuracy_before=student_acc0,
@@ -77,6 +86,7 @@ class DistillJob:
     def config(self) -> TrainConfig:
         kw = dict(self.train)
         kw["hints"] = tuple(tuple(h) for h in kw.get("hints", ()))
+        kw["kd_loss"] = tuple(tuple(h) for h in kw.get("kd_loss", ()))
         return TrainConfig(**kw, checkpoint=self.checkpoint)
 
     def to_json(self) -> dict:

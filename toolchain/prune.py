@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.core.errors import ModelError, OptionError
+from edgec.core.errors import EdgecError, ModelError, OptionError, cause_line
 from edgec.metrics import count_flops, count_params
 from edgec.source import require_eager
 
@@ -184,7 +184,38 @@ def _example(loaded, data) -> tuple:
 
 
 def _prune_copy(module, example, cfg, ratio, data) -> nn.Module:
-    return _Run(copy.deepcopy(module), example, cfg, ratio, data).prune()
+    try:
+        pruned = _Run(copy.deepcopy(module), example, cfg, ratio, data).prune()
+    except EdgecError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch-pruning could not trace or group the model
+        raise ModelError(f"torch-pruning cannot prune this model ({cause_line(e)[:200]}); --ignore the layer "
+                         "involved or simplify its forward") from e
+    _check_runs(module, pruned, example)
+    return pruned
+
+
+def _check_runs(original: nn.Module, pruned: nn.Module, example: torch.Tensor) -> None:
+    """Run the pruned copy once. A forward that hard-codes a shape (x.view(n, 16 * 8 * 8)) fails after the layer
+    whose channels changed: name that layer, so that it can be --ignore'd."""
+    done: list[str] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: done.append(name))
+             for name, m in pruned.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    try:
+        with torch.no_grad():
+            pruned.eval()(example)
+    except Exception as e:  # noqa: BLE001
+        changed = plan(_shape_of(original), _shape_of(pruned))
+        after = done[-1] if done else None
+        culprit = next((n for n in reversed(done) if n in changed), after)
+        where = (f"after layer {culprit} ({', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed[culprit].items())})"
+                 if culprit in changed
+                 else f"after layer {after}" if after else "before its first layer")
+        raise ModelError(f"the pruned model fails {where}: {cause_line(e)[:200]}; its forward hard-codes a shape "
+                         f"(e.g. x.view(n, C*H*W)): use x.flatten(1), or --ignore {culprit or 'that layer'}") from None
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _search_ratio(module, example, cfg, data, measure, target: float, label: str) -> tuple[float, nn.Module]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec.core.errors import DataError, ModelError
+from edgec.core.errors import DataError, ModelError, cause_line
 from edgec.core.progress import note
 from edgec.data import DEFAULT_KEY, Dataset, check_memory, load_data, split
 from edgec.inputspec import apply_overrides, declared_inputs, dynamic_from_data, example_args, legacy_shape
@@ -138,8 +138,7 @@ def load_source(spec: SourceSpec, *, checks=None, random_ok: bool = False) -> So
         shapes = ", ".join(f"{s.name} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
                            for s, t in zip(specs, example))
         raise DataError(f"the model fails on a sample ({shapes}) from {calib.source} "
-                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                        "check --input-shape/--image-size") from None
+                        f"({cause_line(e)}); check --input-shape/--image-size") from None
     out = out[0] if isinstance(out, (tuple, list)) else out
     num_outputs = int(out.shape[-1]) if out.ndim else 1
     outs = out_all if isinstance(out_all, (tuple, list)) else (out_all,)

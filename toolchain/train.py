@@ -1,9 +1,11 @@
 """One training loop for every recipe: supervised training, plain fine-tuning and knowledge
 distillation (teacher soft targets, Hinton et al. 2015) are the same loop with a different loss.
 
-alpha weighs the distillation term: loss = alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * CE(labels).
-alpha=0 is plain fine-tuning; without labels only the distillation term is used. Optional hint (feature)
-losses (FitNets) add hint_weight * MSE(adapter(student layer), teacher layer).
+alpha weighs the distillation term: loss = alpha * KD + (1 - alpha) * label loss on the labelled output, where
+KD follows each output's task (edgec.kdloss: KL at temperature T for logits, BCE for probabilities, MSE/cosine
+for regression and embeddings). alpha=0 is plain fine-tuning; without labels only the distillation term is used.
+Optional hint (feature) losses (FitNets) add hint_weight * MSE(adapter(student layer), teacher layer).
+Models may take several inputs (a batch is a dict {input name: array}, fed in order) and return several outputs.
 
 The same loop runs alone or as one of several DDP processes (torch.distributed initialised by the caller,
 see edgec.distributed): each rank trains on its DistributedSampler shard, rank 0 evaluates, checkpoints and
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgec import kdloss
 from edgec.data import Dataset
 from edgec.core.errors import ModelError, OptionError
 from edgec.metrics import set_eval
@@ -46,7 +49,7 @@ class TrainConfig:
     # a=0.5 T=2 recovered a 50%-pruned ResNet18 best (benchmarks/PRUNE_DISTILL_RESULTS.md: 99.20% vs a=0.9 T=4 98.27%)
     alpha: float = 0.5              # weight of the distillation term (0 = plain fine-tuning)
     temperature: float = 2.0
-    augment: bool = True            # random translation of images, +-1/8 of the side
+    augment: bool | None = None     # random translation of images, +-1/8 of the side; None = only for images
     seed: int = 0
     threads: int | None = None
     patience: int | None = None     # stop after this many epochs without a better eval score
@@ -55,6 +58,11 @@ class TrainConfig:
     checkpoint: str | None = None   # written after every epoch (atomically); None = no checkpoint
     resume: bool = False            # continue from `checkpoint`
     device: str = "auto"            # auto | cpu | cuda
+    kd_loss: tuple = ()             # ((output, kl|bce|mse|cosine, weight), ...) from --kd-loss; others detected
+    label_output: str | None = None  # the output the labels belong to (default: the first)
+
+    def __post_init__(self):
+        self.kd_loss = kdloss.parse(self.kd_loss)
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not 0 < self.lr < math.inf:  # also refuses nan
@@ -109,18 +117,114 @@ def _device_of(model: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def rows(x, idx) -> tuple:
+    """Samples `idx` of a model's inputs (one array, or a dict {input name: array} in the model's input order)
+    as tensors: floats as float32, integer ids and masks keep their dtype."""
+    arrays = x.values() if isinstance(x, dict) else (x,)
+    out = []
+    for a in arrays:
+        a = np.asarray(a[idx] if not isinstance(idx, slice) else a[idx])
+        out.append(torch.from_numpy(a.astype(np.float32, copy=False) if a.dtype.kind == "f" else a))
+    return tuple(out)
+
+
+def read_rows(data: Dataset, idx) -> tuple:
+    """Samples `idx` of a dataset as the model's input tensors: dict feeds where the dataset has them."""
+    if hasattr(data, "read"):  # dict feeds {input name: array}, in the model's input order
+        return rows(data.read(idx), slice(None))
+    return rows(data.x, idx)
+
+
+def _as_tensors(batch) -> tuple:
+    return rows(batch, slice(None))
+
+
+def is_image_batch(inputs: tuple) -> bool:
+    """Random translation means something only for one float input shaped like images (N, C, H, W)."""
+    return (len(inputs) == 1 and inputs[0].is_floating_point() and inputs[0].dim() == 4
+            and min(inputs[0].shape[-2:]) >= 8)
+
+
+def _augment_choice(cfg: TrainConfig, example: tuple) -> dict:
+    shapes = [list(t.shape[1:]) for t in example]
+    if cfg.augment is False:
+        return {"applied": False, "reason": "off by option"}
+    if is_image_batch(example):
+        return {"applied": True, "reason": f"image input {shapes[0]}: random translation by up to 1/8 of the side"}
+    why = f"inputs {shapes} are not one float (N, C, H, W) image batch: translating them would corrupt them"
+    return {"applied": False, "reason": ("asked for, but " if cfg.augment else "off: ") + why}
+
+
+def _label_key(out, label_output: str | None) -> str:
+    keys = list(kdloss.flatten(out))
+    return kdloss.resolve_key(label_output, keys) if label_output is not None else keys[0]
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256) -> float | None:
-    """Top-1 accuracy in percent, or None for unlabelled data."""
-    if data is None or data.y is None:
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256, label_output: str | None = None) -> float | None:
+    """Top-1 accuracy in percent on the labelled output, or None: unlabelled data, or labels that are not class
+    ids of a (N, classes) output (then there is no accuracy to give)."""
+    if data is None or data.y is None or data.y.ndim != 1 or data.y.dtype.kind not in "iu":
         return None
     set_eval(model)
     device = _device_of(model)
     correct = 0
-    for i, xb in enumerate(data.arrays(batch_size)):
-        pred = model(torch.from_numpy(xb).to(device)).argmax(1).cpu().numpy()
-        correct += int((pred == data.y[i * batch_size:i * batch_size + len(xb)]).sum())
+    for i, xb in enumerate(data.batches(batch_size)):
+        out = model(*(t.to(device) for t in _as_tensors(xb)))
+        scores = kdloss.flatten(out)[_label_key(out, label_output)]
+        if scores.dim() != 2 or scores.shape[1] < 2:
+            return None
+        pred = scores.argmax(1).cpu().numpy()
+        correct += int((pred == data.y[i * batch_size:i * batch_size + len(pred)]).sum())
     return 100.0 * correct / len(data)
+
+
+def training_threads(world: int = 1) -> dict:
+    """Intra-op threads for training from the cores this process may really use: the CPU affinity mask, the
+    cgroup CPU quota (a container's cpu.max), minus what other processes keep busy (1-minute load average),
+    shared among the local DDP ranks. Returns the choice and what it was made from."""
+    import math
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
+                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda t: [t.strip(), Path(
+                            "/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()])):
+        try:
+            q, period = parse(Path(path).read_text())[:2]
+            if q not in ("max", "-1"):
+                quota = int(q) / int(period)
+            break
+        except (OSError, ValueError, IndexError):
+            continue
+    cores = min(affinity, math.ceil(quota)) if quota else affinity
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = max(1, round(cores - load))
+    threads = max(1, min(cores, free) // max(1, world))
+    return {"threads": threads, "affinity_cores": affinity, "cgroup_quota_cores": quota, "load_1min": round(load, 2),
+            "reason": f"{cores} usable cores (affinity {affinity}, cgroup quota {quota or 'none'}), load "
+                      f"{load:.1f}: {free} free{f', shared by {world} ranks' if world > 1 else ''}"}
+
+
+def _output_losses(student, teacher, example: tuple, cfg: TrainConfig, class_ids: bool) -> list:
+    """The loss of each output, chosen on the teacher's outputs for `example` (edgec.kdloss.choose); without a
+    teacher, the labelled output alone: cross-entropy when the labels are class ids."""
+    with torch.no_grad():
+        if teacher is not None:
+            set_eval(teacher)
+            return kdloss.choose(teacher(*example), cfg.kd_loss, cfg.label_output)
+        was = student.training
+        out = student.eval()(*example)
+        student.train(was)
+    flat = kdloss.flatten(out)
+    key = _label_key(out, cfg.label_output)
+    t = flat[key]
+    kind, reason, probs = kdloss.detect(t, False)
+    given = {kdloss.resolve_key(n, list(flat)): k for n, k, _ in cfg.kd_loss}
+    if key in given:
+        kind, reason, probs = given[key], "set by --kd-loss", probs and given[key] == "kl"
+    elif class_ids and not (kind == "kl" and probs):
+        kind, reason = "kl", f"{tuple(t.shape)}: labels are class ids: cross-entropy on logits"
+    return [kdloss.OutputLoss(key, kind, 1.0, reason, tuple(t.shape), probs)]
 
 
 # ---------------------------------------------------------------- hint (feature) losses
@@ -138,10 +242,10 @@ class _Trainee(nn.Module):
                         for name in hint_layers]
         self.hint_layers = hint_layers
 
-    def forward(self, x):
+    def forward(self, *inputs):
         self._feats.clear()
-        logits = self.student(x)
-        return logits, [a(self._feats[n]) for n, a in zip(self.hint_layers, self.adapters)]
+        out = self.student(*inputs)
+        return out, [a(self._feats[n]) for n, a in zip(self.hint_layers, self.adapters)]
 
 
 def _capture(model: nn.Module, names: list[str], role: str) -> tuple[dict, list]:
@@ -169,9 +273,9 @@ def _build_hints(student, teacher, hints, example) -> tuple[list[str], list[str]
     t_feats, t_handles = _capture(teacher, t_names, "teacher")
     try:
         with torch.no_grad():
-            student.eval()(example)
+            student.eval()(*example)
             set_eval(teacher)
-            teacher(example)
+            teacher(*example)
     finally:
         for h in s_handles + t_handles:
             h.remove()
@@ -244,9 +348,12 @@ def _replicas_identical(model: nn.Module, world: int, device) -> bool:
 
 # ---------------------------------------------------------------- checkpoints
 
+def _config_record(cfg: TrainConfig) -> dict:
+    return {k: (list(map(list, v)) if k in ("hints", "kd_loss") else v) for k, v in asdict(cfg).items()}
+
+
 def _config_for_checkpoint(cfg: TrainConfig) -> dict:
-    return {k: (list(map(list, v)) if k == "hints" else v) for k, v in asdict(cfg).items()
-            if k not in _RESUMABLE_CHANGES}
+    return {k: v for k, v in _config_record(cfg).items() if k not in _RESUMABLE_CHANGES}
 
 
 def _save_checkpoint(path, state: dict) -> None:
@@ -280,13 +387,13 @@ class _Quiet:
         pass
 
 
-def _check_labels(student: nn.Module, example: torch.Tensor, data: Dataset) -> None:
+def _check_labels(student: nn.Module, example: tuple, data: Dataset, label_output: str | None = None) -> None:
     """Class ids outside the student's outputs: one data error before training, not an IndexError inside it."""
     was_training = student.training
     with torch.no_grad():
-        out = student.eval()(example)
+        out = student.eval()(*example)
     student.train(was_training)
-    out = out[0] if isinstance(out, (tuple, list)) else out
+    out = kdloss.flatten(out)[_label_key(out, label_output)]
     y = np.asarray(data.y)
     if out.ndim == 2 and y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
         data.validate(num_classes=int(out.shape[1]))
@@ -301,14 +408,22 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
     if teacher is None and train_data.y is None:
         raise OptionError(f"{train_data.source} has no labels and there is no teacher: nothing to learn from")
     rank, world = _dist()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = ({"threads": cfg.threads, "reason": "set by option"} if cfg.threads else training_threads(world))
+    torch.set_num_threads(threads["threads"])
     device = _pick_device(cfg)
     torch.manual_seed(cfg.seed)  # adapters start equal on every rank
-    example = torch.from_numpy(np.asarray(train_data.x[0:1], np.float32))
+    example = read_rows(train_data, np.arange(min(2, len(train_data))))
     if train_data.y is not None and (teacher is None or cfg.alpha < 1):  # labels feed the loss: they must fit
-        _check_labels(student, example, train_data)
-    s_names, t_names, adapters = _build_hints(student, teacher, list(cfg.hints), example)
+        _check_labels(student, example, train_data, cfg.label_output)
+    augment = _augment_choice(cfg, example)
+    specs = _output_losses(student, teacher, example, cfg,
+                           train_data.y is not None and train_data.y.dtype.kind in "iu")
+    if rank == 0:
+        for spec in specs:
+            note(f"{label}: output {spec.output} {list(spec.shape)}: {spec.kind} loss x{spec.weight:g} ({spec.reason})")
+        note(f"{label}: augmentation {'on' if augment['applied'] else 'off'} ({augment['reason']}); "
+             f"{threads['threads']} threads ({threads['reason']})")
+    s_names, t_names, adapters = _build_hints(student, teacher, list(cfg.hints), tuple(t[:1] for t in example))
     trainee = _Trainee(student, s_names, adapters).to(device)
     if teacher is not None:
         set_eval(teacher.to(device))
@@ -357,21 +472,20 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
             order = np.fromiter(iter(sampler), dtype=np.int64)
             model.train()
             total_loss, seen = 0.0, 0
-            last_acc = history[-1]["eval_accuracy"] if history else None
             for start in range(0, len(order), cfg.batch_size):
                 idx = np.sort(order[start:start + cfg.batch_size])
-                xb = torch.from_numpy(np.asarray(train_data.x[idx], np.float32))
-                if cfg.augment:
-                    xb = augment_batch(xb, gen)
-                xb = xb.to(device)
+                xb = read_rows(train_data, idx)
+                if augment["applied"]:
+                    xb = (augment_batch(xb[0], gen),)
+                xb = tuple(t.to(device) for t in xb)
                 yb = None if y_all is None else y_all[idx].to(device)
-                t_logits = None
+                t_out = None
                 if teacher is not None and (cfg.alpha > 0 or yb is None or t_names):
                     with torch.no_grad():
-                        t_logits = teacher(xb)
-                logits, s_feats = model(xb)
-                loss = kd_loss(logits, t_logits if (cfg.alpha > 0 or yb is None) else None, yb,
-                               cfg.alpha, cfg.temperature)
+                        t_out = teacher(*xb)
+                out, s_feats = model(*xb)
+                loss = kdloss.total(specs, out, t_out if (cfg.alpha > 0 or yb is None) else None, yb,
+                                     cfg.alpha, cfg.temperature, cfg.label_output)
                 for f, t in zip(s_feats, t_names):
                     loss = loss + cfg.hint_weight * F.mse_loss(f, t_feats[t])
                 opt.zero_grad(set_to_none=True)
@@ -382,17 +496,20 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
                 loss_value = loss.item()
                 total_loss += loss_value * len(idx)
                 seen += len(idx)
-                acc_txt = f" acc {last_acc:.2f}%" if last_acc is not None else ""
-                bar.advance(f"epoch {epoch + 1}/{cfg.epochs} loss {loss_value:.3f}{acc_txt}")
+                if start + cfg.batch_size < len(order):  # the epoch's last step is shown with its accuracy
+                    bar.advance(f"epoch {epoch + 1}/{cfg.epochs} loss {loss_value:.3f}")
             total_loss, seen = _sum_over_ranks([total_loss, seen], world, device)
             _sync_buffers(student, world)
-            acc = evaluate(student, eval_data) if rank == 0 else None
+            acc = evaluate(student, eval_data, label_output=cfg.label_output) if rank == 0 else None
             acc = _broadcast(acc, world)
             history.append({"epoch": epoch + 1, "loss": total_loss / max(1, seen), "eval_accuracy": acc})
-            score = acc if acc is not None else -history[-1]["loss"]
-            if score > best:
-                best, best_state, stale = score, copy.deepcopy(student.state_dict()), 0
-            else:
+            acc_txt = f" acc {acc:.2f}%" if acc is not None else ""
+            bar.advance(f"epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.3f}{acc_txt}")
+            # only an eval score chooses a best epoch; without one the last epoch is kept (a lower training loss
+            # is not a better model)
+            if acc is not None and acc > best:
+                best, best_state, stale = acc, copy.deepcopy(student.state_dict()), 0
+            elif acc is not None:
                 stale += 1
             stopped_early = cfg.patience is not None and stale >= cfg.patience and epoch + 1 < cfg.epochs
             ran += 1
@@ -421,9 +538,18 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
         teacher.to("cpu")
     if not history:
         raise OptionError("no epoch ran (stop_after=0)")
-    best_epoch = max(history, key=lambda h: h["eval_accuracy"] if h["eval_accuracy"] is not None else -h["loss"])
-    record = {"config": asdict(cfg) | {"hints": [list(h) for h in cfg.hints]}, "epochs": history,
-              "best_epoch": best_epoch["epoch"], "best_accuracy": best_epoch["eval_accuracy"],
+    scored = [h for h in history if h["eval_accuracy"] is not None]
+    if scored:
+        best_epoch = max(scored, key=lambda h: h["eval_accuracy"])
+        kept = {"epoch": best_epoch["epoch"], "reason": "best eval accuracy"}
+    else:
+        best_epoch = None
+        kept = {"epoch": history[-1]["epoch"], "reason": "last epoch: no epoch has an eval score (no labelled "
+                "eval data with class ids for the labelled output)"}
+    record = {"config": _config_record(cfg), "epochs": history,
+              "best_epoch": best_epoch["epoch"] if best_epoch else None,
+              "best_accuracy": best_epoch["eval_accuracy"] if best_epoch else None, "kept_epoch": kept,
+              "kd_loss": [spec.to_dict() for spec in specs], "augment": augment, "threads": threads,
               "seconds": round(time.perf_counter() - started, 2), "teacher": teacher is not None,
               "world_size": world, "resumed_from_epoch": start_epoch or None, "stopped_early": stopped_early,
               "interrupted": interrupted}

@@ -222,7 +222,13 @@ def _train_group() -> Group:
         "hints": Flag(("--hint",), "Feature loss STUDENT_LAYER[:TEACHER_LAYER] (repeatable), e.g. layer3.",
                       click={"multiple": True, "callback": _hint}),
         "hint_weight": Flag(("--hint-weight",), "", click={"type": FINITE}),
-        "augment": Flag(("--augment/--no-augment",), "Random translation of training images."),
+        "augment": Flag(("--augment/--no-augment",), "Random translation of training images (default: only image "
+                        "inputs are ever translated)."),
+        "kd_loss": Flag(("--kd-loss",), "Loss of one output: kl (logits), bce (probabilities), mse (regression), "
+                        "cosine (embeddings), e.g. 0=bce or output_1=mse:0.5 (repeatable; default: chosen from the "
+                        "teacher's outputs).", convert=_kd_loss, click={"multiple": True, "metavar": "OUTPUT=KIND[:WEIGHT]"}),
+        "label_output": Flag(("--label-output",), "The output the labels belong to (position or name; default: the "
+                             "first)."),
         "patience": Flag(("--patience",), "Stop after this many epochs without a better eval accuracy.",
                          click={"type": int}),
         "seed": Flag(("--seed",), "", click={"type": int}),
@@ -249,6 +255,11 @@ def _prune_group() -> Group:
     })
 
 
+def _kd_loss(values):
+    from edgec.kdloss import parse
+    return [list(t) for t in parse(values)]   # travels to DDP workers as JSON
+
+
 def _tasks(values):
     from edgec.exporters.metrics import parse_tasks
     return parse_tasks(values)
@@ -272,7 +283,8 @@ def _build_group() -> Group:
                                   "it, the most sensitive nodes are kept in FP32 (--fallback-seconds); still over it "
                                   "on the eval data, the build fails.", click={"type": FINITE}),
         "min_sqnr": Flag(("--min-sqnr",), "Every output's SQNR of INT8 vs FP32 over the eval data must reach this "
-                         "many dB (default 20: properly calibrated INT8 measured 27-53 dB, wrong ranges 15 and below).",
+                         "many dB (default 15: properly calibrated INT8 measured 26-44 dB, wrong calibration ranges "
+                         "0-23).",
                          click={"type": FINITE}),
         "tasks": Flag(("--task",), "What an output is, so it gets its task's check: classify, multilabel, regress, "
                       "score, embed, none (repeatable; a one-output model may say --task classify). Default: detected "

@@ -1,0 +1,156 @@
+"""Quantization that knows the model: what one 8-bit scale breaks stays float by default, each exclusion with
+its reason in QuantInfo.policy; If branches sharing a recurrent cell's weights do not grow the INT8 file;
+transformers get dynamic INT8 MatMuls. Real exports, real ORT quantization and sessions."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from edgec.exporters.policy import dedupe_initializers, plan
+from edgec.exporters.quantize import QuantOptions, quantize_int8
+
+
+def _export(module, example, path, script=False):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = torch.jit.script(module.eval()) if script else module.eval()
+        torch.onnx.export(m, (example,), str(path), dynamo=False, opset_version=17, input_names=["input"],
+                          output_names=["output"], dynamic_axes={"input": {0: "n"}, "output": {0: "n"}})
+    return path
+
+
+def _run(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def _sqnr(ref, got):
+    return 10 * math.log10(float((ref ** 2).sum()) / max(1e-30, float(((ref - got) ** 2).sum())))
+
+
+def _signals(n, length=64, seed=0):
+    g = np.random.default_rng(seed)
+    t = np.linspace(0, 1, length, dtype=np.float32)
+    f = g.uniform(1, 12, (n, 1)).astype(np.float32)
+    return (np.sin(2 * np.pi * f * t) + 0.1 * g.standard_normal((n, length))).astype(np.float32)
+
+
+class Recurrent(nn.Module):
+    """An LSTM cell called in both branches of an `if` (as silero-vad's decoder does): both ONNX branches read one
+    set of outer-graph weights, which ORT's optimiser folds into a copy per branch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.rnn, self.out = nn.Linear(64, 128), nn.LSTMCell(128, 128), nn.Linear(128, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        if bool(x.sum() > 0):
+            a, b = self.rnn(h)
+        else:
+            a, b = self.rnn(h, (h, h))
+        return self.out(a + b)
+
+
+def test_if_branches_share_the_recurrent_weights_and_int8_is_smaller(tmp_path):
+    fp32 = _export(Recurrent(), torch.randn(2, 64), tmp_path / "rec.onnx", script=True)
+    x = _signals(256)
+    info = quantize_int8(fp32, tmp_path / "rec.int8.onnx", [x[i:i + 32] for i in range(0, 256, 32)])
+    shared = info.pre_process["shared_initializers"]
+    assert shared["merged"] >= 2 and shared["bytes_saved"] > 4 * 128 * 128 * 4, shared
+    int8_bytes = (tmp_path / "rec.int8.onnx").stat().st_size
+    assert info.int8_bytes == int8_bytes and info.int8_bytes < info.fp32_bytes, "INT8 must not grow the file"
+    assert info.size_ratio == round(int8_bytes / fp32.stat().st_size, 4)
+    recurrent = [g for g in info.policy["exclusions"] if g["kind"] == "recurrent"]
+    assert recurrent and "LSTM" in recurrent[0]["reason"] and any("If" in n for n in recurrent[0]["nodes"])
+    assert _sqnr(_run(fp32, x), _run(tmp_path / "rec.int8.onnx", x)) > 25
+
+
+def test_dedupe_keeps_outputs_exact(tmp_path):
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    fp32 = _export(Recurrent(), torch.randn(2, 64), tmp_path / "rec.onnx", script=True)
+    quant_pre_process(str(fp32), str(tmp_path / "pre.onnx"), skip_symbolic_shape=True)
+    grown = (tmp_path / "pre.onnx").stat().st_size
+    model = onnx.load(str(tmp_path / "pre.onnx"))
+    rec = dedupe_initializers(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp_path / "dedup.onnx"))
+    assert grown > 1.5 * fp32.stat().st_size, "the optimiser's copy per branch (what this fixes)"
+    assert (tmp_path / "dedup.onnx").stat().st_size < grown - rec["bytes_saved"] * 0.9
+    x = _signals(8)
+    np.testing.assert_array_equal(_run(tmp_path / "pre.onnx", x), _run(tmp_path / "dedup.onnx", x))
+
+
+class Spectral(nn.Module):
+    """A fixed DFT filter bank (long kernels on one channel) -> magnitude -> log -> a learnt conv: an audio
+    front end like silero-vad's."""
+
+    def __init__(self, n_fft=64, bins=33):
+        super().__init__()
+        k = torch.arange(n_fft, dtype=torch.float32)
+        f = torch.arange(bins, dtype=torch.float32)[:, None]
+        basis = torch.cat([torch.cos(2 * math.pi * f * k / n_fft), -torch.sin(2 * math.pi * f * k / n_fft)])
+        self.stft = nn.Conv1d(1, 2 * bins, n_fft, stride=16, bias=False)
+        self.stft.weight.data = (basis * torch.hann_window(n_fft))[:, None, :]
+        torch.manual_seed(0)
+        self.enc, self.bins = nn.Conv1d(bins, 16, 3), bins
+
+    def forward(self, x):
+        s = self.stft(x.unsqueeze(1))
+        mag = torch.sqrt(s[:, :self.bins] ** 2 + s[:, self.bins:] ** 2 + 1e-9)
+        return torch.relu(self.enc(torch.log(mag + 1e-6))).mean(-1)
+
+
+def test_spectral_chain_stays_float_by_default_and_that_is_what_keeps_the_output(tmp_path):
+    fp32 = _export(Spectral(), torch.randn(2, 1024), tmp_path / "spec.onnx")
+    g = np.random.default_rng(0)
+    x = (_signals(128, 1024) * g.uniform(0.001, 1.0, (128, 1))).astype(np.float32)  # quiet to loud frames
+    batches = [x[i:i + 32] for i in range(0, 128, 32)]
+    on = quantize_int8(fp32, tmp_path / "on.onnx", batches)
+    off = quantize_int8(fp32, tmp_path / "off.onnx", batches, QuantOptions(policy=False))
+    spectral = [grp for grp in on.policy["exclusions"] if grp["kind"] == "spectral"]
+    assert spectral and "magnitude chain (Add, Log, Pow, Sqrt)" in spectral[0]["reason"]
+    assert off.policy == {"enabled": False, "exclusions": [], "nodes": [], "mode": "static",
+                          "mode_reason": "policy off by option: static INT8 of every supported node"}
+    ref = _run(fp32, x)
+    s_on, s_off = _sqnr(ref, _run(tmp_path / "on.onnx", x)), _sqnr(ref, _run(tmp_path / "off.onnx", x))
+    assert s_on > s_off + 3, (s_on, s_off)
+    assert on.ops["by_type"]["Conv"]["int8"] >= 1, "the learnt conv after the front end is still INT8"
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def test_transformer_matmuls_are_dynamic_int8_and_norms_stay_float(tmp_path):
+    fp32 = _export(Encoder(), torch.randn(2, 16, 32), tmp_path / "enc.onnx")
+    x = _signals(64, 16 * 32).reshape(64, 16, 32)
+    info = quantize_int8(fp32, tmp_path / "enc.int8.onnx", [x[i:i + 16] for i in range(0, 64, 16)])
+    assert info.policy["mode"] == "dynamic" and "cosine" in info.policy["mode_reason"]
+    norm = [grp for grp in info.policy["exclusions"] if grp["kind"] == "norm"]
+    assert norm and "LayerNorm" in norm[0]["reason"]
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "enc.int8.onnx")).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"} and "LayerNormalization" in ops
+    assert info.ops["int8_weight_share"] >= 0.9 and info.ops["by_type"]["MatMul"]["int8"] >= 2
+    ref, got = _run(fp32, x), _run(tmp_path / "enc.int8.onnx", x)
+    assert _sqnr(ref, got) > 20
+
+
+def test_plan_of_a_plain_cnn_excludes_nothing(tmp_path):
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    model = onnx.load(str(_export(cnn, torch.randn(2, 3, 16, 16), tmp_path / "cnn.onnx")))
+    p = plan(model)
+    assert p["exclusions"] == [] and p["mode"] == "static"

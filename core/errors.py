@@ -49,11 +49,6 @@ class OptionError(EdgecError):
     exit_code = 2
 
 
-EXIT_CODES = {cls.__name__: cls.exit_code for cls in
-              (EdgecError, OptionError, ModelError, DataError, ExportError, ProviderError,
-               BudgetExceeded, OutputExists, VerifyError)}
-
-
 _TORCHSCRIPT_HEADER = "The following operation failed in the TorchScript interpreter."
 
 

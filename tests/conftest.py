@@ -47,6 +47,18 @@ def cnn_state_dict(tmp_path_factory, trained_cnn):
 
 
 @pytest.fixture(scope="session")
+def outlier_calibration(tmp_path_factory):
+    """Digits with one sample scaled x1000: min/max ranges blow up and INT8 collapses (a real PTQ failure)."""
+    import numpy as np
+    from edgec.data import load_data
+    x = load_data("builtin:digits:train").x[:256].copy()
+    x[0] *= 1000
+    path = tmp_path_factory.mktemp("calib") / "outlier.npz"
+    np.savez(path, x=x)
+    return path
+
+
+@pytest.fixture(scope="session")
 def built_package(trained_cnn, tmp_path_factory):
     """A package made by the real writer (`edgec build` of the trained CNN on builtin:digits), once per session:
     (path, stdout). Tests that change it work on a copy (copy_package)."""

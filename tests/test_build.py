@@ -84,17 +84,6 @@ def test_existing_output_is_refused_and_kept(package):
     assert (out / MANIFEST_FILE).read_bytes() == before
 
 
-@pytest.fixture(scope="module")
-def outlier_calibration(tmp_path_factory):
-    """Digits with one sample scaled x1000: min/max ranges blow up and INT8 collapses (a real PTQ failure)."""
-    from edgec.data import load_data
-    x = load_data("builtin:digits:train").x[:256].copy()
-    x[0] *= 1000
-    path = tmp_path_factory.mktemp("calib") / "outlier.npz"
-    np.savez(path, x=x)
-    return path
-
-
 @pytest.mark.parametrize("fallback", ["0", "60"])
 def test_failed_build_leaves_nothing(trained_cnn, outlier_calibration, tmp_path, fallback):
     # the accuracy budget fails after export, quantization and the fallback's search: nothing may remain

@@ -1,4 +1,5 @@
 """`edgec compare` on a really trained CNN: rows, resumability, failures kept in their row, recommendation."""
+import hashlib
 import json
 
 import pytest
@@ -81,11 +82,49 @@ def test_bad_options(trained_cnn, tmp_path):
 def test_package_winner(compared, trained_cnn, tmp_path):
     out, _, _ = compared
     pkg = tmp_path / "winner.edgec"
-    code, _, stderr = run_cli("compare", trained_cnn[0], "-o", out, "--recipes", "ptq-int8", "--package", pkg, *FAST)
+    code, stdout, stderr = run_cli("compare", trained_cnn[0], "-o", out, "--recipes", "ptq-int8", "--package", pkg,
+                                   "--json", *FAST)
     assert code == 0, stderr
     manifest = json.loads((pkg / "manifest.json").read_text())
     assert manifest["compare"]["recipe"] == "ptq-int8-minmax"
     assert run_cli("verify", pkg)[0] == 0
+    # the package ships the very bytes that were measured, not a rebuild
+    row = next(r for r in json.loads(stdout)["recipes"] if r["recipe"] == "ptq-int8-minmax")
+    assert (pkg / "model.onnx").read_bytes() == (out / row["onnx"]).read_bytes()
+    assert manifest["files"]["model.onnx"]["sha256"] == row["sha256"] == hashlib.sha256(
+        (out / row["onnx"]).read_bytes()).hexdigest()
+    # through build's accuracy gate, recorded like build's; the source is the user's model file
+    evaluate = next(s for s in manifest["stages"] if s["name"] == "evaluate")
+    assert evaluate["options"]["max_accuracy_drop"] == 1.0 and evaluate["metrics"]["accuracy_drop"] <= 1.0
+    assert [s["name"] for s in manifest["stages"]] == ["load", "export", "quantize", "evaluate", "bench"]
+    assert manifest["source"]["path"] == str(trained_cnn[0]) and manifest["latency"]["cpu"]["p50_ms"] > 0
+
+
+def test_a_recipe_over_the_default_drop_is_never_recommended_or_packaged(trained_cnn, outlier_calibration, tmp_path):
+    from edgec.compare import CompareOptions, Run, package_row
+    from edgec.core.errors import BudgetExceeded
+    from edgec.source import SourceSpec, load_source
+    out, pkg = tmp_path / "c", tmp_path / "p.edgec"
+    args = ["--data", outlier_calibration, "--eval-data", "builtin:digits:test", "--recipes", "ptq-int8"]
+    code, stdout, stderr = run_cli("compare", trained_cnn[0], "-o", out, *args, "--json", *FAST)
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    rec = summary["recommendation"]
+    assert rec["constraints"]["max_accuracy_drop"] == 1.0   # build's default
+    assert rec["recipe"] == "fp32" and "accuracy drop" in rec["rejected"]["ptq-int8-minmax"][0]
+    code, _, stderr = run_cli("compare", trained_cnn[0], "-o", out, *args, "--package", pkg, *FAST)
+    assert code == 2 and "nothing to --package" in stderr and not pkg.exists()
+    # the package's own gate (build's evaluate stage) applies to whatever row is packaged
+    opts = CompareOptions(SourceSpec(str(trained_cnn[0]), data=str(outlier_calibration),
+                                     eval_data="builtin:digits:test"), str(out), recipes=("ptq-int8",),
+                          calibrations=("minmax",), bench_seconds=0)
+    run = Run(opts, load_source(opts.source))
+    rows = [run.row(*planned) for planned in run.planned()]  # from the cache of the runs above
+    with pytest.raises(BudgetExceeded, match="points lost"):
+        package_row(run, rows[1], rows, pkg, max_accuracy_drop=1.0)
+    with pytest.raises(BudgetExceeded, match="SQNR"):   # build's per-output check too, whatever the drop budget
+        package_row(run, rows[1], rows, pkg, max_accuracy_drop=100.0)
+    assert not pkg.exists() and not list(tmp_path.glob(".p.edgec*"))
 
 
 def test_compare_json_matches_its_schema(compared):

@@ -62,3 +62,58 @@ def test_the_check_sees_a_wrong_import(tmp_path):
     bad.write_text("def f():\n    from edgec.pipeline import build\n")
     (line, module), = imports(bad)
     assert layer_of(module) == ("edgec", 2) and layer_of("edgec.runtime.bench") == ("edgec.runtime", 1)
+
+
+def module_name(path: Path) -> str:
+    folder = path.parent.relative_to(ROOT).as_posix()
+    package = FOLDERS[folder][0]
+    return package if path.stem == "__init__" else f"{package}.{path.stem}"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """edgec module -> the edgec modules it imports (top-level and function-local)."""
+    files = {module_name(path): path for path, _, _ in source_files()}
+    graph = {}
+    for name, path in files.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in files}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:  # `from edgec.commands import options` imports edgec.commands.options
+                    sub = f"{node.module}.{alias.name}"
+                    edges.add(sub if sub in files else node.module)
+        graph[name] = {m for m in edges if m in files and m != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}   # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_check_sees_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None

@@ -81,16 +81,16 @@ def test_failure_removes_the_parents_it_created(tmp_path):
 
 def test_build_race_on_output_keeps_what_appeared(model, tmp_path, monkeypatch):
     # a folder created at -o in the middle of the build (after export, during quantization)
-    import edgec.pipeline as pipeline
+    import edgec.stages as stages
     out = tmp_path / "p.edgec"
-    real = pipeline.stage_quantize
+    real = stages.quantize
 
     def quantize_then_someone_writes(*a, **kw):
         stage = real(*a, **kw)
         out.mkdir()
         (out / "notes.txt").write_text("mine")
         return stage
-    monkeypatch.setattr(pipeline, "stage_quantize", quantize_then_someone_writes)
+    monkeypatch.setattr(stages, "quantize", quantize_then_someone_writes)
     code, _, stderr = run_cli("build", model, "-o", out, *CHEAP)
     assert code == 8 and "appeared while this ran" in stderr
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and leftovers(tmp_path) == []
@@ -151,7 +151,7 @@ def test_outputs_refused_before_any_work(model, tmp_path, monkeypatch, target, e
     out = target(tmp_path, model)
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     import edgec.pipeline as pipeline
-    monkeypatch.setattr(pipeline, "load_inputs", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(pipeline, "load_source", lambda *a, **k: pytest.fail("work started"))
     got, _, stderr = run_cli("build", model, "-o", out, *extra, *CHEAP)
     assert got == code and message in stderr, stderr
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before and model.exists()
@@ -169,7 +169,7 @@ def test_unwritable_location_is_refused(model, tmp_path):
 
 def test_compare_never_writes_into_someone_elses_folder(model, tmp_path, monkeypatch):
     import edgec.compare as compare
-    monkeypatch.setattr(compare, "load_inputs", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(compare, "load_source", lambda *a, **k: pytest.fail("work started"))
     folder = tmp_path / "reports"
     folder.mkdir()
     (folder / "report.md").write_text("my report")
@@ -180,7 +180,7 @@ def test_compare_never_writes_into_someone_elses_folder(model, tmp_path, monkeyp
 
 def test_compare_package_is_checked_first(model, tmp_path, monkeypatch):
     import edgec.compare as compare
-    monkeypatch.setattr(compare, "run_compare", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(compare, "load_source", lambda *a, **k: pytest.fail("work started"))
     _foreign(tmp_path)
     code, _, stderr = run_cli("compare", model, "-o", tmp_path / "cmp", "--package", tmp_path / "results", "--force")
     assert code == 8 and "not an edgec package" in stderr and not (tmp_path / "cmp").exists()

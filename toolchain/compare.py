@@ -1,23 +1,30 @@
 """`edgec compare`: compression recipes side by side on the same model, data and execution providers.
 
-Every recipe ends in an ONNX file that goes through the same evaluation (accuracy on the same eval data)
-and the same benchmark (all recipes interleaved in one run, so their ratios survive machine drift).
-Each recipe's result is saved as it finishes (results/<row>.json) and reused by a rerun unless --fresh;
-a recipe that fails is reported in its row and does not lose the others.
+A recipe is a sequence of edgec.stages' stages (the same export with its ORT-vs-torch check, quantization,
+evaluation and benchmark that `build` runs). Every artifact is cached under the hash of what it was made from
+(cache/<kind>-<hash>/): the FP32 export, the calibrated INT8 models and the pruned student are made once and
+reused by every recipe and by a rerun (unless --fresh). Each row is one `Row`; all rows are benchmarked
+interleaved in one run, so their ratios survive machine drift. A recipe that fails is reported in its row and
+does not lose the others. `--package` writes the measured bytes of the recommended INT8 recipe, through the
+same accuracy gate as `build`.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from edgec.core.errors import EdgecError, OptionError
-from edgec.pipeline import Inputs, load_inputs, plain, training_split
+from edgec import stages
+from edgec.core.errors import EdgecError, OptionError, VerifyError
 from edgec.core.progress import note
+from edgec.source import Source, SourceSpec, load_source, require_eager, training_split
+from edgec.stages import OnnxModel, StoredRecord, TorchModel, plain
 
 RECIPES = {
     "fp32": "the original model in ONNX Runtime (baseline)",
@@ -27,284 +34,359 @@ RECIPES = {
     "prune-kd-ptq": "structured pruning + distillation, then static INT8",
     "qat-kd": "quantization-aware fine-tuning with the teacher's soft targets, exported as INT8 QDQ",
 }
+CALIBRATIONS = ("minmax", "entropy", "percentile")
 RESULT_SCHEMA = "edgec.compare/1"
 COMPARE_MARKER = ".edgec-compare"  # in every folder compare writes: a rerun may reuse and overwrite it
+OPSET = 17
+
+
+def _kd_defaults():
+    from edgec.train import TrainConfig
+    return TrainConfig(lr=stages.KD_LR)
 
 
 @dataclass
 class CompareOptions:
-    model: str
+    source: SourceSpec
     output: str
-    arch: str | None = None
-    trust_pickle: bool = False
-    input_shape: tuple | None = None
-    data: str = "builtin:digits"
-    eval_data: str | None = None
-    image_size: int | None = None
-    mean: tuple | None = None
-    std: tuple | None = None
     recipes: tuple = tuple(RECIPES)
-    calibrations: tuple = ("minmax", "entropy", "percentile")
+    calibrations: tuple = CALIBRATIONS
     providers: tuple = ("cpu",)
     prune_ratio: float = 0.5
-    epochs: int = 10                 # distillation epochs after pruning
+    distill: object = field(default_factory=_kd_defaults)   # edgec.train.TrainConfig after pruning
     qat_epochs: int = 3
-    lr: float = 0.01
-    alpha: float = 0.5               # distillation weight and temperature (edgec.train.TrainConfig's defaults)
-    temperature: float = 2.0
     bench_seconds: float = 3.0
-    seed: int = 0
     fresh: bool = False
-    # constraints for the recommendation
-    max_accuracy_drop: float | None = None
+    # constraints for the recommendation (and the accuracy gate of --package): build's by default
+    max_accuracy_drop: float | None = 1.0
     budgets: tuple = ()              # e.g. ("p90=10ms",), on the first provider
     max_size: int | None = None      # bytes
     prefer: str = "latency"          # latency | size
+    package: str | None = None       # write the recommended INT8 recipe as a .edgec package here
+    force: bool = False              # replace an existing package
 
     def validate(self) -> None:
         unknown = [r for r in self.recipes if r not in RECIPES]
         if unknown or not self.recipes:
             raise OptionError(f"unknown recipe(s) {unknown or '(none)'}; choose from {', '.join(RECIPES)}")
+        bad = [c for c in self.calibrations if c not in CALIBRATIONS]
+        if bad or not self.calibrations:
+            raise OptionError(f"--calibration {bad or '(none)'}: choose from {', '.join(CALIBRATIONS)}")
         if self.prefer not in ("latency", "size"):
             raise OptionError(f"--prefer {self.prefer!r}: choose latency or size")
         if not 0 < self.prune_ratio < 1:
             raise OptionError(f"--prune-ratio {self.prune_ratio} must be between 0 and 1")
-
-    def key(self, recipe: str) -> str:
-        """What a saved row depends on: a rerun with other options recomputes it."""
-        relevant = {"model": os.path.abspath(self.model), "mtime": os.path.getmtime(self.model), "arch": self.arch,
-                    "data": self.data, "eval_data": self.eval_data, "seed": self.seed, "recipe": recipe,
-                    "input_shape": self.input_shape, "image_size": self.image_size, "mean": self.mean, "std": self.std}
-        if recipe.startswith("prune"):
-            relevant.update(prune_ratio=self.prune_ratio, epochs=self.epochs, lr=self.lr, alpha=self.alpha,
-                            temperature=self.temperature)
-        if recipe == "qat-kd":
-            relevant.update(qat_epochs=self.qat_epochs)
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise OptionError(f"--max-accuracy-drop {self.max_accuracy_drop}: a budget in points, 0 or more")
+        self.distill.validate()
+        from edgec.recommend import parse_budgets
+        parse_budgets(self.budgets)
 
 
 @dataclass
-class Workspace:
-    """The compare folder: artifacts/<row>/ for models, results/<row>.json for finished rows."""
-    root: Path
-    opts: CompareOptions
-    inputs: Inputs
-    shared: dict = field(default_factory=dict)   # artifacts several recipes reuse (fp32 onnx, student)
+class Row:
+    """One recipe's result: what compare.json lists, what recommend ranks, what --package ships."""
+    recipe: str
+    key: str
+    precision: str | None = None
+    onnx: str | None = None          # relative to the compare folder
+    sha256: str | None = None        # of the measured file: --package ships exactly these bytes
+    reference: str | None = None     # the FP32 ONNX it was made from (a package's model.fp32.onnx)
+    student: str | None = None       # the pruned + distilled model file, for pruned recipes
+    bytes: int | None = None
+    params: int | None = None
+    flops: int | None = None
+    accuracy: float | None = None
+    agreement: dict | None = None
+    details: dict = field(default_factory=dict)
+    stages: list = field(default_factory=list)   # stage records (JSON) up to the model: the package's manifest
+    error: str | None = None
+    seconds: float = 0.0
+    # filled in by the benchmark and against the FP32 row
+    bench: dict = field(default_factory=dict)    # ep -> edgec.bench/1 result
+    latency: dict = field(default_factory=dict)  # ep -> p50_ms, p90_ms, ..., speedup
+    compression_ratio: float | None = None
+    accuracy_change: float | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    speedup: float | None = None
 
-    def dir(self, row: str) -> Path:
-        d = self.root / "artifacts" / row
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+    def to_json(self) -> dict:
+        out = plain(dataclasses.asdict(self))
+        return {k: v for k, v in out.items() if v is not None or k in ("onnx", "error", "accuracy")}
 
-    def result_path(self, row: str) -> Path:
-        return self.root / "results" / f"{row}.json"
+    @classmethod
+    def from_json(cls, data: dict) -> "Row":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
-    def load_result(self, row: str, key: str) -> dict | None:
-        path = self.result_path(row)
-        if self.opts.fresh or not path.is_file():
-            return None
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(plain(key), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Cache:
+    """Entries keyed by the hash of their inputs: cache/<kind>-<hash>/ holding files and record.json.
+    --fresh makes each entry again, once per run (then the fresh entry is shared like any other)."""
+
+    def __init__(self, root: Path, fresh: bool):
+        self.root, self.fresh, self.made = root / "cache", fresh, set()
+
+    def folder(self, kind: str, key: dict) -> Path:
+        return self.root / f"{kind}-{_digest(key)}"
+
+    def get(self, kind: str, key: dict) -> tuple[Path, dict | None]:
+        folder = self.folder(kind, key)
+        path = folder / "record.json"
+        if (self.fresh and folder not in self.made) or not path.is_file():
+            return folder, None
         try:
-            saved = json.loads(path.read_text())
+            return folder, json.loads(path.read_text())
         except json.JSONDecodeError:
-            return None
-        onnx = saved.get("onnx")
-        if saved.get("key") != key or (onnx and not (self.root / onnx).is_file()):
-            return None
-        return saved
+            return folder, None
 
-    def save_result(self, row: str, result: dict) -> None:
-        path = self.result_path(row)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(plain(result), indent=2))
-        os.replace(tmp, path)
+    def put(self, folder: Path, make: Callable[[Path], dict]) -> dict:
+        """make(tmp folder) writes the files and returns the record; the entry appears only once complete."""
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            record = plain(make(tmp))
+            (tmp / "record.json").write_text(json.dumps(record, indent=2))
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.made.add(folder)
+        return record
 
-
-# ---------------------------------------------------------------- recipes
-
-def _eval_onnx(ws: Workspace, onnx_path: Path, reference: Path | None) -> dict:
-    from edgec.exporters.compare import accuracy, compare_outputs
-    from edgec.pipeline import agreement
-    data = ws.inputs.eval if ws.inputs.eval is not None else ws.inputs.calib
-    out = {}   # the data is streamed batch by batch
-    if data.labelled:
-        out["accuracy"] = 100 * accuracy(onnx_path, data, data.y)
-    if reference is not None and reference != onnx_path:
-        out["agreement"] = agreement(compare_outputs(reference, onnx_path, data))
-    return out
-
-
-def _fp32_onnx(ws: Workspace) -> Path:
-    if "fp32_onnx" not in ws.shared:
-        from edgec.exporters.onnx_export import export_onnx
-        path = ws.dir("fp32") / "model.onnx"
-        if not path.is_file() or ws.opts.fresh:
-            export_onnx(ws.inputs.model.module, ws.inputs.calib.head(1), path, inputs=ws.inputs.specs)
-        ws.shared["fp32_onnx"] = path
-    return ws.shared["fp32_onnx"]
+    def onnx(self, kind: str, key: dict, precision: str, make: Callable[[Path], dict]) -> tuple[OnnxModel, dict]:
+        """An ONNX artifact (folder/model.onnx) and its record; reused only while its bytes are the recorded ones."""
+        folder, record = self.get(kind, key)
+        if record is not None:
+            model = OnnxModel.at(folder / "model.onnx", precision) if (folder / "model.onnx").is_file() else None
+            if model is not None and model.sha256 == record.get("sha256"):
+                return model, record
+        def made(tmp: Path) -> dict:
+            out = make(tmp / "model.onnx")
+            return {**out, "sha256": OnnxModel.at(tmp / "model.onnx").sha256}
+        record = self.put(folder, made)
+        return OnnxModel.at(folder / "model.onnx", precision), record
 
 
-def _module_figures(module, shape) -> dict:
-    from edgec.metrics import count_flops, count_params
-    return {"params": count_params(module), "flops": count_flops(module, shape)}
+@dataclass
+class Made:
+    """What a recipe made, before evaluation: the model, what it was made from, its stage records."""
+    model: OnnxModel
+    stages: list                     # stage records as JSON
+    module: object                   # the torch module it came from (params, FLOPs)
+    reference: OnnxModel | None = None
+    student: Path | None = None
+    details: dict = field(default_factory=dict)
 
 
-def recipe_fp32(ws: Workspace, row: str) -> dict:
-    path = _fp32_onnx(ws)
-    return {"onnx": path, **_module_figures(ws.inputs.model.module, ws.inputs.input_shape),
-            **_eval_onnx(ws, path, None), "precision": "fp32"}
+class Run:
+    """One compare run: the source, the options, the cache; each method is a recipe or an artifact they share."""
 
+    def __init__(self, opts: CompareOptions, source: Source):
+        self.opts, self.source, self.root = opts, source, Path(opts.output)
+        self.cache = Cache(self.root, opts.fresh)
+        self.load = stages.load(source).to_dict()
 
-def recipe_ptq(ws: Workspace, row: str, method: str, source: Path | None = None, figures: dict | None = None) -> dict:
-    from edgec.exporters.quantize import QuantOptions, quantize_int8
-    src = source or _fp32_onnx(ws)
-    path = ws.dir(row) / "model.onnx"
-    info = quantize_int8(src, path, ws.inputs.calib, QuantOptions(method=method))
-    figures = figures or _module_figures(ws.inputs.model.module, ws.inputs.input_shape)
-    return {"onnx": path, **figures, **_eval_onnx(ws, path, src), "precision": "int8",
-            "details": {"calibration": method, "quantization": plain(info)}}
+    # ---- shared artifacts
+    def fp32(self) -> tuple[OnnxModel, dict]:
+        def make(path):
+            _, record = stages.export(self.source, TorchModel(self.source.model.module), path, OPSET)
+            return {"stages": [record.to_dict()]}
+        return self.cache.onnx("fp32", {"source": self.source.fingerprint, "opset": OPSET}, "fp32", make)
 
+    def int8(self, fp32: OnnxModel, method: str) -> tuple[OnnxModel, dict]:
+        from edgec.exporters.quantize import QuantOptions
+        quant = QuantOptions(method=method)
+        def make(path):
+            _, record = stages.quantize(self.source.calib, fp32, path, quant)
+            return {"stages": [record.to_dict()], "calibration": method}
+        return self.cache.onnx("int8", {"fp32": fp32.sha256, "calib": self.source.fingerprint,
+                                        "quant": plain(quant)}, "int8", make)
 
-def recipe_fp16(ws: Workspace, row: str) -> dict:
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-    src = _fp32_onnx(ws)
-    path = ws.dir(row) / "model.onnx"
-    # keep_io_types: callers still feed and read float32, the graph inside runs in float16
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    onnx.save(model, str(path))
-    return {"onnx": path, **_module_figures(ws.inputs.model.module, ws.inputs.input_shape),
-            **_eval_onnx(ws, path, src), "precision": "fp16",
-            "details": {"note": "CPU providers have few FP16 kernels: expect FP16 to be slower than FP32 there; "
-                                "it is meant for CUDA/TensorRT"}}
+    def student_key(self) -> dict:
+        return {"source": self.source.fingerprint, "prune_ratio": self.opts.prune_ratio,
+                "distill": plain(self.opts.distill)}
 
+    def student(self) -> tuple[Path, dict]:
+        """Prune + distill once; prune-kd and prune-kd-ptq share the student."""
+        from edgec.modelio import save_model
+        from edgec.prune import PruneConfig
+        require_eager(self.source.model, "pruning")
+        folder, record = self.cache.get("student", self.student_key())
+        if record is not None and (folder / "student.pt").is_file():
+            return folder / "student.pt", record
 
-def _student(ws: Workspace) -> tuple[Path, dict]:
-    """Prune + distill once; prune-kd and prune-kd-ptq share the student."""
-    if "student" in ws.shared:
-        return ws.shared["student"]
-    opts, inputs = ws.opts, ws.inputs
-    if not inputs.model.eager:
-        raise OptionError(f"pruning needs an eager model (checkpoint + --arch or an edgec model file); "
-                          f"{inputs.model.path} is {inputs.model.kind}")
-    from edgec.modelio import save_model
-    from edgec.prune import PruneConfig, prune_model
-    from edgec.distill import distill
-    from edgec.train import TrainConfig
-    student_path = ws.dir("prune-kd") / "student.pt"
-    pruned, prune_record = prune_model(copy.deepcopy(inputs.model), PruneConfig(ratio=opts.prune_ratio), inputs.calib)
-    cfg = TrainConfig(epochs=opts.epochs, lr=opts.lr, alpha=opts.alpha, temperature=opts.temperature, seed=opts.seed)
-    train_data, validation = training_split(inputs.calib)
-    record = distill(inputs.model.module, pruned, train_data, validation, cfg, label="prune-kd: distill")
-    save_model(student_path, pruned, inputs.model.arch, inputs.input_shape, force=True,
-               history=list(inputs.model.meta.get("history", [])) + [
-                   {"stage": "prune", **plain(prune_record)}, {"stage": "distill", **plain(record)}])
-    ws.shared["student"] = (student_path, {"prune": plain(prune_record), "distill": plain(record)})
-    return ws.shared["student"]
+        def make(tmp):
+            loaded = self.source.model
+            pruned, prune_record = stages.prune(self.source, PruneConfig(ratio=self.opts.prune_ratio))
+            student, distill_record = stages.distill(self.source, pruned, self.opts.distill, label="prune-kd: distill")
+            save_model(tmp / "student.pt", student.module, loaded.arch, self.source.input_shape, force=True,
+                       history=list(loaded.meta.get("history", [])) + [
+                           {"stage": "prune", **prune_record.metrics()}, {"stage": "distill", **distill_record.metrics()}])
+            return {"stages": [prune_record.to_dict(), distill_record.to_dict()]}
+        return folder / "student.pt", self.cache.put(folder, make)
 
+    def student_fp32(self) -> tuple[OnnxModel, dict, Path, object]:
+        from edgec.modelio import load_model
+        path, record = self.student()
+        module = load_model(path, self.source.model.arch).module  # the spec the user already trusted
 
-def recipe_prune_kd(ws: Workspace, row: str) -> dict:
-    import torch
-    from edgec.exporters.onnx_export import export_onnx
-    from edgec.modelio import load_model
-    student_path, details = _student(ws)
-    student = load_model(student_path, ws.inputs.model.arch).module  # the spec the user already trusted
-    path = ws.dir(row) / "model.onnx"
-    export_onnx(student, ws.inputs.calib.head(1), path, inputs=ws.inputs.specs)
-    return {"onnx": path, **_module_figures(student, ws.inputs.input_shape), **_eval_onnx(ws, path, None),
-            "precision": "fp32", "details": details}
+        def make(onnx_path):
+            _, export = stages.export(self.source, TorchModel(module), onnx_path, OPSET)
+            return {"stages": [export.to_dict()]}
+        fp32, exported = self.cache.onnx("student-fp32", {"student": self.student_key(), "opset": OPSET}, "fp32",
+                                         make)
+        return fp32, {"stages": record["stages"] + exported["stages"]}, path, module
 
+    # ---- recipes
+    def recipe_fp32(self) -> Made:
+        fp32, record = self.fp32()
+        return Made(fp32, record["stages"], self.source.model.module)
 
-def recipe_prune_kd_ptq(ws: Workspace, row: str) -> dict:
-    fp32 = ws.root / "artifacts" / "prune-kd" / "model.onnx"
-    if not fp32.is_file():
-        recipe_prune_kd(ws, "prune-kd")
-    from edgec.modelio import load_model
-    student_path, details = _student(ws)
-    figures = _module_figures(load_model(student_path, ws.inputs.model.arch).module, ws.inputs.input_shape)
-    result = recipe_ptq(ws, row, "minmax", source=fp32, figures=figures)
-    result["details"] = {**details, **result["details"]}
-    return result
+    def recipe_ptq(self, method: str) -> Made:
+        fp32, exported = self.fp32()
+        int8, record = self.int8(fp32, method)
+        return Made(int8, exported["stages"] + record["stages"], self.source.model.module, reference=fp32,
+                    details={"calibration": method})
 
+    def recipe_fp16(self) -> Made:
+        fp32, exported = self.fp32()
 
-def recipe_qat(ws: Workspace, row: str) -> dict:
-    import torch
-    from edgec.qat import QatConfig, export_qat_onnx, qat_finetune
-    inputs = ws.inputs
-    if not inputs.model.eager:
-        raise OptionError(f"qat-kd needs an eager model; {inputs.model.path} is {inputs.model.kind}")
-    cfg = QatConfig(epochs=ws.opts.qat_epochs, seed=ws.opts.seed)
-    train_data, validation = training_split(inputs.calib)
-    qat_model, record = qat_finetune(copy.deepcopy(inputs.model.module), inputs.model.module, train_data,
-                                     validation, cfg, inputs.input_shape)
-    path = ws.dir(row) / "model.onnx"
-    # torch (fake quant) and ORT measured on the same eval samples: the QAT promise is that they agree
-    export = export_qat_onnx(qat_model, torch.from_numpy(inputs.calib.x[0:1]), path,
-                             eval_data=inputs.eval if inputs.eval is not None else inputs.calib)
-    result = {"onnx": path, **_module_figures(inputs.model.module, inputs.input_shape),
-              **_eval_onnx(ws, path, _fp32_onnx(ws)), "precision": "int8",
-              "details": {"qat": plain(record), "export": plain(export)}}
-    check = export.get("check") or {}
-    if check.get("torch_accuracy") is not None:
-        result["details"]["torch_vs_ort_points"] = round(check["torch_accuracy"] - check["ort_accuracy"], 4)
-    return result
+        def make(path):
+            import onnx
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+            # keep_io_types: callers still feed and read float32, the graph inside runs in float16
+            onnx.save(convert_float_to_float16(onnx.load(str(fp32.path)), keep_io_types=True), str(path))
+            return {}
+        fp16, _ = self.cache.onnx("fp16", {"fp32": fp32.sha256}, "fp16", make)
+        return Made(fp16, exported["stages"], self.source.model.module, reference=fp32,
+                    details={"note": "CPU providers have few FP16 kernels: expect FP16 to be slower than FP32 there; "
+                                     "it is meant for CUDA/TensorRT"})
 
+    def recipe_prune_kd(self) -> Made:
+        fp32, record, path, module = self.student_fp32()
+        return Made(fp32, record["stages"], module, student=path)
 
-def planned_rows(opts: CompareOptions) -> list[tuple[str, callable]]:
-    rows = []
-    for recipe in opts.recipes:
-        if recipe == "ptq-int8":
-            rows += [(f"ptq-int8-{m}", lambda ws, row, m=m: recipe_ptq(ws, row, m)) for m in opts.calibrations]
-        else:
-            rows.append((recipe, {"fp32": recipe_fp32, "fp16": recipe_fp16, "prune-kd": recipe_prune_kd,
-                                  "prune-kd-ptq": recipe_prune_kd_ptq, "qat-kd": recipe_qat}[recipe]))
-    if "fp32" not in opts.recipes:  # every ratio is against FP32: it is always measured
-        rows.insert(0, ("fp32", recipe_fp32))
-    return rows
+    def recipe_prune_kd_ptq(self) -> Made:
+        fp32, record, path, module = self.student_fp32()
+        int8, quantized = self.int8(fp32, "minmax")
+        return Made(int8, record["stages"] + quantized["stages"], module, reference=fp32, student=path,
+                    details={"calibration": "minmax"})
+
+    def recipe_qat(self) -> Made:
+        import copy
+
+        import torch
+        from edgec.qat import QatConfig, export_qat_onnx, qat_finetune
+        source = self.source
+        require_eager(source.model, "qat-kd")
+        fp32, exported = self.fp32()
+        cfg = QatConfig(epochs=self.opts.qat_epochs, seed=self.opts.distill.seed)
+
+        def make(path):
+            train_data, validation = training_split(source.calib)
+            qat_model, record = qat_finetune(copy.deepcopy(source.model.module), source.model.module, train_data,
+                                             validation, cfg, source.input_shape)
+            # torch (fake quant) and ORT measured on the same eval samples: the QAT promise is that they agree
+            export = export_qat_onnx(qat_model, torch.from_numpy(source.calib.x[0:1]), path,
+                                     eval_data=source.check_data)
+            details = {"qat": plain(record), "export": plain(export)}
+            check = export.get("check") or {}
+            if check.get("torch_accuracy") is not None:
+                details["torch_vs_ort_points"] = round(check["torch_accuracy"] - check["ort_accuracy"], 4)
+            taken = stages.TakenInt8Record(source="quantization-aware training (compare qat-kd)", record=details)
+            return {"stages": [taken.to_dict()], "details": details}
+        int8, record = self.cache.onnx("qat", {"source": source.fingerprint, "qat": plain(cfg)}, "int8", make)
+        return Made(int8, exported["stages"] + record["stages"], source.model.module, reference=fp32,
+                    details=record["details"])
+
+    # ---- rows
+    def planned(self) -> list[tuple[str, Callable[[], Made], dict]]:
+        """(row, recipe, what the row depends on beyond the source)."""
+        o = self.opts
+        student = {"prune_ratio": o.prune_ratio, "distill": plain(o.distill)}
+        rows = []
+        for recipe in (["fp32"] if "fp32" not in o.recipes else []) + list(o.recipes):
+            if recipe == "ptq-int8":   # every ratio is against FP32: it is always measured
+                rows += [(f"ptq-int8-{m}", lambda m=m: self.recipe_ptq(m), {}) for m in o.calibrations]
+            else:
+                rows.append((recipe, {"fp32": self.recipe_fp32, "fp16": self.recipe_fp16,
+                                      "prune-kd": self.recipe_prune_kd, "prune-kd-ptq": self.recipe_prune_kd_ptq,
+                                      "qat-kd": self.recipe_qat}[recipe],
+                             student if recipe.startswith("prune") else
+                             {"qat_epochs": o.qat_epochs} if recipe == "qat-kd" else {}))
+        return rows
+
+    def row(self, name: str, recipe: Callable[[], Made], depends: dict) -> Row:
+        key = {"recipe": name, "source": self.source.fingerprint, "opset": OPSET, **depends}
+        folder, saved = self.cache.get("row", key)
+        if saved is not None and self._intact(Row.from_json(saved)):
+            note(f"{name}: reusing the result saved in {folder} (--fresh recomputes)")
+            return Row.from_json(saved)
+        note(f"{name}: {RECIPES.get(name, RECIPES['ptq-int8'])}")
+        started = time.perf_counter()
+        row = Row(recipe=name, key=_digest(key))
+        try:
+            made = recipe()
+            row = self._row(row, made, stages.score(self.source.check_data, made.model, made.reference))
+        except EdgecError as e:
+            row.error = f"{type(e).__name__}: {e}"
+            note(f"{name} failed: {e}")
+        row.seconds = round(time.perf_counter() - started, 2)
+        self.cache.put(folder, lambda tmp: row.to_json())
+        return row
+
+    def _intact(self, row: Row) -> bool:
+        """A saved row stands while its model file still has the measured bytes (a failure stands as it is)."""
+        if row.error is not None:
+            return True
+        path = self.root / row.onnx
+        return path.is_file() and OnnxModel.at(path).sha256 == row.sha256
+
+    def _row(self, row: Row, made: Made, evaluated) -> Row:
+        from edgec.metrics import count_flops, count_params
+        rel = lambda p: str(Path(p).relative_to(self.root)) if p is not None else None  # noqa: E731
+        row.precision, row.onnx, row.sha256, row.bytes = (made.model.precision, rel(made.model.path),
+                                                          made.model.sha256, made.model.bytes)
+        row.reference = rel(made.reference.path) if made.reference is not None else None
+        row.student = rel(made.student)
+        row.params, row.flops = count_params(made.module), count_flops(made.module, self.source.example())
+        row.accuracy, row.agreement = evaluated.accuracy, evaluated.agreement
+        row.details, row.stages = made.details, [self.load, *made.stages]
+        return row
 
 
 # ---------------------------------------------------------------- run
 
 def run_compare(opts: CompareOptions) -> dict:
-    from edgec.recommend import recommend
-    from edgec.core.fsutil import claim_folder
-    opts.validate()
-    claim_folder(opts.output, COMPARE_MARKER, create=False)  # before minutes of work: never someone else's files
-    inputs = load_inputs(opts.model, arch=opts.arch, trust_pickle=opts.trust_pickle, input_shape=opts.input_shape,
-                         data=opts.data, eval_data=opts.eval_data, image_size=opts.image_size, mean=opts.mean,
-                         std=opts.std)
-    root = claim_folder(opts.output, COMPARE_MARKER)
-    ws = Workspace(root, opts, inputs)
-    rows = []
-    for row, fn in planned_rows(opts):
-        key = opts.key(row)
-        saved = ws.load_result(row, key)
-        if saved is not None:
-            note(f"{row}: reusing the result saved in {ws.result_path(row)} (--fresh recomputes)")
-            rows.append(saved)
-            continue
-        note(f"{row}: {RECIPES.get(row, RECIPES['ptq-int8'])}")
-        started = time.perf_counter()
-        try:
-            result = fn(ws, row)
-            result["onnx"] = str(Path(result["onnx"]).relative_to(root))
-            result["bytes"] = (root / result["onnx"]).stat().st_size
-            result["error"] = None
-        except EdgecError as e:
-            result = {"onnx": None, "error": f"{type(e).__name__}: {e}"}
-            note(f"{row} failed: {e}")
-        result.update(recipe=row, key=key, seconds=round(time.perf_counter() - started, 2))
-        ws.save_result(row, result)
-        rows.append(result)
-    _bench(ws, rows)
-    _relative(rows, opts.providers[0])
-    summary = {"schema": RESULT_SCHEMA, "model": inputs.model.describe(),
-               "eval": (inputs.eval or inputs.calib).describe(), "providers": list(opts.providers),
-               "recipes": rows}
-    summary["recommendation"] = recommend(rows, opts)
+    """Every planned recipe, evaluated, benchmarked, ranked; with opts.package, the winner packaged."""
+    from edgec.core.fsutil import check_writable, claim_folder
     from edgec.plots import write_plots
+    from edgec.recommend import recommend
     from edgec.report import render_compare_markdown
+    opts.validate()
+    if opts.package:  # checked before the comparison runs, not after minutes of work
+        check_writable(opts.package, opts.force, inputs=(*_reads(opts), opts.output), directory=True)
+    claim_folder(opts.output, COMPARE_MARKER, create=False)  # before minutes of work: never someone else's files
+    source = load_source(opts.source)
+    root = claim_folder(opts.output, COMPARE_MARKER)
+    run = Run(opts, source)
+    rows = [run.row(*planned) for planned in run.planned()]
+    _bench(run, rows)
+    _relative(rows, opts.providers[0])
+    summary = {"schema": RESULT_SCHEMA, "model": source.model.describe(), "eval": source.check_data.describe(),
+               "providers": list(opts.providers), "recipes": [r.to_json() for r in rows],
+               "recommendation": recommend(rows, opts)}
     summary["plots"] = write_plots(summary, root)
+    if opts.package:
+        summary["package"] = package_winner(run, rows, summary["recommendation"])
     tmp = root / ".compare.json.tmp"
     tmp.write_text(json.dumps(plain(summary), indent=2))
     os.replace(tmp, root / "compare.json")
@@ -312,73 +394,95 @@ def run_compare(opts: CompareOptions) -> dict:
     return plain(summary)
 
 
-def _bench(ws: Workspace, rows: list[dict]) -> None:
+def _reads(opts: CompareOptions) -> tuple:
+    return opts.source.model, opts.source.data, opts.source.eval_data
+
+
+def _bench(run: Run, rows: list[Row]) -> None:
     """All successful rows, interleaved, per provider, in one run: the ratios are what to trust."""
-    from edgec.runtime import benchmark
-    ok = [r for r in rows if r.get("onnx")]
-    if not ok or ws.opts.bench_seconds <= 0:
+    ok = [r for r in rows if r.onnx]
+    if not ok or run.opts.bench_seconds <= 0:
         return
-    note(f"benchmarking {len(ok)} models interleaved on {', '.join(ws.opts.providers)}")
-    results = benchmark([ws.root / r["onnx"] for r in ok], providers=list(ws.opts.providers),
-                        runs=f"{ws.opts.bench_seconds}s", warmup="5", inspect=False)
-    n_ep = len(results) // len(ok)
-    for i, row in enumerate(ok):
-        row["latency"] = {}
-        for res in results[i * n_ep:(i + 1) * n_ep]:
-            data = res.to_json()
+    note(f"benchmarking {len(ok)} models interleaved on {', '.join(run.opts.providers)}")
+    measured = stages.bench_models([OnnxModel(run.root / r.onnx, r.sha256, r.precision) for r in ok],
+                                   list(run.opts.providers), run.opts.bench_seconds,
+                                   shapes=run.source.sample_shapes(), inspect=False)
+    for row, per_ep in zip(ok, measured):
+        row.bench = per_ep
+        row.latency = {}
+        for ep, data in per_ep.items():
             lat = {f"{k}_ms": v for k, v in data["latency_ms"].items() if k in ("min", "mean", "p50", "p90",
                                                                                "p95", "p99", "max", "p50_ci")}
-            row["latency"][res.ep] = {**lat, "runs": data["latency_ms"]["n"], "reliable": data["reliable"]}
+            row.latency[ep] = {**lat, "runs": data["latency_ms"]["n"], "reliable": data["reliable"]}
 
 
-def _relative(rows: list[dict], first_ep: str) -> None:
+def _relative(rows: list[Row], first_ep: str) -> None:
     """Compression, accuracy change and speed-up against the FP32 row; the first provider's figures on top."""
-    base = next((r for r in rows if r["recipe"] == "fp32" and r.get("onnx")), None)
+    base = next((r for r in rows if r.recipe == "fp32" and r.onnx), None)
     if base is None:
         return
     for r in rows:
-        if not r.get("onnx"):
+        if not r.onnx:
             continue
-        r["compression_ratio"] = round(base["bytes"] / r["bytes"], 3)
-        if r.get("accuracy") is not None and base.get("accuracy") is not None:
-            r["accuracy_change"] = round(r["accuracy"] - base["accuracy"], 4)
-        for ep, lat in (r.get("latency") or {}).items():
-            b = (base.get("latency") or {}).get(ep)
+        r.compression_ratio = round(base.bytes / r.bytes, 3)
+        if r.accuracy is not None and base.accuracy is not None:
+            r.accuracy_change = round(r.accuracy - base.accuracy, 4)
+        for ep, lat in r.latency.items():
+            b = base.latency.get(ep)
             if b and lat.get("p50_ms"):
                 lat["speedup"] = round(b["p50_ms"] / lat["p50_ms"], 3)
-        first = (r.get("latency") or {}).get(first_ep) or {}
-        r.update(p50_ms=first.get("p50_ms"), p90_ms=first.get("p90_ms"), speedup=first.get("speedup"))
+        first = r.latency.get(first_ep) or {}
+        r.p50_ms, r.p90_ms, r.speedup = first.get("p50_ms"), first.get("p90_ms"), first.get("speedup")
 
 
-def package_winner(opts: CompareOptions, summary: dict, path, force: bool) -> str:
-    """Write the recommended recipe as a normal .edgec package (its model.onnx is INT8)."""
-    from edgec.exporters.quantize import QuantOptions
-    from edgec.pipeline import BuildOptions, build
+def package_winner(run: Run, rows: list[Row], recommendation: dict) -> str:
+    """Package the recommended recipe; a package's model.onnx is INT8, so a non-INT8 winner gives way to the
+    best INT8 recipe (said so)."""
     from edgec.recommend import recommend
-    winner = (summary.get("recommendation") or {}).get("recipe")
-    rows = {r["recipe"]: r for r in summary["recipes"]}
-    if winner is not None and rows[winner].get("precision") != "int8":
-        # a package's model.onnx is INT8: ship the best INT8 recipe, and say it was not the overall winner
-        overall, winner = winner, recommend([r for r in rows.values() if r.get("precision") == "int8"], opts)["recipe"]
+    by_name = {r.recipe: r for r in rows}
+    winner = recommendation.get("recipe")
+    if winner is not None and by_name[winner].precision != "int8":
+        overall = winner
+        winner = recommend([r for r in rows if r.precision == "int8"], run.opts)["recipe"]
         if winner is not None:
             note(f"--package: {overall} is recommended but is not INT8; packaging {winner}, the best INT8 recipe")
     if winner is None:
         raise OptionError("no INT8 recipe meets the constraints, so there is nothing to --package; relax them")
-    row = rows[winner]
-    root = Path(opts.output)
-    common = dict(output=str(path), arch=opts.arch, trust_pickle=opts.trust_pickle, input_shape=opts.input_shape,
-                  data=opts.data, eval_data=opts.eval_data, image_size=opts.image_size, mean=opts.mean, std=opts.std,
-                  # ungated: the comparison applied its constraints (and qat-kd's FP32 is the original model)
-                  providers=opts.providers, force=force, max_accuracy_drop=None, min_sqnr=float("-inf"),
-                  extra={"compare": {"recipe": winner, "folder": str(root)}})
-    if winner.startswith("ptq-int8-"):
-        opts_build = BuildOptions(model=opts.model, quant=QuantOptions(method=row["details"]["calibration"]), **common)
-    elif winner == "prune-kd-ptq":
-        opts_build = BuildOptions(model=str(root / "artifacts" / "prune-kd" / "student.pt"), **common)
-    elif winner == "qat-kd":
-        opts_build = BuildOptions(model=opts.model, prebuilt_int8=(root / row["onnx"], row.get("details", {})),
-                                  **common)
-    else:
-        raise OptionError(f"edgec cannot rebuild a package for recipe {winner}; use its ONNX file {root / row['onnx']}")
-    build(opts_build)
-    return str(path)
+    package_row(run, by_name[winner], rows, run.opts.package, force=run.opts.force,
+                max_accuracy_drop=run.opts.max_accuracy_drop)
+    return str(run.opts.package)
+
+
+def package_row(run: Run, row: Row, rows: list[Row], path, *, force: bool = False,
+                max_accuracy_drop: float | None = 1.0):
+    """Write `row`'s measured INT8 model (the same bytes) as a package, through build's accuracy gate (and its
+    per-output SQNR check where the INT8 model was calibrated from that FP32 model: qat-kd's weights were
+    retrained, so its SQNR against the original model says nothing). Returns the Manifest."""
+    from edgec import package
+    from edgec.exporters.metrics import DEFAULT_MIN_SQNR, CheckOptions
+    from edgec.core.fsutil import atomic_path
+    from edgec.modelio import load_model
+    from edgec.pipeline import write_package
+    if row.precision != "int8" or row.reference is None:
+        raise OptionError(f"{row.recipe} is not an INT8 recipe made from an FP32 model; a package ships INT8")
+    with atomic_path(path, force=force, directory=True, inputs=(*_reads(run.opts), run.root)) as tmp:
+        shutil.copyfile(run.root / row.reference, tmp / package.FP32_FILE)
+        shutil.copyfile(run.root / row.onnx, tmp / package.MODEL_FILE)
+        fp32, int8 = OnnxModel.at(tmp / package.FP32_FILE), OnnxModel.at(tmp / package.MODEL_FILE, "int8")
+        if int8.sha256 != row.sha256:
+            raise VerifyError(f"{run.root / row.onnx} changed since it was measured; rerun compare (--fresh)")
+        records = [StoredRecord(s) for s in row.stages]
+        checks = CheckOptions(max_drop=max_accuracy_drop,
+                              min_sqnr=float("-inf") if row.recipe == "qat-kd" else DEFAULT_MIN_SQNR)
+        records.append(stages.evaluate(run.source.check_data, int8, fp32, checks))
+        measured_fp32 = next((r for r in rows if r.onnx == row.reference), None)
+        if row.bench:
+            records.append(stages.BenchRecord(providers=list(run.opts.providers),
+                                              seconds_per_model=run.opts.bench_seconds,
+                                              shapes=run.source.sample_shapes(), int8=row.bench,
+                                              fp32=measured_fp32.bench if measured_fp32 is not None else {}))
+        arch = run.source.model.arch  # the spec the user already trusted
+        module = load_model(run.root / row.student, arch).module if row.student else run.source.model.module
+        return write_package(tmp, run.source, TorchModel(module), records, seconds=row.seconds,
+                             extra={"compare": {"recipe": row.recipe, "folder": str(run.root),
+                                                "sha256": row.sha256}})

@@ -27,7 +27,7 @@ def demo_model(retrain: bool = False) -> Path:
     """Path of the trained demo ResNet18 (an edgec model file), training it if not cached."""
     from edgec.data import load_data
     from edgec.modelio import build_arch, save_model
-    from edgec.pipeline import training_split
+    from edgec.source import training_split
     from edgec.core.progress import note
     from edgec.train import TrainConfig, train
 

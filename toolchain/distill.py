@@ -115,16 +115,17 @@ def run_job(job: DistillJob) -> dict | None:
     """Load, distill, write (rank 0). Returns the result on rank 0, None elsewhere."""
     from edgec.metrics import count_flops, count_params
     from edgec.modelio import save_model
-    from edgec.pipeline import load_inputs
+    from edgec.source import SourceSpec, load_source
     from edgec.train import _dist
     started = time.perf_counter()
     cfg = job.config()
     cfg.validate()
     rank, world = _dist()
-    inputs = load_inputs(job.teacher, arch=job.arch, trust_pickle=job.trust_pickle,
-                         input_shape=tuple(job.input_shape) if job.input_shape else None, data=job.data,
-                         eval_data=job.eval_data, image_size=job.image_size,
-                         mean=tuple(job.mean) if job.mean else None, std=tuple(job.std) if job.std else None)
+    inputs = load_source(SourceSpec(job.teacher, arch=job.arch, trust_pickle=job.trust_pickle,
+                                    input_shape=tuple(job.input_shape) if job.input_shape else None, data=job.data,
+                                    eval_data=job.eval_data, image_size=job.image_size,
+                                    mean=tuple(job.mean) if job.mean else None,
+                                    std=tuple(job.std) if job.std else None))
     student, arch, history = load_student(job, inputs.input_shape)
     record = distill(inputs.model.module, student, inputs.calib, inputs.eval, cfg, stop_after=job.stop_after)
     if rank != 0:

@@ -44,6 +44,27 @@ class Launch:
                        f"--master-port={self.master_port or 29500}"]
 
 
+def run_distill(spec, student: str | None, student_arch: str | None, train: dict, launch_cfg: Launch, *,
+                output: str, force: bool = False) -> dict | None:
+    """`edgec distill`: every option checked, then one process or torch.distributed.run workers."""
+    from edgec.core.fsutil import check_writable
+    from edgec.distill import DistillJob, run_job
+    from edgec.source import DEFAULT_DATA
+    job = DistillJob(teacher=spec.model, output=output, arch=spec.arch, trust_pickle=spec.trust_pickle,
+                     input_shape=list(spec.input_shape) if isinstance(spec.input_shape, tuple) else spec.input_shape,
+                     student=student,
+                     student_arch=student_arch, data=spec.data or DEFAULT_DATA, eval_data=spec.eval_data,
+                     image_size=spec.image_size, mean=list(spec.mean) if spec.mean else None,
+                     std=list(spec.std) if spec.std else None, force=force,
+                     train={**train, "hints": [list(h) for h in train.get("hints", ())]})  # travels as JSON
+    job.config().validate()  # bad options fail here, before processes start
+    if not (student or student_arch):
+        raise OptionError("pass --student FILE (e.g. the output of `edgec prune`) or --student-arch SPEC")
+    check_writable(output, force, inputs=(spec.model, student, spec.data, spec.eval_data))
+    launch_cfg.validate()
+    return launch(job, launch_cfg) if launch_cfg.distributed else run_job(job)
+
+
 def launch(job, launch_cfg: Launch) -> dict | None:
     """Run `job` (an edgec.distill.DistillJob) in torch.distributed.run workers; returns rank 0's result
     (None on nodes other than rank 0's, which do not write)."""

@@ -16,6 +16,7 @@ from torch import nn
 
 from edgec.core.errors import EdgecError, ModelError, OptionError, cause_line
 from edgec.metrics import count_flops, count_params
+from edgec.source import require_eager
 
 IMPORTANCE = ("l1", "l2", "bn", "taylor")
 MAX_LAYER_RATIO = 0.95   # never empty a layer: at least 5% of its channels stay
@@ -256,9 +257,7 @@ def prune_model(loaded, cfg: PruneConfig, data=None) -> tuple[nn.Module, dict]:
     """Prune `loaded.module` (a LoadedModel); returns a pruned copy and the stage record
     (config, resolved ratio, params/FLOPs before and after, per-layer channel plan)."""
     cfg.validate()
-    if not loaded.eager:
-        raise ModelError(f"{loaded.path} is {loaded.kind}: pruning needs an eager model (a checkpoint with "
-                         "--arch, or an edgec model file)")
+    require_eager(loaded, "pruning")
     if cfg.importance == "taylor" and (data is None or len(data) == 0):
         raise OptionError("--importance taylor ranks channels by gradients: it needs --data")
     shape = _example(loaded, data)
@@ -325,3 +324,41 @@ def describe_groups(loaded, cfg: PruneConfig, data=None) -> list[dict]:
     return out
 
 
+
+
+def _load(spec):
+    """The model and, when --data is given, its samples (for taylor importance and the input shape)."""
+    from edgec.data import load_data
+    from edgec.modelio import load_model
+    from edgec.source import image_size_for
+    loaded = load_model(spec.model, spec.arch, trust_pickle=spec.trust_pickle, input_shape=spec.input_shape)
+    dataset = None
+    if spec.data:
+        dataset = load_data(spec.data, image_size=image_size_for(spec, loaded), mean=spec.mean, std=spec.std)
+        dataset.validate(loaded.input_shape or (1, *dataset.sample_shape))
+    return loaded, dataset
+
+
+def plan_pruning(spec, cfg: PruneConfig) -> tuple[list[dict], dict]:
+    """`edgec prune --dry-run`: the dependency groups and the channel plan; the model file is not touched."""
+    loaded, dataset = _load(spec)
+    groups = describe_groups(loaded, cfg, dataset)
+    _, record = prune_model(loaded, cfg, dataset)  # on a copy
+    return groups, record
+
+
+def prune_file(spec, cfg: PruneConfig, output, *, force: bool = False) -> dict:
+    """`edgec prune`: prune the model file of `spec` (an edgec.source.SourceSpec) into an edgec model file."""
+    from edgec.core.fsutil import check_writable
+    from edgec.modelio import save_model
+    if not output:
+        raise OptionError("-o/--output is required (or --dry-run to only print the plan)")
+    check_writable(output, force, inputs=(spec.model, spec.data))  # fail before the work, not after
+    loaded, dataset = _load(spec)
+    pruned, record = prune_model(loaded, cfg, dataset)
+    if loaded.arch is None:
+        raise OptionError(f"{spec.model} has no architecture spec to save with; pass --arch")
+    save_model(output, pruned, loaded.arch, record["input_shape"], force=force,
+               history=[*loaded.meta.get("history", []), {"stage": "prune", **record}],
+               preprocess=loaded.meta.get("preprocess") or (dataset.preprocess if dataset else None))
+    return record

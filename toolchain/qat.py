@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import operator
 import time
 from dataclasses import asdict, dataclass
 

@@ -6,7 +6,7 @@ from edgec.core.errors import OptionError
 _LATENCY = ("p50", "p90", "p95", "p99", "mean", "min", "max")
 
 
-def _budgets(texts) -> list:
+def parse_budgets(texts) -> list:
     from edgec.runtime.gate import parse_budget
     budgets = [parse_budget(t) for t in texts]
     for b in budgets:
@@ -16,42 +16,45 @@ def _budgets(texts) -> list:
     return budgets
 
 
-def broken_constraints(row: dict, opts, ep: str, budgets) -> list[str]:
-    if row.get("error"):
-        return [f"failed: {row['error']}"]
+def broken_constraints(row, opts, ep: str, budgets) -> list[str]:
+    """What `row` (an edgec.compare.Row) breaks. A drop that cannot be measured (no labels) breaks nothing."""
+    if row.error:
+        return [f"failed: {row.error}"]
     broken = []
-    if opts.max_accuracy_drop is not None and row.get("accuracy_change") is not None \
-            and -row["accuracy_change"] > opts.max_accuracy_drop:
-        broken.append(f"accuracy drop {-row['accuracy_change']:.2f} points > {opts.max_accuracy_drop}")
-    lat = (row.get("latency") or {}).get(ep) or {}
+    if opts.max_accuracy_drop is not None and row.accuracy_change is not None \
+            and -row.accuracy_change > opts.max_accuracy_drop:
+        broken.append(f"accuracy drop {-row.accuracy_change:.2f} points > {opts.max_accuracy_drop}")
+    elif opts.max_accuracy_drop is not None and row.accuracy is not None and row.accuracy_change is None:
+        broken.append("accuracy drop not measured (no FP32 baseline row)")
+    lat = row.latency.get(ep) or {}
     for b in budgets:
         measured = lat.get(f"{b.metric}_ms")
         if measured is None:
             broken.append(f"{b.metric} not measured on {ep}")
         elif measured > b.limit:
             broken.append(f"{b.metric} {measured:.2f} ms > {b.limit:.2f} ms on {ep}")
-    if opts.max_size is not None and row.get("bytes", 0) > opts.max_size:
-        broken.append(f"size {row['bytes'] / 1e6:.2f} MB > {opts.max_size / 1e6:.2f} MB")
+    if opts.max_size is not None and (row.bytes or 0) > opts.max_size:
+        broken.append(f"size {row.bytes / 1e6:.2f} MB > {opts.max_size / 1e6:.2f} MB")
     return broken
 
 
-def recommend(rows: list[dict], opts) -> dict:
+def recommend(rows: list, opts) -> dict:
     ep = opts.providers[0]
-    budgets = _budgets(opts.budgets)
-    verdicts = {r["recipe"]: broken_constraints(r, opts, ep, budgets) for r in rows}
-    ok = [r for r in rows if not verdicts[r["recipe"]]]
+    budgets = parse_budgets(opts.budgets)
+    verdicts = {r.recipe: broken_constraints(r, opts, ep, budgets) for r in rows}
+    ok = [r for r in rows if not verdicts[r.recipe]]
     constraints = {"max_accuracy_drop": opts.max_accuracy_drop, "budgets": list(opts.budgets),
                    "max_size_bytes": opts.max_size, "provider": ep, "prefer": opts.prefer}
     if not ok:
         return {"recipe": None, "reason": "no recipe meets every constraint", "constraints": constraints,
                 "rejected": verdicts}
     if opts.prefer == "size":
-        best = min(ok, key=lambda r: (r["bytes"], r.get("p50_ms") or float("inf")))
-        why = f"smallest ({best['bytes'] / 1e6:.2f} MB) of the {len(ok)} recipe(s) meeting every constraint"
+        best = min(ok, key=lambda r: (r.bytes, r.p50_ms or float("inf")))
+        why = f"smallest ({best.bytes / 1e6:.2f} MB) of the {len(ok)} recipe(s) meeting every constraint"
     else:
-        timed = [r for r in ok if r.get("p50_ms") is not None]
-        best = min(timed or ok, key=lambda r: (r.get("p50_ms") or float("inf"), r["bytes"]))
-        why = (f"fastest (p50 {best['p50_ms']:.3f} ms on {ep}) of the {len(ok)} recipe(s) meeting every constraint"
-               if best.get("p50_ms") is not None else "meets every constraint (no latency measured)")
-    return {"recipe": best["recipe"], "reason": why, "constraints": constraints,
+        timed = [r for r in ok if r.p50_ms is not None]
+        best = min(timed or ok, key=lambda r: (r.p50_ms or float("inf"), r.bytes))
+        why = (f"fastest (p50 {best.p50_ms:.3f} ms on {ep}) of the {len(ok)} recipe(s) meeting every constraint"
+               if best.p50_ms is not None else "meets every constraint (no latency measured)")
+    return {"recipe": best.recipe, "reason": why, "constraints": constraints,
             "rejected": {k: v for k, v in verdicts.items() if v}}

@@ -3,69 +3,33 @@ from __future__ import annotations
 
 import click
 
-from edgec.commands.options import FINITE, _floats, emit_json, model_options
+from edgec.commands import options as o
+from edgec.commands.options import emit_json, json_option
 
 
 @click.command("prune")
-@model_options
-@click.option("--data", help="Samples for --importance taylor (and the input shape when the model has none).")
-@click.option("--image-size", type=int, help="Image folders: resize+crop to this size.")
-@click.option("--mean", callback=_floats, help="Per-channel mean to subtract.")
-@click.option("--std", callback=_floats, help="Per-channel std to divide by.")
-@click.option("--ratio", type=FINITE, help="Fraction of channels to remove, in (0, 1), e.g. 0.5.")
-@click.option("--target-flops", type=FINITE, help="Instead of --ratio: keep this fraction of the FLOPs, e.g. 0.25.")
-@click.option("--target-params", type=FINITE, help="Instead of --ratio: keep this fraction of the parameters.")
-@click.option("--importance", type=click.Choice(["l1", "l2", "bn", "taylor"]), default="l2", show_default=True,
-              help="Channel ranking: weight magnitude, BatchNorm scale, or first-order Taylor (needs --data).")
-@click.option("--global", "global_pruning", is_flag=True, help="Rank channels across layers (uneven widths).")
-@click.option("--steps", type=int, default=1, show_default=True, help="Iterative pruning steps.")
-@click.option("--round-to", type=int, help="Keep channel counts a multiple of this, e.g. 8.")
-@click.option("--ignore", multiple=True, help="Layer name to leave unpruned, with its children (repeatable).")
+@o.SOURCE.only("model", "arch", "input_shape", "trust_pickle", "data", "image_size", "mean", "std",
+               data=o.Flag(("--data",), "Samples for --importance taylor (and the input shape when the model has "
+                                         "none)."))
+@o.PRUNE
 @click.option("--dry-run", is_flag=True, help="Print the dependency groups and the channel plan; write nothing.")
-@click.option("-o", "--output", type=click.Path(), help="Output model file (required unless --dry-run).")
-@click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (nothing else there).")
-def prune_cmd(model, arch, input_shape, trust_pickle, data, image_size, mean, std, ratio, target_flops,
-              target_params, importance, global_pruning, steps, round_to, ignore, dry_run, output, force, as_json):
+@o.BUILD.only("output", "force", output=o.Flag(("-o", "--output"), "Output model file (required unless --dry-run).",
+                                               click={"type": click.Path()}))
+@json_option
+def prune_cmd(dry_run, as_json, **kw):
     """Remove channels from MODEL (dependency-aware) and save the smaller model to -o."""
-    from edgec.core.errors import OptionError
-    from edgec.core.fsutil import check_writable
-    from edgec.prune import PruneConfig
-    cfg = PruneConfig(ratio=ratio, target_flops=target_flops, target_params=target_params, importance=importance,
-                      global_pruning=global_pruning, steps=steps, round_to=round_to, ignore=tuple(ignore))
-    cfg.validate()
-    if not dry_run:
-        if not output:
-            raise OptionError("-o/--output is required (or --dry-run to only print the plan)")
-        check_writable(output, force, inputs=(model, data))  # fail before the work, not after
-    loaded, dataset = _load(model, arch, input_shape, trust_pickle, data, image_size, mean, std)
+    from edgec.prune import plan_pruning, prune_file
+    spec = o.SOURCE.only("model", "arch", "input_shape", "trust_pickle", "data", "image_size", "mean", "std").make(kw)
+    cfg = o.PRUNE.make(kw)
     if dry_run:
-        return _dry_run(loaded, cfg, dataset, as_json)
-    from edgec.modelio import save_model
-    from edgec.prune import prune_model
-    pruned, record = prune_model(loaded, cfg, dataset)
-    if loaded.arch is None:
-        raise OptionError(f"{model} has no architecture spec to save with; pass --arch")
-    save_model(output, pruned, loaded.arch, record["input_shape"], force=force,
-               history=[*loaded.meta.get("history", []), {"stage": "prune", **record}],
-               preprocess=loaded.meta.get("preprocess") or (dataset.preprocess if dataset else None))
-    result = {"output": str(output), **{k: v for k, v in record.items() if k != "channels"},
+        return _dry_run(plan_pruning(spec, cfg), as_json)
+    record = prune_file(spec, cfg, kw["output"], force=kw["force"])
+    result = {"output": str(kw["output"]), **{k: v for k, v in record.items() if k != "channels"},
               "layers_changed": len(record["channels"])}
     if as_json:
         emit_json(result | {"channels": record["channels"]})
     else:
         _print_record(result)
-
-
-def _load(model, arch, input_shape, trust_pickle, data, image_size, mean, std):
-    from edgec.data import load_data
-    from edgec.modelio import load_model
-    loaded = load_model(model, arch, trust_pickle=trust_pickle, input_shape=input_shape)
-    dataset = None
-    if data:
-        dataset = load_data(data, image_size=image_size, mean=mean, std=std)
-        dataset.validate(loaded.input_shape or (1, *dataset.sample_shape))
-    return loaded, dataset
 
 
 def _fmt(n) -> str:
@@ -88,10 +52,8 @@ def _print_record(r: dict) -> None:
     click.echo(f"wrote {r['output']}")
 
 
-def _dry_run(loaded, cfg, dataset, as_json: bool) -> None:
-    from edgec.prune import describe_groups, prune_model
-    groups = describe_groups(loaded, cfg, dataset)
-    _, record = prune_model(loaded, cfg, dataset)  # on a copy: the model file is not touched
+def _dry_run(planned: tuple, as_json: bool) -> None:
+    groups, record = planned
     if as_json:
         emit_json({"dry_run": True, "groups": groups, **record})
         return

@@ -62,9 +62,10 @@ def test_block_expands_in_zsh(index, tmp_path):
     assert p.returncode == 0 and "no matches found" not in p.stderr, p.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def clone(tmp_path_factory, trained_cnn):
-    """A folder standing in for the clone's root after the set-up command: .venv is this venv, the demo model
+    """A fresh folder (one per test: the README's outputs are not the CI workflow's) standing in for the clone's
+    root after the set-up command: .venv is this venv, the demo model
     sits in the cache (tiny: the small CNN), edgec-runtime/ is the repository's."""
     from edgec.demo import demo_model_path
     root = tmp_path_factory.mktemp("clone")

@@ -117,6 +117,8 @@ class Group:
         if flag.decls[0].isupper():  # positional
             return click.argument(name, metavar=flag.decls[0], **kw)
         default = self.default(name)
+        if default is None and "/" in flag.decls[0]:  # --x/--no-x left unset stays None ("auto"), not False
+            kw.setdefault("default", None)
         if default is not None and not (isinstance(default, (tuple, list, dict)) and not default):
             kw.setdefault("default", default)
             if default is not False:

@@ -343,29 +343,12 @@ def bias_correct(model, qdq_model, calibration, num_samples: int, workdir, exclu
     from noise rectified by ReLUs, is removed too). The INT8 model is ORT's own QDQ graph with each bias fed
     as an input, so one session serves every pass. Returns (record, originals: node -> (bias, old | None))."""
     import onnx
-    from onnx import numpy_helper
     from edgec.exporters.calibration import rechunk, stream_samples
-    g = _Graph(model)
     q = onnx.ModelProto()
     q.CopyFrom(qdq_model)
-    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
-    producers = {o: n for n in q.graph.node for o in n.output}
-    qnodes = {n.name: n for n in q.graph.node}
-    excluded, targets, skipped = set(exclude), [], defaultdict(int)
-    for n in model.graph.node:
-        if n.op_type not in CONV_LIKE or n.name in excluded or len(n.input) < 2:
-            continue
-        qn = qnodes.get(n.name)
-        if qn is None or producers.get(qn.input[1]) is None or producers[qn.input[1]].op_type != "DequantizeLinear":
-            skipped["weight not quantized"] += 1
-            continue
-        if len(n.input) > 2 and n.input[2] and (not g.private(n.input[2]) or g.array(n.input[2]).ndim != 1):
-            skipped["bias shared or not 1-D"] += 1
-            continue
-        if n.op_type == "Gemm" and _attr(n, "transA", 0):
-            skipped["Gemm with transA"] += 1
-            continue
-        targets.append(n)
+    g, pairs, skipped, producers, inits = _targets(model, q, exclude)
+    qnodes = {n.name: qn for n, qn in pairs}
+    targets = [n for n, _ in pairs]
     if not targets:
         return {"applied": False, "layers": 0, "samples": 0, "skipped": dict(skipped)}, {}
     specs = onnx_input_specs(model.graph.input, [i.name for i in model.graph.initializer])

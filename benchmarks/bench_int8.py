@@ -215,13 +215,9 @@ def latency(fp32, files: dict, seconds: float) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["model", "config", "mean_cos", "min_cos", "top1", "int8_acc", "int8_weights", "int8_nodes", "seconds",
-            "peak_rss_mb", "speedup", "error"]
-    cols = [c for c in cols if any(c in r for r in rows)]
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+    from bench_quant import table as markdown
+    return markdown(rows, ["model", "config", "mean_cos", "min_cos", "top1", "int8_acc", "int8_weights", "int8_nodes",
+                           "seconds", "peak_rss_mb", "speedup", "error"])
 
 
 def main(argv=None) -> None:

@@ -403,19 +403,7 @@ def bias_correct(model, qdq_model, calibration, num_samples: int, workdir, exclu
 
     originals, shifts = {}, []
     for n in targets:
-        shift = total[n.name] / beta[n.name]
-        if len(n.input) > 2 and n.input[2]:
-            originals[n.name] = (n.input[2], g.array(n.input[2]).copy())
-            g.set(n.input[2], g.array(n.input[2]).astype(np.float64) - shift)
-        else:
-            name = f"{n.name}_bias_corrected"
-            while name in g.inits:
-                name += "_"
-            g.add(name, -shift)
-            while len(n.input) < 3:
-                n.input.append("")
-            n.input[2] = name
-            originals[n.name] = (name, None)
+        _set_bias(g, n, total[n.name] / beta[n.name], originals)
         shifts.append(float(np.abs(total[n.name]).mean()))
     record = {"applied": True, "layers": len(originals), "levels": len(levels), "passes": len(schedule),
               "samples": seen,

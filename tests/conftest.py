@@ -88,3 +88,14 @@ def run_cli(*args):
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return code, out.getvalue(), err.getvalue()
+
+
+# Prepended to a subprocess's script: any import of torch, torchvision or onnx fails there (torch-free checks).
+BLOCKER = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision', 'onnx'):
+            raise ImportError(f'{name} is blocked for this test')
+sys.meta_path.insert(0, _Block())
+"""

@@ -12,18 +12,10 @@ import sys
 import jsonschema
 import pytest
 
-from conftest import copy_package, run_cli
+from conftest import BLOCKER, copy_package, run_cli
 from edgec.core.package import MANIFEST_FILE, SIGNATURE_FILE, Manifest, file_record, read_manifest
 from edgec.core.records import json_schema
 
-BLOCKER = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'torchvision', 'onnx'):
-            raise ImportError(f'{name} is blocked for this test')
-sys.meta_path.insert(0, _Block())
-"""
 
 
 def one_error_line(stderr: str) -> str:

@@ -3,16 +3,9 @@ import json
 import subprocess
 import sys
 
+from conftest import BLOCKER
 from test_runtime_fixtures import tiny_onnx  # noqa: F401 (fixture)
 
-BLOCKER = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'torchvision', 'onnx'):
-            raise ImportError(f'{name} is blocked for this test')
-sys.meta_path.insert(0, _Block())
-"""
 
 
 def test_runtime_and_bench_cli_without_torch(tiny_onnx, tmp_path):

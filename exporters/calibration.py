@@ -413,7 +413,7 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
     if first is None:
         raise DataError("the calibration data is empty; give at least one sample")
     probe = primary(first)[:256]   # the image/audio input: what the sample guard looks at
-    chk = check_samples(probe, total=_count_hint(calibration, num_samples))
+    chk = check_samples(probe, total=_count_hint(calibration, num_samples, layout))
     if chk.problems and not force:
         raise DataError(f"refusing to calibrate: {'; '.join(chk.problems)}; calibrate on real inputs "
                         "(or pass force to accept it)")
@@ -470,10 +470,10 @@ class _ChannelMeans:
         return {k: (self.sums[k] / self.counts[k], self.shapes[k]) for k in self.sums}
 
 
-def _count_hint(calibration, limit) -> int | None:
+def _count_hint(calibration, limit, layout: FeedLayout | None = None) -> int | None:
     """How many samples there will be, if the container says so without a pass over the data."""
-    if isinstance(calibration, (list, tuple)):
-        n = sum(batch_len(b) if isinstance(b, Mapping) else len(b) for b in calibration)
+    if isinstance(calibration, (list, tuple)):  # a state input carries its batch on another axis: the layout's
+        n = sum(batch_len(b, layout) if isinstance(b, Mapping) else len(b) for b in calibration)
     elif isinstance(calibration, np.ndarray):
         n = len(calibration)
     else:

@@ -27,7 +27,9 @@ from edgec.core.fsutil import atomic_path
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # dynamic quantization's integer kernels (their weight, input 1, is the INT8 initializer itself)
-_DYNAMIC_OPS = {"MatMulInteger": "MatMul", "DynamicQuantizeMatMul": "MatMul", "ConvInteger": "Conv"}
+_DYNAMIC_OPS = {"MatMulInteger": "MatMul", "DynamicQuantizeMatMul": "MatMul", "ConvInteger": "Conv",
+                "DynamicQuantizeLSTM": "LSTM"}
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")   # weights W (input 1) and R (input 2) count with the compute ops
 _TYPES = ("uint8", "int8")
 BIAS_METHODS = ("fast", "empirical")
 ADAROUND_OFF = ("off by default: not shown to earn its time on a hard model yet (EfficientNet-Lite0 on a loaded "
@@ -189,6 +191,7 @@ class Prepared:
             restore_biases(model, self.weight_originals or {}, back)
             model_path = self.workdir / "fp32.excluded.onnx"
             onnx.save_model(model, str(model_path))
+        user_excluded = set(exclude)   # a node the caller (or the fallback) keeps float is not quantized dynamically
         exclude = list(dict.fromkeys([*exclude, *(self.policy or {}).get("nodes", [])]))
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         if (self.policy or {}).get("mode") == "dynamic":  # activation ranges per call: no calibration cache
@@ -201,13 +204,20 @@ class Prepared:
         fmt = quant_format or s.quant_format
         extra = {"ActivationSymmetric": s.activation_symmetric, "WeightSymmetric": s.weight_symmetric,
                  "DedicatedQDQPair": s.dedicated_qdq_pair}
+        dynamic = [n for n in (self.policy or {}).get("dynamic_nodes", []) if n not in user_excluded]
+        static_out = self.workdir / "static.onnx" if dynamic else out_path
         with _quiet_ort():
-            quantize_static(str(model_path), str(out_path), calibration_data_reader=None,
+            quantize_static(str(model_path), str(static_out), calibration_data_reader=None,
                             quant_format=QuantFormat.QDQ if fmt == "QDQ" else QuantFormat.QOperator,
                             per_channel=s.per_channel, reduce_range=s.reduce_range,
                             activation_type=qtype[s.activation_type], weight_type=qtype[s.weight_type],
                             nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
                             calibration_cache_path=str(self.cache_path), extra_options=extra)
+            if dynamic:  # the policy's LSTM cells and STFT-like Convs: INT8 weights, per-call ranges (policy.py)
+                from edgec.exporters.policy import quantize_dynamic_nodes
+                quantize_dynamic_nodes(static_out, out_path, dynamic, reduce_range=s.reduce_range,
+                                       workdir=self.workdir)
+                static_out.unlink(missing_ok=True)
         return Path(out_path)
 
     def cleanup(self) -> None:
@@ -418,41 +428,48 @@ def _adaround(p: Prepared, calibration, exclude: list[str]) -> None:
 
 def quantized_ops(int8_path) -> dict:
     """What really runs in INT8: a Conv/MatMul/Gemm counts as INT8 when its weight (input 1) and its
-    activation (input 0) come through DequantizeLinear; also the share of weight parameters in INT8."""
+    activation (input 0) come through DequantizeLinear (or it is a dynamic integer kernel); a recurrent cell
+    (LSTM/GRU/RNN, inside If/Loop branches too) counts its W and R, INT8 only as DynamicQuantizeLSTM. Also the
+    share of weight parameters in INT8 (a weight that several branches read counted once)."""
     import numpy as np
     import onnx
-    from onnx import numpy_helper
     model = onnx.load(str(int8_path))
-    producers = {o: n for n in model.graph.node for o in n.output}
-    inits = {i.name: i for i in model.graph.initializer}
     counts: dict = {}
-    float_nodes, w_int8, w_total = [], 0, 0
-    for node in model.graph.node:
-        op = _DYNAMIC_OPS.get(node.op_type, node.op_type)
-        if op not in COMPUTE_OPS or len(node.input) < 2:
-            continue
-        dq = [op != node.op_type or producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
-              for i in node.input[:2]]
-        c = counts.setdefault(op, {"int8": 0, "float": 0})
-        weight = node.input[1]
-        if weight in inits:
-            size = int(np.prod(inits[weight].dims))
-        elif dq[1] and producers[weight].input[0] in inits:
-            size = int(np.prod(inits[producers[weight].input[0]].dims))
-        else:
-            size = 0
-        w_total += size
-        if all(dq):
-            c["int8"] += 1
-            w_int8 += size
-        else:
-            c["float"] += 1
-            float_nodes.append(node.name)
+    float_nodes, sizes, int8_weights = [], {}, set()
+
+    def visit(graph, inits: dict, producers: dict):
+        inits = {**inits, **{i.name: i for i in graph.initializer}}
+        producers = {**producers, **{o: n for n in graph.node for o in n.output}}
+        for node in graph.node:
+            for a in node.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    visit(sub, inits, producers)
+            op = _DYNAMIC_OPS.get(node.op_type, node.op_type)
+            if op in RECURRENT_OPS:
+                weights, int8 = [i for i in node.input[1:3] if i in inits], node.op_type != op
+            elif op in COMPUTE_OPS and len(node.input) >= 2:
+                dq = [op != node.op_type or producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
+                      for i in node.input[:2]]
+                weight = node.input[1]
+                weight = producers[weight].input[0] if weight not in inits and dq[1] else weight
+                weights, int8 = [weight] if weight in inits else [], all(dq)
+            else:
+                continue
+            c = counts.setdefault(op, {"int8": 0, "float": 0})
+            c["int8" if int8 else "float"] += 1
+            if not int8:
+                float_nodes.append(node.name)
+            for w in weights:
+                sizes[w] = int(np.prod(inits[w].dims))
+                if int8:
+                    int8_weights.add(w)
+    visit(model.graph, {}, {})
     n8 = sum(c["int8"] for c in counts.values())
     nf = sum(c["float"] for c in counts.values())
+    w_int8 = sum(sizes[w] for w in int8_weights)
     return {"by_type": counts, "int8": n8, "float": nf,
             "int8_node_share": round(n8 / max(1, n8 + nf), 4),
-            "int8_weight_share": round(w_int8 / max(1, w_total), 4)}, float_nodes
+            "int8_weight_share": round(w_int8 / max(1, sum(sizes.values())), 4)}, float_nodes
 
 
 def quantize_int8(fp32_path, out_path, calibration, options: QuantOptions | None = None, *,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from edgec.exporters.policy import dedupe_initializers, plan
-from edgec.exporters.quantize import QuantOptions, quantize_int8
+from edgec.exporters.quantize import QuantOptions, prepare, quantize_int8, write_quantized
 
 
 def _export(module, example, path, script=False):
@@ -71,6 +71,61 @@ def test_if_branches_share_the_recurrent_weights_and_int8_is_smaller(tmp_path):
     recurrent = [g for g in info.policy["exclusions"] if g["kind"] == "recurrent"]
     assert recurrent and "LSTM" in recurrent[0]["reason"] and any("If" in n for n in recurrent[0]["nodes"])
     assert _sqnr(_run(fp32, x), _run(tmp_path / "rec.int8.onnx", x)) > 25
+    # the LSTM inside both branches: INT8 weights, dynamic activations, one shared copy; its state path float
+    cells = [g for g in info.policy["dynamic"] if g["kind"] == "recurrent_cell"]
+    assert cells and len(cells[0]["nodes"]) == 2 and "DynamicQuantizeLSTM" in cells[0]["reason"]
+    assert info.ops["by_type"]["LSTM"] == {"int8": 2, "float": 0} and info.ops["int8_weight_share"] == 1.0
+    branches = [n for b in _branches(tmp_path / "rec.int8.onnx") for n in b.node]
+    assert sum(n.op_type == "DynamicQuantizeLSTM" for n in branches) == 2
+    assert not any(n.op_type == "LSTM" for n in branches)
+    assert info.int8_bytes < 0.35 * info.fp32_bytes, "INT8 LSTM weights, stored once"
+    off = quantize_int8(fp32, tmp_path / "off.onnx", [x[i:i + 32] for i in range(0, 256, 32)], QuantOptions(policy=False))
+    assert off.ops["by_type"]["LSTM"] == {"int8": 0, "float": 2} and off.ops["int8_weight_share"] < 0.1, \
+        "an FP32 LSTM counts in the weight share"
+    # a Gemm the static pass quantized stays one fused QDQ Gemm (ORT's dynamic pass would rewrite it)
+    assert info.ops["by_type"]["Gemm"] == {"int8": 2, "float": 0}
+
+
+def _branches(path):
+    from edgec.exporters.policy import _graphs
+    return list(_graphs(onnx.load(str(path)).graph))
+
+
+def test_dedupe_does_not_reuse_a_name_a_branch_already_holds(tmp_path):
+    """Second pass (after the dynamic quantizer): branches hold copies named like the first pass's shared
+    weights; merging them again must not give two weights one name (the LSTM read W where R was)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    fp32 = _export(Recurrent(), torch.randn(2, 64), tmp_path / "rec.onnx", script=True)
+    quant_pre_process(str(fp32), str(tmp_path / "pre.onnx"), skip_symbolic_shape=True)
+    model = onnx.load(str(tmp_path / "pre.onnx"))
+    assert dedupe_initializers(model)["merged"] >= 4
+    shared = [i for i in model.graph.initializer if i.name.startswith("edgec_shared_")]
+    names = [i.name for i in shared]
+    swap = dict(zip(names, reversed(names)))   # the copies' names in another order than the merge will use
+    for sub in _graphs_of(model):   # back into every branch that reads them
+        reads = {i for n in sub.node for i in n.input}
+        for init in shared:
+            if init.name in reads:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(init)
+                copy.name = swap[init.name]
+                sub.initializer.append(copy)
+        for n in sub.node:
+            n.input[:] = [swap.get(i, i) for i in n.input]
+    for i in shared:
+        model.graph.initializer.remove(i)
+    assert len(names) >= 2
+    onnx.save(model, str(tmp_path / "copies.onnx"))
+    rec = dedupe_initializers(model)
+    onnx.save(model, str(tmp_path / "again.onnx"))
+    assert rec["merged"] >= 4
+    x = _signals(8)
+    np.testing.assert_array_equal(_run(tmp_path / "copies.onnx", x), _run(tmp_path / "again.onnx", x))
+
+
+def _graphs_of(model):
+    from edgec.exporters.policy import _graphs
+    return list(_graphs(model.graph))
 
 
 def test_dedupe_keeps_outputs_exact(tmp_path):
@@ -123,6 +178,21 @@ def test_spectral_chain_stays_float_by_default_and_that_is_what_keeps_the_output
     s_on, s_off = _sqnr(ref, _run(tmp_path / "on.onnx", x)), _sqnr(ref, _run(tmp_path / "off.onnx", x))
     assert s_on > s_off + 3, (s_on, s_off)
     assert on.ops["by_type"]["Conv"]["int8"] >= 1, "the learnt conv after the front end is still INT8"
+    # the filter bank itself: INT8 weights on a per-call range of the signal (ConvInteger), its magnitude float;
+    # one calibrated scale for quiet and loud frames (the STFT Conv static) holds less
+    dyn = [grp for grp in on.policy["dynamic"] if grp["kind"] == "spectral_conv"]
+    assert dyn and dyn[0]["nodes"] == [spectral[0]["nodes"][0]] and on.ops["int8_weight_share"] == 1.0
+    assert {n.op_type for n in onnx.load(str(tmp_path / "on.onnx")).graph.node} >= {"ConvInteger", "Sqrt"}
+    prepared = prepare(fp32, batches, QuantOptions())
+    try:
+        prepared.policy["nodes"].remove(dyn[0]["nodes"][0])
+        prepared.policy["dynamic_nodes"] = []
+        static = write_quantized(prepared, tmp_path / "static_stft.onnx", [])
+    finally:
+        prepared.cleanup()
+    assert static.ops["by_type"]["Conv"] == {"int8": 2, "float": 0}
+    s_static = _sqnr(ref, _run(tmp_path / "static_stft.onnx", x))
+    assert s_on > s_static + 3, (s_on, s_static)
 
 
 class Encoder(nn.Module):

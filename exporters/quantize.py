@@ -309,6 +309,13 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
     try:
         pre = workdir / "fp32.pre.onnx"
         record = _pre_process(fp32_path, pre, options.pre_process)
+        if options.policy:   # PRelu has no INT8 kernel: Conv -> PRelu as two INT8 Convs (policy.split_prelus)
+            from edgec.exporters.policy import split_prelus
+            model = onnx.load(str(pre))
+            record["prelu"] = split_prelus(model, keep=options.exclude_nodes)
+            if record["prelu"]["split"]:
+                onnx.save_model(model, str(pre))
+            del model
         transforms, bias = _equalize(pre, calibration, options, workdir)
         model = onnx.load(str(pre), load_external_data=False)
         node_ops = {n.name: n.op_type for n in model.graph.node}

@@ -224,3 +224,63 @@ def test_plan_of_a_plain_cnn_excludes_nothing(tmp_path):
     model = onnx.load(str(_export(cnn, torch.randn(2, 3, 16, 16), tmp_path / "cnn.onnx")))
     p = plan(model)
     assert p["exclusions"] == [] and p["mode"] == "static"
+
+
+class PReluNet(nn.Module):
+    """MTCNN-like: Conv -> per-channel PRelu (negative slopes too) -> MaxPool, twice, and a Linear -> PRelu."""
+
+    def __init__(self, big_slope=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.p1 = nn.Conv2d(3, 8, 3), nn.PReLU(8)
+        self.c2, self.p2 = nn.Conv2d(8, 16, 3), nn.PReLU(16)
+        self.fc, self.p3 = nn.Linear(16, 4), nn.PReLU(4)
+        with torch.no_grad():
+            self.p1.weight.copy_(torch.linspace(-0.4, 0.7, 8))
+            self.p2.weight.copy_(torch.linspace(-0.2, 1.5 if big_slope else 0.6, 16))
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(self.p1(self.c1(x)), 2)
+        x = self.p2(self.c2(x)).mean((2, 3))
+        return self.p3(self.fc(x))
+
+
+def _images(n, seed=0):
+    g = np.random.default_rng(seed)
+    base = g.standard_normal((n, 3, 4, 4)).astype(np.float32)
+    return np.kron(base, np.ones((1, 1, 4, 4), np.float32)) + 0.1 * g.standard_normal((n, 3, 16, 16)).astype(np.float32)
+
+
+def test_conv_prelu_becomes_two_int8_convs_computing_the_same_function(tmp_path):
+    from edgec.exporters.policy import split_prelus
+    fp32 = _export(PReluNet(), torch.randn(2, 3, 16, 16), tmp_path / "prelu.onnx")
+    x = _images(64)
+    model = onnx.load(str(fp32))
+    rec = split_prelus(model)
+    assert len(rec["split"]) == 2 and "no INT8 kernel" in rec["reason"], rec   # the Linear's PRelu stays
+    onnx.save(model, str(tmp_path / "split.onnx"))
+    np.testing.assert_allclose(_run(tmp_path / "split.onnx", x), _run(fp32, x), rtol=1e-4, atol=1e-5)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("PRelu") == 1 and ops.count("Conv") == 4 and ops.count("Relu") == 2
+
+    info = quantize_int8(fp32, tmp_path / "int8.onnx", [x[i:i + 16] for i in range(0, 64, 16)],
+                         QuantOptions(force_calibration_data=True))
+    assert info.pre_process["prelu"]["split"] == rec["split"]
+    assert info.ops["by_type"]["Conv"] == {"int8": 4, "float": 0}
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    dq_inputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    adds = [n for n in graph.node if n.op_type == "Add"]
+    assert adds and all(i in dq_inputs for n in adds for i in n.input), "the Add runs on INT8 inputs (QLinearAdd)"
+    assert sum(n.op_type == "PRelu" for n in graph.node) == 1
+    assert _sqnr(_run(fp32, x), _run(tmp_path / "int8.onnx", x)) > 25
+    off = quantize_int8(fp32, tmp_path / "off.onnx", [x[i:i + 16] for i in range(0, 64, 16)],
+                        QuantOptions(policy=False, force_calibration_data=True))
+    assert "prelu" not in off.pre_process
+
+
+def test_prelu_with_a_slope_of_one_or_more_or_a_user_kept_conv_is_left_alone(tmp_path):
+    from edgec.exporters.policy import split_prelus
+    model = onnx.load(str(_export(PReluNet(big_slope=True), torch.randn(2, 3, 16, 16), tmp_path / "p.onnx")))
+    assert split_prelus(model)["split"] == ["/p1/PRelu"]     # p2 has slopes up to 1.5: Relu((1-a)x) != (1-a)Relu(x)
+    model = onnx.load(str(tmp_path / "p.onnx"))
+    assert split_prelus(model, keep=("/c1/Conv",)) == {"split": []}

@@ -16,12 +16,17 @@ Models (install into the venv, not dependencies of edgec):
   embedding), sentences from this repository's docs.
 
 Data: audio is synthetic (harmonic voiced frames with pitch and formants, noise and silence; known f0 for CREPE):
-there is no speech corpus on this machine. Latency: batch 1, 2 intra-op threads, FP32/INT8 interleaved, median.
+there is no speech corpus on this machine. Latency: batch 1 (and the batch a model really runs at, where that
+differs), 2 intra-op threads, FP32/INT8 interleaved, median; `uptime`'s load average is recorded with each.
+"edgec" is `edgec.exporters.quantize.quantize_int8` with its defaults (dict feeds for several inputs); variants
+change one policy decision (`_variant`) to show what it is worth. MiniLM and CREPE are also built by the CLI,
+`edgec build FILE.ts --data NPZ --eval-data NPZ --input-shape ... --task ...`, with no wrapper code.
 
     python benchmarks/anymodel_bench.py [vad crepe onet minilm]
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -90,50 +95,75 @@ def ort_defaults(fp32, out, feeds: list[dict]):
     return out
 
 
-def edgec_quantize(fp32, out, feeds: list[dict], policy: bool = True, int8_anyway: tuple = ()) -> dict:
-    """edgec's quantizer: single-input models through edgec.exporters.quantize.quantize_int8 itself. Models with
-    several inputs through the same steps on ORT (pre-process, shared-initializer dedupe, policy exclusions,
-    U8S8 per-channel reduce-range QDQ or dynamic MatMuls) until multi-input calibration is on main."""
-    from edgec.exporters.quantize import QuantOptions, quantize_int8
-    if len(feeds[0]) == 1:
-        batches = [next(iter(f.values())) for f in feeds]
-        info = quantize_int8(fp32, out, batches, QuantOptions(policy=policy, force_calibration_data=True))
-        return {"path": "edgec.exporters.quantize.quantize_int8", "policy": info.policy,
-                "pre_process": info.pre_process}
-    import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-    from edgec.exporters.policy import dedupe_initializers, plan
-    from edgec.exporters.target import scheme_for
-    pre = WORK / (Path(out).stem + ".pre.onnx")
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    model = onnx.load(str(pre))
-    shared = dedupe_initializers(model)
-    onnx.save(model, str(pre))
-    p = plan(model, enabled=policy)
-    p["nodes"] = [n for n in p["nodes"] if n not in int8_anyway]  # a measured variant, not the default
-    s = scheme_for(None)
-    if p["mode"] == "dynamic":
-        quantize_dynamic(str(pre), str(out), per_channel=s.per_channel, reduce_range=s.reduce_range,
-                         weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                         nodes_to_exclude=p["nodes"])
-    else:
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.it = iter(feeds)
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
 
-            def get_next(self):
-                return next(self.it, None)
-        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=s.per_channel,
-                        reduce_range=s.reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=p["nodes"])
-    return {"path": "edgec steps on ORT (multi-input)", "policy": p, "pre_process": {"shared_initializers": shared}}
+
+def edgec_quantize(fp32, out, feeds: list[dict]) -> dict:
+    """edgec's quantizer with its defaults: the policy's exclusions, its dynamic LSTM/STFT pass, the PRelu split."""
+    from edgec.exporters.quantize import QuantOptions, quantize_int8
+    info = quantize_int8(fp32, out, feeds, QuantOptions(force_calibration_data=True))
+    return {"policy": info.policy, "pre_process": info.pre_process}
+
+
+def _variant(fp32, out, feeds: list[dict], *, static_int8=(), no_dynamic=False, policy=True, prelu_split=True):
+    """edgec with one decision changed, a measured alternative (not a default): `static_int8` nodes leave the
+    policy's FP32 list, `no_dynamic` skips its dynamic pass, `prelu_split=False` keeps PRelu float."""
+    from unittest import mock
+    from edgec.exporters.quantize import QuantOptions, prepare, write_quantized
+    with mock.patch("edgec.exporters.policy.split_prelus", lambda m, keep=(): {"split": []}) if not prelu_split \
+            else contextlib.nullcontext():
+        prepared = prepare(fp32, feeds, QuantOptions(force_calibration_data=True, policy=policy))
+    try:
+        pol = prepared.policy
+        pol["nodes"] = [n for n in pol["nodes"] if n not in static_int8]
+        pol["dynamic_nodes"] = [] if no_dynamic else [n for n in pol.get("dynamic_nodes", []) if n not in static_int8]
+        write_quantized(prepared, out, [])
+    finally:
+        prepared.cleanup()
+    return out
+
+
+def edgec_cli(model_file, out, *args, timeout=1800) -> dict:
+    """`edgec build` as a user runs it (no wrapper code): exit code, seconds, and what its manifest says."""
+    import subprocess
+    cli = Path(sys.executable).parent / "edgec"
+    cmd = [str(cli), "build", str(model_file), "-o", str(out), "--force", "--json", *map(str, args)]
+    started = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    rec = {"command": "edgec " + " ".join(cmd[1:]).replace(str(WORK) + "/", ""), "exit_code": r.returncode,
+           "seconds": round(time.perf_counter() - started, 1), "load_avg_1min": load()}
+    if r.returncode != 0:
+        rec["error"] = [line for line in r.stderr.splitlines() if "error" in line][-1:]
+        return rec
+    m = json.loads(r.stdout)
+    q = m["quantization"]
+    stage = next(st for st in m["stages"] if st["name"] == "quantize")["metrics"]   # QuantInfo, policy included
+    rec.update({"outputs": m["metrics"]["outputs"], "int8_weight_share": q["ops"]["int8_weight_share"],
+                "by_type": q["ops"]["by_type"], "fp32_bytes": m["metrics"]["fp32"]["bytes"],
+                "int8_bytes": m["metrics"]["int8"]["bytes"], "x_smaller": m["metrics"]["compression_ratio"],
+                "policy": summarize_policy(stage["policy"]) if stage.get("policy") else None})
+    lat = latency({"fp32": Path(out) / "model.fp32.onnx", "int8": Path(out) / "model.onnx"},
+                  _zeros_feed(Path(out) / "model.fp32.onnx"))
+    rec["latency_ms"], rec["latency_ratio"] = lat, round(lat["fp32"] / lat["int8"], 2)
+    return rec
+
+
+def _zeros_feed(path) -> dict:
+    """Batch 1 of each input at the shape the model declares (dynamic axes: 1, else 64 for a sequence)."""
+    types = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
+    feed = {}
+    for i in session(path).get_inputs():
+        shape = [d if isinstance(d, int) else (1 if d in ("batch", "n") else 64) for d in i.shape]
+        feed[i.name] = np.ones(shape, types[i.type]) if i.type == "tensor(int64)" else \
+            np.random.default_rng(0).standard_normal(shape).astype(types[i.type])
+    return feed
 
 
 def summarize_policy(p: dict) -> dict:
     return {"mode": p["mode"], "mode_reason": p["mode_reason"],
-            "exclusions": [{"kind": g["kind"], "nodes": len(g["nodes"]), "reason": g["reason"]} for g in p["exclusions"]]}
+            "exclusions": [{"kind": g["kind"], "nodes": len(g["nodes"]), "reason": g["reason"]} for g in p["exclusions"]],
+            "dynamic": [{"kind": g["kind"], "nodes": g["nodes"], "reason": g["reason"]} for g in p.get("dynamic", [])]}
 
 
 def size_row(fp32, *others) -> dict:
@@ -197,8 +227,10 @@ def bench_vad():
     net = jit._model.eval()  # the 16 kHz network: (audio with 64 samples of context, state) -> (prob, state)
     ts = WORK / "silero_vad_16k.ts"
     torch.jit.save(net, str(ts))
+    # the dynamic axes named `batch`: edgec reads the state's batch axis (1) from that name
     fp32 = export(net, (torch.zeros(1, 576), torch.zeros(2, 1, 128)), WORK / "vad.onnx", ["input", "state"],
-                  ["prob", "state_out"], {"input": {0: "n"}, "state": {1: "n"}, "prob": {0: "n"}, "state_out": {1: "n"}})
+                  ["prob", "state_out"], {"input": {0: "batch"}, "state": {1: "batch"}, "prob": {0: "batch"},
+                                          "state_out": {1: "batch"}})
     audio = clips(24, 40, seed=1)
     held = clips(16, 40, seed=2)
 
@@ -221,11 +253,13 @@ def bench_vad():
     rec = {"model": "silero-vad 6.2.3 (16 kHz network of silero_vad.jit, TorchScript, LSTM state input)",
            "data": f"synthetic: {held.shape[0]} clips x {held.shape[1]} frames of 512 samples, voiced runs between "
                    "noise/silence; streamed with each model's own state"}
-    variants = {"edgec": WORK / "vad.edgec.onnx", "edgec_stft_conv_int8": WORK / "vad.stftint8.onnx",
-                "edgec_policy_off": WORK / "vad.nopolicy.onnx", "ort_defaults": WORK / "vad.ortdefault.onnx"}
+    variants = {"edgec": WORK / "vad.edgec.onnx", "edgec_static_only": WORK / "vad.static.onnx",
+                "edgec_stft_conv_static_int8": WORK / "vad.stftint8.onnx", "edgec_policy_off": WORK / "vad.nopolicy.onnx",
+                "ort_defaults": WORK / "vad.ortdefault.onnx"}
     rec["edgec_quantizer"] = summarize_policy(edgec_quantize(fp32, variants["edgec"], calib)["policy"])
-    edgec_quantize(fp32, variants["edgec_stft_conv_int8"], calib, int8_anyway=("/stft/Conv",))
-    edgec_quantize(fp32, variants["edgec_policy_off"], calib, policy=False)
+    _variant(fp32, variants["edgec_static_only"], calib, no_dynamic=True)       # the previous default
+    _variant(fp32, variants["edgec_stft_conv_static_int8"], calib, static_int8=("/stft/Conv",))
+    _variant(fp32, variants["edgec_policy_off"], calib, policy=False)
     ort_defaults(fp32, variants["ort_defaults"], calib)
     for name, path in variants.items():
         got, _ = stream(path, held)
@@ -234,10 +268,21 @@ def bench_vad():
                      **weight_share(path)}
     rec["speech_frames_fp32"] = round(float((ref > 0.5).mean()), 3)
     rec["size"] = size_row(fp32, *variants.items())
-    lat = latency({"fp32": fp32, **variants}, {"input": np.zeros((1, 576), np.float32),
-                                               "state": np.zeros((2, 1, 128), np.float32)})
-    rec["latency_ms"] = lat
-    rec["latency_ratio"] = {k: round(lat["fp32"] / v, 2) for k, v in lat.items() if k != "fp32"}
+    for batch in (1, 16):   # one stream, and 16 streams in one call
+        lat = latency({"fp32": fp32, **variants}, {"input": np.zeros((batch, 576), np.float32),
+                                                   "state": np.zeros((2, batch, 128), np.float32)}, runs=200)
+        rec[f"latency_ms_batch{batch}"] = lat
+        rec[f"latency_ratio_batch{batch}"] = {k: round(lat["fp32"] / v, 2) for k, v in lat.items() if k != "fp32"}
+        rec[f"load_avg_batch{batch}"] = load()
+    # the CLI, no wrapper code: the streamed frames and their real states as an npz keyed by input name
+    def npz(feeds, path):
+        np.savez(path, x=np.concatenate([f["input"] for f in feeds]),
+                 state=np.concatenate([f["state"] for f in feeds], axis=1))
+        return path
+    _, held_feeds = stream(fp32, held)
+    rec["cli"] = edgec_cli(ts, WORK / "vad.edgec", "--data", npz(calib, WORK / "vad_calib.npz"), "--eval-data",
+                           npz(held_feeds, WORK / "vad_eval.npz"), "--input-shape", "x=batch,576",
+                           "--input-shape", "state=2,batch,128", "--bench-seconds", "0")
     save("vad", rec)
 
 
@@ -257,14 +302,23 @@ def bench_onet():
     order = np.random.default_rng(0).permutation(200)
     calib_idx, eval_idx = order[:100], order[100:]
     fp32 = export(net, (torch.zeros(1, 3, 48, 48),), WORK / "onet.onnx", ["input"], ["boxes", "landmarks", "prob"],
-                  {"input": {0: "n"}, "boxes": {0: "n"}, "landmarks": {0: "n"}, "prob": {0: "n"}})
+                  {"input": {0: "batch"}, "boxes": {0: "batch"}, "landmarks": {0: "batch"}, "prob": {0: "batch"}})
     calib = [{"input": x[calib_idx[i:i + 20]]} for i in range(0, 100, 20)]
-    variants = {"edgec": WORK / "onet.edgec.onnx", "ort_defaults": WORK / "onet.ortdefault.onnx"}
+    variants = {"edgec": WORK / "onet.edgec.onnx", "edgec_prelu_float": WORK / "onet.preluf.onnx",
+                "ort_defaults": WORK / "onet.ortdefault.onnx"}
     rec = {"model": "facenet-pytorch 2.6.0 MTCNN ONet (onet.pt in the wheel): boxes, landmarks, face probability",
            "data": "scikit-image LFW subset: 100 faces + 100 non-faces (25x25 gray -> 48x48 RGB); labels on 'prob'; "
                    "100 calibrate, 100 evaluate"}
-    rec["edgec_quantizer"] = summarize_policy(edgec_quantize(fp32, variants["edgec"], calib)["policy"])
+    q = edgec_quantize(fp32, variants["edgec"], calib)
+    rec["edgec_quantizer"] = summarize_policy(q["policy"])
+    rec["edgec_quantizer"]["prelu"] = q["pre_process"].get("prelu")
+    _variant(fp32, variants["edgec_prelu_float"], calib, prelu_split=False)     # the previous default
     ort_defaults(fp32, variants["ort_defaults"], calib)
+    import onnx
+    from edgec.exporters.policy import split_prelus
+    split = onnx.load(str(fp32))
+    split_prelus(split)
+    onnx.save(split, str(WORK / "onet.fp32split.onnx"))   # the rewrite alone, in FP32: is the gain INT8's?
     ref = session(fp32).run(None, {"input": x[eval_idx]})
     y = labels[eval_idx]
     rec["fp32"] = {"face_accuracy": round(float((ref[2].argmax(1) == y).mean()) * 100, 2)}
@@ -276,9 +330,13 @@ def bench_onet():
                      "prob_argmax_agreement": round(float((got[2].argmax(1) == ref[2].argmax(1)).mean()), 4),
                      **weight_share(path)}
     rec["size"] = size_row(fp32, *variants.items())
-    lat = latency({"fp32": fp32, **variants}, {"input": x[:1]})
-    rec["latency_ms"] = lat
-    rec["latency_ratio"] = {k: round(lat["fp32"] / v, 2) for k, v in lat.items() if k != "fp32"}
+    # batch 1, and 16: MTCNN runs ONet once on all the candidate crops RNet passes
+    for batch in (1, 16):
+        lat = latency({"fp32": fp32, **variants, "fp32_prelu_split": WORK / "onet.fp32split.onnx"},
+                      {"input": x[:batch]}, runs=200 if batch == 1 else 40)
+        rec[f"latency_ms_batch{batch}"] = lat
+        rec[f"latency_ratio_batch{batch}"] = {k: round(lat["fp32"] / v, 2) for k, v in lat.items() if k != "fp32"}
+        rec[f"load_avg_batch{batch}"] = load()
     save("onet", rec)
 
 
@@ -362,6 +420,17 @@ def bench_minilm():
     lat = latency({"fp32": fp32, **variants}, enc(eval_s[:1]), runs=20)
     rec["latency_ms"] = lat
     rec["latency_ratio"] = {k: round(lat["fp32"] / v, 2) for k, v in lat.items() if k != "fp32"}
+    rec["load_avg"] = load()
+    # the CLI, no wrapper code: the traced TorchScript file, ids and mask in an npz keyed by the input names
+    ts = WORK / "minilm.ts"
+    torch.jit.save(traced, str(ts))
+    names = [a.name for a in traced.forward.schema.arguments[1:3]]
+    batches = lambda sents: {names[0]: enc(sents)["input_ids"], names[1]: enc(sents)["attention_mask"]}  # noqa: E731
+    np.savez(WORK / "minilm_calib.npz", **batches(calib_s))
+    np.savez(WORK / "minilm_eval.npz", **batches(eval_s))
+    rec["cli"] = edgec_cli(ts, WORK / "minilm.edgec", "--data", WORK / "minilm_calib.npz", "--eval-data",
+                           WORK / "minilm_eval.npz", "--input-shape", f"{names[0]}=batch,seq", "--input-shape",
+                           f"{names[1]}=batch,seq", "--bench-seconds", "0")
     save("minilm", rec)
 
 
@@ -435,9 +504,23 @@ def bench_crepe():
         rec[name] = {"probs_sqnr_db": sqnr(ref, got), **err(got),
                      "bin_decision_agreement": round(float(((ref > 0.5) == (got > 0.5)).mean()), 4), **weight_share(p)}
     rec["size"] = size_row(fp32, *variants.items())
-    lat = latency({"fp32": fp32, **variants}, {"input": x_eval[:1]})
+    lat = latency({"fp32": fp32, **variants}, {"input": x_eval[:1]}, runs=200)
     rec["latency_ms"] = lat
     rec["latency_ratio"] = {k: round(lat["fp32"] / v, 2) for k, v in lat.items() if k != "fp32"}
+    rec["load_avg"] = load()
+    # the CLI, no wrapper code: the teacher traced to TorchScript, frames in an npz keyed by its input name
+    ts = WORK / "crepe_tiny.ts"
+    torch.jit.save(torch.jit.trace(teacher, torch.zeros(2, 1024)), str(ts))
+    name = torch.jit.load(str(ts)).forward.schema.arguments[1].name
+    np.savez(WORK / "crepe_calib.npz", **{name: x_cal})
+    np.savez(WORK / "crepe_eval.npz", **{name: x_eval})
+    rec["cli"] = edgec_cli(ts, WORK / "crepe.edgec", "--data", WORK / "crepe_calib.npz", "--eval-data",
+                           WORK / "crepe_eval.npz", "--input-shape", f"{name}=batch,1024", "--task",
+                           "output=multilabel", "--bench-seconds", "0")
+    got = session(WORK / "crepe.edgec" / "model.onnx").run(None, {name: x_eval})[0] \
+        if rec["cli"]["exit_code"] == 0 else None
+    if got is not None:
+        rec["cli"]["pitch"] = err(got)
     # distillation: the teacher pruned to half its channels by edgec.prune, trained on the teacher's outputs alone
     # (a fresh half-width student collapsed to all-low probabilities in 6 epochs: cents error 1696, measured).
     # CREPE's forward reshapes to a hard-coded in_features: pruning conv6 is refused naming it, so it is ignored.

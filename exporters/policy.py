@@ -418,13 +418,13 @@ def quantize_dynamic_nodes(in_path, out_path, nodes, *, reduce_range: bool, work
 
 # ---------------------------------------------------------------- PRelu: no INT8 kernel in ONNX Runtime
 
-# measured on MTCNN ONet (facenet-pytorch, 4 Conv + PRelu, batch 1, 2 threads, load average ~4): INT8 0.97-1.05x
-# vs FP32 with PRelu float (Q/DQ around each; PRelu alone ~40 % of the INT8 run); split after its Convs 1.28-1.32x,
-# also after the Gemm 1.25-1.31x (a PRelu on one vector per sample costs less than a second Gemm); the split FP32
-# graph is no faster than FP32 (0.98-1.01x): the gain is INT8's
+# measured on MTCNN ONet (facenet-pytorch: Conv -> PRelu x4, Gemm -> PRelu; batch 1, 2 threads, interleaved): INT8
+# with PRelu float (a DQ and a Q around each; PRelu ~40 % of the INT8 run) 0.95-1.05x vs FP32; split after its Convs
+# 1.28-1.32x at load average ~4, 1.11-1.20x at 6-9; splitting the Gemm's PRelu too (one vector per sample) was no
+# faster; the split FP32 graph alone is not faster than FP32 (0.89-1.01x): the gain is INT8's
 PRELU_REASON = ("PRelu has no INT8 kernel in ONNX Runtime (float between a DQ and a Q): Conv -> PRelu(a) became "
                 "Relu(Conv((1-a)W)) + Conv(aW), the same function in FP32 for slopes a < 1, in INT8 "
-                "(QLinearConv + QLinearAdd): MTCNN ONet 1.0x -> 1.3x vs FP32")
+                "(QLinearConv + QLinearAdd): MTCNN ONet INT8 0.95-1.05x -> 1.11-1.32x vs FP32 (load-dependent)")
 
 
 def split_prelus(model, keep=()) -> dict:

@@ -434,6 +434,13 @@ def bench_minilm():
     rec["cli"] = edgec_cli(ts, WORK / "minilm.edgec", "--data", WORK / "minilm_calib.npz", "--eval-data",
                            WORK / "minilm_eval.npz", "--input-shape", f"{names[0]}=batch,seq", "--input-shape",
                            f"{names[1]}=batch,seq", "--bench-seconds", "0")
+    if rec["cli"]["exit_code"] != 0:
+        # the gate scores last_hidden_state at every position, padding too (42 % of these): measured here 5.7 dB
+        # over all positions, 15.8 dB over the real tokens; the same build with the SQNR gate lowered to 5 dB
+        rec["cli_min_sqnr_5"] = edgec_cli(ts, WORK / "minilm.edgec", "--data", WORK / "minilm_calib.npz",
+                                          "--eval-data", WORK / "minilm_eval.npz", "--input-shape",
+                                          f"{names[0]}=batch,seq", "--input-shape", f"{names[1]}=batch,seq",
+                                          "--bench-seconds", "0", "--min-sqnr", "5")
     save("minilm", rec)
 
 

@@ -178,7 +178,7 @@ def test_spectral_chain_stays_float_by_default_and_that_is_what_keeps_the_output
     s_on, s_off = _sqnr(ref, _run(tmp_path / "on.onnx", x)), _sqnr(ref, _run(tmp_path / "off.onnx", x))
     assert s_on > s_off + 3, (s_on, s_off)
     assert on.ops["by_type"]["Conv"]["int8"] >= 1, "the learnt conv after the front end is still INT8"
-    # the filter bank itself: INT8 weights on a per-call range of the signal (ConvInteger), its magnitude float;
+    # the filter bank itself: INT8 weights and input, its output float (ConvInteger) into the float magnitude;
     # one calibrated scale for quiet and loud frames (the STFT Conv static) holds less
     dyn = [grp for grp in on.policy["dynamic"] if grp["kind"] == "spectral_conv"]
     assert dyn and dyn[0]["nodes"] == [spectral[0]["nodes"][0]] and on.ops["int8_weight_share"] == 1.0

@@ -343,11 +343,11 @@ def quantize(calib, fp32: OnnxModel, path: Path, options, budget: dict | None = 
             scored = calib.take(np.unique(np.linspace(0, n - 1, min(n, FALLBACK_SAMPLES)).astype(int)))
             # re-read per candidate where that is cheap (memory-mapped arrays), else decoded once and kept
             x = scored if scored.rereadable else scored.head(len(scored))
-            info, report = quantize_with_budget(fp32.path, path, calib, x, scored.y, options,
+            info, report = quantize_with_budget(fp32.path, path, calib, x, scored.labels, options,
                                                 FallbackOptions(max_accuracy_drop=budget["max_accuracy_drop"],
                                                                 time_budget_s=budget["time_budget_s"], checks=checks,
                                                                 num_classes=num_classes(scored),
-                                                                min_cosine=None if scored.y is not None
+                                                                min_cosine=None if scored.labelled
                                                                 else budget.get("min_cosine")))
         else:
             info = quantize_int8(fp32.path, path, calib, options)
@@ -395,7 +395,8 @@ def evaluate(data, model: OnnxModel, reference: OnnxModel, checks,
     from edgec.exporters.metrics import compare_models, failures
     with timed(EvaluateRecord) as t:   # streamed in batches of ~8 MB of inputs: ORT arenas stay small
         batches = data.batches(auto_batch(data.bytes_per_sample()))
-        outputs = compare_models(reference.path, model.path, batches, data.y, checks, num_classes=num_classes(data))
+        outputs = compare_models(reference.path, model.path, batches, data.labels, checks,
+                                 num_classes=num_classes(data))
         for o in outputs:
             note(f"output {o['name']}: {o['task']} ({o['chosen']}{': ' + o['why'] if o['why'] else ''}); "
                  + "SQNR " + ("identical" if o["identical"] else f"{o['sqnr_db']} dB")

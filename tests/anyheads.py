@@ -56,12 +56,13 @@ def tags_data(n: int, seed: int = 0) -> dict:
 
 
 def ids_data(n: int, seed: int = 0, length: int = 12) -> dict:
-    """ids + mask and class labels: class = (count of ids < 10 among the real tokens) mod 3."""
+    """ids + mask and class labels: the class is the id range (0-12, 13-25, 26-39) most real tokens fall in."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, 40, size=(n, length)).astype(np.int64)
     lengths = rng.integers(4, length + 1, size=n)
     mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int64)
-    y = (((ids < 10) & (mask == 1)).sum(1) % 3).astype(np.int64)
+    counts = np.stack([((ids // 13 == c) & (mask == 1)).sum(1) for c in range(3)], 1)
+    y = counts.argmax(1).astype(np.int64)
     return {"ids": ids * mask, "mask": mask, "y": y}
 
 

@@ -130,9 +130,10 @@ def run_job(job: DistillJob) -> dict | None:
     record = distill(inputs.model.module, student, inputs.calib, inputs.eval, cfg, stop_after=job.stop_after)
     if rank != 0:
         return None
-    record.update(params=count_params(student), flops=count_flops(student, inputs.input_shape),
+    example = inputs.example()   # one real sample of every input: FLOPs of multi-input models too
+    record.update(params=count_params(student), flops=count_flops(student, example),
                   teacher_params=count_params(inputs.model.module),
-                  teacher_flops=count_flops(inputs.model.module, inputs.input_shape),
+                  teacher_flops=count_flops(inputs.model.module, example),
                   teacher_path=str(job.teacher), data=inputs.calib.source,
                   eval_data=inputs.eval.source if inputs.eval is not None else None,
                   total_seconds=round(time.perf_counter() - started, 2))

@@ -567,10 +567,30 @@ class CandidateScore:
         return self.fp32_score - max((recs[i]["drop_points"] / 100 for i in self.gated), default=0.0)
 
     def error(self, gots: Sequence[np.ndarray]) -> float:
-        worst = 0.0
-        for r, g in zip(self.refs, gots):
-            r, g = _rows(r), _rows(g)
-            noise, signal = float(((r - g) ** 2).sum()), float((r * r).sum())
-            ratio = noise / signal if signal > 0 else (0.0 if noise == 0 else math.inf)
-            worst = max(worst, ratio if math.isfinite(ratio) else 1e30)  # finite: the fallback subtracts these
-        return worst
+        return noise_ratio(self.refs, gots)
+
+
+def noise_ratio(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> float:
+    """The worst output's noise-to-signal ratio, 10^(-SQNR/10): what the fallback ranks nodes by, and what
+    --min-sqnr bounds (an output passes at ratio <= sqnr_ratio(min_sqnr))."""
+    worst = 0.0
+    for r, g in zip(refs, gots):
+        r, g = _rows(r), _rows(g)
+        bad = ~np.isfinite(g)
+        noise = math.inf if bad.any() else float(((r - g) ** 2).sum())
+        signal = float((r * r).sum())
+        ratio = noise / signal if signal > 0 else (0.0 if noise == 0 else math.inf)
+        worst = max(worst, ratio if math.isfinite(ratio) else 1e30)  # finite: the fallback subtracts these
+    return worst
+
+
+def sqnr_ratio(min_sqnr: float | None) -> float | None:
+    """--min-sqnr as the largest noise-to-signal ratio it allows (None: no SQNR bar)."""
+    if min_sqnr is None or not math.isfinite(min_sqnr):
+        return None
+    return 10 ** (-min_sqnr / 10)
+
+
+def ratio_db(ratio: float) -> float | None:
+    """A noise-to-signal ratio as SQNR in dB (None for identical outputs)."""
+    return None if ratio <= 0 else round(-10 * math.log10(ratio), 2)

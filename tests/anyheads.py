@@ -11,9 +11,11 @@ FEATURES, TAGS = 16, 5
 class TagsAndValue(nn.Module):
     """forward(x (N,16) float) -> (tags: 5 sigmoid probabilities (N,5), value: 2 regression targets (N,2))."""
 
-    def __init__(self, hidden: int = 64):
+    def __init__(self, hidden: int = 64, wide: int = 256):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        # a narrow first layer next to wide ones: the FP32 fallback may keep it (a small share of the weights)
+        self.body = nn.Sequential(nn.Linear(FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, wide), nn.ReLU(),
+                                  nn.Linear(wide, hidden), nn.ReLU())
         self.tags, self.value = nn.Linear(hidden, TAGS), nn.Linear(hidden, 2)
 
     def forward(self, x):

@@ -97,14 +97,19 @@ def export_cmd(as_json, **kw):
 @click.command("quantize")
 @click.argument("model", type=click.Path(dir_okay=False))
 @o.SOURCE.only("data", "eval_data", "image_size", "mean", "std")
-@o.BUILD.only("output", "force")
+@o.BUILD.only("output", "force", "tasks", "label_output", "min_sqnr")
 @o.QUANT
 @json_option
 def quantize_cmd(model, as_json, **kw):
-    """Static INT8 quantization of an ONNX model with ONNX Runtime calibration on --data."""
+    """Static INT8 quantization of an ONNX model with ONNX Runtime calibration on --data; every output checked
+    against FP32 (not gated: `edgec build` gates)."""
+    from edgec.exporters.metrics import DEFAULT_MIN_SQNR, CheckOptions
     from edgec.pipeline import quantize_model
     spec = o.SOURCE.only("data", "eval_data", "image_size", "mean", "std").make(kw, model=model)
-    s = quantize_model(model, spec, kw.pop("output"), o.QUANT.make(kw), force=kw.pop("force"))
+    min_sqnr = kw.pop("min_sqnr")
+    checks = CheckOptions(o.BUILD.flags["tasks"].convert(kw.pop("tasks")), kw.pop("label_output"),
+                          DEFAULT_MIN_SQNR if min_sqnr is None else min_sqnr)
+    s = quantize_model(model, spec, kw.pop("output"), o.QUANT.make(kw), force=kw.pop("force"), checks=checks)
     if as_json:
         emit_json(s)
         return

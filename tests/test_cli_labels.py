@@ -105,3 +105,20 @@ def test_mislabelled_data_is_one_line(tmp_path, tags_model, tags_npz, change, me
     assert code in (2, 4), stderr
     assert message in stderr and len(stderr.strip().splitlines()) == 1 and stderr.startswith("edgec: error:")
     assert not (tmp_path / "m.edgec").exists()
+
+
+def test_a_data_hook_gives_labels_per_output(tmp_path, tags_model):
+    hook = tmp_path / "hook.py"
+    hook.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        "import anyheads\n"
+        "def batches():\n"
+        "    d = anyheads.tags_data(256, seed=6)\n"
+        "    return [{k: v[i:i + 64] for k, v in d.items()} for i in range(0, 256, 64)]\n")
+    code, stdout, stderr = run_cli("build", tags_model, "--arch", ARCH, "--data", f"{hook}:batches",
+                                   "--task", "output_1=regress", "-o", tmp_path / "h.edgec", "--json", *FAST)
+    assert code == 0, stderr
+    outputs = {o["name"]: o for o in _evaluate(json.loads(stdout))["outputs"]}
+    assert outputs["output_0"]["metric"] == "f1" and outputs["output_1"]["metric"] == "label_pearson"
+    assert outputs["output_0"]["samples"] == 51   # 20% of the hook's 256 samples held out for evaluation

@@ -85,7 +85,7 @@ def check_names(names: Sequence[str], options: CheckOptions, labelled, named: Se
         raise DataError(f"the data has labels 'y:{unknown[0]}' but the model has no output {unknown[0]!r}; "
                         f"outputs: {listed} (rename the array to y:OUTPUT)")
     if not labelled or label == "none":
-        if labelled is False and named and label not in (None, "none") and label not in named:
+        if not labelled and named and label not in (None, "none", *named):
             raise OptionError(f"--label-output {label}: the data labels only {', '.join(named)} (keys y:OUTPUT); "
                               "save the labels as y:" + label + " or drop --label-output")
         return None

@@ -12,6 +12,10 @@ from edgec.commands.options import emit_json, json_option
 def build_options(kw: dict, **fixed):
     """BuildOptions from build's flags (distillation only with --distill; it trains on the labels of build's own
     --label-output)."""
+    if kw["kd_loss"] and not kw["distill"]:
+        from edgec.core.errors import OptionError
+        raise OptionError("--kd-loss sets the distillation loss: add --distill (and --prune to distill a smaller "
+                          "model)")
     kd = with_label_output(o.KD.make(kw), kw["label_output"])
     return o.BUILD.make(kw, source=o.SOURCE.make(kw), quant=o.QUANT.make(kw),
                         distill=kd if kw["distill"] else None, **fixed)

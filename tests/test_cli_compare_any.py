@@ -91,3 +91,22 @@ def test_build_distill_takes_kd_loss(tmp_path, tags):
     losses = {s["output"]: (s["kind"], s["weight"]) for s in distill["metrics"]["kd_loss"]}
     assert losses == {"0": ("bce", 0.5), "1": ("mse", 1.0)}
     assert distill["options"]["kd_loss"] == [["output_0", "bce", 0.5], ["output_1", "mse", 1.0]]
+
+
+def test_compare_without_any_task_figure_shows_sqnr_never_an_accuracy(tmp_path, tags):
+    import anyheads
+    model, _, _ = tags
+    with open(tmp_path / "x.npz", "wb") as f:
+        np.savez(f, x=anyheads.tags_data(256, seed=7)["x"])   # no labels; output_1 (N,2) has no detectable task
+    out = tmp_path / "c"
+    code, stdout, stderr = run_cli("compare", model, "--arch", ARCH, "--data", tmp_path / "x.npz", "--task",
+                                   "output_0=none", "--recipes", "fp32,ptq-int8", "--calibration", "minmax",
+                                   "--bench-seconds", "0.2", "-o", out, "--json")
+    assert code == 0, stderr
+    rows = {r["recipe"]: r for r in json.loads(stdout)["recipes"]}
+    int8 = rows["ptq-int8-minmax"]
+    assert int8.get("quality") is None and int8["accuracy"] is None and not int8["failures"]
+    assert {o["task"] for o in int8["outputs"]} == {"none"} and int8["agreement"]["min_sqnr_db"] > 20
+    table = (out / "report.md").read_text()
+    assert f"SQNR {int8['agreement']['min_sqnr_db']:.1f} dB" in table and "% agree" not in table
+    assert "accuracy_vs_latency.png" not in json.loads(stdout)["plots"]   # nothing to plot latency against

@@ -110,3 +110,16 @@ def test_compare_without_any_task_figure_shows_sqnr_never_an_accuracy(tmp_path, 
     table = (out / "report.md").read_text()
     assert f"SQNR {int8['agreement']['min_sqnr_db']:.1f} dB" in table and "% agree" not in table
     assert "accuracy_vs_latency.png" not in json.loads(stdout)["plots"]   # nothing to plot latency against
+
+
+def test_distillation_learns_from_the_named_labels_of_the_label_output(tmp_path, tags):
+    """--label-output output_0 with y:output_0 (0/1 tags): build --distill trains on those labels (BCE)."""
+    model, train, val = tags
+    code, stdout, stderr = run_cli("build", model, "--arch", ARCH, "--data", train, "--eval-data", val,
+                                   "--prune", "0.25", "--distill", "--epochs", "1", "--alpha", "0.5",
+                                   "--label-output", "output_0", "--task", "output_1=regress", "--bench-seconds", "0",
+                                   "-o", tmp_path / "p.edgec", "--json")
+    assert code == 0, stderr
+    distill = _stage(json.loads(stdout)["stages"], "distill")["metrics"]
+    assert distill["labels"] == {"output": "output_0", "shape": [5], "dtype": "float32"}
+    assert {s["output"]: s["kind"] for s in distill["kd_loss"]} == {"0": "bce", "1": "mse"}

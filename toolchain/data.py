@@ -241,6 +241,13 @@ class Dataset:
         out = ({"": self.y} if self.y is not None else {}) | self.named
         return out or None
 
+    def for_output(self, output: str | None) -> "Dataset":
+        """The same samples with the labels of `output` (a `y:OUTPUT` set) as the plain labels: what training,
+        which has one labelled output, learns from. Unchanged when that output has no named labels."""
+        if output is None or output not in self.named:
+            return self
+        return Dataset(self.columns, self.named[output], self.source, self.preprocess, self.classes, self.specs)
+
     @property
     def class_ids(self) -> bool:
         """The plain labels are class ids (N,): what training's cross-entropy and accuracy take."""

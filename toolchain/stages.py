@@ -310,7 +310,7 @@ def distill(source: Source, student: TorchModel, cfg, *, label: str = "distill")
     """Train `student` (in place) on the source model's soft targets."""
     from edgec.distill import distill as run_distill
     with timed(DistillRecord, label=label) as t:
-        train_data, validation = training_split(source.calib)
+        train_data, validation = training_split(source.calib.for_output(cfg.label_output))
         result = run_distill(source.model.module, student.module, train_data, validation, cfg, label=label)
     return student, DistillRecord(config=cfg, result=result, seconds=t.seconds,
                                   validation_samples=len(validation) if validation is not None else 0)

@@ -10,7 +10,6 @@ same accuracy gate as `build`.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -150,11 +149,11 @@ class Row(Record):
         return (100.0 if top1 is None else top1), "top-1 agreement with FP32 (%)"
 
     def to_json(self) -> dict:
-        out = plain(super().to_json())
+        out = super().to_json()
         if self.agreement is not None:   # as measured: a figure the output does not have stays absent
-            out["agreement"] = {k: v for k, v in out["agreement"].items()
+            out["agreement"] = {k: v for k, v in self.agreement.to_json().items()
                                 if v is not None or k in self.agreement.extra}
-        return {k: v for k, v in out.items() if v is not None or k in ("onnx", "error", "accuracy")}
+        return plain({k: v for k, v in out.items() if v is not None or k in ("onnx", "error", "accuracy")})
 
 
 @dataclass

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import private_source, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--runs", "30", "--warmup", "2", "--threads", "1"]
+pytestmark = pytest.mark.slow   # pip installs into fresh venvs
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +27,12 @@ def built(built_package):
 def lean(tmp_path_factory):
     """A fresh venv with only `pip install ./edgec-runtime[cpu]` (pip of this venv drives it: no pip inside, so
     nothing but the lean distribution and its dependencies lands there; wheels come from pip's cache)."""
-    venv = tmp_path_factory.mktemp("lean") / "venv"
+    folder = tmp_path_factory.mktemp("lean")
+    venv, source = folder / "venv", private_source(ROOT / "edgec-runtime", folder / "edgec-runtime")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    p = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q",
-                        f"{ROOT / 'edgec-runtime'}[cpu]"], capture_output=True, text=True, timeout=900)
+    p = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", f"{source}[cpu]"],
+                       capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     return venv
 
@@ -116,9 +118,9 @@ def test_full_bench_is_the_lean_command():
 def test_plain_install_of_both(tmp_path):
     """`pip install ./edgec-runtime .` (wheels, not editable) puts both into one edgec package folder, the full
     tool's wheel without runtime/ or core/; torch and onnxruntime come from this venv's own site folders."""
-    target = tmp_path / "site"
+    target, full = tmp_path / "site", private_source(ROOT, tmp_path / "edgec")   # edgec-runtime/ inside, copied
     p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                        str(ROOT / "edgec-runtime"), str(ROOT)], capture_output=True, text=True, timeout=900)
+                        str(full / "edgec-runtime"), str(full)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     import onnxruntime
     import torch

@@ -12,11 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import private_source
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 SMALL_ARCH = "edgec.models.zoo:digits_cnn"
 TINY = [(re.compile(r"torchvision:[a-z0-9_]+\?num_classes=10"), SMALL_ARCH),
-        (re.compile(r"--max-regression 10%"), "--max-regression 1000%")]
+        (re.compile(r"--max-regression 10%"), "--max-regression 1000%"),
+        # short benchmarks: the blocks show that the commands run and write their outputs, not what the figures are
+        (re.compile(r"\bedgec (build|compare) "), r"edgec \1 --bench-seconds 0.3 ")]
 SETUP = "python3 -m venv .venv"
 
 
@@ -31,7 +35,7 @@ def test_setup_and_test_lines_stay_first():
     assert setup.startswith(SETUP) and setup.endswith("edgec demo") and "-e ./edgec-runtime" in setup
     ci = subprocess.run(["awk", "/^Run the tests:/{f=1} f && /^python3 /{print; exit}", str(ROOT / "README.md")],
                         capture_output=True, text=True, check=True).stdout.strip()
-    assert ci == tests and tests.startswith("python3 ") and tests.endswith("python -m pytest -q")   # .ci/run's line
+    assert ci == tests and tests.startswith("python3 ") and tests.endswith("python -m pytest -q -n 2")   # .ci/run's line
     assert len(command_blocks()) >= 6
 
 
@@ -66,17 +70,18 @@ def test_block_expands_in_zsh(index, tmp_path):
 def clone(tmp_path_factory, trained_cnn):
     """A fresh folder (one per test: the README's outputs are not the CI workflow's) standing in for the clone's
     root after the set-up command: .venv is this venv, the demo model
-    sits in the cache (tiny: the small CNN), edgec-runtime/ is the repository's."""
+    sits in the cache (tiny: the small CNN), edgec-runtime/ is a copy of the repository's."""
     from edgec.demo import demo_model_path
     root = tmp_path_factory.mktemp("clone")
     (root / ".venv").symlink_to(sys.prefix)
-    (root / "edgec-runtime").symlink_to(ROOT / "edgec-runtime")
+    private_source(ROOT / "edgec-runtime", root / "edgec-runtime")   # the lean install builds in it
     cached = demo_model_path()
     cached.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(trained_cnn[0], cached)
     return root
 
 
+@pytest.mark.slow
 def test_readme_blocks_run_in_bash(clone):
     env = {**os.environ, "PATH": f"{Path(sys.prefix) / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     env.pop("VIRTUAL_ENV", None)
@@ -110,6 +115,7 @@ def workflow_steps(text: str) -> list[str]:
     return steps
 
 
+@pytest.mark.slow
 def test_ci_doc_workflow_commands_run(clone, trained_cnn):
     """docs/ci.md: the build job's steps, storing the baseline, then the device job's steps with the lean install,
     in one folder (the artifact transfer is the YAML runner's). The full tool's install line is .ci/run's, so here

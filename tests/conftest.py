@@ -32,9 +32,13 @@ _one_share_of_the_cores_per_worker()
 
 
 def pytest_collection_modifyitems(items):
-    """The few long end-to-end tests (marked `slow`) start first, so parallel workers finish together instead of
-    one of them starting a minutes-long test last. Nothing is skipped."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)   # stable: the rest keep their order
+    """The long end-to-end tests (marked `slow`) start first, so parallel workers finish together instead of one
+    of them starting a minutes-long test last; among them, those that make a folder shared by others
+    (`slow(makes=...)`: the README walkthrough, the lean venv) before those that wait for it. Nothing is skipped."""
+    def rank(item):
+        slow = item.get_closest_marker("slow")
+        return 2 if slow is None else 0 if slow.kwargs.get("makes") else 1
+    items.sort(key=rank)   # stable: within a rank, the collection order
 
 
 @pytest.fixture(scope="session", autouse=True)

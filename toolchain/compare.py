@@ -10,6 +10,7 @@ same accuracy gate as `build`.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from typing import Callable
 
 from edgec import stages
 from edgec.core.errors import EdgecError, OptionError, VerifyError
-from edgec.core.package import Agreement, Latency
+from edgec.core.package import Latency
 from edgec.core.package import Source as ModelInfo
 from edgec.core.progress import note
 from edgec.core.records import Record, RecordError
@@ -62,6 +63,9 @@ class CompareOptions:
     fresh: bool = False
     # constraints for the recommendation (and the accuracy gate of --package): build's by default
     max_accuracy_drop: float | None = 1.0
+    min_sqnr: float | None = None    # dB, every output of a quantized recipe; None = build's default
+    tasks: dict = field(default_factory=dict)   # output name -> task (--task), as build
+    label_output: str | None = None  # the output the plain labels apply to (--label-output), as build
     budgets: tuple = ()              # e.g. ("p90=10ms",), on the first provider
     max_size: int | None = None      # bytes
     prefer: str = "latency"          # latency | size
@@ -82,8 +86,15 @@ class CompareOptions:
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise OptionError(f"--max-accuracy-drop {self.max_accuracy_drop}: a budget in points, 0 or more")
         self.distill.validate()
+        self.checks().validate()
         from edgec.recommend import parse_budgets
         parse_budgets(self.budgets)
+
+    def checks(self):
+        """Every row's per-output figures, and --package's gate: build's (edgec.exporters.metrics.CheckOptions)."""
+        from edgec.exporters.metrics import DEFAULT_MIN_SQNR, CheckOptions
+        return CheckOptions(dict(self.tasks), self.label_output,
+                            DEFAULT_MIN_SQNR if self.min_sqnr is None else self.min_sqnr, self.max_accuracy_drop)
 
 
 @dataclass
@@ -113,6 +124,33 @@ class RowLatency(Record):
 
 
 @dataclass
+class RowAgreement(Record):
+    """Every output of a row against FP32 (stages.agreement_summary): the worst SQNR, top-1 agreement of the first
+    classifier output where there is one."""
+    samples: int
+    outputs: list[str]
+    min_sqnr_db: float | None = None     # None: identical outputs, or a zero reference
+    top1_agreement: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        return {k: v for k, v in out.items() if k != "top1_agreement" or v is not None}
+
+
+@dataclass
+class Quality(Record):
+    """A row's headline task figure against FP32 (the first labelled output with one, else the first with one)."""
+    metric: str
+    output: str
+    task: str
+    labels: bool
+    fp32: float | None
+    value: float | None
+    drop_points: float
+
+
+@dataclass
 class Row(Record):
     """One recipe's result: what compare.json lists, what recommend ranks, what --package ships."""
     recipe: str
@@ -125,8 +163,11 @@ class Row(Record):
     bytes: int | None = None
     params: int | None = None
     flops: int | None = None
-    accuracy: float | None = None
-    agreement: Agreement | None = None   # with `reference`, first output
+    accuracy: float | None = None    # a labelled classifier output's, only where there is one
+    agreement: RowAgreement | None = None
+    quality: Quality | None = None   # the gated task figure of the headline output vs FP32 (stages.Score)
+    outputs: list[dict] = field(default_factory=list)   # every output's figures against the FP32 baseline
+    failures: list[str] = field(default_factory=list)   # the per-output checks broken at compare's constraints
     details: dict = field(default_factory=dict)
     stages: list[dict] = field(default_factory=list)   # stage records (JSON) up to the model: the package's manifest
     error: str | None = None
@@ -140,19 +181,8 @@ class Row(Record):
     p90_ms: float | None = None
     speedup: float | None = None
 
-    @property
-    def quality(self) -> tuple[float, str]:
-        """(figure, what it is): accuracy on labelled eval data, else top-1 agreement with FP32 (100 for FP32)."""
-        if self.accuracy is not None:
-            return self.accuracy, "accuracy on eval data (%)"
-        top1 = self.agreement.top1_agreement if self.agreement is not None else None
-        return (100.0 if top1 is None else top1), "top-1 agreement with FP32 (%)"
-
     def to_json(self) -> dict:
         out = super().to_json()
-        if self.agreement is not None:   # as measured: a figure the output does not have stays absent
-            out["agreement"] = {k: v for k, v in self.agreement.to_json().items()
-                                if v is not None or k in self.agreement.extra}
         return plain({k: v for k, v in out.items() if v is not None or k in ("onnx", "error", "accuracy")})
 
 
@@ -263,6 +293,7 @@ class Run:
     def __init__(self, opts: CompareOptions, source: Source):
         self.opts, self.source, self.root = opts, source, Path(opts.output)
         self.cache = Cache(self.root, opts.fresh)
+        self.checks = opts.checks()
         self.load = stages.load(source).to_dict()
 
     # ---- shared artifacts
@@ -396,7 +427,8 @@ class Run:
         return rows
 
     def row(self, name: str, recipe: Callable[[], Made], depends: dict) -> Row:
-        key = {"recipe": name, "source": self.source.fingerprint, "opset": OPSET, **depends}
+        key = {"recipe": name, "source": self.source.fingerprint, "opset": OPSET, "checks": plain(self.checks),
+               **depends}
         folder, saved = self.cache.get("row", key, Row)
         if saved is not None and self._intact(saved):
             note(f"{name}: reusing the result saved in {folder} (--fresh recomputes)")
@@ -406,7 +438,11 @@ class Run:
         row = Row(recipe=name, key=_digest(key))
         try:
             made = recipe()
-            row = self._row(row, made, stages.score(self.source.check_data, made.model, made.reference))
+            baseline, _ = self.fp32()
+            # SQNR measures quantization: against the FP32 model a row was calibrated from, never a retrained one
+            sqnr_reference = made.reference if made.reference is not None and name != "qat-kd" else None
+            row = self._row(row, made, stages.score(self.source.check_data, made.model, baseline, self.checks,
+                                                    sqnr_reference))
         except EdgecError as e:
             row.error = f"{type(e).__name__}: {e}"
             note(f"{name} failed: {e}")
@@ -430,7 +466,9 @@ class Run:
         row.student = rel(made.student)
         row.params, row.flops = count_params(made.module), count_flops(made.module, self.source.example())
         row.accuracy = evaluated.accuracy
-        row.agreement = Agreement.from_json(plain(evaluated.agreement)) if evaluated.agreement is not None else None
+        row.agreement = RowAgreement.from_json(plain(evaluated.agreement)) if evaluated.agreement is not None else None
+        row.quality = Quality.from_json(plain(evaluated.quality)) if evaluated.quality is not None else None
+        row.outputs, row.failures = plain(evaluated.outputs), list(evaluated.failures)
         row.details, row.stages = made.details, [self.load, *made.stages]
         return row
 
@@ -448,7 +486,7 @@ def run_compare(opts: CompareOptions) -> CompareSummary:
     if opts.package:  # checked before the comparison runs, not after minutes of work
         check_writable(opts.package, opts.force, inputs=(*_reads(opts), opts.output), directory=True)
     claim_folder(opts.output, COMPARE_MARKER, create=False)  # before minutes of work: never someone else's files
-    source = load_source(opts.source)
+    source = load_source(opts.source, checks=opts.checks())
     root = claim_folder(opts.output, COMPARE_MARKER)
     run = Run(opts, source)
     rows = [run.row(*planned) for planned in run.planned()]
@@ -520,18 +558,17 @@ def package_winner(run: Run, rows: list[Row], recommendation: Recommendation) ->
             note(f"--package: {overall} is recommended but is not INT8; packaging {winner}, the best INT8 recipe")
     if winner is None:
         raise OptionError("no INT8 recipe meets the constraints, so there is nothing to --package; relax them")
-    package_row(run, by_name[winner], rows, run.opts.package, force=run.opts.force,
-                max_accuracy_drop=run.opts.max_accuracy_drop)
+    package_row(run, by_name[winner], rows, run.opts.package, force=run.opts.force)
     return str(run.opts.package)
 
 
 def package_row(run: Run, row: Row, rows: list[Row], path, *, force: bool = False,
-                max_accuracy_drop: float | None = 1.0):
+                max_accuracy_drop: float | None = None):
     """Write `row`'s measured INT8 model (the same bytes) as a package, through build's accuracy gate (and its
     per-output SQNR check where the INT8 model was calibrated from that FP32 model: qat-kd's weights were
-    retrained, so its SQNR against the original model says nothing). Returns the Manifest."""
+    retrained, so its SQNR against the original model says nothing). `max_accuracy_drop` overrides the run's
+    budget. Returns the Manifest."""
     from edgec import package
-    from edgec.exporters.metrics import DEFAULT_MIN_SQNR, CheckOptions
     from edgec.core.fsutil import atomic_path
     from edgec.modelio import load_model
     from edgec.pipeline import write_package
@@ -544,8 +581,9 @@ def package_row(run: Run, row: Row, rows: list[Row], path, *, force: bool = Fals
         if int8.sha256 != row.sha256:
             raise VerifyError(f"{run.root / row.onnx} changed since it was measured; rerun compare (--fresh)")
         records = [StoredRecord(s) for s in row.stages]
-        checks = CheckOptions(max_drop=max_accuracy_drop,
-                              min_sqnr=float("-inf") if row.recipe == "qat-kd" else DEFAULT_MIN_SQNR)
+        checks = dataclasses.replace(run.checks, **({"max_drop": max_accuracy_drop} if max_accuracy_drop is not None
+                                                    else {}), **({"min_sqnr": float("-inf")} if row.recipe == "qat-kd"
+                                                                 else {}))
         records.append(stages.evaluate(run.source.check_data, int8, fp32, checks))
         measured_fp32 = next((r for r in rows if r.onnx == row.reference), None)
         if row.bench:

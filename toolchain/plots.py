@@ -15,6 +15,14 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
     return front
 
 
+def _quality(row):
+    """(figure, axis label): the row's gated task figure (edgec.compare.Quality); None without one."""
+    q = row.quality
+    if not q:
+        return None, "no task figure"
+    return q.value, f"{q.metric} of {q.output} {'on eval data' if q.labels else 'vs FP32'} (%)"
+
+
 def _label(fig, ax, points: list[tuple[float, float, str, float]], gap: float = 13.0) -> None:
     """One label per marker; a label that would overlap one already placed moves down (with a leader line)."""
     fig.canvas.draw()  # fixes the scales so data -> pixel positions are final
@@ -42,16 +50,16 @@ def write_plots(summary, root: Path) -> list[str]:
     winner = summary.recommendation.recipe
     written = []
 
-    timed = [r for r in rows if r.p50_ms is not None]
+    timed = [r for r in rows if r.p50_ms is not None and _quality(r)[0] is not None]
     if timed:
         fig, ax = plt.subplots(figsize=(8, 5.5))
         max_bytes = max(r.bytes for r in timed)
-        ylabel = timed[0].quality[1]
+        ylabel = _quality(timed[0])[1]
         area = {r.recipe: 60 + 1400 * r.bytes / max_bytes for r in timed}  # points^2
         for r in timed:
-            ax.scatter(r.p50_ms, r.quality[0], s=area[r.recipe], alpha=0.55,
+            ax.scatter(r.p50_ms, _quality(r)[0], s=area[r.recipe], alpha=0.55,
                        edgecolors="black", linewidths=2.5 if r.recipe == winner else 0.8)
-        front = pareto_front([(r.p50_ms, r.quality[0], r.recipe) for r in timed])
+        front = pareto_front([(r.p50_ms, _quality(r)[0], r.recipe) for r in timed])
         ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:red", label="Pareto front")
         lats = [r.p50_ms for r in timed]
         if max(lats) > 5 * min(lats):  # speed-ups are ratios: a log axis keeps the fast recipes apart
@@ -59,11 +67,11 @@ def write_plots(summary, root: Path) -> list[str]:
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.margins(x=0.15, y=0.12)  # room for the labels beside the markers
-        _label(fig, ax, [(r.p50_ms, r.quality[0], f"{r.recipe} ({r.bytes / 1e6:.1f} MB)",
+        _label(fig, ax, [(r.p50_ms, _quality(r)[0], f"{r.recipe} ({r.bytes / 1e6:.1f} MB)",
                           (area[r.recipe] / 3.1416) ** 0.5) for r in timed])
         ax.set_xlabel(f"median latency on {ep} (ms, lower is better)")
         ax.set_ylabel(ylabel)
-        title = "accuracy vs latency (marker area = file size)"
+        title = f"{ylabel.split(' of ')[0]} vs latency (marker area = file size)"
         if winner:
             title += f"\nrecommended: {winner} (thick outline)"
         ax.set_title(title)

@@ -10,15 +10,16 @@ from edgec.core.report import _md_table
 def compare_rows(summary) -> tuple[list[str], list[list[str]]]:
     """The compare table of an edgec.compare.CompareSummary: one row per recipe, columns a team decides with."""
     eps = summary.providers
-    header = ["recipe", "params", "FLOPs", "size", "ratio", "accuracy", "Δ acc"] + \
+    named = {r.quality.metric if r.quality else None for r in summary.recipes if not r.error} == {"accuracy"}
+    header = ["recipe", "params", "FLOPs", "size", "ratio", "accuracy" if named else "quality",
+              "Δ acc" if named else "Δ points"] + \
              [f"p50 {ep}" for ep in eps] + [f"p90 {ep}" for ep in eps] + [f"speed-up {ep}" for ep in eps] + ["time"]
     rows = []
     for r in summary.recipes:
         if r.error:
             rows.append([r.recipe, f"failed: {r.error[:80]}"] + [""] * (len(header) - 2))
             continue
-        quality = f"{r.accuracy:.2f}%" if r.accuracy is not None else f"{r.quality[0]:.2f}% agree"
-        change = f"{r.accuracy_change:+.2f}" if r.accuracy_change is not None else "-"
+        quality, change = _quality_cells(r, named)
         ratio = r.compression_ratio if r.compression_ratio is not None else 1.0
         lat = r.latency
         rows.append([r.recipe, _count(r.params), _count(r.flops), _mb(r.bytes), f"{ratio:.2f}x", quality, change]
@@ -27,6 +28,18 @@ def compare_rows(summary) -> tuple[list[str], list[list[str]]]:
                     + [f"{lat[ep].speedup:.2f}x" if ep in lat and lat[ep].speedup else "-" for ep in eps]
                     + [f"{r.seconds:.0f} s"])
     return header, rows
+
+
+def _quality_cells(r, named: bool) -> tuple[str, str]:
+    """The headline output's task figure (`quality` of edgec.stages.Score) and its change in points; without any
+    task figure, the worst SQNR against FP32 (never a made-up agreement)."""
+    q = r.quality
+    if q:
+        what = "" if named else f" {q.metric}" + (f" ({q.output})" if q.output else "")
+        return f"{q.value:.2f}%{what}", f"{-q.drop_points:+.2f}"
+    sqnr = r.agreement.min_sqnr_db if r.agreement else None
+    return ("identical" if sqnr is None and r.recipe == "fp32" else
+            f"SQNR {sqnr:.1f} dB" if sqnr is not None else "-"), "-"
 
 
 def _rejected(summary) -> list[str]:

@@ -12,7 +12,6 @@ from edgec.exporters.adaround import _patches
 from edgec.exporters.compare import ort_session, run_onnx
 from edgec.exporters.quantize import QuantOptions, prepare, quantize_int8, write_quantized
 
-from test_transforms import separable  # noqa: F401  (the trained subject, shared)
 
 
 @pytest.mark.parametrize("geo", [

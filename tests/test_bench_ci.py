@@ -7,7 +7,6 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from edgec.cli import main
-from test_runtime_fixtures import int8_onnx, tiny_onnx  # noqa: F401 (fixtures)
 
 FAST = ["--runs", "40", "--warmup", "2", "--threads", "1"]
 

@@ -6,7 +6,6 @@ import pytest
 
 from edgec.cli import main
 from conftest import copy_package, run_cli
-from test_runtime_fixtures import int8_onnx, tiny_onnx  # noqa: F401 (fixtures)
 
 FAST = ["--runs", "30", "--warmup", "2", "--threads", "1"]
 

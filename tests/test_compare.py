@@ -138,6 +138,25 @@ def test_compare_json_matches_its_schema(compared):
         jsonschema.validate({**summary, "recipes": [{"recipe": "x"}]}, schema)
 
 
+def test_compare_json_reads_back_through_the_typed_records(compared):
+    """The typed reader (what the table, report.md and plots use) takes the real writer's document and writes it
+    back unchanged; a document that does not fit is a one-line error naming the path."""
+    from edgec.compare import CompareSummary
+    from edgec.core.records import RecordError
+    from edgec.report import compare_rows
+    out, summary, _ = compared
+    written = json.loads((out / "compare.json").read_text())   # the last run's (later tests rerun into `out`)
+    typed = CompareSummary.from_json(written)
+    assert typed.to_json() == written and CompareSummary.from_json(summary).to_json() == summary
+    fp32 = next(r for r in typed.recipes if r.recipe == "fp32")
+    assert fp32.latency["cpu"].p50_ms == fp32.p50_ms > 0 and typed.recommendation.constraints.provider == "cpu"
+    header, rows = compare_rows(typed)
+    assert len(rows) == len(written["recipes"]) and rows[0][header.index("p50 cpu")] == f"{fp32.p50_ms:.3f} ms"
+    bad = {**written, "recipes": [{**written["recipes"][0], "latency": {"cpu": {"p50_ms": "fast"}}}]}
+    with pytest.raises(RecordError, match=r"recipes\[0\]\.latency\.cpu\.p50_ms: expected a number"):
+        CompareSummary.from_json(bad)
+
+
 def test_pareto_front():
     pts = [(10, 90, "a"), (5, 80, "b"), (12, 95, "c"), (11, 85, "d"), (5, 70, "e")]
     assert [p[2] for p in pareto_front(pts)] == ["b", "a", "c"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import made_once, private_source, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--runs", "30", "--warmup", "2", "--threads", "1"]
@@ -22,17 +22,20 @@ def built(built_package):
     return built_package[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lean(tmp_path_factory):
     """A fresh venv with only `pip install ./edgec-runtime[cpu]` (pip of this venv drives it: no pip inside, so
-    nothing but the lean distribution and its dependencies lands there; wheels come from pip's cache)."""
-    venv = tmp_path_factory.mktemp("lean") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    py = venv / "bin" / "python"
-    p = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q",
-                        f"{ROOT / 'edgec-runtime'}[cpu]"], capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return venv
+    nothing but the lean distribution and its dependencies lands there; wheels come from pip's cache). Made once
+    per run (the xdist workers share it); the tests only run its commands."""
+    def make(folder):
+        venv, source = folder / "venv", private_source(ROOT / "edgec-runtime", folder / "edgec-runtime")
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+        py = venv / "bin" / "python"
+        p = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", f"{source}[cpu]"],
+                           capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return str(venv)
+    return Path(made_once(tmp_path_factory, "lean-venv", make))
 
 
 def lean_run(venv, *args, cwd=None):
@@ -42,6 +45,7 @@ def lean_run(venv, *args, cwd=None):
     return p.returncode, p.stdout, p.stderr
 
 
+@pytest.mark.slow(makes="the lean venv")
 def test_lean_venv_has_no_torch_torchvision_onnx(lean):
     py = lean / "bin" / "python"
     probe = ("import importlib.util as u, json; print(json.dumps({m: u.find_spec(m) is not None for m in "
@@ -113,12 +117,13 @@ def test_full_bench_is_the_lean_command():
     assert cli.get_command(None, "bench") is bench_cmd
 
 
+@pytest.mark.slow
 def test_plain_install_of_both(tmp_path):
     """`pip install ./edgec-runtime .` (wheels, not editable) puts both into one edgec package folder, the full
     tool's wheel without runtime/ or core/; torch and onnxruntime come from this venv's own site folders."""
-    target = tmp_path / "site"
+    target, full = tmp_path / "site", private_source(ROOT, tmp_path / "edgec")   # edgec-runtime/ inside, copied
     p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                        str(ROOT / "edgec-runtime"), str(ROOT)], capture_output=True, text=True, timeout=900)
+                        str(full / "edgec-runtime"), str(full)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     import onnxruntime
     import torch

@@ -10,7 +10,7 @@ from edgec.runtime import (SCHEMA, benchmark, check_budgets, check_regression, d
                            record)
 from edgec.runtime.providers import resolve
 from conftest import copy_package
-from test_runtime_fixtures import dynamic_hw_onnx, int8_onnx, tiny_onnx, with_dynamic_spatial_axes  # noqa: F401
+from test_runtime_fixtures import with_dynamic_spatial_axes
 
 FAST = dict(warmup="2", runs="30", threads=1)
 

@@ -1,5 +1,5 @@
 """Tiny real ONNX models for the runtime and bench CLI tests (built with onnx.helper: no torch, milliseconds).
-Imported by test_runtime_*.py and test_bench_cli.py; pytest collects no tests here. Packages are never invented
+Registered once for the whole session in conftest.py; pytest collects no tests here. Packages are never invented
 here: tests that need one take conftest's `built_package` (made by the real `edgec build`), or a copy of it."""
 from __future__ import annotations
 

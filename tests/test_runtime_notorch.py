@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 from conftest import BLOCKER
-from test_runtime_fixtures import tiny_onnx  # noqa: F401 (fixture)
 
 
 

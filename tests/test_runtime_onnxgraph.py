@@ -7,7 +7,6 @@ from onnx import TensorProto, helper, numpy_helper
 from edgec.runtime.bench import graph_warnings, inspect_graph
 from edgec.runtime.onnxgraph import boundary_qdq, read_graph
 from edgec.runtime.session import open_model
-from test_runtime_fixtures import int8_onnx, tiny_onnx  # noqa: F401 (fixtures)
 
 
 def test_reader_agrees_with_onnx(int8_onnx):

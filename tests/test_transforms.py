@@ -105,35 +105,6 @@ def _digits(size=12):
     return ((x - 0.3) / 0.4).repeat(1, 3, 1, 1).numpy(), d[:, 64].astype(np.int64)
 
 
-@pytest.fixture(scope="module")
-def separable(tmp_path_factory):
-    """A depthwise-separable CNN trained 3 epochs on the embedded digits (a few seconds)."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-    torch.manual_seed(0)
-    x, y = _digits()
-    net = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 64, 1), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, stride=2, padding=1, groups=64), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.Conv2d(64, 64, 1), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    xt, yt = torch.from_numpy(x[:1400]), torch.from_numpy(y[:1400])
-    net.train()
-    for _ in range(3):
-        for i in range(0, 1400, 64):
-            loss = F.cross_entropy(net(xt[i:i + 64]), yt[i:i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    d = tmp_path_factory.mktemp("transforms")
-    _export(net, x, d / "fp32.onnx")
-    return {"dir": d, "fp32": d / "fp32.onnx", "calib": x[:512], "x": x[1400:], "y": y[1400:]}
-
-
 def _shift(fp32, int8, x):
     """Systematic output error: mean over outputs of |E[int8 - fp32]| over the samples."""
     ref, got = run_onnx(ort_session(fp32), x)[0], run_onnx(ort_session(int8), x)[0]

@@ -22,7 +22,11 @@ from typing import Callable
 
 from edgec import stages
 from edgec.core.errors import EdgecError, OptionError, VerifyError
+from edgec.core.package import Latency
+from edgec.core.package import Source as ModelInfo
 from edgec.core.progress import note
+from edgec.core.records import Record, RecordError
+from edgec.recommend import Recommendation
 from edgec.source import Source, SourceSpec, load_source, require_eager, training_split
 from edgec.stages import OnnxModel, StoredRecord, TorchModel, plain
 
@@ -94,7 +98,60 @@ class CompareOptions:
 
 
 @dataclass
-class Row:
+class RowLatency(Record):
+    """One row's latency on one execution provider (from its edgec.bench/1 result), and its speed-up over FP32."""
+    min_ms: float
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    p50_ci_ms: list[float] | None
+    runs: int
+    reliable: dict[str, bool] = field(default_factory=dict)
+    speedup: float | None = None     # FP32 p50 / this p50, set against the FP32 row
+
+    @classmethod
+    def from_bench(cls, result: dict) -> "RowLatency":
+        lat = Latency.from_bench(result)   # the one reader of a bench result
+        return cls(min_ms=lat.min_ms, mean_ms=lat.mean_ms, p50_ms=lat.p50_ms, p90_ms=lat.p90_ms, p95_ms=lat.p95_ms,
+                   p99_ms=lat.p99_ms, max_ms=lat.max_ms, p50_ci_ms=lat.p50_ci_ms, runs=lat.n, reliable=lat.reliable)
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        return {k: v for k, v in out.items() if k != "speedup" or v is not None}
+
+
+@dataclass
+class RowAgreement(Record):
+    """Every output of a row against FP32 (stages.agreement_summary): the worst SQNR, top-1 agreement of the first
+    classifier output where there is one."""
+    samples: int
+    outputs: list[str]
+    min_sqnr_db: float | None = None     # None: identical outputs, or a zero reference
+    top1_agreement: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        return {k: v for k, v in out.items() if k != "top1_agreement" or v is not None}
+
+
+@dataclass
+class Quality(Record):
+    """A row's headline task figure against FP32 (the first labelled output with one, else the first with one)."""
+    metric: str
+    output: str
+    task: str
+    labels: bool
+    fp32: float | None
+    value: float | None
+    drop_points: float
+
+
+@dataclass
+class Row(Record):
     """One recipe's result: what compare.json lists, what recommend ranks, what --package ships."""
     recipe: str
     key: str
@@ -107,17 +164,17 @@ class Row:
     params: int | None = None
     flops: int | None = None
     accuracy: float | None = None    # a labelled classifier output's, only where there is one
-    agreement: dict | None = None
-    quality: dict | None = None      # the gated task figure that dropped most vs FP32 (stages.Score)
-    outputs: list = field(default_factory=list)   # every output's figures against the FP32 baseline
-    failures: list = field(default_factory=list)  # the per-output checks broken at compare's constraints
+    agreement: RowAgreement | None = None
+    quality: Quality | None = None   # the gated task figure of the headline output vs FP32 (stages.Score)
+    outputs: list[dict] = field(default_factory=list)   # every output's figures against the FP32 baseline
+    failures: list[str] = field(default_factory=list)   # the per-output checks broken at compare's constraints
     details: dict = field(default_factory=dict)
-    stages: list = field(default_factory=list)   # stage records (JSON) up to the model: the package's manifest
+    stages: list[dict] = field(default_factory=list)   # stage records (JSON) up to the model: the package's manifest
     error: str | None = None
     seconds: float = 0.0
     # filled in by the benchmark and against the FP32 row
-    bench: dict = field(default_factory=dict)    # ep -> edgec.bench/1 result
-    latency: dict = field(default_factory=dict)  # ep -> p50_ms, p90_ms, ..., speedup
+    bench: dict[str, dict] = field(default_factory=dict)        # ep -> edgec.bench/1 result
+    latency: dict[str, RowLatency] = field(default_factory=dict)
     compression_ratio: float | None = None
     accuracy_change: float | None = None
     p50_ms: float | None = None
@@ -125,17 +182,45 @@ class Row:
     speedup: float | None = None
 
     def to_json(self) -> dict:
-        out = plain(dataclasses.asdict(self))
-        return {k: v for k, v in out.items() if v is not None or k in ("onnx", "error", "accuracy")}
+        out = super().to_json()
+        return plain({k: v for k, v in out.items() if v is not None or k in ("onnx", "error", "accuracy")})
 
-    @classmethod
-    def from_json(cls, data: dict) -> "Row":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+
+@dataclass
+class EvalInfo(Record):
+    """The eval data a compare run scored on (edgec.data's describe())."""
+    source: str
+    samples: int
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class CompareSummary(Record):
+    """The edgec.compare/1 document (compare.json, `compare --json`); the table, report.md and plots read it."""
+    schema: str
+    model: ModelInfo
+    eval: EvalInfo
+    providers: list[str]
+    recipes: list[Row]
+    recommendation: Recommendation
+    plots: list[str] = field(default_factory=list)
+    package: str | None = None       # the package --package wrote
+
+    def to_json(self) -> dict:
+        out = plain(super().to_json())
+        return {k: v for k, v in out.items() if k != "package" or v is not None}
 
 
 def _digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(plain(key), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Entry(Record):
+    """A cache entry's record.json: the stage records that made its files (an ONNX entry: its model's sha256)."""
+    stages: list[dict] = field(default_factory=list)
+    sha256: str | None = None
+    details: dict = field(default_factory=dict)
 
 
 class Cache:
@@ -148,24 +233,26 @@ class Cache:
     def folder(self, kind: str, key: dict) -> Path:
         return self.root / f"{kind}-{_digest(key)}"
 
-    def get(self, kind: str, key: dict) -> tuple[Path, dict | None]:
+    def get(self, kind: str, key: dict, record: type[Record] = Entry) -> tuple[Path, Record | None]:
+        """The entry's folder and its record; None when it must be made (missing, unreadable, from another
+        version of edgec, or --fresh)."""
         folder = self.folder(kind, key)
         path = folder / "record.json"
         if (self.fresh and folder not in self.made) or not path.is_file():
             return folder, None
         try:
-            return folder, json.loads(path.read_text())
-        except json.JSONDecodeError:
+            return folder, record.from_json(json.loads(path.read_text()))
+        except (json.JSONDecodeError, RecordError):
             return folder, None
 
-    def put(self, folder: Path, make: Callable[[Path], dict]) -> dict:
+    def put(self, folder: Path, make: Callable[[Path], Record]) -> Record:
         """make(tmp folder) writes the files and returns the record; the entry appears only once complete."""
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            record = plain(make(tmp))
-            (tmp / "record.json").write_text(json.dumps(record, indent=2))
+            record = make(tmp)
+            (tmp / "record.json").write_text(json.dumps(plain(record.to_json()), indent=2))
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
         except BaseException:
@@ -174,16 +261,17 @@ class Cache:
         self.made.add(folder)
         return record
 
-    def onnx(self, kind: str, key: dict, precision: str, make: Callable[[Path], dict]) -> tuple[OnnxModel, dict]:
+    def onnx(self, kind: str, key: dict, precision: str, make: Callable[[Path], Entry]) -> tuple[OnnxModel, Entry]:
         """An ONNX artifact (folder/model.onnx) and its record; reused only while its bytes are the recorded ones."""
         folder, record = self.get(kind, key)
         if record is not None:
             model = OnnxModel.at(folder / "model.onnx", precision) if (folder / "model.onnx").is_file() else None
-            if model is not None and model.sha256 == record.get("sha256"):
+            if model is not None and model.sha256 == record.sha256:
                 return model, record
-        def made(tmp: Path) -> dict:
-            out = make(tmp / "model.onnx")
-            return {**out, "sha256": OnnxModel.at(tmp / "model.onnx").sha256}
+        def made(tmp: Path) -> Entry:
+            entry = make(tmp / "model.onnx")
+            entry.sha256 = OnnxModel.at(tmp / "model.onnx").sha256
+            return entry
         record = self.put(folder, made)
         return OnnxModel.at(folder / "model.onnx", precision), record
 
@@ -209,18 +297,18 @@ class Run:
         self.load = stages.load(source).to_dict()
 
     # ---- shared artifacts
-    def fp32(self) -> tuple[OnnxModel, dict]:
+    def fp32(self) -> tuple[OnnxModel, Entry]:
         def make(path):
             _, record = stages.export(self.source, TorchModel(self.source.model.module), path, OPSET)
-            return {"stages": [record.to_dict()]}
+            return Entry(stages=[record.to_dict()])
         return self.cache.onnx("fp32", {"source": self.source.fingerprint, "opset": OPSET}, "fp32", make)
 
-    def int8(self, fp32: OnnxModel, method: str) -> tuple[OnnxModel, dict]:
+    def int8(self, fp32: OnnxModel, method: str) -> tuple[OnnxModel, Entry]:
         from edgec.exporters.quantize import QuantOptions
         quant = QuantOptions(method=method)
         def make(path):
             _, record = stages.quantize(self.source.calib, fp32, path, quant)
-            return {"stages": [record.to_dict()], "calibration": method}
+            return Entry(stages=[record.to_dict()])
         return self.cache.onnx("int8", {"fp32": fp32.sha256, "calib": self.source.fingerprint,
                                         "quant": plain(quant)}, "int8", make)
 
@@ -228,7 +316,7 @@ class Run:
         return {"source": self.source.fingerprint, "prune_ratio": self.opts.prune_ratio,
                 "distill": plain(self.opts.distill)}
 
-    def student(self) -> tuple[Path, dict]:
+    def student(self) -> tuple[Path, Entry]:
         """Prune + distill once; prune-kd and prune-kd-ptq share the student."""
         from edgec.modelio import save_model
         from edgec.prune import PruneConfig
@@ -244,30 +332,30 @@ class Run:
             save_model(tmp / "student.pt", student.module, loaded.arch, self.source.input_shape, force=True,
                        history=list(loaded.meta.get("history", [])) + [
                            {"stage": "prune", **prune_record.metrics()}, {"stage": "distill", **distill_record.metrics()}])
-            return {"stages": [prune_record.to_dict(), distill_record.to_dict()]}
+            return Entry(stages=[prune_record.to_dict(), distill_record.to_dict()])
         return folder / "student.pt", self.cache.put(folder, make)
 
-    def student_fp32(self) -> tuple[OnnxModel, dict, Path, object]:
+    def student_fp32(self) -> tuple[OnnxModel, list, Path, object]:
         from edgec.modelio import load_model
         path, record = self.student()
         module = load_model(path, self.source.model.arch).module  # the spec the user already trusted
 
         def make(onnx_path):
             _, export = stages.export(self.source, TorchModel(module), onnx_path, OPSET)
-            return {"stages": [export.to_dict()]}
+            return Entry(stages=[export.to_dict()])
         fp32, exported = self.cache.onnx("student-fp32", {"student": self.student_key(), "opset": OPSET}, "fp32",
                                          make)
-        return fp32, {"stages": record["stages"] + exported["stages"]}, path, module
+        return fp32, record.stages + exported.stages, path, module
 
     # ---- recipes
     def recipe_fp32(self) -> Made:
         fp32, record = self.fp32()
-        return Made(fp32, record["stages"], self.source.model.module)
+        return Made(fp32, record.stages, self.source.model.module)
 
     def recipe_ptq(self, method: str) -> Made:
         fp32, exported = self.fp32()
         int8, record = self.int8(fp32, method)
-        return Made(int8, exported["stages"] + record["stages"], self.source.model.module, reference=fp32,
+        return Made(int8, exported.stages + record.stages, self.source.model.module, reference=fp32,
                     details={"calibration": method})
 
     def recipe_fp16(self) -> Made:
@@ -278,20 +366,20 @@ class Run:
             from onnxruntime.transformers.float16 import convert_float_to_float16
             # keep_io_types: callers still feed and read float32, the graph inside runs in float16
             onnx.save(convert_float_to_float16(onnx.load(str(fp32.path)), keep_io_types=True), str(path))
-            return {}
+            return Entry()
         fp16, _ = self.cache.onnx("fp16", {"fp32": fp32.sha256}, "fp16", make)
-        return Made(fp16, exported["stages"], self.source.model.module, reference=fp32,
+        return Made(fp16, exported.stages, self.source.model.module, reference=fp32,
                     details={"note": "CPU providers have few FP16 kernels: expect FP16 to be slower than FP32 there; "
                                      "it is meant for CUDA/TensorRT"})
 
     def recipe_prune_kd(self) -> Made:
-        fp32, record, path, module = self.student_fp32()
-        return Made(fp32, record["stages"], module, student=path)
+        fp32, made_by, path, module = self.student_fp32()
+        return Made(fp32, made_by, module, student=path)
 
     def recipe_prune_kd_ptq(self) -> Made:
-        fp32, record, path, module = self.student_fp32()
+        fp32, made_by, path, module = self.student_fp32()
         int8, quantized = self.int8(fp32, "minmax")
-        return Made(int8, record["stages"] + quantized["stages"], module, reference=fp32, student=path,
+        return Made(int8, made_by + quantized.stages, module, reference=fp32, student=path,
                     details={"calibration": "minmax"})
 
     def recipe_qat(self) -> Made:
@@ -316,10 +404,10 @@ class Run:
             if check.get("torch_accuracy") is not None:
                 details["torch_vs_ort_points"] = round(check["torch_accuracy"] - check["ort_accuracy"], 4)
             taken = stages.TakenInt8Record(source="quantization-aware training (compare qat-kd)", record=details)
-            return {"stages": [taken.to_dict()], "details": details}
+            return Entry(stages=[taken.to_dict()], details=details)
         int8, record = self.cache.onnx("qat", {"source": source.fingerprint, "qat": plain(cfg)}, "int8", make)
-        return Made(int8, exported["stages"] + record["stages"], source.model.module, reference=fp32,
-                    details=record["details"])
+        return Made(int8, exported.stages + record.stages, source.model.module, reference=fp32,
+                    details=record.details)
 
     # ---- rows
     def planned(self) -> list[tuple[str, Callable[[], Made], dict]]:
@@ -341,10 +429,10 @@ class Run:
     def row(self, name: str, recipe: Callable[[], Made], depends: dict) -> Row:
         key = {"recipe": name, "source": self.source.fingerprint, "opset": OPSET, "checks": plain(self.checks),
                **depends}
-        folder, saved = self.cache.get("row", key)
-        if saved is not None and self._intact(Row.from_json(saved)):
+        folder, saved = self.cache.get("row", key, Row)
+        if saved is not None and self._intact(saved):
             note(f"{name}: reusing the result saved in {folder} (--fresh recomputes)")
-            return Row.from_json(saved)
+            return saved
         note(f"{name}: {RECIPES.get(name, RECIPES['ptq-int8'])}")
         started = time.perf_counter()
         row = Row(recipe=name, key=_digest(key))
@@ -359,7 +447,7 @@ class Run:
             row.error = f"{type(e).__name__}: {e}"
             note(f"{name} failed: {e}")
         row.seconds = round(time.perf_counter() - started, 2)
-        self.cache.put(folder, lambda tmp: row.to_json())
+        self.cache.put(folder, lambda tmp: row)
         return row
 
     def _intact(self, row: Row) -> bool:
@@ -377,16 +465,19 @@ class Run:
         row.reference = rel(made.reference.path) if made.reference is not None else None
         row.student = rel(made.student)
         row.params, row.flops = count_params(made.module), count_flops(made.module, self.source.example())
-        row.accuracy, row.agreement = evaluated.accuracy, evaluated.agreement
-        row.quality, row.outputs, row.failures = evaluated.quality, evaluated.outputs, evaluated.failures
+        row.accuracy = evaluated.accuracy
+        row.agreement = RowAgreement.from_json(plain(evaluated.agreement)) if evaluated.agreement is not None else None
+        row.quality = Quality.from_json(plain(evaluated.quality)) if evaluated.quality is not None else None
+        row.outputs, row.failures = plain(evaluated.outputs), list(evaluated.failures)
         row.details, row.stages = made.details, [self.load, *made.stages]
         return row
 
 
 # ---------------------------------------------------------------- run
 
-def run_compare(opts: CompareOptions) -> dict:
-    """Every planned recipe, evaluated, benchmarked, ranked; with opts.package, the winner packaged."""
+def run_compare(opts: CompareOptions) -> CompareSummary:
+    """Every planned recipe, evaluated, benchmarked, ranked; with opts.package, the winner packaged. Returns the
+    summary as read back from the compare.json it wrote (the readers see what the file says)."""
     from edgec.core.fsutil import check_writable, claim_folder
     from edgec.plots import write_plots
     from edgec.recommend import recommend
@@ -401,17 +492,19 @@ def run_compare(opts: CompareOptions) -> dict:
     rows = [run.row(*planned) for planned in run.planned()]
     _bench(run, rows)
     _relative(rows, opts.providers[0])
-    summary = {"schema": RESULT_SCHEMA, "model": source.model.describe(), "eval": source.check_data.describe(),
-               "providers": list(opts.providers), "recipes": [r.to_json() for r in rows],
-               "recommendation": recommend(rows, opts)}
-    summary["plots"] = write_plots(summary, root)
+    summary = CompareSummary(schema=RESULT_SCHEMA, model=ModelInfo.from_json(plain(source.model.describe())),
+                             eval=EvalInfo.from_json(plain(source.check_data.describe())),
+                             providers=list(opts.providers), recipes=rows, recommendation=recommend(rows, opts))
+    summary.plots = write_plots(summary, root)
     if opts.package:
-        summary["package"] = package_winner(run, rows, summary["recommendation"])
+        summary.package = package_winner(run, rows, summary.recommendation)
+    document = summary.to_json()
     tmp = root / ".compare.json.tmp"
-    tmp.write_text(json.dumps(plain(summary), indent=2))
+    tmp.write_text(json.dumps(document, indent=2))
     os.replace(tmp, root / "compare.json")
+    summary = CompareSummary.from_json(document)
     (root / "report.md").write_text(render_compare_markdown(summary))
-    return plain(summary)
+    return summary
 
 
 def _reads(opts: CompareOptions) -> tuple:
@@ -429,11 +522,7 @@ def _bench(run: Run, rows: list[Row]) -> None:
                                    shapes=run.source.sample_shapes(), inspect=False)
     for row, per_ep in zip(ok, measured):
         row.bench = per_ep
-        row.latency = {}
-        for ep, data in per_ep.items():
-            lat = {f"{k}_ms": v for k, v in data["latency_ms"].items() if k in ("min", "mean", "p50", "p90",
-                                                                               "p95", "p99", "max", "p50_ci")}
-            row.latency[ep] = {**lat, "runs": data["latency_ms"]["n"], "reliable": data["reliable"]}
+        row.latency = {ep: RowLatency.from_bench(result) for ep, result in per_ep.items()}
 
 
 def _relative(rows: list[Row], first_ep: str) -> None:
@@ -449,21 +538,22 @@ def _relative(rows: list[Row], first_ep: str) -> None:
             r.accuracy_change = round(r.accuracy - base.accuracy, 4)
         for ep, lat in r.latency.items():
             b = base.latency.get(ep)
-            if b and lat.get("p50_ms"):
-                lat["speedup"] = round(b["p50_ms"] / lat["p50_ms"], 3)
-        first = r.latency.get(first_ep) or {}
-        r.p50_ms, r.p90_ms, r.speedup = first.get("p50_ms"), first.get("p90_ms"), first.get("speedup")
+            if b is not None and lat.p50_ms:
+                lat.speedup = round(b.p50_ms / lat.p50_ms, 3)
+        first = r.latency.get(first_ep)
+        if first is not None:
+            r.p50_ms, r.p90_ms, r.speedup = first.p50_ms, first.p90_ms, first.speedup
 
 
-def package_winner(run: Run, rows: list[Row], recommendation: dict) -> str:
+def package_winner(run: Run, rows: list[Row], recommendation: Recommendation) -> str:
     """Package the recommended recipe; a package's model.onnx is INT8, so a non-INT8 winner gives way to the
     best INT8 recipe (said so)."""
     from edgec.recommend import recommend
     by_name = {r.recipe: r for r in rows}
-    winner = recommendation.get("recipe")
+    winner = recommendation.recipe
     if winner is not None and by_name[winner].precision != "int8":
         overall = winner
-        winner = recommend([r for r in rows if r.precision == "int8"], run.opts)["recipe"]
+        winner = recommend([r for r in rows if r.precision == "int8"], run.opts).recipe
         if winner is not None:
             note(f"--package: {overall} is recommended but is not INT8; packaging {winner}, the best INT8 recipe")
     if winner is None:

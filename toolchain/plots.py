@@ -16,12 +16,11 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
 
 
 def _quality(row):
-    """(figure, axis label): the row's gated task figure (edgec.stages.Score.quality); None without one."""
-    q = row.get("quality")
+    """(figure, axis label): the row's gated task figure (edgec.compare.Quality); None without one."""
+    q = row.quality
     if not q:
         return None, "no task figure"
-    what = "on eval data" if q.get("labels") else "vs FP32"
-    return q["value"], f"{q['metric']} of {q['output']} {what} (%)"
+    return q.value, f"{q.metric} of {q.output} {'on eval data' if q.labels else 'vs FP32'} (%)"
 
 
 def _label(fig, ax, points: list[tuple[float, float, str, float]], gap: float = 13.0) -> None:
@@ -38,37 +37,38 @@ def _label(fig, ax, points: list[tuple[float, float, str, float]], gap: float = 
                     va="center", arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.4"} if dy else None)
 
 
-def write_plots(summary: dict, root: Path) -> list[str]:
+def write_plots(summary, root: Path) -> list[str]:
+    """The plots of an edgec.compare.CompareSummary, written into root; returns their file names."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in summary["recipes"] if r.get("onnx")]
+    rows = [r for r in summary.recipes if r.onnx]
     if not rows:
         return []
-    ep = summary["providers"][0]
-    winner = (summary.get("recommendation") or {}).get("recipe")
+    ep = summary.providers[0]
+    winner = summary.recommendation.recipe
     written = []
 
-    timed = [r for r in rows if r.get("p50_ms") is not None and _quality(r)[0] is not None]
+    timed = [r for r in rows if r.p50_ms is not None and _quality(r)[0] is not None]
     if timed:
         fig, ax = plt.subplots(figsize=(8, 5.5))
-        max_bytes = max(r["bytes"] for r in timed)
+        max_bytes = max(r.bytes for r in timed)
         ylabel = _quality(timed[0])[1]
-        area = {r["recipe"]: 60 + 1400 * r["bytes"] / max_bytes for r in timed}  # points^2
+        area = {r.recipe: 60 + 1400 * r.bytes / max_bytes for r in timed}  # points^2
         for r in timed:
-            ax.scatter(r["p50_ms"], _quality(r)[0], s=area[r["recipe"]], alpha=0.55,
-                       edgecolors="black", linewidths=2.5 if r["recipe"] == winner else 0.8)
-        front = pareto_front([(r["p50_ms"], _quality(r)[0], r["recipe"]) for r in timed])
+            ax.scatter(r.p50_ms, _quality(r)[0], s=area[r.recipe], alpha=0.55,
+                       edgecolors="black", linewidths=2.5 if r.recipe == winner else 0.8)
+        front = pareto_front([(r.p50_ms, _quality(r)[0], r.recipe) for r in timed])
         ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:red", label="Pareto front")
-        lats = [r["p50_ms"] for r in timed]
+        lats = [r.p50_ms for r in timed]
         if max(lats) > 5 * min(lats):  # speed-ups are ratios: a log axis keeps the fast recipes apart
             from matplotlib.ticker import ScalarFormatter
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.margins(x=0.15, y=0.12)  # room for the labels beside the markers
-        _label(fig, ax, [(r["p50_ms"], _quality(r)[0], f"{r['recipe']} ({r['bytes'] / 1e6:.1f} MB)",
-                          (area[r["recipe"]] / 3.1416) ** 0.5) for r in timed])
+        _label(fig, ax, [(r.p50_ms, _quality(r)[0], f"{r.recipe} ({r.bytes / 1e6:.1f} MB)",
+                          (area[r.recipe] / 3.1416) ** 0.5) for r in timed])
         ax.set_xlabel(f"median latency on {ep} (ms, lower is better)")
         ax.set_ylabel(ylabel)
         title = f"{ylabel.split(' of ')[0]} vs latency (marker area = file size)"
@@ -83,11 +83,10 @@ def write_plots(summary: dict, root: Path) -> list[str]:
         written.append("accuracy_vs_latency.png")
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    names = [r["recipe"] for r in rows]
-    a1.barh(names, [r["bytes"] / 1e6 for r in rows], color="tab:blue")
+    names = [r.recipe for r in rows]
+    a1.barh(names, [r.bytes / 1e6 for r in rows], color="tab:blue")
     a1.set_xlabel("file size (MB)")
-    flops = [(r.get("flops") or 0) / 1e6 for r in rows]
-    a2.barh(names, flops, color="tab:green")
+    a2.barh(names, [(r.flops or 0) / 1e6 for r in rows], color="tab:green")
     a2.set_xlabel("MFLOPs per sample")
     a2.set_yticklabels([])
     for ax in (a1, a2):

@@ -1,9 +1,31 @@
 """Which recipe to ship: the fastest (or smallest) one that meets every constraint, and why the others lose."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from edgec.core.errors import OptionError
+from edgec.core.records import Record
 
 _LATENCY = ("p50", "p90", "p95", "p99", "mean", "min", "max")
+
+
+@dataclass
+class Constraints(Record):
+    """What a recommendation had to meet (compare's options), on the first provider."""
+    max_accuracy_drop: float | None
+    budgets: list[str]
+    max_size_bytes: int | None
+    provider: str
+    prefer: str
+
+
+@dataclass
+class Recommendation(Record):
+    """The recipe to ship (None: none meets every constraint), why, and what each rejected recipe breaks."""
+    recipe: str | None
+    reason: str
+    constraints: Constraints
+    rejected: dict[str, list[str]] = field(default_factory=dict)
 
 
 def parse_budgets(texts) -> list:
@@ -22,9 +44,9 @@ def broken_constraints(row, opts, ep: str, budgets) -> list[str]:
     if row.error:
         return [f"failed: {row.error}"]
     broken = list(row.failures)   # every output against FP32: task figure drops, quantized recipes' SQNR
-    lat = row.latency.get(ep) or {}
+    lat = row.latency.get(ep)
     for b in budgets:
-        measured = lat.get(f"{b.metric}_ms")
+        measured = getattr(lat, f"{b.metric}_ms") if lat is not None else None
         if measured is None:
             broken.append(f"{b.metric} not measured on {ep}")
         elif measured > b.limit:
@@ -34,16 +56,15 @@ def broken_constraints(row, opts, ep: str, budgets) -> list[str]:
     return broken
 
 
-def recommend(rows: list, opts) -> dict:
+def recommend(rows: list, opts) -> Recommendation:
     ep = opts.providers[0]
     budgets = parse_budgets(opts.budgets)
     verdicts = {r.recipe: broken_constraints(r, opts, ep, budgets) for r in rows}
     ok = [r for r in rows if not verdicts[r.recipe]]
-    constraints = {"max_accuracy_drop": opts.max_accuracy_drop, "budgets": list(opts.budgets),
-                   "max_size_bytes": opts.max_size, "provider": ep, "prefer": opts.prefer}
+    constraints = Constraints(max_accuracy_drop=opts.max_accuracy_drop, budgets=list(opts.budgets),
+                              max_size_bytes=opts.max_size, provider=ep, prefer=opts.prefer)
     if not ok:
-        return {"recipe": None, "reason": "no recipe meets every constraint", "constraints": constraints,
-                "rejected": verdicts}
+        return Recommendation(None, "no recipe meets every constraint", constraints, verdicts)
     if opts.prefer == "size":
         best = min(ok, key=lambda r: (r.bytes, r.p50_ms or float("inf")))
         why = f"smallest ({best.bytes / 1e6:.2f} MB) of the {len(ok)} recipe(s) meeting every constraint"
@@ -52,5 +73,4 @@ def recommend(rows: list, opts) -> dict:
         best = min(timed or ok, key=lambda r: (r.p50_ms or float("inf"), r.bytes))
         why = (f"fastest (p50 {best.p50_ms:.3f} ms on {ep}) of the {len(ok)} recipe(s) meeting every constraint"
                if best.p50_ms is not None else "meets every constraint (no latency measured)")
-    return {"recipe": best.recipe, "reason": why, "constraints": constraints,
-            "rejected": {k: v for k, v in verdicts.items() if v}}
+    return Recommendation(best.recipe, why, constraints, {k: v for k, v in verdicts.items() if v})

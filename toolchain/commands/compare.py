@@ -21,9 +21,9 @@ def compare_cmd(as_json, **kw):
                           distill=with_label_output(o.KD.make(kw), kw["label_output"]))
     summary = run_compare(opts)
     if as_json:
-        emit_json(summary)
+        emit_json(summary.to_json())
         return
     print_compare(summary)
-    click.echo(f"report: {opts.output}/report.md, plots: {', '.join(summary.get('plots', []))}")
+    click.echo(f"report: {opts.output}/report.md, plots: {', '.join(summary.plots)}")
     if opts.package:
         click.echo(f"package: {opts.package}")

@@ -157,7 +157,7 @@ def render_markdown(manifest: Manifest) -> str:
                 f"reduce_range {yes[s.reduce_range]}, format {escape(s.quant_format)}; target {escape(s.target)}"]
         out += [f"- why: {escape(r)}" for r in s.reasons]
         if q.ops is not None:
-            share = f" ({100 * q.ops.int8_weight_share:.1f}% of Conv/MatMul/Gemm weights)" \
+            share = f" ({100 * q.ops.int8_weight_share:.1f}% of Conv/MatMul/Gemm/LSTM weights)" \
                 if q.ops.int8_weight_share is not None else ""
             out += [f"- INT8 compute nodes: {q.ops.int8} of {q.ops.int8 + q.ops.float}{share}"]
         out += [f"- kept in FP32: {', '.join(escape(n) for n in q.excluded_nodes) or 'none'}", ""]

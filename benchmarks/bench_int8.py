@@ -101,11 +101,20 @@ def _ppocr(out_dir: Path, name: str, file: str, h: int, w: int, n_calib: int, n_
     for d, v in zip(dims[1:], (3, h, w)):
         d.ClearField("dim_param")
         d.dim_value = v
-    # the logits, not the softmax: cosine and top-1 are judged where the model's decision is made
-    last = model.graph.node[-1]
-    if last.op_type == "Softmax":
-        logits = last.input[0]
-        model.graph.node.remove(last)
+    # the logits, not the softmax: cosine and top-1 are judged where the model's decision is made. The
+    # classifier ends Softmax -> Reshape -> Identity (the recogniser in Softmax): walk back to the Softmax.
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node = producers.get(model.graph.output[0].name)
+    tail = []
+    while node is not None and node.op_type in ("Identity", "Reshape", "Softmax"):
+        tail.append(node)
+        if node.op_type == "Softmax":
+            break
+        node = producers.get(node.input[0])
+    if tail and tail[-1].op_type == "Softmax":
+        logits = tail[-1].input[0]
+        for n in tail:
+            model.graph.node.remove(n)
         del model.graph.output[:]
         model.graph.output.append(onnx.helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, None))
     # paddle2onnx writes weights as Constant nodes: make them initializers, as exporters do (the quantizers

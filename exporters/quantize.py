@@ -98,6 +98,8 @@ class QuantOptions:
             if value is not None and value != getattr(s, attr):
                 s.reasons.append(f"{attr}={value} set by option (target default {getattr(s, attr)})")
                 setattr(s, attr, value)
+        if self.reduce_range is not None:   # an explicit choice holds for every layer
+            s.full_range_depthwise = False
         if not self.per_channel and s.per_channel:
             s.per_channel = False
             s.reasons.append("per-tensor weights set by option")
@@ -160,6 +162,7 @@ class Prepared:
     bias_originals: dict | None = None     # node -> (bias name, uncorrected value): restored when excluded
     weight_originals: dict | None = None   # node -> (weight name, FP32 value) where AdaRound rounded it
     policy: dict | None = None             # edgec.exporters.policy.plan() of the pre-processed graph
+    depthwise_weights: tuple = ()          # weights of the depthwise convs (full 8 bits under reduce_range)
 
     def resolve_exclusions(self, nodes: Iterable[str] = (), op_types: Iterable[str] = ()) -> list[str]:
         nodes, op_types = list(nodes), list(op_types)
@@ -201,6 +204,8 @@ class Prepared:
         fmt = quant_format or s.quant_format
         extra = {"ActivationSymmetric": s.activation_symmetric, "WeightSymmetric": s.weight_symmetric,
                  "DedicatedQDQPair": s.dedicated_qdq_pair}
+        if s.reduce_range and s.full_range_depthwise and self.depthwise_weights:
+            extra["TensorQuantOverrides"] = {w: [{"axis": 0, "reduce_range": False}] for w in self.depthwise_weights}
         with _quiet_ort():
             quantize_static(str(model_path), str(out_path), calibration_data_reader=None,
                             quant_format=QuantFormat.QDQ if fmt == "QDQ" else QuantFormat.QOperator,
@@ -302,7 +307,7 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
         transforms, bias = _equalize(pre, calibration, options, workdir)
         model = onnx.load(str(pre), load_external_data=False)
         node_ops = {n.name: n.op_type for n in model.graph.node}
-        from edgec.exporters.transforms import bias_inputs
+        from edgec.exporters.transforms import bias_inputs, depthwise_weights
         wanted = bias_inputs(model) if bias and options.bias_method == "fast" else []
         del model
         qrange = (0, 255) if scheme.activation_type == "uint8" else (-128, 127)
@@ -314,8 +319,10 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
         cache = workdir / "ranges.json"
         save_ranges(calib.ranges, cache)
         from edgec.exporters.policy import plan
+        model = onnx.load(str(pre), load_external_data=False)
         p = Prepared(workdir, pre, cache, fp32_path, options, scheme, calib, record, node_ops, transforms,
-                     policy=plan(onnx.load(str(pre), load_external_data=False), enabled=options.policy))
+                     policy=plan(model, enabled=options.policy), depthwise_weights=tuple(depthwise_weights(model)))
+        del model
         exclude = p.resolve_exclusions(options.exclude_nodes, options.exclude_op_types)  # fail before quantizing
         if options.adaround:
             _adaround(p, calibration, exclude)

@@ -39,6 +39,8 @@ CONFIGS = {
     "edgec-bc-fast": dict(bias_correction=True, bias_method="fast", adaround=False),
     "edgec-mse+bc-fast": dict(method="mse", bias_correction=True, adaround=False),
     "edgec-minmax": dict(method="minmax"),
+    # the previous default on a host without VNNI: minmax ranges, every weight on the 7-bit grid
+    "edgec-prev-default": dict(method="minmax", reduce_range=True),
     "edgec-mse": dict(method="mse"),
     "edgec-adaround": dict(adaround=True, bias_correction=False),
     "edgec-adaround+bc-fast": dict(adaround=True, bias_correction=True),

@@ -185,7 +185,8 @@ def _child(fp32, out, calib_path, config, nncf_python) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "one", str(fp32), str(out), str(calib_path), config]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
-        return {"config": config, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+        lines = [x for x in proc.stderr.strip().splitlines() if not x.startswith(("RSS_KB ", "Command exited"))]
+        return {"config": config, "error": (lines or ["?"])[-1][:200]}
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     r["config"] = config
     for line in proc.stderr.splitlines():

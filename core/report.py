@@ -172,11 +172,19 @@ def _fallback_md(report: Sensitivity | None) -> list[str]:
     """The accuracy-aware fallback: what it measured and which nodes it kept in FP32, with their error figures."""
     if report is None:
         return []
+    figures = (f"{escape(report.metric)} on calibration samples: FP32 {100 * report.fp32_score:.2f}%, all-INT8 "
+               f"{100 * report.int8_score:.2f}%, final {100 * report.final_score:.2f}% (drop "
+               f"{report.drop_points:.2f} of {report.budget_points} points allowed)"
+               if report.metric != "no task metric" else "no output has a task figure: SQNR alone")
     out = ["### Accuracy-aware fallback", "",
-           f"- {escape(report.metric)} on calibration samples: FP32 {100 * report.fp32_score:.2f}%, all-INT8 "
-           f"{100 * report.int8_score:.2f}%, final {100 * report.final_score:.2f}% (drop "
-           f"{report.drop_points:.2f} of {report.budget_points} points allowed); {escape(report.stopped)}; "
+           f"- {figures}; {escape(report.stopped)}; "
            f"{report.nodes_measured} of {report.nodes_total} nodes measured in {report.seconds:.1f} s", ""]
+    x = report.extra
+    if x.get("min_sqnr_db") is not None:   # the gate's SQNR bar, searched for like the task figure
+        sqnr = lambda v: "identical" if v is None else f"{v} dB"  # noqa: E731
+        out[-1:-1] = [f"- worst output SQNR on the same samples: all-INT8 {sqnr(x.get('int8_sqnr_db'))}, final "
+                      f"{sqnr(x.get('final_sqnr_db'))} (--min-sqnr {x['min_sqnr_db']:g} dB)"
+                      + (f"; searched for: {escape(x['searched_for'])}" if x.get("searched_for") else "")]
     if report.excluded:
         out += [_md_table(["node kept in FP32", "op", "output error when alone in FP32", "error reduction"],
                           [(escape(e.node), escape(e.op_type), f"{e.error_when_excluded:.5f}",

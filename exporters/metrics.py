@@ -64,10 +64,11 @@ def parse_tasks(values: Iterable[str]) -> dict:
     return tasks
 
 
-def check_names(names: Sequence[str], options: CheckOptions, labelled: bool) -> str | None:
-    """Unknown output names are loud errors; returns the output the labels apply to (None: no labels used).
+def check_names(names: Sequence[str], options: CheckOptions, labelled, named: Sequence[str] = ()) -> str | None:
+    """Unknown output names are loud errors; returns the output the plain labels (`y`) apply to (None: none).
 
-    Cheap and shape-free, so a build can call it before any long work."""
+    `labelled`: the data has plain labels; `named`: outputs the data labels by name (`y:OUTPUT`). Cheap and
+    shape-free, so a build can call it before any long work."""
     names = list(names)
     listed = ", ".join(names)
     for name in options.tasks:
@@ -79,14 +80,74 @@ def check_names(names: Sequence[str], options: CheckOptions, labelled: bool) -> 
     label = options.label_output
     if label is not None and label != "none" and label not in names:
         raise OptionError(f"--label-output {label}: the model has no output {label!r}; outputs: {listed}")
+    unknown = [n for n in named if n not in names]
+    if unknown and label != "none":
+        raise DataError(f"the data has labels 'y:{unknown[0]}' but the model has no output {unknown[0]!r}; "
+                        f"outputs: {listed} (rename the array to y:OUTPUT)")
     if not labelled or label == "none":
+        if not labelled and named and label not in (None, "none", *named):
+            raise OptionError(f"--label-output {label}: the data labels only {', '.join(named)} (keys y:OUTPUT); "
+                              "save the labels as y:" + label + " or drop --label-output")
         return None
     if label is None:
         if len(names) > 1:
             raise OptionError(f"the data has labels and the model has outputs {listed}: name the one they apply "
                               "to with --label-output NAME (or --label-output none to ignore them)")
-        return names[0]
+        label = names[0]
+    if label in named:
+        raise DataError(f"the data has both y and y:{label}, both for output {label}; keep one of them")
     return label
+
+
+def label_map(names: Sequence[str], labels, options: CheckOptions) -> dict:
+    """{output name: its labels} from the data's label sets (None, one array for the label output, or
+    {"": plain y, output name: labels}); names checked as check_names does."""
+    if labels is None or options.label_output == "none":
+        return {}
+    sets = dict(labels) if isinstance(labels, dict) else {"": labels}
+    plain = sets.pop("", None)
+    out = dict(sets)
+    target = check_names(names, options, plain is not None, list(sets))
+    if target is not None:
+        out[target] = plain
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def slice_labels(labels, start: int, stop: int):
+    """The labels of samples [start, stop) in whatever form they came (array or {key: array})."""
+    if labels is None:
+        return None
+    if isinstance(labels, dict):
+        return {k: v[start:stop] for k, v in labels.items()}
+    return labels[start:stop]
+
+
+def label_task(labels: np.ndarray, out_shape: tuple) -> str:
+    """The task a label set implies for an output of per-sample shape `out_shape` (before any output is seen)."""
+    k = int(np.prod(out_shape)) if out_shape else 1
+    if labels.ndim == 1 and labels.dtype.kind in "iu" and k > 1:
+        return "classify"
+    if labels.ndim == 2 and k > 1 and np.isin(labels, (0, 1)).all():
+        return "multilabel"
+    return "score" if k == 1 else "regress"
+
+
+def check_labels(names: Sequence[str], out_shapes: Sequence[tuple], labels, options: CheckOptions) -> dict:
+    """Before any long work: every label set against the output it is tied to (its given task, else the task
+    the labels imply); one DataError naming the fix for labels that cannot score it. Returns {output: task}."""
+    out = {}
+    for name, y in label_map(names, labels, options).items():
+        shape = tuple(out_shapes[list(names).index(name)])
+        given = options.tasks.get(name, options.tasks.get("") if len(names) == 1 else None)
+        task = given or label_task(y, shape)
+        ref = np.zeros((1, *shape))
+        problem = _label_problem(task, ref.reshape(1, -1) if task in ("classify", "multilabel") else ref, y)
+        if problem:
+            raise DataError(f"labels for output {name} ({task}{', --task' if given else ''}): {problem}; give "
+                            "matching labels (y for --label-output, y:OUTPUT per output), another --task or "
+                            "--label-output, or --label-output none")
+        out[name] = task
+    return out
 
 
 # ---------------------------------------------------------------- tasks
@@ -124,7 +185,9 @@ def detect_task(ref: np.ndarray, labels: np.ndarray | None = None, num_classes: 
     if labels is not None:
         labels = np.asarray(labels)
         if labels.ndim == 2 and labels.shape[1] == k:
-            return "multilabel", f"labels with {k} columns"
+            if np.isin(labels, (0, 1)).all():
+                return "multilabel", f"0/1 labels with {k} columns"
+            return "regress", f"float labels with {k} columns"
         if labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer) and len(labels):
             fits = labels.min() >= 0 and labels.max() < k
             if num_classes is not None and num_classes == k:
@@ -148,12 +211,12 @@ def detect_task(ref: np.ndarray, labels: np.ndarray | None = None, num_classes: 
 def resolve_tasks(names: Sequence[str], refs: Sequence[np.ndarray], y, options: CheckOptions,
                   num_classes: int | None = None) -> list[OutputTask]:
     """The task of every output, from what the user gave and (else) from the first batch of reference outputs."""
-    label_output = check_names(names, options, y is not None)
+    by_output = label_map(names, y, options)
     out = []
     for name, ref in zip(names, refs):
         ref = np.asarray(ref)
         given = options.tasks.get(name, options.tasks.get("") if len(names) == 1 else None)
-        labels = y if name == label_output else None
+        labels = by_output.get(name)
         if given:
             task, chosen, why = given, "given", ""
         else:
@@ -161,7 +224,8 @@ def resolve_tasks(names: Sequence[str], refs: Sequence[np.ndarray], y, options: 
             chosen = "auto"
         _check_shape(name, task, ref)
         problem = None if labels is None else _label_problem(task, ref, np.asarray(labels))
-        if problem and options.label_output == name:  # the user tied these labels to this output
+        tied = options.label_output == name or (isinstance(y, dict) and name in y)
+        if problem and tied:  # the user tied these labels to this output
             raise DataError(f"labels for output {name} ({task}): {problem}; give matching labels, another "
                             "--label-output, or --label-output none")
         if problem:
@@ -190,10 +254,13 @@ def _label_problem(task: str, ref: np.ndarray, labels: np.ndarray) -> str | None
             return f"class ids must be integers (N,), got {labels.dtype} {tuple(labels.shape)}"
         if len(labels) and (labels.min() < 0 or labels.max() >= ref.shape[1]):
             return f"ids span {int(labels.min())}..{int(labels.max())} for {ref.shape[1]} columns"
-    if task == "multilabel" and labels.shape[1:] != ref.shape[1:]:
-        return f"need (N, {ref.shape[1]}) 0/1 labels, got {tuple(labels.shape)}"
+    if task == "multilabel":
+        if labels.shape[1:] != ref.shape[1:]:
+            return f"need (N, {ref.shape[1]}) 0/1 labels, got {tuple(labels.shape)}"
+        if not np.isin(labels, (0, 1)).all():
+            return "multilabel labels must be 0 or 1 (threshold scores first, or use --task OUTPUT=regress)"
     if task in ("regress", "score") and _rows(labels).shape[1] != _rows(ref).shape[1]:
-        return f"{_rows(labels).shape[1]} label values per sample for {_rows(ref).shape[1]} outputs"
+        return f"{_rows(labels).shape[1]} label values per sample for {_rows(ref).shape[1]} output values"
     return None
 
 
@@ -419,8 +486,9 @@ class OutputChecks:
         if self.checks is None:
             tasks = resolve_tasks(self.names, refs, y, self.options, self.num_classes)
             self.checks = [OutputCheck(t) for t in tasks]
+        by_output = label_map(self.names, y, self.options)
         for check, r, g in zip(self.checks, refs, gots):
-            check.update(r, g, y)
+            check.update(r, g, by_output.get(check.t.name))
 
     def results(self) -> list[dict]:
         return [c.result() for c in self.checks or []]
@@ -461,7 +529,7 @@ def compare_models(reference, candidate, batches: Iterable, labels, options: Che
     for batch in batches:
         refs, gots = batch_first(a, run_onnx(a, [batch])), batch_first(b, run_onnx(b, [batch]))
         n = len(refs[0])
-        checks.update(refs, gots, None if labels is None else labels[start:start + n])
+        checks.update(refs, gots, slice_labels(labels, start, start + n))
         start += n
     if checks.checks is None:
         raise DataError("no samples to compare the models on; pass at least one sample")
@@ -476,8 +544,9 @@ class CandidateScore:
 
     def __init__(self, names: Sequence[str], refs: Sequence[np.ndarray], y, options: CheckOptions,
                  num_classes: int | None = None):
-        self.refs, self.y = [np.asarray(r) for r in refs], y
+        self.refs = [np.asarray(r) for r in refs]
         self.tasks = resolve_tasks(names, self.refs, y, options, num_classes)
+        self.y = label_map(names, y, options)
         base = self._checks(self.refs)
         self.gated = [i for i, r in enumerate(base) if r.get("metric")]
         figures = [f"{base[i]['metric']} of {base[i]['name']}" for i in self.gated]
@@ -489,7 +558,7 @@ class CandidateScore:
         out = []
         for t, r, g in zip(self.tasks, self.refs, gots):
             c = OutputCheck(t)
-            c.update(r, g, self.y)
+            c.update(r, g, self.y.get(t.name))
             out.append(c.result())
         return out
 
@@ -498,10 +567,30 @@ class CandidateScore:
         return self.fp32_score - max((recs[i]["drop_points"] / 100 for i in self.gated), default=0.0)
 
     def error(self, gots: Sequence[np.ndarray]) -> float:
-        worst = 0.0
-        for r, g in zip(self.refs, gots):
-            r, g = _rows(r), _rows(g)
-            noise, signal = float(((r - g) ** 2).sum()), float((r * r).sum())
-            ratio = noise / signal if signal > 0 else (0.0 if noise == 0 else math.inf)
-            worst = max(worst, ratio if math.isfinite(ratio) else 1e30)  # finite: the fallback subtracts these
-        return worst
+        return noise_ratio(self.refs, gots)
+
+
+def noise_ratio(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> float:
+    """The worst output's noise-to-signal ratio, 10^(-SQNR/10): what the fallback ranks nodes by, and what
+    --min-sqnr bounds (an output passes at ratio <= sqnr_ratio(min_sqnr))."""
+    worst = 0.0
+    for r, g in zip(refs, gots):
+        r, g = _rows(r), _rows(g)
+        bad = ~np.isfinite(g)
+        noise = math.inf if bad.any() else float(((r - g) ** 2).sum())
+        signal = float((r * r).sum())
+        ratio = noise / signal if signal > 0 else (0.0 if noise == 0 else math.inf)
+        worst = max(worst, ratio if math.isfinite(ratio) else 1e30)  # finite: the fallback subtracts these
+    return worst
+
+
+def sqnr_ratio(min_sqnr: float | None) -> float | None:
+    """--min-sqnr as the largest noise-to-signal ratio it allows (None: no SQNR bar)."""
+    if min_sqnr is None or not math.isfinite(min_sqnr):
+        return None
+    return 10 ** (-min_sqnr / 10)
+
+
+def ratio_db(ratio: float) -> float | None:
+    """A noise-to-signal ratio as SQNR in dB (None for identical outputs)."""
+    return None if ratio <= 0 else round(-10 * math.log10(ratio), 2)

@@ -4,7 +4,9 @@ Sensitivity of a node = how much the INT8 model's output error (the worst noise-
 outputs, 10^(-SQNR/10), on real samples) shrinks when only that node is left in FP32 (one quantization per
 node, reusing the calibrated ranges). Fallback: exclude nodes in that order, one more at a time, until the
 drop of the checked outputs' task figures (edgec.exporters.metrics: accuracy with labels, agreement with FP32
-without, or with `min_cosine` the mean cosine to FP32) is within budget; stop at the time box and always keep the best model found.
+without, or with `min_cosine` the mean cosine to FP32) is within budget and every output's SQNR reaches the
+gate's --min-sqnr (a failure on SQNR alone searches too); stop at the time box and always keep the best model
+found (passing first, then the better task figure, then the lower output error).
 """
 from __future__ import annotations
 
@@ -75,6 +77,12 @@ class FallbackReport:
     stopped: str = ""                      # why the search ended
     passed_over: list[str] = field(default_factory=list)  # sensitive, but too many weights to keep in FP32
     seconds: float = 0.0
+    # the gate's --min-sqnr on the same calibration samples (worst output), when it is set
+    min_sqnr_db: float | None = None
+    int8_sqnr_db: float | None = None      # all nodes INT8 (None: identical to FP32)
+    final_sqnr_db: float | None = None
+    sqnr_ok: bool | None = None            # the final model's worst output reaches --min-sqnr (None: no bar)
+    searched_for: str = ""                 # what failed on the all-INT8 model: the task figure, SQNR, or both
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,13 +117,12 @@ class _Evaluator:
         self.metric, self.fp32_score = self.scorer.metric, self.scorer.fp32_score
 
     def __call__(self, path) -> tuple[float, float]:
-        """(score, output error)."""
-        from edgec.exporters.metrics import batch_first
+        """(score, output error: the worst output's noise-to-signal ratio)."""
+        from edgec.exporters.metrics import batch_first, noise_ratio
         session = ort_session(path)
         out = batch_first(session, run_onnx(session, self.x, self.batch))
         if self.cosine:
-            score = cosine_score(self.refs, out)
-            return score, 1.0 - score
+            return cosine_score(self.refs, out), noise_ratio(self.refs, out)
         return self.scorer.score(out), self.scorer.error(out)
 
 
@@ -143,16 +150,34 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
         prepared.quantize(cand, exclude)
         return ev(cand)
 
+    from edgec.exporters.metrics import ratio_db, sqnr_ratio
+    min_sqnr = getattr(options.checks, "min_sqnr", None)
+    max_err = sqnr_ratio(min_sqnr)
+
+    def passes(score: float, err: float) -> bool:
+        return _drop(ev, score) <= options.max_accuracy_drop and (max_err is None or err <= max_err)
+
+    def rank(score: float, err: float, excluded: list) -> tuple:
+        return passes(score, err), score, -err, -len(excluded)
+
     int8_score, base_err = trial(base_excl)
     report = FallbackReport(ev.metric, ev.fp32_score, int8_score, int8_score, _drop(ev, int8_score),
                             options.max_accuracy_drop, False, [])
-    best = (int8_score, list(base_excl))
+    if max_err is not None:
+        report.min_sqnr_db, report.int8_sqnr_db = min_sqnr, ratio_db(base_err)
+    failed = []
+    if report.drop_points > options.max_accuracy_drop:
+        failed.append(f"{ev.metric} drop over {options.max_accuracy_drop:g} points")
+    if max_err is not None and base_err > max_err:
+        failed.append(f"SQNR {report.int8_sqnr_db} dB under --min-sqnr {min_sqnr:g}")
+    report.searched_for = " and ".join(failed)
+    best = (rank(int8_score, base_err, base_excl), int8_score, base_err, list(base_excl))
     compute = [n for n, t in prepared.node_ops.items() if t in COMPUTE_OPS and n not in base_excl]
     report.nodes_total = len(compute)
     # at least one node: on a small model one FP32 layer beats failing the budget
     limit = max(1, int(options.max_excluded_share * len(compute))) if options.max_excluded_share > 0 else 0
 
-    if report.drop_points <= options.max_accuracy_drop:
+    if passes(int8_score, base_err):
         report.stopped = "all-INT8 model already within budget"
     elif limit == 0:
         report.stopped = "max_excluded_share allows no node in FP32"
@@ -187,10 +212,11 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
                 break
             excluded.append(r.node)
             score, err = trial(excluded)
-            report.excluded.append({**asdict(r), f"{ev.metric}_after": score, "output_error_after": err})
-            if score > best[0] or (score == best[0] and len(excluded) < len(best[1])):
-                best = (score, list(excluded))
-            if _drop(ev, score) <= options.max_accuracy_drop:
+            report.excluded.append({**asdict(r), f"{ev.metric}_after": score, "output_error_after": err,
+                                    "sqnr_db_after": ratio_db(err)})
+            if rank(score, err, excluded) > best[0]:
+                best = (rank(score, err, excluded), score, err, list(excluded))
+            if passes(score, err):
                 report.stopped = "within budget"
                 break
         else:
@@ -199,13 +225,17 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
             report.stopped += (f"; {len(report.passed_over)} sensitive node(s) passed over to keep "
                                f"{options.min_int8_weight_share:.0%} of the weights in INT8")
     # Keep the best model found: trim the trail to the exclusions that produced it.
-    kept = set(best[1]) - set(base_excl)
+    _, final_score, final_err, final_excl = best
+    kept = set(final_excl) - set(base_excl)
     report.excluded = [e for e in report.excluded if e["node"] in kept]
-    report.final_score = best[0]
-    report.drop_points = round(_drop(ev, best[0]), 3)
+    report.final_score = final_score
+    report.drop_points = round(_drop(ev, final_score), 3)
     report.within_budget = report.drop_points <= options.max_accuracy_drop
+    if max_err is not None:
+        report.final_sqnr_db = ratio_db(final_err)
+        report.sqnr_ok = final_err <= max_err
     report.seconds = round(time.perf_counter() - started, 2)
-    info = write_quantized(prepared, out_path, best[1], force=force, started=started)
+    info = write_quantized(prepared, out_path, final_excl, force=force, started=started)
     info.sensitivity = report.to_dict()
     return info, report
 

@@ -111,7 +111,7 @@ def test_a_recipe_over_the_default_drop_is_never_recommended_or_packaged(trained
     summary = json.loads(stdout)
     rec = summary["recommendation"]
     assert rec["constraints"]["max_accuracy_drop"] == 1.0   # build's default
-    assert rec["recipe"] == "fp32" and "accuracy drop" in rec["rejected"]["ptq-int8-minmax"][0]
+    assert rec["recipe"] == "fp32" and "points lost" in rec["rejected"]["ptq-int8-minmax"][0]
     code, _, stderr = run_cli("compare", trained_cnn[0], "-o", out, *args, "--package", pkg, *FAST)
     assert code == 2 and "nothing to --package" in stderr and not pkg.exists()
     # the package's own gate (build's evaluate stage) applies to whatever row is packaged

@@ -45,7 +45,8 @@ def test_image_folder(tmp_path):
     (lambda p: np.savez(p / "d.npz", y=np.zeros(3, int)), "no inputs"),
     (lambda p: np.savez(p / "d.npz", x=np.zeros((0, 1, 4, 4), np.float32)), "no samples"),
     (lambda p: np.savez(p / "d.npz", x=np.zeros((3, 1, 4, 4), np.float32), y=np.zeros(2, int)), "2 labels for 3"),
-    (lambda p: np.savez(p / "d.npz", x=np.zeros((3, 1, 4, 4), np.float32), y=np.array([0.5, 1, 2])), "integer class"),
+    (lambda p: np.savez(p / "d.npz", x=np.zeros((3, 1, 4, 4), np.float32), y=np.array([0.5, np.nan, 2])),
+     "sample 1 has a NaN or Inf label"),
     (lambda p: (p / "d.npz").write_text("garbage"), "not a readable .npz"),
 ])
 def test_bad_npz(tmp_path, make, message):

@@ -59,6 +59,9 @@ class CompareOptions:
     fresh: bool = False
     # constraints for the recommendation (and the accuracy gate of --package): build's by default
     max_accuracy_drop: float | None = 1.0
+    min_sqnr: float | None = None    # dB, every output of a quantized recipe; None = build's default
+    tasks: dict = field(default_factory=dict)   # output name -> task (--task), as build
+    label_output: str | None = None  # the output the plain labels apply to (--label-output), as build
     budgets: tuple = ()              # e.g. ("p90=10ms",), on the first provider
     max_size: int | None = None      # bytes
     prefer: str = "latency"          # latency | size
@@ -79,8 +82,15 @@ class CompareOptions:
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise OptionError(f"--max-accuracy-drop {self.max_accuracy_drop}: a budget in points, 0 or more")
         self.distill.validate()
+        self.checks().validate()
         from edgec.recommend import parse_budgets
         parse_budgets(self.budgets)
+
+    def checks(self):
+        """Every row's per-output figures, and --package's gate: build's (edgec.exporters.metrics.CheckOptions)."""
+        from edgec.exporters.metrics import DEFAULT_MIN_SQNR, CheckOptions
+        return CheckOptions(dict(self.tasks), self.label_output,
+                            DEFAULT_MIN_SQNR if self.min_sqnr is None else self.min_sqnr, self.max_accuracy_drop)
 
 
 @dataclass
@@ -96,8 +106,11 @@ class Row:
     bytes: int | None = None
     params: int | None = None
     flops: int | None = None
-    accuracy: float | None = None
+    accuracy: float | None = None    # a labelled classifier output's, only where there is one
     agreement: dict | None = None
+    quality: dict | None = None      # the gated task figure that dropped most vs FP32 (stages.Score)
+    outputs: list = field(default_factory=list)   # every output's figures against the FP32 baseline
+    failures: list = field(default_factory=list)  # the per-output checks broken at compare's constraints
     details: dict = field(default_factory=dict)
     stages: list = field(default_factory=list)   # stage records (JSON) up to the model: the package's manifest
     error: str | None = None
@@ -192,6 +205,7 @@ class Run:
     def __init__(self, opts: CompareOptions, source: Source):
         self.opts, self.source, self.root = opts, source, Path(opts.output)
         self.cache = Cache(self.root, opts.fresh)
+        self.checks = opts.checks()
         self.load = stages.load(source).to_dict()
 
     # ---- shared artifacts
@@ -325,7 +339,8 @@ class Run:
         return rows
 
     def row(self, name: str, recipe: Callable[[], Made], depends: dict) -> Row:
-        key = {"recipe": name, "source": self.source.fingerprint, "opset": OPSET, **depends}
+        key = {"recipe": name, "source": self.source.fingerprint, "opset": OPSET, "checks": plain(self.checks),
+               **depends}
         folder, saved = self.cache.get("row", key)
         if saved is not None and self._intact(Row.from_json(saved)):
             note(f"{name}: reusing the result saved in {folder} (--fresh recomputes)")
@@ -335,7 +350,11 @@ class Run:
         row = Row(recipe=name, key=_digest(key))
         try:
             made = recipe()
-            row = self._row(row, made, stages.score(self.source.check_data, made.model, made.reference))
+            baseline, _ = self.fp32()
+            # SQNR measures quantization: against the FP32 model a row was calibrated from, never a retrained one
+            sqnr_reference = made.reference if made.reference is not None and name != "qat-kd" else None
+            row = self._row(row, made, stages.score(self.source.check_data, made.model, baseline, self.checks,
+                                                    sqnr_reference))
         except EdgecError as e:
             row.error = f"{type(e).__name__}: {e}"
             note(f"{name} failed: {e}")
@@ -359,6 +378,7 @@ class Run:
         row.student = rel(made.student)
         row.params, row.flops = count_params(made.module), count_flops(made.module, self.source.example())
         row.accuracy, row.agreement = evaluated.accuracy, evaluated.agreement
+        row.quality, row.outputs, row.failures = evaluated.quality, evaluated.outputs, evaluated.failures
         row.details, row.stages = made.details, [self.load, *made.stages]
         return row
 
@@ -375,7 +395,7 @@ def run_compare(opts: CompareOptions) -> dict:
     if opts.package:  # checked before the comparison runs, not after minutes of work
         check_writable(opts.package, opts.force, inputs=(*_reads(opts), opts.output), directory=True)
     claim_folder(opts.output, COMPARE_MARKER, create=False)  # before minutes of work: never someone else's files
-    source = load_source(opts.source)
+    source = load_source(opts.source, checks=opts.checks())
     root = claim_folder(opts.output, COMPARE_MARKER)
     run = Run(opts, source)
     rows = [run.row(*planned) for planned in run.planned()]
@@ -448,18 +468,17 @@ def package_winner(run: Run, rows: list[Row], recommendation: dict) -> str:
             note(f"--package: {overall} is recommended but is not INT8; packaging {winner}, the best INT8 recipe")
     if winner is None:
         raise OptionError("no INT8 recipe meets the constraints, so there is nothing to --package; relax them")
-    package_row(run, by_name[winner], rows, run.opts.package, force=run.opts.force,
-                max_accuracy_drop=run.opts.max_accuracy_drop)
+    package_row(run, by_name[winner], rows, run.opts.package, force=run.opts.force)
     return str(run.opts.package)
 
 
 def package_row(run: Run, row: Row, rows: list[Row], path, *, force: bool = False,
-                max_accuracy_drop: float | None = 1.0):
+                max_accuracy_drop: float | None = None):
     """Write `row`'s measured INT8 model (the same bytes) as a package, through build's accuracy gate (and its
     per-output SQNR check where the INT8 model was calibrated from that FP32 model: qat-kd's weights were
-    retrained, so its SQNR against the original model says nothing). Returns the Manifest."""
+    retrained, so its SQNR against the original model says nothing). `max_accuracy_drop` overrides the run's
+    budget. Returns the Manifest."""
     from edgec import package
-    from edgec.exporters.metrics import DEFAULT_MIN_SQNR, CheckOptions
     from edgec.core.fsutil import atomic_path
     from edgec.modelio import load_model
     from edgec.pipeline import write_package
@@ -472,8 +491,9 @@ def package_row(run: Run, row: Row, rows: list[Row], path, *, force: bool = Fals
         if int8.sha256 != row.sha256:
             raise VerifyError(f"{run.root / row.onnx} changed since it was measured; rerun compare (--fresh)")
         records = [StoredRecord(s) for s in row.stages]
-        checks = CheckOptions(max_drop=max_accuracy_drop,
-                              min_sqnr=float("-inf") if row.recipe == "qat-kd" else DEFAULT_MIN_SQNR)
+        checks = dataclasses.replace(run.checks, **({"max_drop": max_accuracy_drop} if max_accuracy_drop is not None
+                                                    else {}), **({"min_sqnr": float("-inf")} if row.recipe == "qat-kd"
+                                                                 else {}))
         records.append(stages.evaluate(run.source.check_data, int8, fp32, checks))
         measured_fp32 = next((r for r in rows if r.onnx == row.reference), None)
         if row.bench:

@@ -3,7 +3,9 @@
 Specs (see README "Data"):
 - `builtin:digits[:train|:test|:all]` — the embedded real default (UCI handwritten digits, 8x8 upsampled).
 - `file.npz` — one array per model input, keyed by the input's name (a single-input model may use `x`), any
-  dtype the model takes (float, int64 ids/masks, bool), any rank; optional integer labels `y`. Images
+  dtype the model takes (float, int64 ids/masks, bool), any rank; optional labels: `y` for the label output
+  (`--label-output`, or the only output), `y:OUTPUT` for a named output (several allowed): class ids (N,),
+  0/1 multilabel (N,K), regression targets (N,) or (N,K) floats. Images
   (N,C,H,W), (N,H,W,C) or uint8 (N,H,W) are scaled to float and laid out NCHW as before.
 - `folder/` — one subfolder per class holding images (`--image-size`, `--mean`, `--std`).
 - `file.py:function` — a data hook: runs that Python function (user code, named by the user on the command
@@ -33,6 +35,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_KEY = "x"          # the array of a single-input model in an npz, whatever the input's name
 LABEL_KEY = "y"
+LABEL_PREFIX = "y:"        # `y:OUTPUT`: the labels of the output named OUTPUT
 # compressed npz members are decompressed whole (a deflate stream has no random access); above this they are
 # refused with the fix (np.savez, which stores members uncompressed and lets them be memory-mapped)
 COMPRESSED_LIMIT_BYTES = 256 * 2 ** 20
@@ -221,14 +224,34 @@ def _normalize(x: np.ndarray, mean, std) -> np.ndarray:
 @dataclass
 class Dataset:
     columns: dict            # input name -> Column (or a plain array); the model's names once bound
-    y: np.ndarray | None     # int64 labels or None
+    y: np.ndarray | None     # labels of the label output (`y`): int64 class ids (N,), float (N,)/(N,K), or None
     source: str
     preprocess: dict = field(default_factory=dict)
     classes: list[str] | None = None
     specs: list | None = None   # the model's InputSpecs, once bound
+    named: dict = field(default_factory=dict)   # output name -> its labels (`y:OUTPUT` keys)
 
     def __post_init__(self):
         self.columns = {k: v if isinstance(v, Column) else ArrayColumn(np.asarray(v)) for k, v in self.columns.items()}
+
+    @property
+    def labels(self) -> dict | None:
+        """Every label set, {"" (plain y, the label output): array, output name: array}; None when unlabelled
+        (what edgec.exporters.metrics takes)."""
+        out = ({"": self.y} if self.y is not None else {}) | self.named
+        return out or None
+
+    def for_output(self, output: str | None) -> "Dataset":
+        """The same samples with the labels of `output` (a `y:OUTPUT` set) as the plain labels: what training,
+        which has one labelled output, learns from. Unchanged when that output has no named labels."""
+        if output is None or output not in self.named:
+            return self
+        return Dataset(self.columns, self.named[output], self.source, self.preprocess, self.classes, self.specs)
+
+    @property
+    def class_ids(self) -> bool:
+        """The plain labels are class ids (N,): what training's cross-entropy and accuracy take."""
+        return self.y is not None and self.y.ndim == 1 and self.y.dtype.kind in "iu"
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values())))
@@ -256,7 +279,7 @@ class Dataset:
 
     @property
     def labelled(self) -> bool:
-        return self.y is not None
+        return self.y is not None or bool(self.named)
 
     @property
     def rereadable(self) -> bool:
@@ -301,7 +324,7 @@ class Dataset:
         indices = np.asarray(indices, dtype=np.int64)
         y = None if self.y is None else self.y[indices]
         return Dataset({k: c.subset(indices) for k, c in self.columns.items()}, y, self.source,
-                       dict(self.preprocess), self.classes, self.specs)
+                       dict(self.preprocess), self.classes, self.specs, {k: v[indices] for k, v in self.named.items()})
 
     def head(self, n: int) -> dict:
         """The first n samples as one feed (n small: an example, the export check)."""
@@ -367,9 +390,12 @@ class Dataset:
             if isinstance(base, ArrayColumn) and np.issubdtype(base.raw.dtype, np.floating):
                 _check_finite(base.raw, f"{self.source}: input '{name}'" if len(self.columns) > 1 else self.source,
                               base.batch_axis)
-        if self.y is not None:
-            if len(self.y) != len(self):
-                raise DataError(f"{self.source}: {len(self.y)} labels for {len(self)} samples")
+        for key, labels in (self.labels or {}).items():
+            if len(labels) != len(self):
+                name = LABEL_PREFIX + key if key else LABEL_KEY
+                raise DataError(f"{self.source}: {len(labels)} labels for {len(self)} samples ({name!r}); give one "
+                                "label row per sample, in the inputs' order")
+        if self.class_ids:
             if num_classes is not None and (self.y.min() < 0 or self.y.max() >= num_classes):
                 raise DataError(f"{self.source}: labels span {int(self.y.min())}..{int(self.y.max())} but the "
                                 f"model has {num_classes} outputs; relabel to 0..{num_classes - 1} or check --arch")
@@ -551,6 +577,7 @@ def load_npz(path: Path, *, mean=None, std=None) -> Dataset:
     except Exception as e:  # noqa: BLE001 - zipfile/numpy raise several types for a broken archive
         raise DataError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from None
     y = arrays.pop(LABEL_KEY, None)
+    named = {k[len(LABEL_PREFIX):]: arrays.pop(k) for k in list(arrays) if k.startswith(LABEL_PREFIX)}
     if not arrays:
         raise DataError(f"{path} has only {list(arrays) or 'no arrays'}, no inputs; save with np.savez(path, x=..., "
                         "y=...) or one array per input name")
@@ -563,19 +590,36 @@ def load_npz(path: Path, *, mean=None, std=None) -> Dataset:
             preprocess[name] = pre
     if len(columns) == 1:
         preprocess = next(iter(preprocess.values()), {})
-    if y is not None:
-        y = np.asarray(y)
-        if not np.issubdtype(y.dtype, np.integer):
-            if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
-                y = y.astype(np.int64)
-            else:
-                raise DataError(f"{path}: y has dtype {y.dtype}; expected integer class labels")
-        y = y.reshape(-1).astype(np.int64)
-    ds = Dataset(columns, y, str(path), preprocess)
+    y = None if y is None else label_array(y, LABEL_KEY, str(path))
+    named = {k: label_array(v, LABEL_PREFIX + k, str(path)) for k, v in named.items()}
+    ds = Dataset(columns, y, str(path), preprocess, named=named)
     if len({len(c) for c in columns.values()}) == 1:
         ds.validate()
     # else: an input carries the batch on another axis (a recurrent state); checked when bound to the model
     return ds
+
+
+def label_array(a, key: str, source: str) -> np.ndarray:
+    """One label set as edgec scores it: class ids (N,) int64 (integer-valued floats too), or float32 targets
+    (N,) / (N,K) (regression, 0/1 multilabel); NaN/Inf and odd ranks refused with the fix."""
+    a = np.asarray(a)
+    where = f"{source}: labels {key!r}"
+    if a.dtype.hasobject or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise DataError(f"{where} have dtype {a.dtype}; save numbers: class ids (N,), 0/1 (N,K) or float targets")
+    if a.ndim == 0 or a.ndim > 2:
+        raise DataError(f"{where} have shape {a.shape}; give (N,) class ids or targets, or (N,K) rows "
+                        "(reshape to (N, -1))")
+    if a.dtype == bool:
+        a = a.astype(np.int64 if a.ndim == 1 else np.float32)
+    if np.issubdtype(a.dtype, np.floating):
+        bad = ~np.isfinite(a)
+        if bad.any():
+            row = int(np.flatnonzero(bad.reshape(len(a), -1).any(axis=1))[0])
+            raise DataError(f"{where}: sample {row} has a NaN or Inf label; drop those samples or give them a value")
+        if a.ndim == 1 and np.all(np.mod(a, 1) == 0):
+            return a.astype(np.int64)   # class ids saved as floats
+        return a.astype(np.float32)
+    return a.astype(np.int64) if a.ndim == 1 else a.astype(np.float32)
 
 
 def _column(a: np.ndarray, mean, std) -> tuple[ArrayColumn, dict]:
@@ -618,14 +662,15 @@ def load_hook(path: Path, func: str) -> Dataset:
             raise DataError(f"{path} has no function {func!r}; define def {func}(): return [{{'input': array}}, ...]")
         batches = fn()
         per_key: dict[str, list] = {}
-        labels: list = []
+        labels: dict[str, list] = {}
         for i, batch in enumerate(batches):
             if not isinstance(batch, dict):
                 raise DataError(f"data hook {path}:{func} yields a {type(batch).__name__} (batch {i}); yield dicts "
                                 "{input_name: array} (optional 'y' labels)")
+            keys = {k for k in batch if k != LABEL_KEY and not k.startswith(LABEL_PREFIX)}
             if not per_key:
-                per_key = {k: [] for k in batch if k != LABEL_KEY}
-            if set(batch) - {LABEL_KEY} != set(per_key):
+                per_key = {k: [] for k in keys}
+            if keys != set(per_key):
                 raise DataError(f"data hook {path}:{func}: batch {i} has keys {sorted(batch)}, batch 0 had "
                                 f"{sorted(per_key)}; give every batch the same inputs")
             for k in per_key:
@@ -634,8 +679,9 @@ def load_hook(path: Path, func: str) -> Dataset:
                     raise DataError(f"data hook {path}:{func}: input {k!r} of batch {i} is not a numeric array "
                                     "with a batch axis")
                 per_key[k].append(a)
-            if LABEL_KEY in batch:
-                labels.append(np.asarray(batch[LABEL_KEY]).reshape(-1))
+            for k in batch:
+                if k == LABEL_KEY or k.startswith(LABEL_PREFIX):
+                    labels.setdefault(k, []).append(np.asarray(batch[k]))
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's code: its error, not ours
@@ -651,8 +697,10 @@ def load_hook(path: Path, func: str) -> Dataset:
             columns[k] = ArrayColumn(np.concatenate(parts))
         else:   # a dynamic axis (sequence length) varies from batch to batch: keep samples apart
             columns[k] = RaggedColumn([p[i:i + 1] for p in parts for i in range(len(p))])
-    y = np.concatenate(labels).astype(np.int64) if labels else None
-    ds = Dataset(columns, y, f"{path}:{func}", {"hook": f"{path}:{func}"})
+    source = f"{path}:{func}"
+    sets = {k: label_array(np.concatenate(v), k, source) for k, v in labels.items()}
+    y = sets.pop(LABEL_KEY, None)
+    ds = Dataset(columns, y, source, {"hook": source}, named={k[len(LABEL_PREFIX):]: v for k, v in sets.items()})
     ds.validate()
     return ds
 
@@ -754,7 +802,7 @@ def split(ds: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset
     """Deterministic (stratified when labelled) split into (rest, held_out)."""
     rng = np.random.default_rng(seed)
     n = len(ds)
-    if ds.y is None:
+    if not ds.class_ids:   # unlabelled, or targets that are not classes: a plain random split
         order = rng.permutation(n)
         k = max(1, math.floor(n * fraction))
         return ds.take(np.sort(order[k:])), ds.take(np.sort(order[:k]))

@@ -56,7 +56,10 @@ def distill(teacher: nn.Module, student: nn.Module, train_data, eval_data, cfg: 
     record = train(student, train_data, cfg, eval_data=eval_data, teacher=teacher if cfg.alpha > 0 or cfg.hints
                    or train_data.y is None else None, label=label, stop_after=stop_after)
     record.update(teacher_accuracy=teacher_acc, student_accuracy_before=student_acc0,
-                  recipe="fine-tune" if cfg.alpha == 0 and not cfg.hints else "distill")
+                  recipe="fine-tune" if cfg.alpha == 0 and not cfg.hints else "distill",
+                  labels=None if train_data.y is None else {"output": cfg.label_output or "the first",
+                                                            "shape": list(train_data.y.shape[1:]),
+                                                            "dtype": str(train_data.y.dtype)})
     return record
 
 
@@ -127,12 +130,15 @@ def run_job(job: DistillJob) -> dict | None:
                                     mean=tuple(job.mean) if job.mean else None,
                                     std=tuple(job.std) if job.std else None))
     student, arch, history = load_student(job, inputs.input_shape)
-    record = distill(inputs.model.module, student, inputs.calib, inputs.eval, cfg, stop_after=job.stop_after)
+    record = distill(inputs.model.module, student, inputs.calib.for_output(cfg.label_output),
+                     inputs.eval.for_output(cfg.label_output) if inputs.eval is not None else None, cfg,
+                     stop_after=job.stop_after)
     if rank != 0:
         return None
-    record.update(params=count_params(student), flops=count_flops(student, inputs.input_shape),
+    example = inputs.example()   # one real sample of every input: FLOPs of multi-input models too
+    record.update(params=count_params(student), flops=count_flops(student, example),
                   teacher_params=count_params(inputs.model.module),
-                  teacher_flops=count_flops(inputs.model.module, inputs.input_shape),
+                  teacher_flops=count_flops(inputs.model.module, example),
                   teacher_path=str(job.teacher), data=inputs.calib.source,
                   eval_data=inputs.eval.source if inputs.eval is not None else None,
                   total_seconds=round(time.perf_counter() - started, 2))

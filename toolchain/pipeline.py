@@ -130,15 +130,17 @@ def export_model(spec: SourceSpec, output: str, *, opset: int = 17, force: bool 
             "warnings": info.warnings, "seconds": round(record.seconds, 2)}
 
 
-def quantize_model(model: str, spec: SourceSpec, output: str, options, *, force: bool = False) -> dict:
+def quantize_model(model: str, spec: SourceSpec, output: str, options, *, force: bool = False, checks=None) -> dict:
     """`edgec quantize`: an ONNX model -> static INT8 calibrated on --data, checked against the FP32 model on
-    up to 512 samples of --eval-data (else --data); returns its summary."""
+    up to 512 samples of --eval-data (else --data), every output with the gate's figures; returns its summary."""
     import numpy as np
     from edgec.data import load_data
     from edgec.exporters.compare import onnx_inputs
+    from edgec.exporters.metrics import CheckOptions
     from edgec.exporters.onnx_export import check_onnx_file
     from edgec.source import DEFAULT_DATA, check_calibration_size
     check_onnx_file(model)
+    checks = checks if checks is not None else CheckOptions()
     kw = dict(image_size=spec.image_size, mean=spec.mean, std=spec.std)
     specs = onnx_inputs(model)
     calib = load_data(spec.data or DEFAULT_DATA, **kw).bind(specs)
@@ -148,12 +150,13 @@ def quantize_model(model: str, spec: SourceSpec, output: str, options, *, force:
     with atomic_path(output, force=force, inputs=(model, spec.data, spec.eval_data)) as tmp:
         fp32 = OnnxModel.at(model)
         int8, quantized = stages.quantize(calib, fp32, tmp, options)
-        scored, reference = stages.score(check, int8, fp32), stages.score(check, fp32, None)
+        scored = stages.score(check, int8, fp32, checks, sqnr_reference=fp32)
     info, agreement = quantized.info, scored.agreement or {}
+    labelled = next((o for o in scored.outputs if o["labels"] and o["task"] == "classify"), None)
     return {"output": str(output), "sha256": int8.sha256, "bytes": info.int8_bytes, "fp32_bytes": info.fp32_bytes,
             "size_ratio": info.size_ratio, "method": info.method, "samples": info.samples,
             "int8_weight_share": info.ops.get("int8_weight_share"), "excluded_nodes": info.excluded_nodes,
-            "eval_data": check.source, "eval_samples": len(check), "fp32_accuracy": reference.accuracy,
-            "int8_accuracy": scored.accuracy,
-            "top1_agreement": agreement.get("top1_agreement"), "mean_cosine": agreement.get("mean_cosine"),
-            "seconds": round(quantized.seconds, 2)}
+            "eval_data": check.source, "eval_samples": len(check),
+            "fp32_accuracy": labelled["fp32_accuracy"] if labelled else None, "int8_accuracy": scored.accuracy,
+            "top1_agreement": agreement.get("top1_agreement"), "min_sqnr_db": agreement.get("min_sqnr_db"),
+            "outputs": scored.outputs, "quality": scored.quality, "seconds": round(quantized.seconds, 2)}

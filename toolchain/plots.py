@@ -16,9 +16,12 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
 
 
 def _quality(row):
-    if row.get("accuracy") is not None:
-        return row["accuracy"], "accuracy on eval data (%)"
-    return (row.get("agreement") or {}).get("top1_agreement", 100.0), "top-1 agreement with FP32 (%)"
+    """(figure, axis label): the row's gated task figure (edgec.stages.Score.quality); None without one."""
+    q = row.get("quality")
+    if not q:
+        return None, "no task figure"
+    what = "on eval data" if q.get("labels") else "vs FP32"
+    return q["value"], f"{q['metric']} of {q['output']} {what} (%)"
 
 
 def _label(fig, ax, points: list[tuple[float, float, str, float]], gap: float = 13.0) -> None:
@@ -47,7 +50,7 @@ def write_plots(summary: dict, root: Path) -> list[str]:
     winner = (summary.get("recommendation") or {}).get("recipe")
     written = []
 
-    timed = [r for r in rows if r.get("p50_ms") is not None]
+    timed = [r for r in rows if r.get("p50_ms") is not None and _quality(r)[0] is not None]
     if timed:
         fig, ax = plt.subplots(figsize=(8, 5.5))
         max_bytes = max(r["bytes"] for r in timed)
@@ -68,7 +71,7 @@ def write_plots(summary: dict, root: Path) -> list[str]:
                           (area[r["recipe"]] / 3.1416) ** 0.5) for r in timed])
         ax.set_xlabel(f"median latency on {ep} (ms, lower is better)")
         ax.set_ylabel(ylabel)
-        title = "accuracy vs latency (marker area = file size)"
+        title = f"{ylabel.split(' of ')[0]} vs latency (marker area = file size)"
         if winner:
             title += f"\nrecommended: {winner} (thick outline)"
         ax.set_title(title)

@@ -55,19 +55,20 @@ class PruneConfig:
 
 # ---------------------------------------------------------------- helpers
 
-def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """The layer(s) producing the model's outputs (the classifier): the last Conv/Linear whose output has
-    the output's shape. Their output channels are the classes, so they are never pruned."""
+def output_layers(model: nn.Module, example: tuple) -> list[nn.Module]:
+    """The layer(s) producing the model's outputs (the classifier, every head of a multi-output model): the last
+    Conv/Linear whose output has the output's shape. Their output channels are the classes, so never pruned."""
     order = []
     hooks = [m.register_forward_hook(lambda mod, i, o: order.append((mod, tuple(o.shape))))
              for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     try:
         with torch.no_grad():
-            out = model(example)
+            out = model(*example)
     finally:
         for h in hooks:
             h.remove()
-    outs = out if isinstance(out, (tuple, list)) else [out]
+    from edgec.kdloss import flatten
+    outs = list(flatten(out).values())
     found = []
     for o in outs:
         hit = next((m for m, shape in reversed(order) if shape == tuple(o.shape)), None)
@@ -117,18 +118,26 @@ def _importance(name: str):
 
 
 def _accumulate_gradients(model: nn.Module, data, samples: int, batch_size: int = 32) -> None:
-    """First-order Taylor needs d(loss)/d(weight): labels when there are any, else the model's own
-    predictions as targets (the loss of changing what the model currently says)."""
+    """First-order Taylor needs d(loss)/d(weight): class labels when there are any, else the model's own
+    outputs (the loss of changing what the model currently says: its top class for one (N, K) output, else the
+    outputs' energy, whose gradient weighs each output by its size). Dict feeds: every input of the model."""
+    from edgec.kdloss import flatten
+    from edgec.train import _as_tensors
     model.zero_grad(set_to_none=True)
     model.eval()  # BatchNorm statistics stay as trained
     seen = 0
-    for i, xb in enumerate(data.arrays(batch_size, limit=samples)):
-        x = torch.from_numpy(xb)
-        logits = model(x)
-        y = (torch.from_numpy(data.y[i * batch_size:i * batch_size + len(xb)]) if data.y is not None
-             else logits.detach().argmax(1))
-        (F.cross_entropy(logits, y, reduction="sum") / samples).backward()
-        seen += len(xb)
+    for i, feed in enumerate(data.batches(batch_size, limit=samples)):
+        outs = list(flatten(model(*_as_tensors(feed))).values())
+        n = len(outs[0])
+        if len(outs) == 1 and outs[0].dim() == 2 and outs[0].shape[1] > 1:
+            logits = outs[0]
+            y = (torch.from_numpy(data.y[i * batch_size:i * batch_size + n]) if data.class_ids
+                 else logits.detach().argmax(1))
+            loss = F.cross_entropy(logits, y, reduction="sum")
+        else:
+            loss = sum(0.5 * (o.float() ** 2).sum() for o in outs)
+        (loss / samples).backward()
+        seen += n
     if seen == 0:
         raise OptionError("--importance taylor got no samples from --data")
 
@@ -143,11 +152,11 @@ def _shape_of(model) -> dict:
 class _Run:
     """One configured torch-pruning pruner on a model (a copy: the caller's model never changes)."""
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, cfg: PruneConfig, ratio: float, data):
+    def __init__(self, model: nn.Module, example: tuple, cfg: PruneConfig, ratio: float, data):
         import torch_pruning as tp
         self.model, self.cfg, self.data = model, cfg, data
         ignored = ignored_layers(model, example, cfg)
-        self.pruner = tp.pruner.BasePruner(
+        self.pruner = tp.pruner.BasePruner(   # a tuple of example inputs: torch-pruning calls model(*example)
             model, example, importance=_importance(cfg.importance), global_pruning=cfg.global_pruning,
             pruning_ratio=ratio, max_pruning_ratio=max(0.9, ratio) if cfg.global_pruning else MAX_LAYER_RATIO,
             iterative_steps=cfg.steps, round_to=cfg.round_to, ignored_layers=ignored)
@@ -174,13 +183,18 @@ def ignored_layers(model, example, cfg) -> list[nn.Module]:
 
 
 def _example(loaded, data) -> tuple:
+    """One sample of every model input, as the model's positional arguments: a real one from `data` (dict
+    feeds in the model's input order, any dtype), else zeros of the model file's recorded single-input shape."""
+    if data is not None and data.specs:
+        from edgec.inputspec import example_args
+        return example_args(data.head(1), data.specs)
     shape = loaded.input_shape
     if shape is None and data is not None:
         shape = (1, *data.sample_shape)
     if shape is None:
         raise OptionError(f"{loaded.path}: the input shape is unknown; pass --input-shape, e.g. 1,3,224,224, "
                           "or --data")
-    return tuple(int(d) for d in shape)
+    return (torch.zeros(tuple(int(d) for d in shape)),)
 
 
 def _prune_copy(module, example, cfg, ratio, data) -> nn.Module:
@@ -195,7 +209,7 @@ def _prune_copy(module, example, cfg, ratio, data) -> nn.Module:
     return pruned
 
 
-def _check_runs(original: nn.Module, pruned: nn.Module, example: torch.Tensor) -> None:
+def _check_runs(original: nn.Module, pruned: nn.Module, example: tuple) -> None:
     """Run the pruned copy once. A forward that hard-codes a shape (x.view(n, 16 * 8 * 8)) fails after the layer
     whose channels changed: name that layer, so that it can be --ignore'd."""
     done: list[str] = []
@@ -203,7 +217,7 @@ def _check_runs(original: nn.Module, pruned: nn.Module, example: torch.Tensor) -
              for name, m in pruned.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     try:
         with torch.no_grad():
-            pruned.eval()(example)
+            pruned.eval()(*example)
     except Exception as e:  # noqa: BLE001
         changed = plan(_shape_of(original), _shape_of(pruned))
         after = done[-1] if done else None
@@ -260,11 +274,10 @@ def prune_model(loaded, cfg: PruneConfig, data=None) -> tuple[nn.Module, dict]:
     require_eager(loaded, "pruning")
     if cfg.importance == "taylor" and (data is None or len(data) == 0):
         raise OptionError("--importance taylor ranks channels by gradients: it needs --data")
-    shape = _example(loaded, data)
-    example = torch.zeros(shape)
+    example = _example(loaded, data)
     module = loaded.module.eval()
     _ignored(module, cfg.ignore)  # loud before any work
-    params0, flops0 = count_params(module), count_flops(module, shape)
+    params0, flops0 = count_params(module), count_flops(module, example)
     if cfg.ratio is not None:
         limit, smallest = max_ratio(module, cfg, ignored_layers(module, example, cfg))
         if cfg.ratio > limit + 2e-6:
@@ -275,24 +288,27 @@ def prune_model(loaded, cfg: PruneConfig, data=None) -> tuple[nn.Module, dict]:
     elif cfg.target_flops is not None:
         if flops0 is None:
             raise OptionError("--target-flops: this model's FLOPs cannot be counted; use --ratio or --target-params")
-        ratio, pruned = _search_ratio(module, example, cfg, data, lambda m: count_flops(m, shape),
+        ratio, pruned = _search_ratio(module, example, cfg, data, lambda m: count_flops(m, example),
                                       cfg.target_flops, "flops")
     else:
         ratio, pruned = _search_ratio(module, example, cfg, data, count_params, cfg.target_params, "params")
     pruned.eval()
+    from edgec.kdloss import flatten
     with torch.no_grad():
-        out = pruned(example)
-        ref = module(example)
-    if tuple(out.shape) != tuple(ref.shape):  # the library's promise, checked: outputs keep their shape
-        raise ModelError(f"pruning changed the output shape {tuple(ref.shape)} -> {tuple(out.shape)}")
-    params1, flops1 = count_params(pruned), count_flops(pruned, shape)
+        out = {k: tuple(v.shape) for k, v in flatten(pruned(*example)).items()}
+        ref = {k: tuple(v.shape) for k, v in flatten(module(*example)).items()}
+    if out != ref:  # the library's promise, checked: every output keeps its shape
+        raise ModelError(f"pruning changed the output shapes {ref} -> {out}")
+    params1, flops1 = count_params(pruned), count_flops(pruned, example)
     if params1 >= params0:
         raise OptionError(f"nothing was pruned with --importance {cfg.importance}: every channel scored the same "
                           "(an untrained model's BatchNorm scales are all 1?); use l1/l2 or a trained model")
     record = {
         "config": asdict(cfg) | {"ignore": list(cfg.ignore)},
         "ratio": round(float(ratio), 4),
-        "input_shape": list(shape),
+        "input_shape": list(example[0].shape) if len(example) == 1 else None,
+        "inputs": {s.name: list(t.shape) for s, t in zip(data.specs, example)} if data is not None and data.specs
+        else None,
         "params_before": params0, "params_after": params1,
         "flops_before": flops0, "flops_after": flops1,
         "flops_reduction": round(flops0 / flops1, 3) if flops0 and flops1 else None,
@@ -305,10 +321,10 @@ def prune_model(loaded, cfg: PruneConfig, data=None) -> tuple[nn.Module, dict]:
 def describe_groups(loaded, cfg: PruneConfig, data=None) -> list[dict]:
     """The dependency groups of the first pruning step, as data: for `--dry-run`. Changes nothing."""
     cfg.validate()
-    shape = _example(loaded, data)
+    example = _example(loaded, data)
     module = copy.deepcopy(loaded.module).eval()
     ratio = cfg.ratio if cfg.ratio is not None else 0.5  # groups do not depend on the ratio
-    run = _Run(module, torch.zeros(shape), cfg, ratio, data)
+    run = _Run(module, example, cfg, ratio, data)
     names = {m: n for n, m in module.named_modules()}
     out = []
     for group in run.groups():
@@ -331,11 +347,16 @@ def _load(spec):
     from edgec.data import load_data
     from edgec.modelio import load_model
     from edgec.source import image_size_for
-    loaded = load_model(spec.model, spec.arch, trust_pickle=spec.trust_pickle, input_shape=spec.input_shape)
+    from edgec.inputspec import apply_overrides, declared_inputs, legacy_shape
+    one_shape = legacy_shape(spec.input_shape) if isinstance(spec.input_shape, tuple) else None
+    loaded = load_model(spec.model, spec.arch, trust_pickle=spec.trust_pickle, input_shape=one_shape)
     dataset = None
-    if spec.data:
+    if spec.data:   # bound to the model's inputs: names, dtypes, ranks (several inputs: one array each)
         dataset = load_data(spec.data, image_size=image_size_for(spec, loaded), mean=spec.mean, std=spec.std)
-        dataset.validate(loaded.input_shape or (1, *dataset.sample_shape))
+        dataset.bind(apply_overrides(declared_inputs(loaded), spec.input_shape))
+    elif len(declared_inputs(loaded)) > 1:
+        raise OptionError(f"{spec.model} takes several inputs; pass --data with one array per input (the example "
+                          "inputs pruning traces the model with)")
     return loaded, dataset
 
 

@@ -477,7 +477,7 @@ def torch_vs_ort(qat_model: nn.Module, onnx_path, data, batch_size: int = 256) -
     ref = torch.cat([qat_model(torch.from_numpy(np.asarray(xb, np.float32))) for xb in data.arrays(batch_size)])
     got = run_onnx(ort_session(onnx_path), data, batch_size)[0]
     out = {"samples": len(data), **output_agreement(ref.numpy(), got)}
-    if data.y is not None:
+    if data.class_ids:   # accuracy needs class ids (float targets have none)
         out["torch_accuracy"] = 100.0 * float((ref.argmax(1).numpy() == data.y).mean())
         out["ort_accuracy"] = 100.0 * float((got.argmax(1) == data.y).mean())
         out["accuracy_gap"] = round(abs(out["torch_accuracy"] - out["ort_accuracy"]), 4)

@@ -10,7 +10,10 @@ from edgec.core.report import _md_table
 def compare_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     """The compare table: one row per recipe, columns a team decides with."""
     eps = summary["providers"]
-    header = ["recipe", "params", "FLOPs", "size", "ratio", "accuracy", "Δ acc"] + \
+    metrics = {(r.get("quality") or {}).get("metric") for r in summary["recipes"] if not r.get("error")}
+    named = metrics == {"accuracy"}   # a labelled classifier: the figure needs no name
+    header = ["recipe", "params", "FLOPs", "size", "ratio", "accuracy" if named else "quality",
+              "Δ acc" if named else "Δ points"] + \
              [f"p50 {ep}" for ep in eps] + [f"p90 {ep}" for ep in eps] + [f"speed-up {ep}" for ep in eps] + ["time"]
     rows = []
     for r in summary["recipes"]:
@@ -18,10 +21,7 @@ def compare_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
             rows.append([r["recipe"], f"failed: {r['error'][:80]}"] + [""] * (len(header) - 2))
             continue
         lat = r.get("latency") or {}
-        acc = r.get("accuracy")
-        quality = f"{acc:.2f}%" if acc is not None else \
-            f"{(r.get('agreement') or {}).get('top1_agreement', 100.0):.2f}% agree"
-        change = f"{r['accuracy_change']:+.2f}" if r.get("accuracy_change") is not None else "-"
+        quality, change = _quality_cells(r, named)
         rows.append([r["recipe"], _count(r.get("params")), _count(r.get("flops")), _mb(r["bytes"]),
                      f"{r.get('compression_ratio', 1.0):.2f}x", quality, change]
                     + [f"{lat[ep]['p50_ms']:.3f} ms" if ep in lat else "-" for ep in eps]
@@ -29,6 +29,18 @@ def compare_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
                     + [f"{lat[ep]['speedup']:.2f}x" if ep in lat and lat[ep].get("speedup") else "-" for ep in eps]
                     + [f"{r.get('seconds', 0):.0f} s"])
     return header, rows
+
+
+def _quality_cells(r: dict, named: bool) -> tuple[str, str]:
+    """The headline output's task figure (`quality` of edgec.stages.Score) and its change in
+    points; without any task figure, the worst SQNR against FP32 (never a made-up agreement)."""
+    q = r.get("quality")
+    if q:
+        what = "" if named else f" {q['metric']}" + (f" ({q['output']})" if q.get("output") else "")
+        return f"{q['value']:.2f}%{what}", f"{-q['drop_points']:+.2f}"
+    sqnr = (r.get("agreement") or {}).get("min_sqnr_db")
+    return ("identical" if sqnr is None and r.get("recipe") == "fp32" else
+            f"SQNR {sqnr:.1f} dB" if sqnr is not None else "-"), "-"
 
 
 def print_compare(summary: dict, file=None) -> None:

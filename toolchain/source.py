@@ -100,7 +100,7 @@ def load_source(spec: SourceSpec, *, checks=None, random_ok: bool = False) -> So
     name outputs, checked here too. random_ok: with no --data, a model file that records its input shape is
     checked on random inputs of that shape (export needs no real samples)."""
     import torch
-    from edgec.exporters.metrics import CheckOptions, check_names
+    from edgec.exporters.metrics import CheckOptions, check_labels, check_names
     from edgec.exporters.onnx_export import default_output_names
     checks = checks if checks is not None else CheckOptions()
     checks.validate()
@@ -144,7 +144,11 @@ def load_source(spec: SourceSpec, *, checks=None, random_ok: bool = False) -> So
     outs = out_all if isinstance(out_all, (tuple, list)) else (out_all,)
     names = default_output_names(len(outs))
     # --task/--label-output name real outputs, and labels apply to a named one: checked before any long work
-    label_output = check_names(names, checks, (evaluation if evaluation is not None else calib).labelled)
+    scored = evaluation if evaluation is not None else calib
+    label_output = check_names(names, checks, scored.y is not None, list(scored.named))
+    for data in {id(d): d for d in (calib, evaluation) if d is not None and d.classes is None}.values():
+        # labels the user saved (npz, hook) must fit the output they are tied to; a class folder's are implicit
+        check_labels(names, [tuple(o.shape[1:]) for o in outs], data.labels, checks)
     if evaluation is not None:
         given = checks.tasks.get(label_output, checks.tasks.get("")) if label_output else None
         labelled_out = outs[names.index(label_output)] if given == "classify" else None

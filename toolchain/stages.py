@@ -242,9 +242,15 @@ class EvaluateRecord(StageRecord):
 
 @dataclass
 class Score:
-    """A compare row's quality: accuracy with labels, agreement with the model it was made from."""
+    """A compare row's quality against the FP32 baseline, every output with the gate's figures: `quality` is the
+    task figure of the headline output (the first labelled one, else the first with a figure: accuracy, F1,
+    correlation, cosine, agreement), None where no output has one (SQNR is then the only figure); `failures`
+    holds every output's broken checks; `accuracy` only where a labelled classifier output exists."""
     accuracy: float | None = None
     agreement: dict | None = None
+    outputs: list = field(default_factory=list)
+    quality: dict | None = None
+    failures: list = field(default_factory=list)   # the gate's lines at compare's constraints
 
 
 @dataclass(kw_only=True)
@@ -304,7 +310,7 @@ def distill(source: Source, student: TorchModel, cfg, *, label: str = "distill")
     """Train `student` (in place) on the source model's soft targets."""
     from edgec.distill import distill as run_distill
     with timed(DistillRecord, label=label) as t:
-        train_data, validation = training_split(source.calib)
+        train_data, validation = training_split(source.calib.for_output(cfg.label_output))
         result = run_distill(source.model.module, student.module, train_data, validation, cfg, label=label)
     return student, DistillRecord(config=cfg, result=result, seconds=t.seconds,
                                   validation_samples=len(validation) if validation is not None else 0)
@@ -343,11 +349,11 @@ def quantize(calib, fp32: OnnxModel, path: Path, options, budget: dict | None = 
             scored = calib.take(np.unique(np.linspace(0, n - 1, min(n, FALLBACK_SAMPLES)).astype(int)))
             # re-read per candidate where that is cheap (memory-mapped arrays), else decoded once and kept
             x = scored if scored.rereadable else scored.head(len(scored))
-            info, report = quantize_with_budget(fp32.path, path, calib, x, scored.y, options,
+            info, report = quantize_with_budget(fp32.path, path, calib, x, scored.labels, options,
                                                 FallbackOptions(max_accuracy_drop=budget["max_accuracy_drop"],
                                                                 time_budget_s=budget["time_budget_s"], checks=checks,
                                                                 num_classes=num_classes(scored),
-                                                                min_cosine=None if scored.y is not None
+                                                                min_cosine=None if scored.labelled
                                                                 else budget.get("min_cosine")))
         else:
             info = quantize_int8(fp32.path, path, calib, options)
@@ -361,14 +367,6 @@ def take_int8(made: OnnxModel, path: Path, record: dict) -> tuple[OnnxModel, Tak
     with timed(TakenInt8Record) as t:
         shutil.copyfile(made.path, path)
     return OnnxModel.at(path, "int8"), TakenInt8Record(source=str(made.path), record=record, seconds=t.seconds)
-
-
-def agreement(compared: dict) -> dict:
-    """The first output's agreement figures, top-1 agreement in percent like every accuracy in edgec."""
-    first = dict(next(iter(compared["outputs"].values())))
-    if "top1_agreement" in first:
-        first["top1_agreement"] = round(100 * first["top1_agreement"], 4)
-    return {"samples": compared["samples"], **first, "outputs": list(compared["outputs"])}
 
 
 def num_classes(data) -> int | None:
@@ -395,7 +393,8 @@ def evaluate(data, model: OnnxModel, reference: OnnxModel, checks,
     from edgec.exporters.metrics import compare_models, failures
     with timed(EvaluateRecord) as t:   # streamed in batches of ~8 MB of inputs: ORT arenas stay small
         batches = data.batches(auto_batch(data.bytes_per_sample()))
-        outputs = compare_models(reference.path, model.path, batches, data.y, checks, num_classes=num_classes(data))
+        outputs = compare_models(reference.path, model.path, batches, data.labels, checks,
+                                 num_classes=num_classes(data))
         for o in outputs:
             note(f"output {o['name']}: {o['task']} ({o['chosen']}{': ' + o['why'] if o['why'] else ''}); "
                  + "SQNR " + ("identical" if o["identical"] else f"{o['sqnr_db']} dB")
@@ -417,16 +416,34 @@ def evaluate(data, model: OnnxModel, reference: OnnxModel, checks,
     return record
 
 
-def score(data, model: OnnxModel, reference: OnnxModel | None) -> Score:
-    """A compare row's accuracy (labels) and agreement with `reference` (first output), not gated."""
-    from edgec.exporters.compare import accuracy, compare_outputs
-    with timed(EvaluateRecord, "accuracy (labels) or agreement with FP32"):   # streamed batch by batch
-        out = Score()
-        if data.labelled:
-            out.accuracy = 100 * accuracy(model.path, data, data.y)
-        if reference is not None:
-            out.agreement = agreement(compare_outputs(reference.path, model.path, data))
-    return out
+def score(data, model: OnnxModel, baseline: OnnxModel, checks, sqnr_reference: OnnxModel | None = None) -> Score:
+    """A compare row against the FP32 `baseline` (the original's export) on held-out `data`, every output:
+    task figures on the labels of the output they apply to, else agreement with the baseline. The SQNR
+    constraint is measured against `sqnr_reference`, the FP32 model the row was quantized from (None: a
+    retrained model, whose SQNR against any FP32 model says nothing about quantization)."""
+    import dataclasses
+    import math
+
+    from edgec.exporters.compare import auto_batch
+    from edgec.exporters.metrics import compare_models, failures
+    with timed(EvaluateRecord, "every output against FP32: task figures (labels) or agreement, SQNR"):
+        batch = auto_batch(data.bytes_per_sample())
+        outputs = compare_models(baseline.path, model.path, data.batches(batch), data.labels, checks,
+                                 num_classes=num_classes(data))
+        gated = dataclasses.replace(checks, min_sqnr=-math.inf)
+        lines = failures(outputs, gated)
+        if sqnr_reference is not None:
+            quant = outputs if sqnr_reference.sha256 == baseline.sha256 else compare_models(
+                sqnr_reference.path, model.path, data.batches(batch), None, checks, num_classes=num_classes(data))
+            lines += [f for f in failures(quant, dataclasses.replace(checks, max_drop=None))]
+    labelled = next((o for o in outputs if o["labels"] and o["task"] == "classify"), None)
+    figured = sorted((o for o in outputs if o.get("metric")), key=lambda o: not o["labels"])
+    head = figured[0] if figured else None   # the same output on every row: one axis for the table and plot
+    quality = None if head is None else {
+        "metric": head["metric"], "output": head["name"], "task": head["task"], "labels": head["labels"],
+        "fp32": head["fp32"], "value": head["int8"], "drop_points": round(head["drop_points"], 4)}
+    return Score(accuracy=labelled["int8_accuracy"] if labelled else None, agreement=agreement_summary(outputs),
+                 outputs=outputs, quality=quality, failures=lines)
 
 
 def bench_models(models: list[OnnxModel], providers: list[str], seconds: float, *, shapes: dict | None = None,

@@ -10,10 +10,21 @@ from edgec.commands.options import emit_json, json_option
 
 
 def build_options(kw: dict, **fixed):
-    """BuildOptions from build's flags (distillation only with --distill)."""
-    kd = o.KD.make(kw)
+    """BuildOptions from build's flags (distillation only with --distill; it trains on the labels of build's own
+    --label-output)."""
+    if kw["kd_loss"] and not kw["distill"]:
+        from edgec.core.errors import OptionError
+        raise OptionError("--kd-loss sets the distillation loss: add --distill (and --prune to distill a smaller "
+                          "model)")
+    kd = with_label_output(o.KD.make(kw), kw["label_output"])
     return o.BUILD.make(kw, source=o.SOURCE.make(kw), quant=o.QUANT.make(kw),
                         distill=kd if kw["distill"] else None, **fixed)
+
+
+def with_label_output(train, label_output):
+    """The distillation config trained on the labels of the gate's --label-output (none: it names no output)."""
+    import dataclasses
+    return dataclasses.replace(train, label_output=None if label_output in (None, "none") else label_output)
 
 
 def _render_build(manifest, output, as_json: bool, title: str) -> None:
@@ -90,23 +101,27 @@ def export_cmd(as_json, **kw):
 @click.command("quantize")
 @click.argument("model", type=click.Path(dir_okay=False))
 @o.SOURCE.only("data", "eval_data", "image_size", "mean", "std")
-@o.BUILD.only("output", "force")
+@o.BUILD.only("output", "force", "tasks", "label_output", "min_sqnr")
 @o.QUANT
 @json_option
 def quantize_cmd(model, as_json, **kw):
-    """Static INT8 quantization of an ONNX model with ONNX Runtime calibration on --data."""
+    """Static INT8 quantization of an ONNX model with ONNX Runtime calibration on --data; every output checked
+    against FP32 (not gated: `edgec build` gates)."""
+    from edgec.exporters.metrics import DEFAULT_MIN_SQNR, CheckOptions
     from edgec.pipeline import quantize_model
     spec = o.SOURCE.only("data", "eval_data", "image_size", "mean", "std").make(kw, model=model)
-    s = quantize_model(model, spec, kw.pop("output"), o.QUANT.make(kw), force=kw.pop("force"))
+    min_sqnr = kw.pop("min_sqnr")
+    checks = CheckOptions(o.BUILD.flags["tasks"].convert(kw.pop("tasks")), kw.pop("label_output"),
+                          DEFAULT_MIN_SQNR if min_sqnr is None else min_sqnr)
+    s = quantize_model(model, spec, kw.pop("output"), o.QUANT.make(kw), force=kw.pop("force"), checks=checks)
     if as_json:
         emit_json(s)
         return
     click.echo(f"quantized {model} -> {s['output']}: {s['fp32_bytes'] / 1e6:.2f} MB -> {s['bytes'] / 1e6:.2f} MB "
                f"({s['fp32_bytes'] / s['bytes']:.2f}x smaller), {s['method']} calibration on {s['samples']} samples, "
                f"{100 * (s['int8_weight_share'] or 0):.1f}% of weights INT8, {len(s['excluded_nodes'])} node(s) FP32")
-    quality = (f"accuracy {s['fp32_accuracy']:.2f}% -> {s['int8_accuracy']:.2f}% "
-               f"({s['int8_accuracy'] - s['fp32_accuracy']:+.2f} points), "
-               if s["int8_accuracy"] is not None else "")
-    agree = f"top-1 agreement {s['top1_agreement']:.2f}%, " if s["top1_agreement"] is not None else ""
-    click.echo(f"  on {s['eval_samples']} samples of {s['eval_data']}: {quality}{agree}"
-               f"mean cosine {s['mean_cosine']:.4f}")
+    for out in s["outputs"]:
+        sqnr = "identical" if out["identical"] else f"SQNR {out['sqnr_db']} dB"
+        figure = (f", {out['metric']} FP32 {out['fp32']:.2f} INT8 {out['int8']:.2f}" if out.get("metric") else "")
+        click.echo(f"  output {out['name']} ({out['task']}) on {s['eval_samples']} samples of {s['eval_data']}: "
+                   f"{sqnr}{figure}")

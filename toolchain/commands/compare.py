@@ -16,7 +16,9 @@ def compare_cmd(as_json, **kw):
     """Compare compression recipes on your model and data: size, FLOPs, accuracy, latency, in one table and plot."""
     from edgec.compare import run_compare
     from edgec.report import print_compare
-    opts = o.COMPARE.make(kw, source=o.SOURCE.make(kw), distill=o.KD.make(kw))
+    from edgec.commands.build import with_label_output
+    opts = o.COMPARE.make(kw, source=o.SOURCE.make(kw),
+                          distill=with_label_output(o.KD.make(kw), kw["label_output"]))
     summary = run_compare(opts)
     if as_json:
         emit_json(summary)

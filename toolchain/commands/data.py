@@ -19,7 +19,7 @@ def data_cmd():
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 def export(spec, output, force, as_json):
     """Write SPEC (builtin:digits[:train|:test|:all], a .npz or an image folder) as a .npz with x (N,C,H,W float32)
-    and y (int64 labels, when labelled)."""
+    and its labels as loaded (y, y:OUTPUT: int64 class ids or float32 targets)."""
     import numpy as np
 
     from edgec.core.errors import OptionError
@@ -28,16 +28,18 @@ def export(spec, output, force, as_json):
     if not output.endswith(".npz"):
         raise OptionError(f"-o {output}: the output is a .npz file; name it e.g. {output}.npz")
     ds = load_data(spec)
+    from edgec.data import LABEL_KEY, LABEL_PREFIX
     arrays = {"x": np.asarray(ds.x[0:len(ds)], dtype=np.float32)}
-    if ds.labelled:
-        arrays["y"] = np.asarray(ds.y, dtype=np.int64)
+    for key, labels in (ds.labels or {}).items():   # as loaded: class ids int64, targets float32
+        arrays[LABEL_PREFIX + key if key else LABEL_KEY] = np.asarray(labels)
     with atomic_path(output, force=force) as tmp:
         with open(tmp, "wb") as f:   # a file object: np.savez would append .npz to the temporary name
             np.savez(f, **arrays)
     info = {"output": output, "source": ds.source, "samples": len(ds), "x": list(arrays["x"].shape),
-            "labelled": ds.labelled}
+            "labelled": ds.labelled, "labels": {k: list(v.shape) for k, v in arrays.items() if k != "x"}}
     if as_json:
         emit_json(info)
     else:
         click.echo(f"wrote {output}: {len(ds)} samples of {ds.source}, x {list(arrays['x'].shape)} float32"
-                   + (", y int64 labels" if ds.labelled else ", no labels"))
+                   + (", labels " + ", ".join(f"{k} {v.dtype}" for k, v in arrays.items() if k != "x")
+                      if ds.labelled else ", no labels"))

@@ -274,6 +274,21 @@ def _prune_ratio(ratio):
     return PruneConfig(ratio=ratio)
 
 
+def _check_flags() -> dict:
+    """What every output is checked on (--min-sqnr, --task, --label-output): declared once, for build and compare."""
+    return {
+        "min_sqnr": Flag(("--min-sqnr",), "Every output's SQNR of INT8 vs FP32 over the eval data must reach this "
+                         "many dB (default 15: properly calibrated INT8 measured 26-44 dB, wrong calibration ranges "
+                         "0-23).",
+                         click={"type": FINITE}),
+        "tasks": Flag(("--task",), "What an output is, so it gets its task's check: classify, multilabel, regress, "
+                      "score, embed, none (repeatable; a one-output model may say --task classify). Default: detected "
+                      "and printed.", convert=_tasks, click={"multiple": True, "metavar": "OUTPUT=TASK"}),
+        "label_output": Flag(("--label-output",), "The output the labels of --data/--eval-data apply to (needed when "
+                             "the model has several outputs; 'none' ignores the labels)."),
+    }
+
+
 def _build_group() -> Group:
     from edgec.pipeline import BuildOptions
     return Group(BuildOptions, {
@@ -284,15 +299,7 @@ def _build_group() -> Group:
         "max_accuracy_drop": Flag(("--max-accuracy-drop",), "INT8 may lose at most this many points vs FP32: over "
                                   "it, the most sensitive nodes are kept in FP32 (--fallback-seconds); still over it "
                                   "on the eval data, the build fails.", click={"type": FINITE}),
-        "min_sqnr": Flag(("--min-sqnr",), "Every output's SQNR of INT8 vs FP32 over the eval data must reach this "
-                         "many dB (default 15: properly calibrated INT8 measured 26-44 dB, wrong calibration ranges "
-                         "0-23).",
-                         click={"type": FINITE}),
-        "tasks": Flag(("--task",), "What an output is, so it gets its task's check: classify, multilabel, regress, "
-                      "score, embed, none (repeatable; a one-output model may say --task classify). Default: detected "
-                      "and printed.", convert=_tasks, click={"multiple": True, "metavar": "OUTPUT=TASK"}),
-        "label_output": Flag(("--label-output",), "The output the labels of --data/--eval-data apply to (needed when "
-                             "the model has several outputs; 'none' ignores the labels)."),
+        **_check_flags(),
         "fallback_seconds": Flag(("--fallback-seconds",), "Time box of the sensitivity fallback; 0 fails instead of "
                                                           "keeping nodes in FP32.", click={"type": FINITE}),
         "min_cosine": Flag(("--min-cosine",), "Without labelled eval data: the fallback's budget is instead the INT8 "
@@ -329,7 +336,9 @@ def _compare_group() -> Group:
         "bench_seconds": Flag(("--bench-seconds",), "Benchmark time per model.", click={"type": FINITE}),
         "fresh": Flag(("--fresh",), "Recompute every recipe instead of reusing the cache.", click={"is_flag": True}),
         "max_accuracy_drop": Flag(("--max-accuracy-drop",), "Constraint (and --package's gate, as in build): points "
-                                  "of accuracy a recipe may lose vs FP32.", click={"type": FINITE}),
+                                  "a recipe may lose vs FP32 on any output's task figure (accuracy, F1, "
+                                  "correlation, cosine, agreement).", click={"type": FINITE}),
+        **_check_flags(),
         "budgets": Flag(("--budget",), "Constraint: latency on the first --ep, e.g. p90=10ms.",
                         convert=tuple, click={"multiple": True}),
         "max_size": Flag(("--max-size",), "Constraint: file size, e.g. 5MB.", click={"callback": _size}),
@@ -354,7 +363,8 @@ def _launch_group() -> Group:
 
 
 _GROUPS = {"SOURCE": _source_group, "QUANT": _quant_group, "TRAIN": _train_group,
-           "KD": lambda: _train_group().only("epochs", "lr", "alpha", "temperature"),  # distillation in build/compare
+           # distillation in build/compare (its --label-output is build's/compare's own, copied in by the command)
+           "KD": lambda: _train_group().only("epochs", "lr", "alpha", "temperature", "kd_loss"),
            "PRUNE": _prune_group, "BUILD": _build_group, "COMPARE": _compare_group, "LAUNCH": _launch_group}
 
 

@@ -47,8 +47,10 @@ def _print_record(r: dict) -> None:
                f"{r['params_reduction']:>9}x")
     click.echo(f"{'FLOPs':10} {_fmt(r['flops_before']):>10} {_fmt(r['flops_after']):>10} "
                f"{(r['flops_reduction'] or '?'):>9}x")
+    inputs = r["input_shape"] if r["input_shape"] is not None else \
+        ", ".join(f"{k} {v}" for k, v in (r.get("inputs") or {}).items())
     click.echo(f"channel ratio {r['ratio']}, {r['layers_changed']} layers changed; FLOPs at batch 1, "
-               f"input {r['input_shape']} (2 per multiply-add)")
+               f"input {inputs} (2 per multiply-add)")
     click.echo(f"wrote {r['output']}")
 
 

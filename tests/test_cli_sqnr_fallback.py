@@ -1,0 +1,58 @@
+"""The sensitivity fallback searches when only SQNR fails (no labels, no task figure): an unnormalized input
+feature (x200, the first layer's weights /200, so FP32 is unchanged) makes the one per-tensor input scale crush
+the other features (SQNR under 1 dB); the fallback finds the first layer, keeps it in FP32, and says so."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+
+HERE = Path(__file__).resolve().parent
+ARCH = f"{HERE / 'anyheads.py'}:tags_and_value"
+
+
+@pytest.fixture(scope="module")
+def unnormalized(tmp_path_factory):
+    import anyheads
+    root = tmp_path_factory.mktemp("sqnr")
+    model = anyheads.train_tags()
+    with torch.no_grad():
+        model.body[0].weight[:, 15] /= 200
+    torch.save(model.state_dict(), root / "m.pt")
+    paths = []
+    for name, n, seed in (("train.npz", 256, 2), ("val.npz", 200, 3)):
+        x = anyheads.tags_data(n, seed=seed)["x"]
+        x[:, 15] *= 200
+        with open(root / name, "wb") as f:
+            np.savez(f, x=x)   # no labels: SQNR is the only check of output_1 (and of output_0, --task none)
+        paths.append(root / name)
+    return root / "m.pt", *paths
+
+
+def _build(tmp_path, unnormalized, *extra):
+    model, train, val = unnormalized
+    return run_cli("build", model, "--arch", ARCH, "--data", train, "--eval-data", val, "--task", "output_0=none",
+                   "--bench-seconds", "0", "-o", tmp_path / "m.edgec", "--json", *extra)
+
+
+def test_sqnr_only_failure_is_searched_and_repaired(tmp_path, unnormalized):
+    code, stdout, stderr = _build(tmp_path, unnormalized)
+    assert code == 0, stderr
+    manifest = json.loads(stdout)
+    s = manifest["quantization"]["sensitivity"]
+    assert s["metric"] == "no task metric" and s["drop_points"] == 0       # no task figure failed
+    assert "SQNR" in s["searched_for"] and s["int8_sqnr_db"] < 15 <= s["final_sqnr_db"] and s["sqnr_ok"]
+    assert [e["node"] for e in s["excluded"]] == ["/body/body.0/Gemm"] == manifest["quantization"]["excluded_nodes"]
+    outputs = next(st for st in manifest["stages"] if st["name"] == "evaluate")["metrics"]["outputs"]
+    assert all(o["sqnr_db"] > 20 for o in outputs)                         # the honest check on the eval data
+    report = (tmp_path / "m.edgec" / "report.md").read_text()
+    assert "worst output SQNR on the same samples" in report and "searched for: SQNR" in report
+
+
+def test_without_the_fallback_the_same_build_fails_on_sqnr(tmp_path, unnormalized):
+    code, _, stderr = _build(tmp_path, unnormalized, "--fallback-seconds", "0")
+    assert code == 7 and "SQNR" in stderr and "dB < 15 dB" in stderr
+    assert not (tmp_path / "m.edgec").exists()

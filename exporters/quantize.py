@@ -208,7 +208,8 @@ class Prepared:
         extra = {"ActivationSymmetric": s.activation_symmetric, "WeightSymmetric": s.weight_symmetric,
                  "DedicatedQDQPair": s.dedicated_qdq_pair}
         if s.reduce_range and s.full_range_depthwise and self.depthwise_weights:
-            extra["TensorQuantOverrides"] = {w: [{"axis": 0, "reduce_range": False}] for w in self.depthwise_weights}
+            grid = {"axis": 0, "reduce_range": False} if s.per_channel else {"reduce_range": False}
+            extra["TensorQuantOverrides"] = {w: [dict(grid)] for w in self.depthwise_weights}
         with _quiet_ort():
             quantize_static(str(model_path), str(out_path), calibration_data_reader=None,
                             quant_format=QuantFormat.QDQ if fmt == "QDQ" else QuantFormat.QOperator,

@@ -186,7 +186,11 @@ def adaround(model, qdq_model, calibration, *, reduce_range: bool, weight_type: 
             skipped["weight scale not found or not symmetric"] += 1
             continue
         scale = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (w.shape[0],))
-        layer = _Layer(n, w.astype(np.float64), scale, qmin, qmax, geo)
+        # the grid ORT used for this weight (depthwise convs may keep all 8 bits under reduce_range): its
+        # largest channel maximum maps to the top of the grid
+        top = float(np.abs(inits[dq.input[0]]).max()) if dq.input[0] in inits else qmax
+        lo, hi = (-top, top) if qmin < 0 and top > qmax else (qmin, qmax)
+        layer = _Layer(n, w.astype(np.float64), scale, lo, hi, geo)
         layer.transposed = n.op_type == "Gemm" and _attr(n, "transB", 0) == 0
         layers.append(layer)
         by_input.setdefault(n.input[0], []).append(layer)

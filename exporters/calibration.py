@@ -117,7 +117,8 @@ def check_samples(head: np.ndarray, total: int | None, *, min_samples: int = 32)
 
 # ---------------------------------------------------------------- per-tensor statistics
 
-HISTOGRAM_VALUES = 1 << 16   # values histogrammed per tensor and chunk; larger chunks are subsampled
+HISTOGRAM_VALUES = 1 << 16   # at most this many values histogrammed per tensor and chunk (subsampled)
+HISTOGRAM_PER_SAMPLE = 1 << 13   # and this many per sample of the chunk: 2M per tensor for 256 samples
 
 
 class TensorStats:
@@ -132,6 +133,7 @@ class TensorStats:
         self.hist = np.zeros(bins, dtype=np.int64) if histogram else None
         self.T = 0.0
         self.zeros = 0.0           # share of exact zeros (ReLU outputs): quantized without error
+        self._rng = np.random.default_rng(0)
 
     def update(self, arr: np.ndarray) -> None:
         if arr.size == 0:
@@ -146,9 +148,14 @@ class TensorStats:
         elif amax > self.T:
             self._grow(int(math.ceil(math.log2(amax / self.T))))
         flat = arr.reshape(-1)
-        if flat.size > HISTOGRAM_VALUES:   # a strided subsample: the range stays exact (min/max above)
-            flat = flat[::-(-flat.size // HISTOGRAM_VALUES)]
-        h, _ = np.histogram(flat, bins=self.bins, range=(-self.T, self.T))
+        wanted = min(HISTOGRAM_VALUES, HISTOGRAM_PER_SAMPLE * (arr.shape[0] if arr.ndim else 1))
+        if flat.size > wanted:   # a random subsample: the range stays exact (min/max above)
+            # not a strided one: a stride aliases with the layout (NCHW rows), and on the demo ResNet18 it
+            # never saw the stem's values above 1.3 of 5.6, so MSE ranges clipped them (cosine 0.9998 -> 0.875)
+            flat = flat[self._rng.integers(0, flat.size, wanted)]
+        # np.histogram's binning, by bincount (4x faster here: calibration histograms every tensor per chunk)
+        idx = ((flat.astype(np.float64) + self.T) * (self.bins / (2 * self.T))).astype(np.int64)
+        h = np.bincount(np.clip(idx, 0, self.bins - 1, out=idx), minlength=self.bins)
         weight = arr.size / flat.size
         self.zeros += float(np.count_nonzero(flat == 0)) * weight
         self.hist += np.rint(h * weight).astype(np.int64)

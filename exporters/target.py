@@ -43,6 +43,8 @@ class QuantScheme:
     weight_symmetric: bool
     quant_format: str              # "QDQ" | "QOperator"
     dedicated_qdq_pair: bool = False
+    # reduce_range for the GEMM-based kernels only: depthwise convs keep all 8 bits of their weights
+    full_range_depthwise: bool = False
     cpu: CpuInfo | None = None
     reasons: list[str] = field(default_factory=list)
 
@@ -80,6 +82,10 @@ def host_cpu() -> CpuInfo:
 
 _SATURATION = ("U8S8 kernels saturate without VNNI (vpmaddubsw adds int8 products into int16): measured here "
                "94.7% -> 65.3% accuracy on a pruned CNN with reduce_range=False; weights use 7 bits instead")
+_DEPTHWISE_FULL = ("depthwise convs keep 8-bit weights: ORT's depthwise U8S8 kernel widens to 16 bits before it "
+                   "multiplies (measured: exact on worst-case inputs where a pointwise conv saturates), so only the "
+                   "GEMM-based kernels need reduce_range; EfficientNet-Lite0 INT8 mean cosine 0.986 -> see "
+                   "benchmarks/QUANT_RESULTS.md")
 _U8_ACT = "activations uint8: ORT's CPU kernels fuse U8S8 QDQ pairs; signed int8 activations ran 2.1x slower than FP32"
 
 
@@ -117,6 +123,8 @@ def scheme_for(target: str | None = None, cpu: CpuInfo | None = None) -> QuantSc
         else:
             s.reduce_range = True
             s.reasons.append(f"{name}: no VNNI; reduce_range on. {_SATURATION}")
+            s.full_range_depthwise = True
+            s.reasons.append(_DEPTHWISE_FULL)
     elif cpu.arch == "aarch64":
         s.reasons.append(f"{name}: ARM int8 kernels ({'dot-product' if cpu.dotprod else 'NEON widening multiply'}) "
                          "accumulate in int32 without saturation, so reduce_range is off")

@@ -94,6 +94,13 @@ def count_depthwise(model) -> int:
     return sum(is_depthwise(n, g) for n in model.graph.node if n.op_type == "Conv")
 
 
+def depthwise_weights(model) -> list[str]:
+    """Weight initializers that only depthwise convs read."""
+    g = _Graph(model)
+    return list(dict.fromkeys(n.input[1] for n in model.graph.node if n.op_type == "Conv" and is_depthwise(n, g)
+                              and n.input[1] in g.inits and all(is_depthwise(c, g) for c in g.consumers[n.input[1]])))
+
+
 def _clip_bounds(node, g: _Graph):
     if node.op_type == "Relu":
         return 0.0, np.inf
@@ -559,6 +566,6 @@ def restore_biases(model, originals: dict, nodes) -> int:
     return restored
 
 
-__all__ = ["equalize", "find_pairs", "count_depthwise", "relu6_inputs", "channel_max", "bias_correct",
+__all__ = ["equalize", "find_pairs", "count_depthwise", "depthwise_weights", "relu6_inputs", "channel_max", "bias_correct",
            "fast_bias_correct", "bias_inputs",
            "restore_biases", "run_collect"]

@@ -117,7 +117,7 @@ def test_default_int8_is_small_accurate_and_really_int8(subject, default_int8):
 def test_quant_info_records_what_was_done(default_int8):
     _, info = default_int8
     assert info.samples == 256  # the default cap, reached through unequal batches
-    assert info.method == "minmax" and info.scheme["reasons"]
+    assert info.method == "mse" and info.scheme["reasons"]
     # eval-mode BatchNorm is folded into Conv before quantizing (by the exporter's constant folding here)
     assert info.pre_process["batchnorm_after"] == 0
     assert info.calibration["peak_rss_mb"] > 0 and info.calibration["tensors"] > 5

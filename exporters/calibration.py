@@ -143,6 +143,9 @@ class TensorStats:
         if self.hist is None:
             return
         amax = max(abs(lo), abs(hi))
+        if not math.isfinite(amax):   # an infinite (attention mask) value: no histogram; ranges are minmax's
+            self.hist = None
+            return
         if self.T == 0.0:
             self.T = amax if amax > 0 else 1e-12
         elif amax > self.T:
@@ -263,9 +266,13 @@ def mse_range(stats: TensorStats, qmin: int, qmax: int, symmetric: bool, steps: 
     over `steps` x `steps` candidate (lo, hi) pairs shrunk from the observed min/max; TensorRT and NNCF
     choose ranges this way. Vectorised with cumulative sums: O(bins + steps^2) per tensor."""
     lo0, hi0 = min(stats.lo, 0.0), max(stats.hi, 0.0)
-    if stats.hist is None or stats.hist.sum() == 0 or hi0 <= lo0:
+    if stats.hist is None or stats.hist.sum() == 0 or hi0 <= lo0 or not math.isfinite(hi0 - lo0):
         return stats.minmax()
-    e = stats.edges
+    # searched on values scaled to [-1, 1]: the same argmin, and no overflow in c^2 for the -3.4e38 a
+    # transformer's additive attention mask holds
+    unit = max(-lo0, hi0)
+    lo0, hi0 = lo0 / unit, hi0 / unit
+    e = stats.edges / unit
     c = (e[:-1] + e[1:]) / 2
     h = stats.hist.astype(np.float64)
     total = h.sum()
@@ -286,7 +293,7 @@ def mse_range(stats: TensorStats, qmin: int, qmax: int, symmetric: bool, steps: 
     s = np.maximum(H - L, 1e-12) / (qmax - qmin)
     err = below + above + inside * s * s / 12
     i, j = np.unravel_index(int(np.argmin(err)), err.shape)
-    lo, hi = float(np.broadcast_to(L, err.shape)[i, j]), float(np.broadcast_to(H, err.shape)[i, j])
+    lo, hi = float(np.broadcast_to(L, err.shape)[i, j]) * unit, float(np.broadcast_to(H, err.shape)[i, j]) * unit
     return max(stats.lo, lo) if stats.lo < 0 else stats.lo, min(stats.hi, hi)
 
 
@@ -494,7 +501,7 @@ def _choose(stats: dict[str, TensorStats], method: str, symmetric: bool, qrange,
     for name, st in stats.items():
         if st.count == 0:
             continue
-        if method == "minmax" or name in keep_full:
+        if method == "minmax" or name in keep_full or st.hist is None:   # no histogram: an infinite value
             lo, hi = st.minmax()
         elif method == "percentile":
             lo, hi = st.percentile(percentile)

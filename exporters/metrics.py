@@ -321,6 +321,7 @@ class OutputCheck:
         self.moments = _Moments()
         self.label_moments = (_Moments(), _Moments())
         self.keep_ref, self.keep_got = [], []
+        self.masked_by = None  # the attention mask input whose padded positions were left out
 
     def update(self, ref, got, y=None) -> None:
         r, g = _rows(ref), _rows(got)
@@ -433,7 +434,8 @@ class OutputCheck:
     def result(self) -> dict:
         sqnr = self.sqnr_db()
         span = self.hi - self.lo if self.n else 0.0
-        rec = {"name": self.t.name, "task": self.t.task, "chosen": self.t.chosen, "why": self.t.why,
+        why = self.t.why + (f"; padded positions ({self.masked_by} = 0) left out" if self.masked_by else "")
+        rec = {"name": self.t.name, "task": self.t.task, "chosen": self.t.chosen, "why": why,
                "labels": self.t.labelled, "samples": self.n,
                "sqnr_db": _finite(sqnr, 2),
                "identical": self.noise == 0 and not self.non_finite,
@@ -512,6 +514,35 @@ def failures(records: Sequence[dict], options: CheckOptions) -> list[str]:
     return out
 
 
+def padding_mask(feed) -> tuple[str, np.ndarray] | None:
+    """A token model's attention mask in a dict feed: an integer or bool (N, L) input named like a mask, 0/1 only."""
+    for name, a in (feed.items() if isinstance(feed, dict) else ()):
+        a = np.asarray(a)
+        if ("mask" in name.lower() and a.ndim == 2 and (a.dtype == bool or np.issubdtype(a.dtype, np.integer))
+                and np.isin(a, (0, 1)).all()):
+            return name, a.astype(bool)
+    return None
+
+
+def without_padding(mask: tuple[str, np.ndarray] | None, *runs: Sequence[np.ndarray]) -> tuple[list, set]:
+    """Per-token outputs (N, L, ...) with padded positions zeroed in every run alike, and the indices of the
+    outputs this touched. What a model computes at padding is never used; counting it fails good INT8 models
+    (MiniLM's last_hidden_state: 5.7 dB over all positions, 15.8 dB over real tokens)."""
+    if mask is None:
+        return [list(r) for r in runs], set()
+    m, masked = mask[1], set()
+    out = []
+    for run in runs:
+        fixed = []
+        for i, o in enumerate(run):
+            if o.ndim >= 3 and o.shape[:2] == m.shape and not m.all():
+                o = np.where(m.reshape(m.shape + (1,) * (o.ndim - 2)), o, 0)
+                masked.add(i)
+            fixed.append(o)
+        out.append(fixed)
+    return out, masked
+
+
 def batch_first(session, outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     """A session's outputs with the batch axis first (a recurrent state may carry it elsewhere)."""
     from edgec.exporters.compare import output_batch_axis
@@ -528,8 +559,12 @@ def compare_models(reference, candidate, batches: Iterable, labels, options: Che
     start = 0
     for batch in batches:
         refs, gots = batch_first(a, run_onnx(a, [batch])), batch_first(b, run_onnx(b, [batch]))
+        mask = padding_mask(batch)
+        (refs, gots), masked = without_padding(mask, refs, gots)
         n = len(refs[0])
         checks.update(refs, gots, slice_labels(labels, start, start + n))
+        for i in masked:
+            checks.checks[i].masked_by = mask[0]
         start += n
     if checks.checks is None:
         raise DataError("no samples to compare the models on; pass at least one sample")

@@ -105,10 +105,12 @@ class _Evaluator:
 
     def __init__(self, fp32_path, x, y, batch_size: int, checks=None, num_classes: int | None = None,
                  cosine: bool = False):
-        from edgec.exporters.metrics import CandidateScore, CheckOptions, batch_first
+        from edgec.exporters.metrics import CandidateScore, CheckOptions, batch_first, padding_mask, without_padding
         self.x, self.batch, self.cosine = x, batch_size, cosine   # a dict feed (or one array: single-input models)
         session = ort_session(fp32_path)
         ref = batch_first(session, run_onnx(session, self.x, batch_size))
+        self.mask = padding_mask(self.x)   # token models: padded positions count for nothing (metrics.py)
+        (ref,), _ = without_padding(self.mask, ref)
         if cosine:   # the label-free budget: agreement with FP32 (edgec.exporters.sensitivity.cosine_score)
             self.refs, self.metric, self.fp32_score = ref, "cosine", 1.0
             return
@@ -118,9 +120,9 @@ class _Evaluator:
 
     def __call__(self, path) -> tuple[float, float]:
         """(score, output error: the worst output's noise-to-signal ratio)."""
-        from edgec.exporters.metrics import batch_first, noise_ratio
+        from edgec.exporters.metrics import batch_first, noise_ratio, without_padding
         session = ort_session(path)
-        out = batch_first(session, run_onnx(session, self.x, self.batch))
+        (out,), _ = without_padding(self.mask, batch_first(session, run_onnx(session, self.x, self.batch)))
         if self.cosine:
             return cosine_score(self.refs, out), noise_ratio(self.refs, out)
         return self.scorer.score(out), self.scorer.error(out)

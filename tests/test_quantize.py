@@ -32,8 +32,11 @@ def load_digits(size: int = 16):
 
 
 def digits_cnn():
-    """Depthwise-separable CNN with enough weights (~110k) for the size check to mean something."""
+    """Depthwise-separable CNN with enough weights (~110k) for the size check to mean something; seeded, so
+    that its tests see the same model whichever tests ran before them in this process (xdist workers differ)."""
+    import torch
     from torch import nn
+    torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
         nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.BatchNorm2d(64), nn.ReLU(),
@@ -340,9 +343,13 @@ def test_fallback_passes_over_nodes_that_would_leave_too_few_int8_weights(subjec
 
 
 def test_label_free_fallback_keeps_nodes_in_fp32_until_the_cosine_budget_holds(subject):
-    """Without labels, agreement with FP32 is the budget: nodes fall back until the mean cosine reaches it."""
+    """Without labels, agreement with FP32 is the budget: nodes fall back until the mean cosine reaches it.
+    The damage is the saturating U8S8 kernel's (one layer's, as in the test above): a range clipped on every
+    tensor alike has no single node whose FP32 fallback helps, and which model that hits depends on the run."""
     from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
-    opts = QuantOptions(method="percentile", percentile=60.0, bias_correction=False)   # surely too clipped
+    if not scheme_for(None).reduce_range:
+        pytest.skip("this CPU has VNNI or dot-product: reduce_range=False does not saturate here")
+    opts = QuantOptions(reduce_range=False, bias_correction=False)
     info, rep = quantize_with_budget(subject["fp32"], subject["dir"] / "cos.onnx", [subject["calib"][:128]],
                                      subject["x"][:128], None, opts,
                                      FallbackOptions(min_cosine=0.9999, max_excluded_share=0.5, time_budget_s=120))

@@ -257,3 +257,18 @@ def test_histograms_do_not_alias_with_the_tensor_layout():
     assert 0.04 < share < 0.09          # 1/16 of the values
     lo, hi = mse_range(st, 0, 255, False)
     assert lo == 0 and hi > 4.9
+
+
+def test_mse_ranges_survive_an_infinite_attention_mask():
+    """A transformer's additive attention mask can hold -inf beside values near 0 (MiniLM's TorchScript does):
+    the MSE search must not turn that into NaN errors and an arbitrary range; it keeps minmax's range there."""
+    import warnings
+    from edgec.exporters.calibration import TensorStats, mse_range
+    v = np.random.default_rng(0).normal(size=(8, 4, 16, 16)).astype(np.float32)
+    v[:, :, :, -3:] = -np.inf
+    st = TensorStats(2048, histogram=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        st.update(v)
+        lo, hi = mse_range(st, 0, 255, False)
+    assert (lo, hi) == st.minmax() and lo == -np.inf

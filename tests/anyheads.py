@@ -68,31 +68,42 @@ def ids_data(n: int, seed: int = 0, length: int = 12) -> dict:
     return {"ids": ids * mask, "mask": mask, "y": y}
 
 
+def _fit(model: nn.Module, n: int, loss, steps: int) -> nn.Module:
+    """A few hundred seeded Adam steps on random batches of 128 of the n samples; `loss(i)` of a batch's indices."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        value = loss(torch.randint(0, n, (128,), generator=torch.Generator().manual_seed(step)))
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    return model.eval()
+
+
 def train_tags(steps: int = 300) -> nn.Module:
-    """TagsAndValue trained for a few hundred Adam steps (BCE on tags, MSE on values)."""
+    """TagsAndValue trained with BCE on tags, MSE on values."""
     model = tags_and_value()
     d = tags_data(2048, seed=1)
     x, tags, value = (torch.from_numpy(d[k]) for k in ("x", "y:output_0", "y:output_1"))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(steps):
-        i = torch.randint(0, len(x), (128,), generator=torch.Generator().manual_seed(step))
+
+    def loss(i):
         p, v = model(x[i])
-        loss = nn.functional.binary_cross_entropy(p, tags[i]) + nn.functional.mse_loss(v, value[i])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+        return nn.functional.binary_cross_entropy(p, tags[i]) + nn.functional.mse_loss(v, value[i])
+    return _fit(model, len(x), loss, steps)
 
 
 def train_ids(steps: int = 300) -> nn.Module:
     model = ids_mask()
     d = ids_data(2048, seed=1)
     ids, mask, y = (torch.from_numpy(d[k]) for k in ("ids", "mask", "y"))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(steps):
-        i = torch.randint(0, len(ids), (128,), generator=torch.Generator().manual_seed(step))
-        loss = nn.functional.cross_entropy(model(ids[i], mask[i]), y[i])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return _fit(model, len(ids), lambda i: nn.functional.cross_entropy(model(ids[i], mask[i]), y[i]), steps)
+
+
+def write_case(root, model: nn.Module, data, sizes) -> tuple:
+    """The model's state_dict and one npz per (name, samples, seed) of `data(n, seed=)` under root: paths."""
+    torch.save(model.state_dict(), root / "model.pt")
+    paths = []
+    for name, n, seed in sizes:
+        with open(root / name, "wb") as f:
+            np.savez(f, **data(n, seed=seed))
+        paths.append(root / name)
+    return root / "model.pt", *paths

@@ -4,27 +4,18 @@ reported percentile reliable."""
 import json
 import xml.etree.ElementTree as ET
 
-import pytest
-
-from edgec.cli import main
+from conftest import run_cli
 
 FAST = ["--runs", "40", "--warmup", "2", "--threads", "1"]
 
 
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as e:
-        main(["bench", *map(str, args)])
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
-
-
-def test_junit_one_case_per_model_provider_check(capsys, tiny_onnx, int8_onnx, tmp_path, monkeypatch):
+def test_junit_one_case_per_model_provider_check(tiny_onnx, int8_onnx, tmp_path, monkeypatch):
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
-    code, out, _ = run(capsys, tiny_onnx, *FAST, "--json")
+    code, out, _ = run_cli("bench", tiny_onnx, *FAST, "--json")
     base = tmp_path / "base.json"
     base.write_text(out)
     junit = tmp_path / "reports" / "bench.xml"
-    code, out, err = run(capsys, tiny_onnx, int8_onnx, *FAST, "--budget", "p50=10s", "--budget", "p90=1us",
+    code, out, err = run_cli("bench", tiny_onnx, int8_onnx, *FAST, "--budget", "p50=10s", "--budget", "p90=1us",
                          "--baseline", base, "--max-regression", "1000%", "--junit", junit)
     assert code == 7
     root = ET.parse(junit).getroot()                      # well-formed XML, the layout GitLab/Jenkins/GitHub read
@@ -45,21 +36,21 @@ def test_junit_one_case_per_model_provider_check(capsys, tiny_onnx, int8_onnx, t
     assert not [line for line in err.splitlines() if line.startswith("gate passed")]
 
 
-def test_junit_without_checks_lists_each_measurement(capsys, tiny_onnx, tmp_path):
+def test_junit_without_checks_lists_each_measurement(tiny_onnx, tmp_path):
     junit = tmp_path / "bench.xml"
     junit.write_text("an earlier run's report")           # a CI rerun replaces its own report
-    assert run(capsys, tiny_onnx, *FAST, "--junit", junit)[0] == 0
+    assert run_cli("bench", tiny_onnx, *FAST, "--junit", junit)[0] == 0
     (case,) = ET.parse(junit).getroot().iter("testcase")
     assert case.get("name") == "latency measured" and case.find("failure") is None
     assert "p50 " in case.find("system-out").text
 
 
-def test_markdown_and_github_step_summary(capsys, tiny_onnx, tmp_path, monkeypatch):
+def test_markdown_and_github_step_summary(tiny_onnx, tmp_path, monkeypatch):
     summary = tmp_path / "step_summary.md"
     summary.write_text("earlier step\n")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     md = tmp_path / "bench.md"
-    code, out, err = run(capsys, tiny_onnx, *FAST, "--budget", "p50=10s", "--markdown", md, "--json")
+    code, out, err = run_cli("bench", tiny_onnx, *FAST, "--budget", "p50=10s", "--markdown", md, "--json")
     assert code == 0 and json.loads(out)["gate"]["passed"]          # stdout is still only JSON
     text = md.read_text()
     assert text.startswith("### edgec bench: gate passed") and "| tiny.onnx | cpu | budget p50=10s |" in text
@@ -69,15 +60,15 @@ def test_markdown_and_github_step_summary(capsys, tiny_onnx, tmp_path, monkeypat
     assert len(passed) == 1 and "1 check(s)" in passed[0] and "<= budget 10000.000 ms" in passed[0]
 
 
-def test_default_runs_make_reported_and_gated_percentiles_reliable(capsys, tiny_onnx):
-    code, out, err = run(capsys, tiny_onnx, "--warmup", "2", "--threads", "1", "--json")
+def test_default_runs_make_reported_and_gated_percentiles_reliable(tiny_onnx):
+    code, out, err = run_cli("bench", tiny_onnx, "--warmup", "2", "--threads", "1", "--json")
     r = json.loads(out)["results"][0]
     assert code == 0 and r["latency_ms"]["n"] == 200
     assert r["reliable"] == {"p50": True, "p90": True, "p95": True, "p99": False}
     assert "too few" not in err                            # p99 is not reported (table: '-'), so nothing to warn
-    code, out, err = run(capsys, tiny_onnx, "--warmup", "2", "--threads", "1", "--json", "--budget", "p99=10s")
+    code, out, err = run_cli("bench", tiny_onnx, "--warmup", "2", "--threads", "1", "--json", "--budget", "p99=10s")
     doc = json.loads(out)
     assert code == 0 and doc["config"]["runs"] == "1000" and doc["results"][0]["reliable"]["p99"]
-    code, out, _ = run(capsys, tiny_onnx, "--warmup", "2", "--threads", "1")
+    code, out, _ = run_cli("bench", tiny_onnx, "--warmup", "2", "--threads", "1")
     cells = [c.strip() for c in next(line for line in out.splitlines() if "tiny.onnx" in line).split("│")]
     assert cells[4] != "-" and cells[5] != "-" and cells[6] == "-"   # p90, p95 shown; p99 from 200 runs left out

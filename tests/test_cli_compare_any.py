@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import run_cli
 
@@ -17,15 +16,8 @@ ARCH = f"{HERE / 'anyheads.py'}:tags_and_value"
 @pytest.fixture(scope="module")
 def tags(tmp_path_factory):
     import anyheads
-    root = tmp_path_factory.mktemp("tagscmp")
-    model = root / "tags.pt"
-    torch.save(anyheads.train_tags().state_dict(), model)
-    paths = []
-    for name, n, seed in (("train.npz", 320, 2), ("val.npz", 200, 3)):
-        with open(root / name, "wb") as f:
-            np.savez(f, **anyheads.tags_data(n, seed=seed))
-        paths.append(root / name)
-    return model, *paths
+    return anyheads.write_case(tmp_path_factory.mktemp("tagscmp"), anyheads.train_tags(), anyheads.tags_data,
+                               (("train.npz", 320, 2), ("val.npz", 200, 3)))
 
 
 def _stage(stages, name):

@@ -4,7 +4,6 @@ packages it."""
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,15 +16,8 @@ ARCH = f"{HERE / 'anyheads.py'}:ids_mask"
 @pytest.fixture(scope="module")
 def ids(tmp_path_factory):
     import anyheads
-    root = tmp_path_factory.mktemp("ids")
-    model = root / "ids.pt"
-    torch.save(anyheads.train_ids().state_dict(), model)
-    paths = []
-    for name, n, seed in (("train.npz", 400, 2), ("val.npz", 200, 3)):
-        with open(root / name, "wb") as f:
-            np.savez(f, **anyheads.ids_data(n, seed=seed))
-        paths.append(root / name)
-    return model, *paths
+    return anyheads.write_case(tmp_path_factory.mktemp("ids"), anyheads.train_ids(), anyheads.ids_data,
+                               (("train.npz", 400, 2), ("val.npz", 200, 3)))
 
 
 @pytest.mark.parametrize("importance", ["l2", "taylor"])

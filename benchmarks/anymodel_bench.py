@@ -485,11 +485,8 @@ def _frames(n, seed):
 
 def bench_crepe():
     import torch
-    from edgec.data import Dataset
-    from edgec.train import TrainConfig, train
     teacher, _ = _crepe()
     x_cal, _ = _frames(128, 1)
-    x_train, _ = _frames(2048, 2)
     x_eval, cents_true = _frames(256, 3)
     with torch.no_grad():
         t_eval = teacher(torch.from_numpy(x_eval)).numpy()
@@ -531,14 +528,22 @@ def bench_crepe():
         if rec["cli"]["exit_code"] == 0 else None
     if got is not None:
         rec["cli"]["pitch"] = err(got)
-    # distillation: the teacher pruned by edgec.prune, trained on the teacher's outputs alone (BCE, chosen by
-    # edgec.kdloss). CREPE's forward reshapes to a hard-coded in_features: pruning conv6 is refused naming it, so it
-    # is ignored; conv1 (the 512-tap filters reading the raw frame) is ignored too: pruning it cost the most,
-    # measured in 4 epochs at lr 3e-3: 259 cents with conv1 pruned, 177 without (a fresh half-width student
-    # collapsed to all-low probabilities: 1696 cents; KL on the bins normalised to one distribution 306 cents).
+    rec["distill"] = distill_crepe(teacher, err, t_eval, x_eval, fp32)
+    save("crepe", rec)
+
+
+def distill_crepe(teacher, err, t_eval, x_eval, teacher_onnx) -> dict:
+    """The teacher pruned by edgec.prune, trained by edgec.train on the teacher's outputs alone (BCE, chosen by
+    edgec.kdloss; BatchNorm as edgec.train's --batchnorm default decides: CREPE's layers have momentum 0, so they
+    train frozen). CREPE's forward reshapes to a hard-coded in_features: pruning conv6 is refused naming it, so it is
+    ignored; conv1 (the 512-tap filters reading the raw frame) is ignored by default too (CREPE_IGNORE)."""
+    import torch
     from edgec.core.errors import ModelError
+    from edgec.data import Dataset
+    from edgec.metrics import count_flops
     from edgec.modelio import LoadedModel
     from edgec.prune import PruneConfig, prune_model
+    from edgec.train import TrainConfig, train
     loaded = LoadedModel(teacher, "checkpoint", WORK / "crepe-tiny.pth", input_shape=(1, 1024))
     try:
         prune_model(loaded, PruneConfig(ratio=RATIO))
@@ -548,26 +553,71 @@ def bench_crepe():
     student, prune_rec = prune_model(loaded, PruneConfig(ratio=RATIO, ignore=IGNORE))
     with torch.no_grad():
         s_pruned = student.eval()(torch.from_numpy(x_eval)).numpy()
+    frames = int(os.environ.get("CREPE_FRAMES", 2048))
+    x_train, _ = _frames(frames, 2)
+    x_more, cents_more = _frames(1024, 11)   # a second, larger held-out set: 256 frames are few for a mean error
     data = Dataset({"input": x_train}, None, "synthetic voiced frames")
     cfg = TrainConfig(epochs=int(os.environ.get("CREPE_EPOCHS", 6)), lr=float(os.environ.get("CREPE_LR", 3e-3)),
-                      optimizer="adamw", batch_size=64, weight_decay=0.0)
+                      optimizer="adamw", batch_size=64, weight_decay=0.0,
+                      batchnorm=os.environ.get("CREPE_BN", "auto"))
     started = time.perf_counter()
     hist = train(student, data, cfg, teacher=teacher, label="crepe-kd")
-    with torch.no_grad():
-        s_eval = student.eval()(torch.from_numpy(x_eval)).numpy()
+    seconds = round(time.perf_counter() - started, 1)
+
+    def probs(m, x, train_mode=False):
+        with torch.no_grad():
+            return m.train(train_mode)(torch.from_numpy(x)).numpy()
+    s_eval = probs(student, x_eval)
+    student.eval()
+
+    def err_more(p):
+        c = _cents(p)
+        return {"cents_error_mean": round(float(np.abs(c - cents_more).mean()), 1),
+                "cents_error_median": round(float(np.median(np.abs(c - cents_more))), 1),
+                "frames_over_50c_pct": round(float((np.abs(c - cents_more) > 50).mean()) * 100, 2)}
+    s_onnx = export(student, (torch.zeros(1, 1024),), WORK / "crepe_student.onnx", ["input"], ["probs"],
+                    {"input": {0: "n"}, "probs": {0: "n"}})
+    lat = latency({"teacher": teacher_onnx, "student": s_onnx}, {"input": x_eval[:1]}, runs=200)
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    rec["distill"] = {"student": f"the teacher pruned {RATIO:.0%} (edgec.prune, l2, {', '.join(IGNORE)} ignored), "
-                                 f"then distilled ({cfg.epochs} epochs of {len(x_train)} frames, lr {cfg.lr})",
-                      "prune_refused_without_ignore": refused, "student_after_pruning": err(s_pruned),
-                      "teacher_params": params(teacher), "student_params": params(student),
-                      "kd_loss": hist["kd_loss"], "augment": hist["augment"], "kept_epoch": hist["kept_epoch"],
-                      "threads": hist["threads"], "epochs": [round(h["loss"], 4) for h in hist["epochs"]],
-                      "seconds": round(time.perf_counter() - started, 1), "student_fp32": err(s_eval),
-                      "student_vs_teacher_probs_sqnr_db": sqnr(t_eval, s_eval)}
+    example = (torch.zeros(1, 1024),)
+    return {"student": f"the teacher pruned {RATIO:.0%} (edgec.prune, l2, {', '.join(IGNORE)} ignored), then "
+                       f"distilled by edgec.train ({cfg.epochs} epochs of {frames} frames, AdamW lr {cfg.lr}, "
+                       f"one-cycle cosine, batch 64)",
+            "prune_refused_without_ignore": refused, "student_after_pruning": err(s_pruned),
+            "teacher_params": params(teacher), "student_params": params(student),
+            "teacher_flops": count_flops(teacher, example), "student_flops": count_flops(student, example),
+            "onnx_bytes": {"teacher": os.path.getsize(teacher_onnx), "student": os.path.getsize(s_onnx)},
+            "latency_ms_batch1_2threads": lat, "latency_ratio": round(lat["teacher"] / lat["student"], 2),
+            "kd_loss": hist["kd_loss"], "batchnorm": hist["batchnorm"], "augment": hist["augment"],
+            "kept_epoch": hist["kept_epoch"], "threads": hist["threads"],
+            "epochs": [round(h["loss"], 4) for h in hist["epochs"]], "seconds": seconds, "load_avg": load(),
+            "student_fp32": err(s_eval), "student_fp32_train_mode_bn": err(probs(student, x_eval, True)),
+            "student_vs_teacher_probs_sqnr_db": sqnr(t_eval, s_eval),
+            "held_out_1024": {"teacher": err_more(probs(teacher, x_more)), "student": err_more(probs(student, x_more))}}
+
+
+def bench_crepe_distill():
+    """The distillation part alone (CREPE_* settings), merged into the crepe record."""
+    import torch
+    teacher, _ = _crepe()
+    x_eval, cents_true = _frames(256, 3)
+    with torch.no_grad():
+        t_eval = teacher(torch.from_numpy(x_eval)).numpy()
+
+    def err(probs):
+        c = _cents(probs)
+        return {"cents_error_mean": round(float(np.abs(c - cents_true).mean()), 1),
+                "raw_pitch_accuracy_50c": round(float((np.abs(c - cents_true) < 50).mean()) * 100, 2)}
+    fp32 = export(teacher, (torch.zeros(1, 1024),), WORK / "crepe.onnx", ["input"], ["probs"],
+                  {"input": {0: "n"}, "probs": {0: "n"}})
+    rec = json.loads(RESULTS.read_text()).get("crepe", {}) if RESULTS.exists() else {}
+    rec["distill"] = distill_crepe(teacher, err, t_eval, x_eval, fp32)
+    rec["distill"]["teacher_fp32"] = err(t_eval)
     save("crepe", rec)
 
 
-BENCHES = {"vad": bench_vad, "onet": bench_onet, "minilm": bench_minilm, "crepe": bench_crepe}
+BENCHES = {"vad": bench_vad, "onet": bench_onet, "minilm": bench_minilm, "crepe": bench_crepe,
+           "crepe-distill": bench_crepe_distill}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(BENCHES):

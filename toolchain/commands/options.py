@@ -231,6 +231,9 @@ def _train_group() -> Group:
                         "teacher's outputs).", convert=_kd_loss, click={"multiple": True, "metavar": "OUTPUT=KIND[:WEIGHT]"}),
         "label_output": Flag(("--label-output",), "The output the labels belong to (position or name; default: the "
                              "first)."),
+        "batchnorm": Flag(("--batchnorm",), "BatchNorm while training: train (batch statistics), frozen (fixed "
+                          "running statistics, as in eval) or auto (frozen only where momentum 0 never updates them).",
+                          click={"type": click.Choice(["auto", "train", "frozen"])}),
         "patience": Flag(("--patience",), "Stop after this many epochs without a better eval accuracy.",
                          click={"type": int}),
         "seed": Flag(("--seed",), "", click={"type": int}),
@@ -364,7 +367,7 @@ def _launch_group() -> Group:
 
 _GROUPS = {"SOURCE": _source_group, "QUANT": _quant_group, "TRAIN": _train_group,
            # distillation in build/compare (its --label-output is build's/compare's own, copied in by the command)
-           "KD": lambda: _train_group().only("epochs", "lr", "alpha", "temperature", "kd_loss"),
+           "KD": lambda: _train_group().only("epochs", "lr", "alpha", "temperature", "kd_loss", "batchnorm"),
            "PRUNE": _prune_group, "BUILD": _build_group, "COMPARE": _compare_group, "LAUNCH": _launch_group}
 
 

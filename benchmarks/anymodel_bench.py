@@ -23,6 +23,7 @@ change one policy decision (`_variant`) to show what it is worth. MiniLM and CRE
 `edgec build FILE.ts --data NPZ --eval-data NPZ --input-shape ... --task ...`, with no wrapper code.
 
     python benchmarks/anymodel_bench.py [vad crepe onet minilm]
+    CREPE_PRUNE=0.1 CREPE_EPOCHS=6 python benchmarks/anymodel_bench.py crepe-distill   # CREPE's distillation alone
 """
 from __future__ import annotations
 
@@ -528,7 +529,7 @@ def bench_crepe():
         if rec["cli"]["exit_code"] == 0 else None
     if got is not None:
         rec["cli"]["pitch"] = err(got)
-    rec["distill"] = distill_crepe(teacher, err, t_eval, x_eval, fp32)
+    rec["distill"] = {f"prune {RATIO:.0%}": distill_crepe(teacher, err, t_eval, x_eval, fp32)}
     save("crepe", rec)
 
 
@@ -611,8 +612,9 @@ def bench_crepe_distill():
     fp32 = export(teacher, (torch.zeros(1, 1024),), WORK / "crepe.onnx", ["input"], ["probs"],
                   {"input": {0: "n"}, "probs": {0: "n"}})
     rec = json.loads(RESULTS.read_text()).get("crepe", {}) if RESULTS.exists() else {}
-    rec["distill"] = distill_crepe(teacher, err, t_eval, x_eval, fp32)
-    rec["distill"]["teacher_fp32"] = err(t_eval)
+    runs = rec["distill"] if "student" not in rec.get("distill", {"student": 1}) else {}  # one run per prune ratio
+    runs[f"prune {RATIO:.0%}"] = distill_crepe(teacher, err, t_eval, x_eval, fp32) | {"teacher_fp32": err(t_eval)}
+    rec["distill"] = runs
     save("crepe", rec)
 
 

@@ -86,6 +86,11 @@ def test_cli_prunes_a_gru_spotter_which_exports_quantizes_and_reloads(spotter, t
     arch = f"{ARCH}:gru"
     pruned = tmp_path / "pruned.pt"
     code, stdout, stderr = run_cli("prune", spotter / "model.pt", "--arch", arch, "--data", spotter / "train.npz",
+                                   "--ratio", "0.5", "--dry-run")
+    assert code == 0, stderr
+    assert "root rnn: rnn (out_channels), head (in_channels)" in stdout, stdout   # the GRU's hidden group
+    assert "recurrent layer rnn (GRU): hidden size pruned" in stdout and not pruned.exists()
+    code, stdout, stderr = run_cli("prune", spotter / "model.pt", "--arch", arch, "--data", spotter / "train.npz",
                                    "--ratio", "0.5", "-o", pruned, "--json")
     assert code == 0, stderr
     r = json.loads(stdout)

@@ -6,9 +6,9 @@ validates options loudly, and reports params/FLOPs before and after (edgec.metri
 2 per multiply-accumulate). The model's output layer is never pruned.
 
 Recurrent layers (nn.GRU, nn.LSTM, nn.RNN) are resized by `RecurrentPruner`: their input size follows the layer
-that feeds them, and their hidden size is pruned across every gate, layer and the recurrent weights, unless the
-hidden state crosses the model's boundary (a state input or output), the layer is bidirectional (its output
-interleaves two directions) or an LSTM has a projection: then the hidden size is kept, and the record says why.
+that feeds them, and their hidden size is pruned across every gate, layer, direction and the recurrent weights,
+unless the hidden state crosses the model's boundary (a state input or output) or an LSTM has a projection: then
+the hidden size is kept, and the record says why.
 """
 from __future__ import annotations
 
@@ -87,7 +87,12 @@ def _recurrent_pruner():
 
         def prune_out_channels(self, layer, idxs):
             h = layer.hidden_size
-            keep = self._keep(h, idxs)
+            # bidirectional: the output is [forward H | backward H]; idxs come in pairs k, H + k (channel groups)
+            units = {int(i) % h for i in idxs}
+            if layer.bidirectional and len(units) * 2 != len(set(int(i) for i in idxs)):
+                raise ModelError("a bidirectional recurrent layer loses the same hidden units in both directions; "
+                                 "this dependency group asked for others")
+            keep = self._keep(h, units)
             rows = [g * h + k for g in range(_GATES[type(layer)]) for k in keep]
             below = keep + [h + k for k in keep] if layer.bidirectional else keep   # layer l-1's output features
             for name, _ in list(layer.named_parameters(recurse=False)):
@@ -111,6 +116,9 @@ def _recurrent_pruner():
 
         def get_in_channels(self, layer):
             return layer.input_size
+
+        def get_out_channel_groups(self, layer):
+            return 2 if layer.bidirectional else 1   # the same units pruned in both directions
 
     return RecurrentPruner()
 
@@ -158,7 +166,6 @@ def recurrent_layers(model: nn.Module, example: tuple) -> dict[str, dict]:
     for name, (m, given_state, made) in seen.items():
         why = ("its hidden state is a model input" if given_state
                else "its output or state is a model output" if made & returned
-               else "bidirectional: its output interleaves both directions" if m.bidirectional
                else "an LSTM with a projection (proj_size)" if getattr(m, "proj_size", 0)
                else "recurrent layers are pruned by nn.GRU/LSTM/RNN only" if type(m) not in _GATES else None)
         plan[name] = {"type": type(m).__name__, "hidden": "kept" if why else "pruned",

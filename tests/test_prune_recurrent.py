@@ -111,3 +111,20 @@ def test_cli_prunes_a_gru_spotter_which_exports_quantizes_and_reloads(spotter, t
     val = recurrent.keywords(64, seed=3)
     got = sess.run(None, {sess.get_inputs()[0].name: val["audio"]})[0]
     assert (got.argmax(1) == val["y"]).mean() > 0.8
+
+
+def test_build_prunes_a_two_layer_bidirectional_lstm_into_int8(tmp_path):
+    torch.save(recurrent.train(recurrent.bilstm2()).state_dict(), tmp_path / "model.pt")
+    for name, n, seed in (("train.npz", 256, 2), ("val.npz", 200, 3)):
+        np.savez(tmp_path / name, **recurrent.keywords(n, seed=seed))
+    code, stdout, stderr = run_cli("build", tmp_path / "model.pt", "--arch", f"{ARCH}:bilstm2", "--data",
+                                   tmp_path / "train.npz", "--eval-data", tmp_path / "val.npz", "--prune", "0.5",
+                                   "--distill", "--epochs", "2", "--bench-seconds", "0", "-o", tmp_path / "k.edgec",
+                                   "--json")
+    assert code == 0, stderr
+    m = json.loads(stdout)
+    prune = next(s for s in m["stages"] if s["name"] == "prune")["metrics"]
+    assert prune["recurrent"] == {"rnn": {"type": "LSTM", "hidden": "pruned"}}
+    assert prune["params_after"] < 0.3 * prune["params_before"]
+    assert m["quantization"]["ops"]["by_type"]["LSTM"] == {"int8": 2, "float": 0}   # both layers' weights INT8
+    assert next(s for s in m["stages"] if s["name"] == "evaluate")["metrics"]["gate"]["passed"]

@@ -27,7 +27,8 @@ class CellLoop(nn.Module):
 
     def __init__(self, hidden: int = 32):
         super().__init__()
-        self.front, self.cell, self.head = nn.Conv1d(1, 16, 9, stride=8), nn.GRUCell(16, hidden), nn.Linear(hidden, CLASSES)
+        self.front, self.cell = nn.Conv1d(1, 16, 9, stride=8), nn.GRUCell(16, hidden)
+        self.head = nn.Linear(hidden, CLASSES)
 
     def forward(self, audio):
         f = torch.relu(self.front(audio.unsqueeze(1)))

@@ -6,9 +6,9 @@
 - `mse`: regression, scores, boxes, feature maps.
 - `cosine`: embeddings (1 - cosine along the last axis).
 
-`--kd-loss OUTPUT=KIND[:WEIGHT]` sets an output's loss (`auto:WEIGHT`: the detected one, weighed); the rest are chosen from the teacher's outputs on real
-samples (`choose`), each with the reason, recorded and printed. Outputs are addressed by position (`0`, `1`, or
-the exported names `output`, `output_1`) or by dict key.
+`--kd-loss OUTPUT=KIND[:WEIGHT]` sets an output's loss and weight (`auto:WEIGHT`: the detected loss, weighed); the
+rest are chosen from the teacher's outputs on real samples (`choose`), each with the reason, recorded and printed.
+Outputs are addressed by position (`0`, `1`, or the exported names `output`, `output_1`) or by dict key.
 """
 from __future__ import annotations
 

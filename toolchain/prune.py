@@ -7,8 +7,8 @@ validates options loudly, and reports params/FLOPs before and after (edgec.metri
 
 Recurrent layers (nn.GRU, nn.LSTM, nn.RNN) are resized by `RecurrentPruner`: their input size follows the layer
 that feeds them, and their hidden size is pruned across every gate, layer, direction and the recurrent weights,
-unless the hidden state crosses the model's boundary (a state input or output) or an LSTM has a projection: then
-the hidden size is kept, and the record says why.
+unless the layer is given an initial state (a model input, or a fixed-size tensor), returns its state as a model
+output, or is an LSTM with a projection: then the hidden size is kept, and the record says why.
 """
 from __future__ import annotations
 
@@ -139,6 +139,8 @@ class _OneNode(torch.autograd.Function):
 
 def _one_node(module, inputs, output):
     out, state = output
+    if not isinstance(out, torch.Tensor) or not isinstance(inputs[0], torch.Tensor):
+        return None   # a PackedSequence: traced as it is
     states = state if isinstance(state, tuple) else (state,)
     flat = _OneNode.apply(inputs[0], *(t.detach() for t in (out, *states)))
     return flat[0], (tuple(flat[1:]) if isinstance(state, tuple) else flat[1])
@@ -148,11 +150,12 @@ def recurrent_layers(model: nn.Module, example: tuple) -> dict[str, dict]:
     """{name: {"hidden": "pruned"|"kept", "why": ...}} for every recurrent layer the example runs through."""
     seen: dict = {}
 
-    def hook(mod, inputs, output, name):
+    def hook(mod, args, kwargs, output, name):
         out, state = output
         states = state if isinstance(state, tuple) else (state,)
-        seen[name] = (mod, len(inputs) > 1 and inputs[1] is not None, {id(t) for t in (out, *states)})
-    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: hook(mod, i, o, name))
+        given = (args[1] if len(args) > 1 else kwargs.get("hx")) is not None
+        seen[name] = (mod, given, {id(t) for t in (out, *states)})
+    hooks = [m.register_forward_hook(lambda mod, a, k, o, name=name: hook(mod, a, k, o, name), with_kwargs=True)
              for name, m in model.named_modules() if isinstance(m, nn.RNNBase)]
     try:
         with torch.no_grad():
@@ -164,7 +167,7 @@ def recurrent_layers(model: nn.Module, example: tuple) -> dict[str, dict]:
     returned = {id(t) for t in flatten(out).values()}
     plan = {}
     for name, (m, given_state, made) in seen.items():
-        why = ("its hidden state is a model input" if given_state
+        why = ("it is given an initial state (a model input, or a tensor of fixed size)" if given_state
                else "its output or state is a model output" if made & returned
                else "an LSTM with a projection (proj_size)" if getattr(m, "proj_size", 0)
                else "recurrent layers are pruned by nn.GRU/LSTM/RNN only" if type(m) not in _GATES else None)

@@ -180,7 +180,8 @@ def recurrent_layers(model: nn.Module, example: tuple) -> dict[str, dict]:
 
 def output_layers(model: nn.Module, example: tuple) -> list[nn.Module]:
     """The layer(s) producing the model's outputs (the classifier, every head of a multi-output model): the last
-    Conv/Linear whose output has the output's shape. Their output channels are the classes, so never pruned.
+    Conv/Linear whose output has the output's shape, else the last one with the output's channel count (a head
+    pooled after its layer). Their output channels are the classes, so never pruned.
     Recurrent layers whose hidden size is kept (`recurrent_layers`) count as such too."""
     order = []
     hooks = [m.register_forward_hook(lambda mod, i, o: order.append((mod, tuple(o.shape))))
@@ -196,10 +197,17 @@ def output_layers(model: nn.Module, example: tuple) -> list[nn.Module]:
     found = []
     for o in outs:
         hit = next((m for m, shape in reversed(order) if shape == tuple(o.shape)), None)
+        if hit is None and o.ndim > 1:  # a head pooled after its layer (SqueezeNet's conv classifier): match channels
+            hit = next((m for m, shape in reversed(order) if _channels(m, shape) == o.shape[1]), None)
         if hit is not None and hit not in found:
             found.append(hit)
     modules = dict(model.named_modules())
     return found + [modules[n] for n, r in recurrent_layers(model, example).items() if r["hidden"] == "kept"]
+
+
+def _channels(module: nn.Module, shape: tuple) -> int | None:
+    """The size of a layer's output-channel axis in its output: last for Linear, 1 for convolutions."""
+    return shape[-1] if isinstance(module, nn.Linear) else shape[1] if len(shape) > 1 else None
 
 
 def _ignored(model: nn.Module, names) -> list[nn.Module]:

@@ -69,6 +69,8 @@ class QuantOptions:
     adaround_seconds: float = 60.0         # time box: past it the remaining layers keep round-to-nearest
     transform_samples: int = 64            # samples for the transforms' statistics (as good as 128 here)
     policy: bool = True                    # keep out what one 8-bit scale breaks; transformers dynamic (policy.py)
+    # ranges of the values the readers can tell apart (a hard-swish input clamped at -3: edgec.exporters.activations)
+    saturation_ranges: bool = True
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -325,18 +327,25 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
             if record["prelu"]["split"]:
                 onnx.save_model(model, str(pre))
             del model
+        from edgec.exporters.activations import fuse_hard_swish, saturation_bounds
+        model = onnx.load(str(pre))
+        record["hard_swish_fused"] = fuse_hard_swish(model)   # exact: two quantizers fewer per hard-swish
+        if record["hard_swish_fused"]:
+            onnx.save_model(model, str(pre))
+        del model
         transforms, bias = _equalize(pre, calibration, options, workdir)
         model = onnx.load(str(pre), load_external_data=False)
         node_ops = {n.name: n.op_type for n in model.graph.node}
         from edgec.exporters.transforms import bias_inputs, depthwise_weights
         wanted = bias_inputs(model) if bias and options.bias_method == "fast" else []
+        bounds = saturation_bounds(model) if options.saturation_ranges else {}
         del model
         qrange = (0, 255) if scheme.activation_type == "uint8" else (-128, 127)
         calib = calibrate(pre, calibration, method=options.method, num_samples=options.num_samples,
                           symmetric=scheme.activation_symmetric, qrange=qrange, percentile=options.percentile,
                           bins=options.histogram_bins, memory_mb=options.calibration_memory_mb, workdir=workdir,
                           force=options.force_calibration_data, progress=default_progress(progress),
-                          channel_means=wanted)
+                          channel_means=wanted, bounds=bounds)
         cache = workdir / "ranges.json"
         save_ranges(calib.ranges, cache)
         from edgec.exporters.policy import plan

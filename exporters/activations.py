@@ -90,6 +90,8 @@ def saturation_bounds(model) -> dict[str, tuple[float, float]]:
     for tensor, readers in g.consumers.items():
         if tensor in g.outputs or tensor in g.inits or not readers:
             continue
+        if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip"):
+            continue   # ORT folds a lone Relu/Clip into the producer's range already (QDQRemovableActivation)
         regions = [_flat_region(n, tensor, g, producers) for n in readers]
         if all(r is not None for r in regions):
             lo, hi = min(r[0] for r in regions), max(r[1] for r in regions)

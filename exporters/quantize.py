@@ -31,7 +31,11 @@ _DYNAMIC_OPS = {"MatMulInteger": "MatMul", "DynamicQuantizeMatMul": "MatMul", "C
                 "DynamicQuantizeLSTM": "LSTM"}
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")   # weights W (input 1) and R (input 2) count with the compute ops
 _TYPES = ("uint8", "int8")
-BIAS_METHODS = ("fast", "empirical")
+BIAS_METHODS = ("auto", "fast", "empirical")
+# auto: the sequential (empirical) correction where its passes are cheap, levels x activation bytes per sample at
+# most this (PP-OCR cls: 53 levels x 7 MB = 0.37 GiB, about 20 s at load 6: mean cosine 0.9855 -> 0.9899 on photo
+# strips; EfficientNet-Lite0: 50 x 51 MB = 2.5 GiB, 400 s for 0.9902 -> 0.9907), else the analytic one
+EMPIRICAL_BIAS_MAX_MB = 1024
 ADAROUND_OFF = ("off by default: not shown to earn its time on a hard model yet (EfficientNet-Lite0 on a loaded "
                 "2-core host: its statistics pass alone overran the 60 s time box, so no layer was rounded, "
                 "benchmarks/QUANT_RESULTS.md); adaround=True to use it")
@@ -62,8 +66,9 @@ class QuantOptions:
     equalize: bool | None = None           # cross-layer equalization; None = see transforms_default()
     bias_correction: bool | None = None    # bias correction; None = see transforms_default()
     # fast: analytic, from the calibration pass's statistics, seconds (EfficientNet-Lite0 0.943 -> 0.986 mean
-    # cosine in 7 s); empirical: sequential passes, 0.989 but in 164 s (benchmarks/QUANT_RESULTS.md)
-    bias_method: str = "fast"
+    # cosine in 7 s); empirical: sequential passes, 0.989 but in 164 s (benchmarks/QUANT_RESULTS.md); auto:
+    # empirical where it is cheap (EMPIRICAL_BIAS_MAX_MB), else fast
+    bias_method: str = "auto"
     adaround: bool | None = None           # learned weight rounding (edgec.exporters.adaround); None = default
     adaround_iterations: int = 500
     adaround_seconds: float = 60.0         # time box: past it the remaining layers keep round-to-nearest
@@ -214,7 +219,8 @@ class Prepared:
                  "DedicatedQDQPair": s.dedicated_qdq_pair}
         dynamic = [n for n in (self.policy or {}).get("dynamic_nodes", []) if n not in user_excluded]
         static_out = self.workdir / "static.onnx" if dynamic else out_path
-        if s.reduce_range and s.full_range_depthwise and self.depthwise_weights:
+        from edgec.exporters.transforms import weight_reduce_range
+        if weight_reduce_range(s, True) != s.reduce_range and self.depthwise_weights:   # 8-bit depthwise weights
             grid = {"axis": 0, "reduce_range": False} if s.per_channel else {"reduce_range": False}
             extra["TensorQuantOverrides"] = {w: [dict(grid)] for w in self.depthwise_weights}
         with _quiet_ort():
@@ -337,7 +343,7 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
         model = onnx.load(str(pre), load_external_data=False)
         node_ops = {n.name: n.op_type for n in model.graph.node}
         from edgec.exporters.transforms import bias_inputs, depthwise_weights
-        wanted = bias_inputs(model) if bias and options.bias_method == "fast" else []
+        wanted = bias_inputs(model) if bias and options.bias_method != "empirical" else []
         bounds = saturation_bounds(model) if options.saturation_ranges else {}
         del model
         qrange = (0, 255) if scheme.activation_type == "uint8" else (-128, 127)
@@ -419,7 +425,8 @@ def _bias_correct(p: Prepared, calibration, exclude: list[str]) -> None:
     started = time.perf_counter()
     probe = p.quantize(p.workdir / "bias-probe.onnx", exclude, quant_format="QDQ")
     model = onnx.load(str(p.model_path))
-    if p.options.bias_method == "fast":
+    method, why = bias_method(p, model, exclude)
+    if method == "fast":
         reference = {name: value for name, value in (p.weight_originals or {}).values()}
         rec, originals = tf.fast_bias_correct(model, onnx.load(str(probe)), p.calibration.channel_means, exclude,
                                               reference=reference)
@@ -431,7 +438,22 @@ def _bias_correct(p: Prepared, calibration, exclude: list[str]) -> None:
         onnx.save_model(model, str(p.model_path))
     p.bias_originals = originals
     p.transforms["bias_correction"] = {**rec, "reason": p.transforms["bias_correction"]["reason"],
+                                       "method": method, "method_reason": why,
                                        "seconds": round(time.perf_counter() - started, 2)}
+
+
+def bias_method(p: Prepared, model, exclude) -> tuple[str, str]:
+    """The bias correction method for this model, and why."""
+    if p.options.bias_method != "auto":
+        return p.options.bias_method, "set by option"
+    from edgec.exporters.transforms import correction_levels
+    levels = correction_levels(model, exclude)
+    cost = levels * p.calibration.bytes_per_sample / 2 ** 20
+    if cost <= EMPIRICAL_BIAS_MAX_MB:
+        return "empirical", (f"sequential passes are cheap here ({levels} levels x "
+                             f"{p.calibration.bytes_per_sample / 2 ** 20:.1f} MB per sample <= {EMPIRICAL_BIAS_MAX_MB} MB)")
+    return "fast", f"sequential passes would cost {levels} levels x {p.calibration.bytes_per_sample / 2 ** 20:.1f} " \
+                   f"MB per sample > {EMPIRICAL_BIAS_MAX_MB} MB: analytic"
 
 
 def _adaround(p: Prepared, calibration, exclude: list[str]) -> None:

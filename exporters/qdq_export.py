@@ -159,23 +159,24 @@ def ort_fusion(path, level: str = "extended") -> dict:
             "op_types": dict(sorted(ops.items()))}
 
 
-def _trace_export(model, example, path, opset: int) -> None:
+def _trace_export(model, example, path, opset: int, inputs=None) -> None:
     """The TorchScript exporter (the one that maps fake_quantize_* to Q/DQ), without constant folding: folding
-    would turn each weight's Q/DQ pair back into a float weight."""
+    would turn each weight's Q/DQ pair back into a float weight. `example`: one tensor or a tuple (several
+    inputs); `inputs`: their InputSpecs (names and dynamic axes, as export_onnx writes them)."""
     import torch
 
-    from edgec.exporters.onnx_export import _quiet
+    from edgec.exporters.onnx_export import _quiet, default_output_names, example_specs
     was_training = model.training
     model.eval()
     try:
+        args, specs = example_specs(example, "input", inputs)
         with torch.no_grad():
-            outs = model(example)
-        n = len(outs) if isinstance(outs, (tuple, list)) else 1
-        names = ["output"] if n == 1 else [f"output_{i}" for i in range(n)]  # as export_onnx names them
-        axes = {name: {0: "batch"} for name in ["input", *names]}
+            outs = model(*args)
+        names = default_output_names(len(outs) if isinstance(outs, (tuple, list)) else 1)
+        axes = {s.name: s.dynamic_axes for s in specs} | {name: {0: "batch"} for name in names}
         with _quiet(), torch.no_grad():
-            torch.onnx.export(model, (example.detach().clone(),), str(path), dynamo=False, opset_version=opset,
-                              input_names=["input"], output_names=names, dynamic_axes=axes,
+            torch.onnx.export(model, args, str(path), dynamo=False, opset_version=opset,
+                              input_names=[s.name for s in specs], output_names=names, dynamic_axes=axes,
                               do_constant_folding=False)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"QDQ export failed: {str(e).strip().splitlines()[0][:200] if str(e).strip() else e}") from e
@@ -183,7 +184,7 @@ def _trace_export(model, example, path, opset: int) -> None:
         model.train(was_training)
 
 
-def export_qdq(model, example, path, *, opset: int = 17, force: bool = True) -> dict:
+def export_qdq(model, example, path, *, opset: int = 17, force: bool = True, inputs=None) -> dict:
     """Export a fake-quantized module (see edgec.qat) to a QDQ ONNX file with int8 weights."""
     import onnx
 
@@ -192,7 +193,7 @@ def export_qdq(model, example, path, *, opset: int = 17, force: bool = True) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.qdq-", dir=path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
-        _trace_export(model, example, raw, opset)
+        _trace_export(model, example, raw, opset, inputs)
         proto = onnx.load(str(raw))
         raw_bytes = raw.stat().st_size
         folded = fold_weight_quantizers(proto)

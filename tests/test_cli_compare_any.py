@@ -113,5 +113,6 @@ def test_distillation_learns_from_the_named_labels_of_the_label_output(tmp_path,
                                    "-o", tmp_path / "p.edgec", "--json")
     assert code == 0, stderr
     distill = _stage(json.loads(stdout)["stages"], "distill")["metrics"]
-    assert distill["labels"] == {"output": "output_0", "shape": [5], "dtype": "float32"}
+    # the tags on output_0 (y:output_0, the label output) and the values on output_1 (y:output_1): both learnt
+    assert distill["labels"] == {"0": {"shape": [5], "dtype": "float32"}, "1": {"shape": [2], "dtype": "float32"}}
     assert {s["output"]: s["kind"] for s in distill["kd_loss"]} == {"0": "bce", "1": "mse"}

@@ -64,3 +64,26 @@ def test_prune_without_data_names_the_fix(tmp_path, ids):
     model, _, _ = ids
     code, _, stderr = run_cli("prune", model, "--arch", ARCH, "--ratio", "0.5", "-o", tmp_path / "p.pt")
     assert code == 2 and "takes several inputs; pass --data" in stderr
+
+
+def test_compare_qat_kd_on_two_int64_inputs(tmp_path, ids):
+    """qat-kd fine-tunes the fake-quantized model on dict batches (ids + mask), exports its QDQ file with both
+    int64 inputs, and the accuracy torch measured is the one ONNX Runtime gives."""
+    import onnxruntime as ort
+    model, train, val = ids
+    out = tmp_path / "cmp"
+    code, stdout, stderr = run_cli("compare", model, "--arch", ARCH, "--data", train, "--eval-data", val,
+                                   "--recipes", "fp32,qat-kd", "--qat-epochs", "1", "--bench-seconds", "0.2",
+                                   "-o", out, "--json")
+    assert code == 0, stderr
+    rows = {r["recipe"]: r for r in json.loads(stdout)["recipes"]}
+    qat = rows["qat-kd"]
+    assert qat.get("error") is None, qat
+    assert qat["accuracy"] > 80 and qat["accuracy"] > rows["fp32"]["accuracy"] - 3, (qat, rows["fp32"])
+    sess = ort.InferenceSession(str(out / qat["onnx"]), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in sess.get_inputs()] == [("ids", "tensor(int64)"), ("mask", "tensor(int64)")]
+    assert any(n.op_type == "QuantizeLinear" for n in __import__("onnx").load(str(out / qat["onnx"])).graph.node)
+    taken = next(s for s in qat["stages"] if s["name"] == "quantize")["metrics"]
+    check = taken["export"]["check"]
+    assert check["samples"] == 200 and abs(taken["torch_vs_ort_points"]) <= 1.0, check
+    assert "augmentation off" in stderr

@@ -166,3 +166,13 @@ def test_cli_dry_run_writes_nothing_then_prune_writes_a_self_describing_file(tmp
     with pytest.raises(SystemExit) as e:
         main(["prune", str(out), "--ratio", "2", "-o", str(tmp_path / "p3.pt")])
     assert e.value.code == 2 and "outside (0, 1)" in capsys.readouterr().err
+
+
+def test_a_conv_classifier_pooled_after_it_keeps_its_classes():
+    # SqueezeNet's head: the last conv gives the classes, then ReLU + global pooling; its output (N, 10, H, W) has
+    # not the model's output shape (N, 10), so the output layer is found by its channels
+    loaded = _loaded("torchvision:squeezenet1_1?num_classes=10")
+    pruned, record = prune_model(loaded, PruneConfig(ratio=0.3), None)
+    assert pruned.classifier[1].out_channels == 10
+    assert record["params_after"] < record["params_before"]
+    assert pruned(torch.randn(2, *SHAPE[1:])).shape == (2, 10)

@@ -80,8 +80,7 @@ def qat_cnn(trained_cnn, digits, tmp_path_factory):
     train_ds, test_ds = digits
     teacher = load_model(trained_cnn[0]).module
     student = load_model(trained_cnn[0]).module
-    qmodel, record = qat_finetune(student, teacher, train_ds, test_ds, QatConfig(epochs=1, calib_batches=4),
-                                  input_shape=(1, 3, 32, 32))
+    qmodel, record = qat_finetune(student, teacher, train_ds, test_ds, QatConfig(epochs=1, calib_batches=4))
     out = tmp_path_factory.mktemp("qat") / "cnn.qat.onnx"
     info = export_qat_onnx(qmodel, torch.from_numpy(test_ds.x[:1]), out, eval_data=test_ds)
     return qmodel, record, info, out, teacher

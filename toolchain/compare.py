@@ -385,27 +385,32 @@ class Run:
     def recipe_qat(self) -> Made:
         import copy
 
-        import torch
         from edgec.qat import QatConfig, export_qat_onnx, qat_finetune
         source = self.source
         require_eager(source.model, "qat-kd")
         fp32, exported = self.fp32()
         cfg = QatConfig(epochs=self.opts.qat_epochs, seed=self.opts.distill.seed)
 
+        kd = self.opts.distill
+
         def make(path):
-            train_data, validation = training_split(source.calib)
+            # dict batches of every input (ids + mask as well as images); labels of --label-output, as prune-kd
+            train_data, validation = training_split(source.calib.for_output(kd.label_output))
             qat_model, record = qat_finetune(copy.deepcopy(source.model.module), source.model.module, train_data,
-                                             validation, cfg, source.input_shape)
+                                             validation, cfg, label_output=kd.label_output, kd_loss=kd.kd_loss)
             # torch (fake quant) and ORT measured on the same eval samples: the QAT promise is that they agree
-            export = export_qat_onnx(qat_model, torch.from_numpy(source.calib.x[0:1]), path,
-                                     eval_data=source.check_data)
+            check = source.check_data.for_output(kd.label_output)
+            export = export_qat_onnx(qat_model, source.calib.head(1), path, eval_data=check, inputs=source.specs,
+                                     label_output=kd.label_output)
             details = {"qat": plain(record), "export": plain(export)}
             check = export.get("check") or {}
             if check.get("torch_accuracy") is not None:
                 details["torch_vs_ort_points"] = round(check["torch_accuracy"] - check["ort_accuracy"], 4)
             taken = stages.TakenInt8Record(source="quantization-aware training (compare qat-kd)", record=details)
             return Entry(stages=[taken.to_dict()], details=details)
-        int8, record = self.cache.onnx("qat", {"source": source.fingerprint, "qat": plain(cfg)}, "int8", make)
+        int8, record = self.cache.onnx("qat", {"source": source.fingerprint, "qat": plain(cfg),
+                                               "label_output": kd.label_output, "kd_loss": plain(kd.kd_loss)},
+                                       "int8", make)
         return Made(int8, exported.stages + record.stages, source.model.module, reference=fp32,
                     details=record.details)
 

@@ -242,11 +242,13 @@ class Dataset:
         return out or None
 
     def for_output(self, output: str | None) -> "Dataset":
-        """The same samples with the labels of `output` (a `y:OUTPUT` set) as the plain labels: what training,
-        which has one labelled output, learns from. Unchanged when that output has no named labels."""
+        """The same samples with the labels of `output` (a `y:OUTPUT` set) as the plain labels (what accuracy and
+        the best epoch are scored on); the other `y:OUTPUT` sets stay, for training's loss on each of those
+        outputs. Unchanged when that output has no named labels."""
         if output is None or output not in self.named:
             return self
-        return Dataset(self.columns, self.named[output], self.source, self.preprocess, self.classes, self.specs)
+        return Dataset(self.columns, self.named[output], self.source, self.preprocess, self.classes, self.specs,
+                       {k: v for k, v in self.named.items() if k != output})
 
     @property
     def class_ids(self) -> bool:

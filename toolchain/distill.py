@@ -30,8 +30,10 @@ def _output_shapes(model: nn.Module, example: tuple) -> dict:
 def distill(teacher: nn.Module, student: nn.Module, train_data, eval_data, cfg: TrainConfig, *,
             label: str = "distill", stop_after: int | None = None) -> dict:
     """Train `student` in place on `teacher`'s outputs (alpha=0: plain fine-tuning), each output with the loss of
-    its task (edgec.kdloss). Returns the stage record: teacher and student accuracy before/after (None where the
-    labels are not class ids), the losses chosen, the training history, time."""
+    its task (edgec.kdloss), weighed per output (--kd-loss OUTPUT=KIND:WEIGHT), and on the labels of every
+    labelled output (`y` on --label-output, each `y:OUTPUT` set on its output). Returns the stage record: teacher
+    and student accuracy before/after (None where the labels are not class ids), the losses chosen, the labels
+    used, the training history, time."""
     import numpy as np
     from edgec.train import read_rows
     example = read_rows(train_data, np.arange(min(2, len(train_data))))
@@ -54,12 +56,9 @@ def distill(teacher: nn.Module, student: nn.Module, train_data, eval_data, cfg: 
     teacher_acc = evaluate(teacher, eval_data, label_output=cfg.label_output) if rank == 0 else None
     student_acc0 = evaluate(student, eval_data, label_output=cfg.label_output) if rank == 0 else None
     record = train(student, train_data, cfg, eval_data=eval_data, teacher=teacher if cfg.alpha > 0 or cfg.hints
-                   or train_data.y is None else None, label=label, stop_after=stop_after)
+                   or not train_data.labelled else None, label=label, stop_after=stop_after)
     record.update(teacher_accuracy=teacher_acc, student_accuracy_before=student_acc0,
-                  recipe="fine-tune" if cfg.alpha == 0 and not cfg.hints else "distill",
-                  labels=None if train_data.y is None else {"output": cfg.label_output or "the first",
-                                                            "shape": list(train_data.y.shape[1:]),
-                                                            "dtype": str(train_data.y.dtype)})
+                  recipe="fine-tune" if cfg.alpha == 0 and not cfg.hints else "distill")
     return record
 
 

@@ -6,9 +6,9 @@
 - `mse`: regression, scores, boxes, feature maps.
 - `cosine`: embeddings (1 - cosine along the last axis).
 
-`--kd-loss OUTPUT=KIND[:WEIGHT]` sets an output's loss; the rest are chosen from the teacher's outputs on real
-samples (`choose`), each with the reason, recorded and printed. Outputs are addressed by position (`0`, `1`, or
-the exported names `output`, `output_1`) or by dict key.
+`--kd-loss OUTPUT=KIND[:WEIGHT]` sets an output's loss and weight (`auto:WEIGHT`: the detected loss, weighed); the
+rest are chosen from the teacher's outputs on real samples (`choose`), each with the reason, recorded and printed.
+Outputs are addressed by position (`0`, `1`, or the exported names `output`, `output_1`) or by dict key.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from edgec.core.errors import OptionError
 
 KINDS = ("kl", "bce", "mse", "cosine")
+AUTO = "auto"   # --kd-loss OUTPUT=auto:WEIGHT: the detected loss, with this weight
 
 
 @dataclass
@@ -51,8 +52,9 @@ def parse(specs) -> tuple[tuple[str, str, float], ...]:
                 weight = float(w) if w else 1.0
             except ValueError:
                 raise OptionError(f"--kd-loss {spec!r}: weight {w!r} is not a number") from None
-        if kind not in KINDS:
-            raise OptionError(f"--kd-loss {spec!r}: loss {kind!r} is not one of {', '.join(KINDS)}")
+        if kind not in (*KINDS, AUTO):
+            raise OptionError(f"--kd-loss {spec!r}: loss {kind!r} is not one of {', '.join(KINDS)} or {AUTO} (the "
+                              "detected one, e.g. boxes=auto:2 to weigh it)")
         if not weight >= 0:
             raise OptionError(f"--kd-loss {spec!r}: the weight must not be negative")
         out.append((str(output), kind, float(weight)))
@@ -75,7 +77,7 @@ def flatten(out) -> dict[str, torch.Tensor]:
     return flat
 
 
-def resolve_key(name: str, keys: list[str]) -> str:
+def resolve_key(name: str, keys: list[str], what: str = "--kd-loss/--label-output") -> str:
     """An output named by position, exported name (`output`, `output_2`) or dict key -> its key in `flatten`."""
     if name in keys:
         return name
@@ -85,8 +87,10 @@ def resolve_key(name: str, keys: list[str]) -> str:
         return keys[int(name[7:])]
     if name.isdigit() and int(name) < len(keys):
         return keys[int(name)]
-    raise OptionError(f"--kd-loss/--label-output: the teacher has no output {name!r}; its outputs are "
-                      f"{', '.join(keys)} (by position or dict key)")
+    listed = (", ".join(keys) if not all(k.isdigit() for k in keys)
+              else "output" if len(keys) == 1 else ", ".join(f"output_{k}" for k in keys))
+    raise OptionError(f"{what}: the model has no output {name!r}; its outputs are {listed} (or by position: "
+                      f"{', '.join(str(i) for i in range(len(keys)))})")
 
 
 def detect(t: torch.Tensor, several: bool) -> tuple[str, str, bool]:
@@ -123,7 +127,11 @@ def choose(teacher_out, given=(), label_output: str | None = None) -> list[Outpu
     losses = []
     for key, t in flat.items():
         kind, reason, probs = detect(t, len(flat) > 1)
-        if key in chosen:
+        if key in chosen and chosen[key][0] == AUTO:
+            if kind != "none":
+                losses.append(OutputLoss(key, kind, chosen[key][1], f"{reason}; weight set by --kd-loss",
+                                         tuple(t.shape), probs))
+        elif key in chosen:
             asked, weight = chosen[key]
             if asked == "kl" and kind == "kl":
                 pass  # keep the detected probabilities flag
@@ -173,18 +181,22 @@ def label_term(spec: OutputLoss, s: torch.Tensor, y: torch.Tensor) -> torch.Tens
 
 def total(specs: list[OutputLoss], student_out, teacher_out, labels, alpha: float, temperature: float,
           label_output: str | None) -> torch.Tensor:
-    """sum over outputs of weight * distillation term; the labelled output mixes alpha * KD + (1 - alpha) * label
-    loss (today's Hinton loss for one logits output)."""
+    """sum over outputs of weight * distillation term; each labelled output mixes alpha * KD + (1 - alpha) * label
+    loss (today's Hinton loss for one logits output). `labels`: {output key: labels} (every labelled output), or
+    one tensor: the labels of `label_output` (default: the first output)."""
     s_flat = flatten(student_out)
     t_flat = flatten(teacher_out) if teacher_out is not None else None
     keys = list(s_flat)
-    label_key = resolve_key(label_output, keys) if label_output is not None else keys[0]
+    if labels is not None and not isinstance(labels, dict):
+        labels = {resolve_key(label_output, keys) if label_output is not None else keys[0]: labels}
+    labels = labels or {}
     loss = torch.zeros((), device=next(iter(s_flat.values())).device)
     for spec in specs:
         s = s_flat[spec.output]
-        labelled = labels is not None and spec.output == label_key
+        y = labels.get(spec.output)
+        labelled = y is not None
         if t_flat is not None and (alpha > 0 or not labelled):
             loss = loss + spec.weight * (alpha if labelled else 1.0) * term(spec, s, t_flat[spec.output], temperature)
         if labelled and (alpha < 1 or t_flat is None):
-            loss = loss + spec.weight * (1 - alpha if t_flat is not None else 1.0) * label_term(spec, s, labels)
+            loss = loss + spec.weight * (1 - alpha if t_flat is not None else 1.0) * label_term(spec, s, y)
     return loss

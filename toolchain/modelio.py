@@ -31,6 +31,7 @@ _SHAPE_ATTRS = {
     nn.Linear: ("in_features", "out_features"),
     nn.LayerNorm: ("normalized_shape",),
     nn.GroupNorm: ("num_groups", "num_channels"),
+    nn.RNNBase: ("input_size", "hidden_size"),   # GRU/LSTM/RNN: every gate's weights follow these two
 }
 
 

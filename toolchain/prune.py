@@ -4,6 +4,11 @@ The dependency graph (which layers must lose the same channels: residual additio
 depthwise convolutions, BatchNorm) comes from torch-pruning; this module chooses what to remove,
 validates options loudly, and reports params/FLOPs before and after (edgec.metrics: FLOPs at batch 1,
 2 per multiply-accumulate). The model's output layer is never pruned.
+
+Recurrent layers (nn.GRU, nn.LSTM, nn.RNN) are resized by `RecurrentPruner`: their input size follows the layer
+that feeds them, and their hidden size is pruned across every gate, layer, direction and the recurrent weights,
+unless the layer is given an initial state (a model input, or a fixed-size tensor), returns its state as a model
+output, or is an LSTM with a projection: then the hidden size is kept, and the record says why.
 """
 from __future__ import annotations
 
@@ -53,11 +58,131 @@ class PruneConfig:
             raise OptionError(f"--round-to {self.round_to} must be a positive channel count, e.g. 8")
 
 
+# ---------------------------------------------------------------- recurrent layers
+
+_GATES = {nn.GRU: 3, nn.LSTM: 4, nn.RNN: 1}
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.RNNBase)   # what pruning resizes and hooks by name
+
+
+def _width(m: nn.Module) -> int:
+    return (m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features if isinstance(m, nn.Linear)
+            else m.hidden_size)
+
+
+def _recurrent_pruner():
+    import torch_pruning as tp
+
+    class RecurrentPruner(tp.pruner.function.BasePruningFunc):
+        """torch-pruning's resizer for nn.GRU/LSTM/RNN: every layer and direction, every gate (GRU r,z,n; LSTM
+        i,f,g,o: rows g*H + k of weight_ih/weight_hh and the biases), the recurrent columns, and the input
+        columns of the layers above the first. (torch-pruning's own LSTMPruner handles one layer only.)"""
+        TARGET_MODULES = (nn.RNNBase,)
+
+        @staticmethod
+        def _keep(n, idxs):
+            return sorted(set(range(n)) - {int(i) for i in idxs})
+
+        def _cut(self, layer, name, keep, dim):
+            setattr(layer, name, self._prune_parameter_and_grad(getattr(layer, name), keep, dim))
+
+        def prune_out_channels(self, layer, idxs):
+            h = layer.hidden_size
+            # bidirectional: the output is [forward H | backward H]; idxs come in pairs k, H + k (channel groups)
+            units = {int(i) % h for i in idxs}
+            if layer.bidirectional and len(units) * 2 != len(set(int(i) for i in idxs)):
+                raise ModelError("a bidirectional recurrent layer loses the same hidden units in both directions; "
+                                 "this dependency group asked for others")
+            keep = self._keep(h, units)
+            rows = [g * h + k for g in range(_GATES[type(layer)]) for k in keep]
+            below = keep + [h + k for k in keep] if layer.bidirectional else keep   # layer l-1's output features
+            for name, _ in list(layer.named_parameters(recurse=False)):
+                self._cut(layer, name, rows, 0)
+                if name.startswith("weight_hh"):
+                    self._cut(layer, name, keep, 1)
+                elif name.startswith("weight_ih") and not name.startswith("weight_ih_l0"):
+                    self._cut(layer, name, below, 1)
+            layer.hidden_size = len(keep)
+            return layer
+
+        def prune_in_channels(self, layer, idxs):
+            keep = self._keep(layer.input_size, idxs)
+            for name in ("weight_ih_l0", "weight_ih_l0_reverse")[:2 if layer.bidirectional else 1]:
+                self._cut(layer, name, keep, 1)
+            layer.input_size = len(keep)
+            return layer
+
+        def get_out_channels(self, layer):
+            return (getattr(layer, "proj_size", 0) or layer.hidden_size) * (2 if layer.bidirectional else 1)
+
+        def get_in_channels(self, layer):
+            return layer.input_size
+
+        def get_out_channel_groups(self, layer):
+            return 2 if layer.bidirectional else 1   # the same units pruned in both directions
+
+    return RecurrentPruner()
+
+
+class _OneNode(torch.autograd.Function):
+    """A recurrent layer's outputs as one autograd node whose only input is the layer's input: what torch-pruning's
+    graph traces instead of the gate arithmetic (on CPU GRU gates are chunked matmuls it misreads: IndexError)."""
+
+    @staticmethod
+    def forward(ctx, x, *outs):
+        ctx.shape = x.shape
+        return tuple(o.clone() for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (grads[0].new_zeros(ctx.shape), *[None] * len(grads))
+
+
+def _one_node(module, inputs, output):
+    out, state = output
+    if not isinstance(out, torch.Tensor) or not isinstance(inputs[0], torch.Tensor):
+        return None   # a PackedSequence: traced as it is
+    states = state if isinstance(state, tuple) else (state,)
+    flat = _OneNode.apply(inputs[0], *(t.detach() for t in (out, *states)))
+    return flat[0], (tuple(flat[1:]) if isinstance(state, tuple) else flat[1])
+
+
+def recurrent_layers(model: nn.Module, example: tuple) -> dict[str, dict]:
+    """{name: {"hidden": "pruned"|"kept", "why": ...}} for every recurrent layer the example runs through."""
+    seen: dict = {}
+
+    def hook(mod, args, kwargs, output, name):
+        out, state = output
+        states = state if isinstance(state, tuple) else (state,)
+        given = (args[1] if len(args) > 1 else kwargs.get("hx")) is not None
+        seen[name] = (mod, given, {id(t) for t in (out, *states)})
+    hooks = [m.register_forward_hook(lambda mod, a, k, o, name=name: hook(mod, a, k, o, name), with_kwargs=True)
+             for name, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+    try:
+        with torch.no_grad():
+            out = model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    from edgec.kdloss import flatten
+    returned = {id(t) for t in flatten(out).values()}
+    plan = {}
+    for name, (m, given_state, made) in seen.items():
+        why = ("it is given an initial state (a model input, or a tensor of fixed size)" if given_state
+               else "its output or state is a model output" if made & returned
+               else "an LSTM with a projection (proj_size)" if getattr(m, "proj_size", 0)
+               else "recurrent layers are pruned by nn.GRU/LSTM/RNN only" if type(m) not in _GATES else None)
+        plan[name] = {"type": type(m).__name__, "hidden": "kept" if why else "pruned",
+                      **({"why": why} if why else {})}
+    return plan
+
+
 # ---------------------------------------------------------------- helpers
 
 def output_layers(model: nn.Module, example: tuple) -> list[nn.Module]:
     """The layer(s) producing the model's outputs (the classifier, every head of a multi-output model): the last
-    Conv/Linear whose output has the output's shape. Their output channels are the classes, so never pruned."""
+    Conv/Linear whose output has the output's shape, else the last one with the output's channel count (a head
+    pooled after its layer). Their output channels are the classes, so never pruned.
+    Recurrent layers whose hidden size is kept (`recurrent_layers`) count as such too."""
     order = []
     hooks = [m.register_forward_hook(lambda mod, i, o: order.append((mod, tuple(o.shape))))
              for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
@@ -72,9 +197,17 @@ def output_layers(model: nn.Module, example: tuple) -> list[nn.Module]:
     found = []
     for o in outs:
         hit = next((m for m, shape in reversed(order) if shape == tuple(o.shape)), None)
+        if hit is None and o.ndim > 1:  # a head pooled after its layer (SqueezeNet's conv classifier): match channels
+            hit = next((m for m, shape in reversed(order) if _channels(m, shape) == o.shape[1]), None)
         if hit is not None and hit not in found:
             found.append(hit)
-    return found
+    modules = dict(model.named_modules())
+    return found + [modules[n] for n, r in recurrent_layers(model, example).items() if r["hidden"] == "kept"]
+
+
+def _channels(module: nn.Module, shape: tuple) -> int | None:
+    """The size of a layer's output-channel axis in its output: last for Linear, 1 for convolutions."""
+    return shape[-1] if isinstance(module, nn.Linear) else shape[1] if len(shape) > 1 else None
 
 
 def _ignored(model: nn.Module, names) -> list[nn.Module]:
@@ -86,7 +219,7 @@ def _ignored(model: nn.Module, names) -> list[nn.Module]:
             similar = [n for n in modules if name.split(".")[-1] in n][:3]
             hint = f" (similar: {', '.join(similar)})" if similar else " (see `edgec prune --dry-run` for names)"
             raise OptionError(f"--ignore {name!r} matches no layer of the model{hint}")
-        out += [m for m in hits if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+        out += [m for m in hits if isinstance(m, _LAYERS)]
     return out
 
 
@@ -95,9 +228,7 @@ def max_ratio(model: nn.Module, cfg: PruneConfig, ignored) -> tuple[float, str]:
     channels): beyond it torch-pruning silently skips the layers it would empty, so the model would *grow*
     again. Layers no wider than that minimum are never pruned at any ratio, so they do not limit it."""
     keep = max(1, cfg.round_to or 1)
-    layers = [(n, m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)
-              for n, m in model.named_modules()
-              if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and m not in ignored]
+    layers = [(n, _width(m)) for n, m in model.named_modules() if isinstance(m, _LAYERS) and m not in ignored]
     layers = [(n, c) for n, c in layers if c > keep]
     if not layers:
         raise OptionError("no layer can be pruned: every Conv/Linear is an output, --ignore'd or no wider than "
@@ -156,10 +287,18 @@ class _Run:
         import torch_pruning as tp
         self.model, self.cfg, self.data = model, cfg, data
         ignored = ignored_layers(model, example, cfg)
-        self.pruner = tp.pruner.BasePruner(   # a tuple of example inputs: torch-pruning calls model(*example)
-            model, example, importance=_importance(cfg.importance), global_pruning=cfg.global_pruning,
-            pruning_ratio=ratio, max_pruning_ratio=max(0.9, ratio) if cfg.global_pruning else MAX_LAYER_RATIO,
-            iterative_steps=cfg.steps, round_to=cfg.round_to, ignored_layers=ignored)
+        recurrent = _recurrent_pruner()
+        # the graph is traced once, here: each recurrent layer as one node (the pruner knows its gates)
+        hooks = [m.register_forward_hook(_one_node, prepend=True) for m in model.modules() if type(m) in _GATES]
+        try:
+            self.pruner = tp.pruner.BasePruner(   # a tuple of example inputs: torch-pruning calls model(*example)
+                model, example, importance=_importance(cfg.importance), global_pruning=cfg.global_pruning,
+                pruning_ratio=ratio, max_pruning_ratio=max(0.9, ratio) if cfg.global_pruning else MAX_LAYER_RATIO,
+                iterative_steps=cfg.steps, round_to=cfg.round_to, ignored_layers=ignored,
+                customized_pruners={t: recurrent for t in _GATES}, root_module_types=list(_LAYERS))
+        finally:
+            for h in hooks:
+                h.remove()
 
     def groups(self):
         """Dependency groups of one step, without changing anything (importance, then what would go)."""
@@ -203,10 +342,21 @@ def _prune_copy(module, example, cfg, ratio, data) -> nn.Module:
     except EdgecError:
         raise
     except Exception as e:  # noqa: BLE001 - torch-pruning could not trace or group the model
+        odd = _unresizable(module)
+        if odd:
+            raise ModelError(f"torch-pruning cannot prune this model ({cause_line(e)[:120]}): layer {odd[0]} holds "
+                             "weights it cannot resize (recurrent layers: nn.GRU, nn.LSTM, nn.RNN only, not their "
+                             "cells); use one of those layers, or ship this model unpruned") from e
         raise ModelError(f"torch-pruning cannot prune this model ({cause_line(e)[:200]}); --ignore the layer "
                          "involved or simplify its forward") from e
     _check_runs(module, pruned, example)
     return pruned
+
+
+def _unresizable(model: nn.Module) -> list[str]:
+    """'name (Type)' of the recurrent cells (nn.GRUCell, nn.LSTMCell, ...): torch-pruning traces into their gate
+    arithmetic and fails, and no pruner here resizes them (a loop over a cell is not one layer)."""
+    return [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, nn.RNNCellBase)]
 
 
 def _check_runs(original: nn.Module, pruned: nn.Module, example: tuple) -> None:
@@ -214,7 +364,7 @@ def _check_runs(original: nn.Module, pruned: nn.Module, example: tuple) -> None:
     whose channels changed: name that layer, so that it can be --ignore'd."""
     done: list[str] = []
     hooks = [m.register_forward_hook(lambda mod, i, o, name=name: done.append(name))
-             for name, m in pruned.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+             for name, m in pruned.named_modules() if isinstance(m, _LAYERS)]
     try:
         with torch.no_grad():
             pruned.eval()(*example)
@@ -315,6 +465,9 @@ def prune_model(loaded, cfg: PruneConfig, data=None) -> tuple[nn.Module, dict]:
         "params_reduction": round(params0 / params1, 3),
         "channels": plan(_shape_of(module), _shape_of(pruned)),
     }
+    recurrent = recurrent_layers(module, example)
+    if recurrent:
+        record["recurrent"] = recurrent
     return pruned, record
 
 

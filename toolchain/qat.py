@@ -21,6 +21,7 @@ can still fuse it.
 Observers: min/max over `calib_batches` batches (fake quantization off), then an EMA of batch min/max
 during training, frozen after `freeze_observers_after` epochs (counted inside the observers: no hook into the
 training loop is needed). Training is edgec.train.train (one loop, Hinton KD loss).
+Models may take several inputs of any dtype (int64 ids + mask): batches are dict feeds, as everywhere in edgec.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class QatConfig:
     weight_decay: float = 5e-5        # weights are already trained; strong decay only drags them to 0
     alpha: float = 0.9
     temperature: float = 4.0
-    augment: bool = True
+    augment: bool | None = None       # None: only image inputs are translated (edgec.train)
     calib_batches: int = 8            # batches of batch_size for the initial min/max ranges
     ema: float = 0.01                 # observer EMA weight of each new batch
     freeze_observers_after: float = 1.0  # epochs; the remaining epochs train the weights on fixed ranges
@@ -410,11 +411,10 @@ def calibrate(qmodel: nn.Module, data, batches: int, batch_size: int) -> int:
     qmodel.eval()
     seen = 0
     try:
-        for i, xb in enumerate(data.arrays(batch_size)):
-            if i >= batches:
-                break
-            qmodel(torch.from_numpy(np.asarray(xb, np.float32)))
-            seen += len(xb)
+        for xb in data.batches(batch_size, limit=batches * batch_size):   # dict feeds: every input of the model
+            inputs = _as_tensors(xb)
+            qmodel(*inputs)
+            seen += len(inputs[0])
     finally:
         for o in obs:
             o.calibrating = False
@@ -426,65 +426,85 @@ def calibrate(qmodel: nn.Module, data, batches: int, batch_size: int) -> int:
 
 
 def qat_finetune(model: nn.Module, teacher: nn.Module | None, train_data, eval_data, cfg: QatConfig | None = None,
-                 input_shape=None) -> tuple[fx.GraphModule, dict]:
-    """Fine-tune a fake-quantized copy of `model` (trained, FP32, eager) with KD from `teacher`.
+                 *, label_output: str | None = None, kd_loss=()) -> tuple[fx.GraphModule, dict]:
+    """Fine-tune a fake-quantized copy of `model` (trained, FP32, eager) with KD from `teacher` (each output's loss
+    by its task, edgec.kdloss; labels, when `train_data` has them, on `label_output`).
     Returns (qat_model, record); the record's torch_fake_quant_accuracy is what ORT should measure too."""
     from edgec.exporters.target import scheme_for
-    from edgec.train import TrainConfig, evaluate, train
+    from edgec.train import TrainConfig, evaluate, read_rows, train
     cfg = cfg or QatConfig()
     cfg.validate()
     tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
                        weight_decay=cfg.weight_decay, alpha=cfg.alpha, temperature=cfg.temperature,
-                       augment=cfg.augment, seed=cfg.seed)
+                       augment=cfg.augment, seed=cfg.seed, label_output=label_output, kd_loss=kd_loss)
     tcfg.validate()
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     scheme = scheme_for(cfg.target)
-    if input_shape is not None:
-        with torch.no_grad():
-            model.eval()(torch.zeros(*input_shape))  # fail early, with the model's own error, on a bad shape
+    if len(train_data):
+        with torch.no_grad():  # fail early, with the model's own error, on data that does not fit it
+            model.eval()(*read_rows(train_data, np.arange(1)))
     qmodel = prepare_qat(model, scheme, cfg.ema)
     calib_samples = calibrate(qmodel, train_data, cfg.calib_batches, cfg.batch_size)
     steps_per_epoch = -(-len(train_data) // cfg.batch_size)
     freeze = int(round(cfg.freeze_observers_after * steps_per_epoch))
     for o in observers(qmodel):
         o.freeze_after = freeze
-    fp32_acc = evaluate(model, eval_data)
-    calibrated_acc = evaluate(qmodel, eval_data)
+    fp32_acc = evaluate(model, eval_data, label_output=label_output)
+    calibrated_acc = evaluate(qmodel, eval_data, label_output=label_output)
     history = train(qmodel, train_data, tcfg, eval_data=eval_data, teacher=teacher, label="qat-kd")
     qmodel.eval()
     record = {"recipe": "qat-kd", "scheme": scheme.to_dict(), "config": asdict(cfg), **qmodel.qat_info,
               "calibration_samples": calib_samples, "observer_freeze_step": freeze,
               "fp32_accuracy": fp32_acc, "calibrated_fake_quant_accuracy": calibrated_acc,
-              "torch_fake_quant_accuracy": evaluate(qmodel, eval_data),
+              "torch_fake_quant_accuracy": evaluate(qmodel, eval_data, label_output=label_output),
               "epochs": history["epochs"], "best_epoch": history["best_epoch"],
               "train_seconds": history["seconds"], "seconds": round(time.perf_counter() - started, 2),
               "teacher": teacher is not None}
     return qmodel, record
 
 
-def export_qat_onnx(qat_model: nn.Module, example: torch.Tensor, path, *, opset: int = 17, eval_data=None) -> dict:
+def export_qat_onnx(qat_model: nn.Module, example, path, *, opset: int = 17, eval_data=None, inputs=None,
+                    label_output: str | None = None) -> dict:
     """The QDQ ONNX model (int8 weights, int32 biases, uint8 activations); see edgec.exporters.qdq_export.
-    With eval_data, also measures it in ONNX Runtime against the fake-quantized torch model (same samples)."""
+    `example`: a tensor (one input), a tuple, or a dict feed {input name: array}; `inputs`: the model's InputSpecs (the
+    exported input names and dynamic axes). With eval_data, also measures it in ONNX Runtime against the
+    fake-quantized torch model (same samples)."""
     from edgec.exporters.qdq_export import export_qdq
     with export_mode(qat_model):
-        info = export_qdq(qat_model, example, path, opset=opset)
+        info = export_qdq(qat_model, example, path, opset=opset, inputs=inputs)
     if eval_data is not None:
-        info["check"] = torch_vs_ort(qat_model, path, eval_data)
+        info["check"] = torch_vs_ort(qat_model, path, eval_data, label_output=label_output)
     return info
 
 
+def _as_tensors(feed) -> tuple:
+    from edgec.train import rows
+    return rows(feed, slice(None))
+
+
 @torch.no_grad()
-def torch_vs_ort(qat_model: nn.Module, onnx_path, data, batch_size: int = 256) -> dict:
-    """Accuracy (percent) of the fake-quantized torch model and of the ONNX file in ORT, and their agreement."""
+def torch_vs_ort(qat_model: nn.Module, onnx_path, data, batch_size: int = 256, label_output: str | None = None) -> dict:
+    """The fake-quantized torch model and the ONNX file in ORT on the same samples: their agreement on every
+    output (the first one's figures at the top level), and the accuracy of both on the labelled output."""
     from edgec.exporters.compare import ort_session, output_agreement, run_onnx
+    from edgec.kdloss import flatten
     qat_model.eval()
-    ref = torch.cat([qat_model(torch.from_numpy(np.asarray(xb, np.float32))) for xb in data.arrays(batch_size)])
-    got = run_onnx(ort_session(onnx_path), data, batch_size)[0]
-    out = {"samples": len(data), **output_agreement(ref.numpy(), got)}
+    parts = [flatten(qat_model(*_as_tensors(xb))) for xb in data.batches(batch_size)]
+    keys = list(parts[0])
+    refs = [torch.cat([p[k] for p in parts]).numpy() for k in keys]
+    session = ort_session(onnx_path)
+    gots = run_onnx(session, data, batch_size)
+    names = [o.name for o in session.get_outputs()]
+    agreement = {n: output_agreement(r, g) for n, r, g in zip(names, refs, gots)}
+    out = {"samples": len(data), **agreement[names[0]]}
+    if len(names) > 1:
+        out["outputs"] = agreement
     if data.class_ids:   # accuracy needs class ids (float targets have none)
-        out["torch_accuracy"] = 100.0 * float((ref.argmax(1).numpy() == data.y).mean())
-        out["ort_accuracy"] = 100.0 * float((got.argmax(1) == data.y).mean())
+        from edgec.kdloss import resolve_key
+        i = keys.index(resolve_key(label_output, keys)) if label_output else 0
+        out["torch_accuracy"] = 100.0 * float((refs[i].argmax(1) == data.y).mean())
+        out["ort_accuracy"] = 100.0 * float((gots[i].argmax(1) == data.y).mean())
         out["accuracy_gap"] = round(abs(out["torch_accuracy"] - out["ort_accuracy"]), 4)
     return out
 
@@ -515,7 +535,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     example = torch.from_numpy(test_ds.x[:1])
     qmodel, record = qat_finetune(loaded.module, load_model(args.model).module, train_ds, val_ds,
-                                  QatConfig(epochs=args.epochs, lr=args.lr), loaded.input_shape)
+                                  QatConfig(epochs=args.epochs, lr=args.lr))
     record["export"] = export_qat_onnx(qmodel, example, out / "qat.onnx", eval_data=test_ds)
     if args.ptq:
         from edgec.exporters.compare import accuracy

@@ -1,7 +1,8 @@
 """One training loop for every recipe: supervised training, plain fine-tuning and knowledge
 distillation (teacher soft targets, Hinton et al. 2015) are the same loop with a different loss.
 
-alpha weighs the distillation term: loss = alpha * KD + (1 - alpha) * label loss on the labelled output, where
+alpha weighs the distillation term: loss = alpha * KD + (1 - alpha) * label loss on each labelled output (the plain
+labels on --label-output, every `y:OUTPUT` set on its output), where
 KD follows each output's task (edgec.kdloss: KL at temperature T for logits, BCE for probabilities, MSE/cosine
 for regression and embeddings). alpha=0 is plain fine-tuning; without labels only the distillation term is used.
 Optional hint (feature) losses (FitNets) add hint_weight * MSE(adapter(student layer), teacher layer).
@@ -145,10 +146,14 @@ def is_image_batch(inputs: tuple) -> bool:
             and min(inputs[0].shape[-2:]) >= 8)
 
 
-def _augment_choice(cfg: TrainConfig, example: tuple) -> dict:
+def _augment_choice(cfg: TrainConfig, example: tuple, labels: dict | None = None) -> dict:
     shapes = [list(t.shape[1:]) for t in example]
     if cfg.augment is False:
         return {"applied": False, "reason": "off by option"}
+    placed = [k for k, y in (labels or {}).items() if not (y.ndim == 1 and y.dtype.kind in "iu")]
+    if is_image_batch(example) and placed and not cfg.augment:
+        return {"applied": False, "reason": f"off: output {placed[0]} has labels that are not class ids (boxes, "
+                "targets): a translated image would no longer match them (--augment forces it)"}
     if is_image_batch(example):
         return {"applied": True, "reason": f"image input {shapes[0]}: random translation by up to 1/8 of the side"}
     why = f"inputs {shapes} are not one float (N, C, H, W) image batch: translating them would corrupt them"
@@ -205,26 +210,52 @@ def training_threads(world: int = 1) -> dict:
                       f"{load:.1f}: {free} free{f', shared by {world} ranks' if world > 1 else ''}"}
 
 
-def _output_losses(student, teacher, example: tuple, cfg: TrainConfig, class_ids: bool) -> list:
+def label_sets(out, data: Dataset, label_output: str | None) -> dict[str, np.ndarray]:
+    """{output key: labels} of every labelled output: the plain labels (`y`) on --label-output (default: the first
+    output), each `y:OUTPUT` set on the output it names (a name that matches none is an error naming them)."""
+    keys = list(kdloss.flatten(out))
+    sets = {} if data.y is None else {_label_key(out, label_output): data.y}
+    for name, y in data.named.items():
+        try:
+            key = kdloss.resolve_key(name, keys, f"labels y:{name} in {data.source}")
+        except OptionError as e:   # a data file's key, not an option: a data error
+            from edgec.core.errors import DataError
+            raise DataError(str(e)) from None
+        if key in sets:
+            raise OptionError(f"output {name} has two label sets in {data.source} (y and y:{name}); keep one")
+        sets[key] = y
+    return sets
+
+
+def _output_losses(student, teacher, example: tuple, cfg: TrainConfig, labels: dict) -> list:
     """The loss of each output, chosen on the teacher's outputs for `example` (edgec.kdloss.choose); without a
-    teacher, the labelled output alone: cross-entropy when the labels are class ids."""
+    teacher, the labelled outputs alone. Class-id labels make their output logits (cross-entropy) unless
+    --kd-loss says otherwise."""
     with torch.no_grad():
         if teacher is not None:
             set_eval(teacher)
-            return kdloss.choose(teacher(*example), cfg.kd_loss, cfg.label_output)
-        was = student.training
-        out = student.eval()(*example)
-        student.train(was)
-    flat = kdloss.flatten(out)
-    key = _label_key(out, cfg.label_output)
-    t = flat[key]
-    kind, reason, probs = kdloss.detect(t, False)
-    given = {kdloss.resolve_key(n, list(flat)): k for n, k, _ in cfg.kd_loss}
-    if key in given:
-        kind, reason, probs = given[key], "set by --kd-loss", probs and given[key] == "kl"
-    elif class_ids and not (kind == "kl" and probs):
-        kind, reason = "kl", f"{tuple(t.shape)}: labels are class ids: cross-entropy on logits"
-    return [kdloss.OutputLoss(key, kind, 1.0, reason, tuple(t.shape), probs)]
+            specs = kdloss.choose(teacher(*example), cfg.kd_loss, cfg.label_output)
+        else:
+            was = student.training
+            out = student.eval()(*example)
+            student.train(was)
+            flat = kdloss.flatten(out)
+            given = {kdloss.resolve_key(n, list(flat)): (k, w) for n, k, w in cfg.kd_loss}
+            specs = []
+            for key in labels:
+                t = flat[key]
+                kind, reason, probs = kdloss.detect(t, False)
+                asked, weight = given.get(key, (kdloss.AUTO, 1.0))
+                if asked != kdloss.AUTO:
+                    kind, reason, probs = asked, "set by --kd-loss", probs and asked == "kl"
+                specs.append(kdloss.OutputLoss(key, kind, weight, reason, tuple(t.shape), probs))
+    for spec in specs:
+        y = labels.get(spec.output)
+        class_ids = y is not None and y.ndim == 1 and y.dtype.kind in "iu"
+        if class_ids and spec.kind != "kl" and spec.reason != "set by --kd-loss":
+            spec.kind, spec.probabilities = "kl", False
+            spec.reason = f"{list(spec.shape)}: labels are class ids: logits (cross-entropy on the labels)"
+    return specs
 
 
 # ---------------------------------------------------------------- hint (feature) losses
@@ -387,16 +418,23 @@ class _Quiet:
         pass
 
 
-def _check_labels(student: nn.Module, example: tuple, data: Dataset, label_output: str | None = None) -> None:
-    """Class ids outside the student's outputs: one data error before training, not an IndexError inside it."""
+def _check_labels(student: nn.Module, example: tuple, data: Dataset, label_output: str | None = None) -> dict:
+    """Every labelled output's labels ({output key: labels}, `label_sets`); class ids outside an output's classes
+    are one data error before training, not an IndexError inside it."""
     was_training = student.training
     with torch.no_grad():
         out = student.eval()(*example)
     student.train(was_training)
-    out = kdloss.flatten(out)[_label_key(out, label_output)]
-    y = np.asarray(data.y)
-    if out.ndim == 2 and y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
-        data.validate(num_classes=int(out.shape[1]))
+    sets = label_sets(out, data, label_output)
+    flat = kdloss.flatten(out)
+    for key, y in sets.items():
+        o = flat[key]
+        if o.ndim == 2 and y.ndim == 1 and np.issubdtype(y.dtype, np.integer) and len(y) and (
+                y.min() < 0 or y.max() >= o.shape[1]):
+            from edgec.core.errors import DataError
+            raise DataError(f"{data.source}: labels span {int(y.min())}..{int(y.max())} but output {key} has "
+                            f"{o.shape[1]} classes; relabel to 0..{o.shape[1] - 1} or check --arch")
+    return sets
 
 
 def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_data: Dataset | None = None,
@@ -405,7 +443,7 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
 
     stop_after: end after this many epochs of this call, as an interruption would (tests of --resume)."""
     cfg.validate()
-    if teacher is None and train_data.y is None:
+    if teacher is None and not train_data.labelled:
         raise OptionError(f"{train_data.source} has no labels and there is no teacher: nothing to learn from")
     rank, world = _dist()
     threads = ({"threads": cfg.threads, "reason": "set by option"} if cfg.threads else training_threads(world))
@@ -413,14 +451,15 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
     device = _pick_device(cfg)
     torch.manual_seed(cfg.seed)  # adapters start equal on every rank
     example = read_rows(train_data, np.arange(min(2, len(train_data))))
-    if train_data.y is not None and (teacher is None or cfg.alpha < 1):  # labels feed the loss: they must fit
-        _check_labels(student, example, train_data, cfg.label_output)
-    augment = _augment_choice(cfg, example)
-    specs = _output_losses(student, teacher, example, cfg,
-                           train_data.y is not None and train_data.y.dtype.kind in "iu")
+    labels = (_check_labels(student, example, train_data, cfg.label_output)   # they feed the loss: they must fit
+              if train_data.labelled and (teacher is None or cfg.alpha < 1) else {})
+    augment = _augment_choice(cfg, example, labels)
+    specs = _output_losses(student, teacher, example, cfg, labels)
     if rank == 0:
         for spec in specs:
-            note(f"{label}: output {spec.output} {list(spec.shape)}: {spec.kind} loss x{spec.weight:g} ({spec.reason})")
+            on = " + its labels" if spec.output in labels else ""
+            note(f"{label}: output {spec.output} {list(spec.shape)}: {spec.kind} loss{on} x{spec.weight:g} "
+                 f"({spec.reason})")
         note(f"{label}: augmentation {'on' if augment['applied'] else 'off'} ({augment['reason']}); "
              f"{threads['threads']} threads ({threads['reason']})")
     s_names, t_names, adapters = _build_hints(student, teacher, list(cfg.hints), tuple(t[:1] for t in example))
@@ -457,7 +496,7 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
         start_epoch = state["epoch"]
         if rank == 0:
             note(f"{label}: resuming after epoch {start_epoch} of {cfg.epochs} from {cfg.checkpoint}")
-    y_all = None if train_data.y is None else torch.from_numpy(train_data.y)
+    y_all = {k: torch.from_numpy(np.asarray(v)) for k, v in labels.items()} or None
     started, stopped_early, ran = time.perf_counter(), False, 0
     bar_cm = progress_bar(label, total=(cfg.epochs - start_epoch) * steps_per_epoch) if rank == 0 else None
     bar = bar_cm.__enter__() if bar_cm else _Quiet()
@@ -478,7 +517,7 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
                 if augment["applied"]:
                     xb = (augment_batch(xb[0], gen),)
                 xb = tuple(t.to(device) for t in xb)
-                yb = None if y_all is None else y_all[idx].to(device)
+                yb = None if y_all is None else {k: v[idx].to(device) for k, v in y_all.items()}
                 t_out = None
                 if teacher is not None and (cfg.alpha > 0 or yb is None or t_names):
                     with torch.no_grad():
@@ -550,6 +589,7 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
               "best_epoch": best_epoch["epoch"] if best_epoch else None,
               "best_accuracy": best_epoch["eval_accuracy"] if best_epoch else None, "kept_epoch": kept,
               "kd_loss": [spec.to_dict() for spec in specs], "augment": augment, "threads": threads,
+              "labels": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in labels.items()} or None,
               "seconds": round(time.perf_counter() - started, 2), "teacher": teacher is not None,
               "world_size": world, "resumed_from_epoch": start_epoch or None, "stopped_early": stopped_early,
               "interrupted": interrupted}

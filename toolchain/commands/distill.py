@@ -40,8 +40,10 @@ def _print(r: dict) -> None:
     click.echo(f"{'FLOPs':16} {_fmt(r['teacher_flops']):>10} {_fmt(r['flops']):>10}")
     click.echo(f"{'accuracy':16} {pct(r['teacher_accuracy']):>10} {pct(r['best_accuracy']):>10}  "
                f"(student before: {pct(r['student_accuracy_before'])})")
+    labelled = r.get("labels") or {}
     for spec in r.get("kd_loss", []):
-        click.echo(f"loss on output {spec['output']}: {spec['kind']} x{spec['weight']:g} ({spec['reason']})")
+        on = " + its labels" if spec["output"] in labelled else ""
+        click.echo(f"loss on output {spec['output']}: {spec['kind']}{on} x{spec['weight']:g} ({spec['reason']})")
     kept = r["kept_epoch"]
     click.echo(f"{r['recipe']}: kept epoch {kept['epoch']} of {len(r['epochs'])} ({kept['reason']}), {r['seconds']:.0f}s, "
                f"{r['world_size']} process(es){', stopped early' if r['stopped_early'] else ''}")

@@ -226,9 +226,11 @@ def _train_group() -> Group:
         "hint_weight": Flag(("--hint-weight",), "", click={"type": FINITE}),
         "augment": Flag(("--augment/--no-augment",), "Random translation of training images (default: only image "
                         "inputs are ever translated)."),
-        "kd_loss": Flag(("--kd-loss",), "Loss of one output: kl (logits), bce (probabilities), mse (regression), "
-                        "cosine (embeddings), e.g. 0=bce or output_1=mse:0.5 (repeatable; default: chosen from the "
-                        "teacher's outputs).", convert=_kd_loss, click={"multiple": True, "metavar": "OUTPUT=KIND[:WEIGHT]"}),
+        "kd_loss": Flag(("--kd-loss",), "Loss of one output and its weight: kl (logits), bce (probabilities), mse "
+                        "(regression), cosine (embeddings), auto (the detected one), e.g. 0=bce, output_1=mse:0.5 or "
+                        "boxes=auto:2 (repeatable; default: chosen from the teacher's outputs, weight 1). An output's "
+                        "labels (y on --label-output, y:OUTPUT) add to its term.", convert=_kd_loss,
+                        click={"multiple": True, "metavar": "OUTPUT=KIND[:WEIGHT]"}),
         "label_output": Flag(("--label-output",), "The output the labels belong to (position or name; default: the "
                              "first)."),
         "patience": Flag(("--patience",), "Stop after this many epochs without a better eval accuracy.",

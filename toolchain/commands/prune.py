@@ -51,7 +51,14 @@ def _print_record(r: dict) -> None:
         ", ".join(f"{k} {v}" for k, v in (r.get("inputs") or {}).items())
     click.echo(f"channel ratio {r['ratio']}, {r['layers_changed']} layers changed; FLOPs at batch 1, "
                f"input {inputs} (2 per multiply-add)")
+    _print_recurrent(r)
     click.echo(f"wrote {r['output']}")
+
+
+def _print_recurrent(r: dict) -> None:
+    for name, rec in (r.get("recurrent") or {}).items():
+        click.echo(f"recurrent layer {name} ({rec['type']}): hidden size {rec['hidden']}"
+                   + (f" ({rec['why']})" if rec.get("why") else "") + "; its input follows the layer before it")
 
 
 def _dry_run(planned: tuple, as_json: bool) -> None:
@@ -68,3 +75,4 @@ def _dry_run(planned: tuple, as_json: bool) -> None:
     click.echo(f"params {_fmt(record['params_before'])} -> {_fmt(record['params_after'])}, "
                f"FLOPs {_fmt(record['flops_before'])} -> {_fmt(record['flops_after'])} "
                f"(ratio {record['ratio']}); dry run: nothing written")
+    _print_recurrent(record)

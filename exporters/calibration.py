@@ -329,12 +329,13 @@ class CalibrationResult:
     chosen: dict = field(default_factory=dict)   # auto: how many tensors each candidate won
     sample_check: SampleCheck | None = None
     channel_means: dict = field(default_factory=dict)  # tensor -> (per-channel mean over axis 1, spatial shape)
+    bounded: int = 0               # tensors calibrated on values clamped to what their readers can see
 
     def summary(self) -> dict:
         return {"method": self.method, "samples": self.samples, "chunk_size": self.chunk_size,
                 "tensors": self.tensors, "activation_bytes_per_sample": self.bytes_per_sample,
                 "estimated_peak_mb": round(self.estimated_peak_mb, 1), "peak_rss_mb": round(self.peak_rss_mb, 1),
-                "seconds": round(self.seconds, 2), "auto_choices": self.chosen,
+                "seconds": round(self.seconds, 2), "auto_choices": self.chosen, "saturation_bounded": self.bounded,
                 "sample_check": None if self.sample_check is None else vars(self.sample_check)}
 
 
@@ -384,9 +385,12 @@ def plan_memory(bytes_per_sample: int, memory_mb: float, avail_mb: float, curren
 def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_samples: int | None = 256,
               symmetric: bool = False, qrange: tuple[int, int] = (0, 255), percentile: float = 99.999,
               bins: int = 2048, memory_mb: float = 1024, workdir, force: bool = False,
-              progress: Progress | None = None, channel_means: Iterable[str] = ()) -> CalibrationResult:
+              progress: Progress | None = None, channel_means: Iterable[str] = (),
+              bounds: Mapping[str, tuple[float, float]] | None = None) -> CalibrationResult:
     """Stream `calibration` through the model once and choose a range for every float activation.
-    `channel_means`: tensors whose per-channel (axis 1) mean is also wanted (fast bias correction)."""
+    `channel_means`: tensors whose per-channel (axis 1) mean is also wanted (fast bias correction).
+    `bounds`: tensor -> (lo, hi) that its readers cannot see beyond (edgec.exporters.activations): its
+    statistics, so every method's range, are those of the values clamped there."""
     import onnx
     import onnxruntime as ort
 
@@ -420,6 +424,7 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
     sess = ort.InferenceSession(str(aug), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     stats = {n: TensorStats(bins, histogram=method != "minmax") for n in shapes}
+    bounds = {k: v for k, v in (bounds or {}).items() if k in stats and k not in outputs}
     means = _ChannelMeans(set(channel_means) & set(shapes))
 
     stream = stream_samples(calibration, num_samples, specs)
@@ -441,7 +446,7 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
     for feed in rechunk(chained(), chunk, layout):
         for name, value in zip(names, sess.run(None, feed)):
             if name in stats:
-                stats[name].update(value)
+                stats[name].update(np.clip(value, *bounds[name]) if name in bounds else value)
                 means.update(name, value)
         for name, value in feed.items():   # float graph inputs get their range too; ids and masks never
             if name in stats:
@@ -463,7 +468,7 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
     # 96.7% -> 91.9%), and inputs are bounded by preprocessing anyway.
     ranges, chosen = _choose(stats, method, symmetric, qrange, percentile, keep_full=outputs | input_names)
     return CalibrationResult(ranges, method, done, chunk, len(stats), per_sample, estimated, peak,
-                             time.perf_counter() - started, chosen, chk, means.result())
+                             time.perf_counter() - started, chosen, chk, means.result(), len(bounds))
 
 
 class _ChannelMeans:

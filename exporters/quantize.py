@@ -31,7 +31,11 @@ _DYNAMIC_OPS = {"MatMulInteger": "MatMul", "DynamicQuantizeMatMul": "MatMul", "C
                 "DynamicQuantizeLSTM": "LSTM"}
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")   # weights W (input 1) and R (input 2) count with the compute ops
 _TYPES = ("uint8", "int8")
-BIAS_METHODS = ("fast", "empirical")
+BIAS_METHODS = ("auto", "fast", "empirical")
+# auto: the sequential (empirical) correction where its passes are cheap, levels x activation bytes per sample at
+# most this (PP-OCR cls: 53 levels x 7 MB = 0.37 GiB, about 20 s at load 6: mean cosine 0.9855 -> 0.9899 on photo
+# strips; EfficientNet-Lite0: 50 x 51 MB = 2.5 GiB, 400 s for 0.9902 -> 0.9907), else the analytic one
+EMPIRICAL_BIAS_MAX_MB = 1024
 ADAROUND_OFF = ("off by default: not shown to earn its time on a hard model yet (EfficientNet-Lite0 on a loaded "
                 "2-core host: its statistics pass alone overran the 60 s time box, so no layer was rounded, "
                 "benchmarks/QUANT_RESULTS.md); adaround=True to use it")
@@ -62,13 +66,16 @@ class QuantOptions:
     equalize: bool | None = None           # cross-layer equalization; None = see transforms_default()
     bias_correction: bool | None = None    # bias correction; None = see transforms_default()
     # fast: analytic, from the calibration pass's statistics, seconds (EfficientNet-Lite0 0.943 -> 0.986 mean
-    # cosine in 7 s); empirical: sequential passes, 0.989 but in 164 s (benchmarks/QUANT_RESULTS.md)
-    bias_method: str = "fast"
+    # cosine in 7 s); empirical: sequential passes, 0.989 but in 164 s (benchmarks/QUANT_RESULTS.md); auto:
+    # empirical where it is cheap (EMPIRICAL_BIAS_MAX_MB), else fast
+    bias_method: str = "auto"
     adaround: bool | None = None           # learned weight rounding (edgec.exporters.adaround); None = default
     adaround_iterations: int = 500
     adaround_seconds: float = 60.0         # time box: past it the remaining layers keep round-to-nearest
     transform_samples: int = 64            # samples for the transforms' statistics (as good as 128 here)
     policy: bool = True                    # keep out what one 8-bit scale breaks; transformers dynamic (policy.py)
+    # ranges of the values the readers can tell apart (a hard-swish input clamped at -3: edgec.exporters.activations)
+    saturation_ranges: bool = True
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -200,28 +207,40 @@ class Prepared:
         user_excluded = set(exclude)   # a node the caller (or the fallback) keeps float is not quantized dynamically
         exclude = list(dict.fromkeys([*exclude, *(self.policy or {}).get("nodes", [])]))
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-        if (self.policy or {}).get("mode") == "dynamic":  # activation ranges per call: no calibration cache
-            from onnxruntime.quantization import quantize_dynamic
-            with _quiet_ort():
-                quantize_dynamic(str(model_path), str(out_path), per_channel=s.per_channel,
-                                 reduce_range=s.reduce_range, weight_type=QuantType.QInt8,
-                                 nodes_to_exclude=exclude, op_types_to_quantize=["MatMul", "Gemm"])
-            return Path(out_path)
         fmt = quant_format or s.quant_format
         extra = {"ActivationSymmetric": s.activation_symmetric, "WeightSymmetric": s.weight_symmetric,
                  "DedicatedQDQPair": s.dedicated_qdq_pair}
-        dynamic = [n for n in (self.policy or {}).get("dynamic_nodes", []) if n not in user_excluded]
-        static_out = self.workdir / "static.onnx" if dynamic else out_path
-        if s.reduce_range and s.full_range_depthwise and self.depthwise_weights:
+        from edgec.exporters.transforms import weight_reduce_range
+        if weight_reduce_range(s, True) != s.reduce_range and self.depthwise_weights:   # 8-bit depthwise weights
             grid = {"axis": 0, "reduce_range": False} if s.per_channel else {"reduce_range": False}
             extra["TensorQuantOverrides"] = {w: [dict(grid)] for w in self.depthwise_weights}
-        with _quiet_ort():
-            quantize_static(str(model_path), str(static_out), calibration_data_reader=None,
+
+        def static(src, dst, **kw):
+            quantize_static(str(src), str(dst), calibration_data_reader=None,
                             quant_format=QuantFormat.QDQ if fmt == "QDQ" else QuantFormat.QOperator,
                             per_channel=s.per_channel, reduce_range=s.reduce_range,
                             activation_type=qtype[s.activation_type], weight_type=qtype[s.weight_type],
                             nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
-                            calibration_cache_path=str(self.cache_path), extra_options=extra)
+                            calibration_cache_path=str(self.cache_path), extra_options=extra, **kw)
+
+        if (self.policy or {}).get("mode") == "dynamic":  # the MatMuls get their activation ranges per call
+            from onnxruntime.quantization import quantize_dynamic
+            convs = [n for n, t in self.node_ops.items() if t == "Conv" and n not in set(exclude)]
+            src = model_path
+            with _quiet_ort():
+                if convs:   # a conv backbone (PP-OCR rec's) keeps static INT8 on its calibrated ranges
+                    src = self.workdir / "convs.onnx"
+                    static(model_path, src, op_types_to_quantize=["Conv"])
+                quantize_dynamic(str(src), str(out_path), per_channel=s.per_channel,
+                                 reduce_range=s.reduce_range, weight_type=QuantType.QInt8,
+                                 nodes_to_exclude=exclude, op_types_to_quantize=["MatMul", "Gemm"])
+            if convs:
+                src.unlink(missing_ok=True)
+            return Path(out_path)
+        dynamic = [n for n in (self.policy or {}).get("dynamic_nodes", []) if n not in user_excluded]
+        static_out = self.workdir / "static.onnx" if dynamic else out_path
+        with _quiet_ort():
+            static(model_path, static_out)
             if dynamic:  # the policy's LSTM cells and STFT-like Convs: INT8 weights, per-call ranges (policy.py)
                 from edgec.exporters.policy import quantize_dynamic_nodes
                 quantize_dynamic_nodes(static_out, out_path, dynamic, reduce_range=s.reduce_range,
@@ -325,18 +344,25 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
             if record["prelu"]["split"]:
                 onnx.save_model(model, str(pre))
             del model
+        from edgec.exporters.activations import fuse_hard_swish, saturation_bounds
+        model = onnx.load(str(pre))
+        record["hard_swish_fused"] = fuse_hard_swish(model)   # exact: two quantizers fewer per hard-swish
+        if record["hard_swish_fused"]:
+            onnx.save_model(model, str(pre))
+        del model
         transforms, bias = _equalize(pre, calibration, options, workdir)
         model = onnx.load(str(pre), load_external_data=False)
         node_ops = {n.name: n.op_type for n in model.graph.node}
         from edgec.exporters.transforms import bias_inputs, depthwise_weights
-        wanted = bias_inputs(model) if bias and options.bias_method == "fast" else []
+        wanted = bias_inputs(model) if bias and options.bias_method != "empirical" else []
+        bounds = saturation_bounds(model) if options.saturation_ranges else {}
         del model
         qrange = (0, 255) if scheme.activation_type == "uint8" else (-128, 127)
         calib = calibrate(pre, calibration, method=options.method, num_samples=options.num_samples,
                           symmetric=scheme.activation_symmetric, qrange=qrange, percentile=options.percentile,
                           bins=options.histogram_bins, memory_mb=options.calibration_memory_mb, workdir=workdir,
                           force=options.force_calibration_data, progress=default_progress(progress),
-                          channel_means=wanted)
+                          channel_means=wanted, bounds=bounds)
         cache = workdir / "ranges.json"
         save_ranges(calib.ranges, cache)
         from edgec.exporters.policy import plan
@@ -410,7 +436,8 @@ def _bias_correct(p: Prepared, calibration, exclude: list[str]) -> None:
     started = time.perf_counter()
     probe = p.quantize(p.workdir / "bias-probe.onnx", exclude, quant_format="QDQ")
     model = onnx.load(str(p.model_path))
-    if p.options.bias_method == "fast":
+    method, why = bias_method(p, model, exclude)
+    if method == "fast":
         reference = {name: value for name, value in (p.weight_originals or {}).values()}
         rec, originals = tf.fast_bias_correct(model, onnx.load(str(probe)), p.calibration.channel_means, exclude,
                                               reference=reference)
@@ -422,7 +449,21 @@ def _bias_correct(p: Prepared, calibration, exclude: list[str]) -> None:
         onnx.save_model(model, str(p.model_path))
     p.bias_originals = originals
     p.transforms["bias_correction"] = {**rec, "reason": p.transforms["bias_correction"]["reason"],
+                                       "method": method, "method_reason": why,
                                        "seconds": round(time.perf_counter() - started, 2)}
+
+
+def bias_method(p: Prepared, model, exclude) -> tuple[str, str]:
+    """The bias correction method for this model, and why."""
+    if p.options.bias_method != "auto":
+        return p.options.bias_method, "set by option"
+    from edgec.exporters.transforms import correction_levels
+    levels = correction_levels(model, exclude)
+    mb = p.calibration.bytes_per_sample / 2 ** 20
+    cost = f"{levels} levels x {mb:.1f} MB per sample"
+    if levels * mb <= EMPIRICAL_BIAS_MAX_MB:
+        return "empirical", f"sequential passes are cheap here ({cost} <= {EMPIRICAL_BIAS_MAX_MB} MB)"
+    return "fast", f"sequential passes would cost {cost} > {EMPIRICAL_BIAS_MAX_MB} MB: analytic"
 
 
 def _adaround(p: Prepared, calibration, exclude: list[str]) -> None:

@@ -83,10 +83,21 @@ def _attr(node, name, default=None):
     return default
 
 
+def is_depthwise_weight(shape, groups: int) -> bool:
+    """A depthwise conv's weight (OIHW): one input channel per group."""
+    return groups > 1 and shape[1] == 1 and shape[0] % groups == 0
+
+
+def weight_reduce_range(scheme, depthwise: bool) -> bool:
+    """The grid of one weight, for PTQ (exporters/quantize.py) and QAT (toolchain/qat.py) alike: the 7-bit one
+    under reduce_range (ORT's U8S8 GEMM kernel on AVX2 saturates with 8-bit weights), except a depthwise conv's
+    weights where the target's depthwise kernel does not saturate (`scheme.full_range_depthwise`)."""
+    return bool(scheme.reduce_range and not (depthwise and scheme.full_range_depthwise))
+
+
 def is_depthwise(node, g: _Graph) -> bool:
     w = g.array(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-    groups = _attr(node, "group", 1)
-    return w is not None and groups > 1 and w.shape[1] == 1 and w.shape[0] % groups == 0
+    return w is not None and is_depthwise_weight(w.shape, _attr(node, "group", 1))
 
 
 def count_depthwise(model) -> int:
@@ -418,6 +429,12 @@ def bias_correct(model, qdq_model, calibration, num_samples: int, workdir, exclu
               "max_layer_mean_abs_shift": round(float(np.max(shifts)), 6),
               "kind": "empirical, sequential: E[INT8 output] - E[FP32 output] per layer on calibration samples"}
     return record, originals
+
+
+def correction_levels(model, exclude=()) -> int:
+    """How many sequential passes empirical bias correction makes (Conv/Gemm levels in dependency order)."""
+    targets = [n for n in model.graph.node if n.op_type in CONV_LIKE and n.name not in set(exclude)]
+    return len(_levels(model, targets)) if targets else 0
 
 
 def bias_inputs(model, exclude=()) -> list[str]:

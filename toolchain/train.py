@@ -63,6 +63,7 @@ class TrainConfig:
     kd_loss: tuple = ()             # ((output, kl|bce|mse|cosine, weight), ...) from --kd-loss; others detected
     label_output: str | None = None  # the output the labels belong to (default: the first)
     batchnorm: str = "auto"         # auto | train | frozen: how BatchNorm layers train (see batchnorm_choice)
+    bce_peak: float = 0.0           # bce outputs: label weight 1 + bce_peak * teacher probability (edgec.kdloss)
 
     def __post_init__(self):
         self.kd_loss = kdloss.parse(self.kd_loss)
@@ -80,6 +81,8 @@ class TrainConfig:
             raise OptionError(f"--patience {self.patience} must be at least 1 epoch")
         if not self.hint_weight >= 0:
             raise OptionError(f"--hint-weight {self.hint_weight} must not be negative")
+        if not 0 <= self.bce_peak < math.inf:
+            raise OptionError(f"--bce-peak {self.bce_peak} must be a finite weight >= 0 (0: plain BCE)")
         if self.resume and not self.checkpoint:
             raise OptionError("--resume needs a checkpoint path (the output's .ckpt)")
         if self.batchnorm not in BATCHNORM:
@@ -282,6 +285,9 @@ def _output_losses(student, teacher, example: tuple, cfg: TrainConfig, labels: d
         if class_ids and spec.kind != "kl" and spec.reason != "set by --kd-loss":
             spec.kind, spec.probabilities = "kl", False
             spec.reason = f"{list(spec.shape)}: labels are class ids: logits (cross-entropy on the labels)"
+        if spec.kind == "bce" and cfg.bce_peak:
+            spec.peak_weight = cfg.bce_peak
+            spec.reason += f"; each label weighs 1 + {cfg.bce_peak:g} x the teacher's probability (--bce-peak)"
     return specs
 
 

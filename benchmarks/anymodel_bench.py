@@ -596,7 +596,7 @@ def distill_crepe(teacher, err, t_eval, x_eval, teacher_onnx) -> dict:
     cfg = TrainConfig(epochs=int(os.environ.get("CREPE_EPOCHS", 6)), lr=float(os.environ.get("CREPE_LR", 3e-3)),
                       optimizer="adamw", batch_size=64, weight_decay=0.0,
                       batchnorm=os.environ.get("CREPE_BN", "auto"), alpha=1.0 if LABELS is None else LABELS,
-                      kd_loss=tuple(x for x in os.environ.get("CREPE_KD_LOSS", "").split(",") if x))
+                      bce_peak=float(os.environ.get("CREPE_BCE_PEAK", 0)))
     started = time.perf_counter()
     hist = train(student, data, cfg, teacher=teacher, label="crepe-kd")
     seconds = round(time.perf_counter() - started, 1)
@@ -621,7 +621,8 @@ def distill_crepe(teacher, err, t_eval, x_eval, teacher_onnx) -> dict:
                        f"{f', round-to {ROUND_TO}' if ROUND_TO else ''}), then "
                        f"distilled by edgec.train ({cfg.epochs} epochs of {frames} frames, AdamW lr {cfg.lr}, "
                        f"one-cycle cosine, batch 64"
-                       f"{'' if LABELS is None else f', alpha {LABELS}: KD + BCE on the true f0 targets'})",
+                       f"{'' if LABELS is None else f', alpha {LABELS}: KD + BCE on the true f0 targets'}"
+                       f"{f', --bce-peak {cfg.bce_peak:g}' if cfg.bce_peak else ''})",
             "widths": {n: m.out_channels for n, m in student.named_modules() if isinstance(m, torch.nn.Conv2d)},
             "prune_refused_without_ignore": refused, "student_after_pruning": err(s_pruned),
             "teacher_params": params(teacher), "student_params": params(student),

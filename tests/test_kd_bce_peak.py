@@ -73,3 +73,10 @@ def test_bce_peak_flag_reaches_the_training_config(group):
     assert CliRunner().invoke(cmd, []).exit_code == 0 and seen["train"].bce_peak == 0
     bad = CliRunner().invoke(cmd, ["--bce-peak", "-2"])
     assert bad.exit_code != 0 and "--bce-peak" in str(bad.exception or bad.output)
+
+
+def test_bce_peak_is_on_every_command_that_distills():
+    from conftest import run_cli
+    for command in ("distill", "build", "compare"):
+        code, out, _ = run_cli(command, "--help")
+        assert code == 0 and "--bce-peak" in out, command

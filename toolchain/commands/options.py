@@ -292,9 +292,6 @@ def _check_flags() -> dict:
         "tasks": Flag(("--task",), "What an output is, so it gets its task's check: classify, multilabel, regress, "
                       "score, embed, none (repeatable; a one-output model may say --task classify). Default: detected "
                       "and printed.", convert=_tasks, click={"multiple": True, "metavar": "OUTPUT=TASK"}),
-        "bce_peak": Flag(("--bce-peak",), "Sigmoid (bce) outputs: weigh each label by 1 + W x the teacher's "
-                         "probability, so the few likely labels count against the many near-zero ones (default 0: "
-                         "plain BCE).", click={"type": FINITE, "metavar": "W"}),
         "label_output": Flag(("--label-output",), "The output the labels of --data/--eval-data apply to (needed when "
                              "the model has several outputs; 'none' ignores the labels)."),
     }

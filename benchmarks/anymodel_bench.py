@@ -24,6 +24,7 @@ change one policy decision (`_variant`) to show what it is worth. MiniLM and CRE
 
     python benchmarks/anymodel_bench.py [vad crepe onet minilm]
     CREPE_PRUNE=0.1 CREPE_EPOCHS=6 python benchmarks/anymodel_bench.py crepe-distill   # CREPE's distillation alone
+    (CREPE_LABELS=0.5: also on the true f0; CREPE_ROUND_TO=8; CREPE_BCE_PEAK=W; ANYMODEL_RESULTS=PATH: other JSON)
 """
 from __future__ import annotations
 
@@ -50,6 +51,13 @@ ROUND_TO = int(os.environ.get("CREPE_ROUND_TO", 0)) or None   # --round-to: chan
 # CREPE_LABELS=A: also train on the true f0 (CREPE's own targets, a Gaussian of 25 cents around the true bin), loss
 # A * KD + (1 - A) * BCE(labels); unset: the teacher's outputs alone
 LABELS = float(os.environ["CREPE_LABELS"]) if os.environ.get("CREPE_LABELS") else None
+BCE_PEAK = float(os.environ.get("CREPE_BCE_PEAK", 0))   # --bce-peak of the distillation
+
+
+def _run_key() -> str:
+    """The JSON key of one CREPE distillation setting (runs of other settings keep their rows)."""
+    return " ".join([f"prune {RATIO:.0%}"] + [f"round-to {ROUND_TO}"] * bool(ROUND_TO)
+                    + [f"labels {LABELS:g}"] * (LABELS is not None) + [f"bce-peak {BCE_PEAK:g}"] * bool(BCE_PEAK))
 
 
 # ---------------------------------------------------------------- shared measurement
@@ -564,7 +572,7 @@ def bench_crepe():
         if rec["cli"]["exit_code"] == 0 else None
     if got is not None:
         rec["cli"]["pitch"] = err(got)
-    rec["distill"] = {f"prune {RATIO:.0%}": distill_crepe(teacher, err, t_eval, x_eval, fp32)}
+    rec["distill"] = {_run_key(): distill_crepe(teacher, err, t_eval, x_eval, fp32)}
     save("crepe", rec)
 
 
@@ -596,7 +604,7 @@ def distill_crepe(teacher, err, t_eval, x_eval, teacher_onnx) -> dict:
     cfg = TrainConfig(epochs=int(os.environ.get("CREPE_EPOCHS", 6)), lr=float(os.environ.get("CREPE_LR", 3e-3)),
                       optimizer="adamw", batch_size=64, weight_decay=0.0,
                       batchnorm=os.environ.get("CREPE_BN", "auto"), alpha=1.0 if LABELS is None else LABELS,
-                      bce_peak=float(os.environ.get("CREPE_BCE_PEAK", 0)))
+                      bce_peak=BCE_PEAK)
     started = time.perf_counter()
     hist = train(student, data, cfg, teacher=teacher, label="crepe-kd")
     seconds = round(time.perf_counter() - started, 1)
@@ -646,7 +654,7 @@ def bench_crepe_distill():
                   {"input": {0: "n"}, "probs": {0: "n"}})
     rec = json.loads(RESULTS.read_text()).get("crepe", {}) if RESULTS.exists() else {}
     runs = rec["distill"] if "student" not in rec.get("distill", {"student": 1}) else {}  # one run per prune ratio
-    runs[f"prune {RATIO:.0%}"] = distill_crepe(teacher, err, t_eval, x_eval, fp32) | {"teacher_fp32": err(t_eval)}
+    runs[_run_key()] = distill_crepe(teacher, err, t_eval, x_eval, fp32) | {"teacher_fp32": err(t_eval)}
     rec["distill"] = runs
     save("crepe", rec)
 

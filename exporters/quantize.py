@@ -350,11 +350,12 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
     try:
         pre = workdir / "fp32.pre.onnx"
         record = _pre_process(fp32_path, pre, options.pre_process)
-        if options.policy:   # PRelu has no INT8 kernel: Max(x, a x) instead (policy.prelus_as_max)
-            from edgec.exporters.policy import prelus_as_max
+        if options.policy:   # no INT8 kernel for PRelu or a lone BatchNorm: equal functions that have one
+            from edgec.exporters.policy import batchnorms_as_convs, prelus_as_max
             model = onnx.load(str(pre))
             record["prelu"] = prelus_as_max(model, keep=options.exclude_nodes)
-            if record["prelu"]["rewritten"]:
+            record["batchnorm_as_conv"] = batchnorms_as_convs(model, keep=options.exclude_nodes)
+            if record["prelu"]["rewritten"] or record["batchnorm_as_conv"]["rewritten"]:
                 onnx.save_model(model, str(pre))
             del model
         from edgec.exporters.activations import fuse_hard_swish, saturation_bounds

@@ -316,3 +316,47 @@ def test_quantize_int8_runs_prelu_models_with_one_int8_conv_per_conv(tmp_path):
     off = quantize_int8(fp32, tmp_path / "off.onnx", [x[i:i + 16] for i in range(0, 64, 16)],
                         QuantOptions(policy=False, force_calibration_data=True))
     assert "prelu" not in off.pre_process
+
+
+class ActThenBatchNorm(nn.Module):
+    """CREPE-like: Conv -> ReLU -> BatchNorm -> MaxPool, twice (the BN follows no Conv: nothing folds it)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        with torch.no_grad():   # statistics and affine far from identity, as a trained BN's
+            for bn in (self.b1, self.b2):
+                bn.running_mean.uniform_(0.2, 1.5)
+                bn.running_var.uniform_(0.05, 2.0)
+                bn.weight.uniform_(0.3, 3.0)
+                bn.bias.uniform_(-1.0, 1.0)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(self.b1(torch.relu(self.c1(x))), 2)
+        return self.b2(torch.relu(self.c2(x))).mean((2, 3))
+
+
+def test_a_batchnorm_after_an_activation_becomes_a_depthwise_conv_and_runs_in_int8(tmp_path):
+    from edgec.exporters.policy import batchnorms_as_convs
+    fp32 = _export(ActThenBatchNorm(), torch.randn(2, 3, 16, 16), tmp_path / "bn.onnx")
+    x = _images(64)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(fp32)))
+    rec = batchnorms_as_convs(model)
+    assert len(rec["rewritten"]) == 2 and "no INT8 kernel" in rec["reason"], rec
+    assert [n.op_type for n in model.graph.node].count("BatchNormalization") == 0
+    onnx.save(model, str(tmp_path / "conv.onnx"))
+    np.testing.assert_allclose(_run(tmp_path / "conv.onnx", x), _run(fp32, x), rtol=1e-5, atol=1e-5)
+
+    calib = [x[i:i + 16] for i in range(0, 64, 16)]
+    info = quantize_int8(fp32, tmp_path / "int8.onnx", calib, QuantOptions(force_calibration_data=True))
+    assert info.pre_process["batchnorm_as_conv"]["rewritten"] == rec["rewritten"]
+    assert info.ops["by_type"]["Conv"] == {"int8": 4, "float": 0}
+    assert not [n for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node if n.op_type == "BatchNormalization"]
+    kept = quantize_int8(fp32, tmp_path / "kept.onnx", calib,
+                         QuantOptions(force_calibration_data=True, exclude_nodes=tuple(rec["rewritten"])))
+    assert kept.pre_process["batchnorm_as_conv"]["rewritten"] == []   # a BN the user keeps float stays a BN
+    ref = _run(fp32, x)
+    rewritten, float_bn = _sqnr(ref, _run(tmp_path / "int8.onnx", x)), _sqnr(ref, _run(tmp_path / "kept.onnx", x))
+    assert rewritten > float_bn + 1, (rewritten, float_bn)   # exact per-channel weights vs one 8-bit BN grid

@@ -181,6 +181,8 @@ def size_row(fp32, *others) -> dict:
 
 def save(name: str, record: dict) -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if name in SIMPLIFIED:
+        record.setdefault("export_simplification", SIMPLIFIED[name])
     results[name] = record
     RESULTS.write_text(json.dumps(results, indent=1, default=float))
     print(json.dumps({name: record}, indent=1, default=float)[:4000], flush=True)
@@ -198,9 +200,14 @@ def export(module, args: tuple, path, names, outs, axes):
     torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, input_names=names, output_names=outs,
                       dynamic_axes=axes, do_constant_folding=True)
     shutil.copyfile(path, raw_path(path))
-    simplified, _ = _simplify(onnx.load(str(path)), large=False)
+    feed = {n: a.numpy() for n, a in zip(names, args)}
+    simplified, record = _simplify(onnx.load(str(path)), False, feed)
     onnx.save(simplified, str(path))
+    SIMPLIFIED[path.stem] = record
     return path
+
+
+SIMPLIFIED: dict = {}   # per exported model: what edgec's export simplification did (or why it kept the export)
 
 
 def raw_path(path) -> Path:
@@ -558,7 +565,8 @@ def bench_crepe():
         if rec["cli"]["exit_code"] == 0 else None
     if got is not None:
         rec["cli"]["pitch"] = err(got)
-    rec["distill"] = {f"prune {RATIO:.0%}": distill_crepe(teacher, err, t_eval, x_eval, fp32)}
+    if os.environ.get("CREPE_DISTILL", "1") != "0":   # CREPE_DISTILL=0: the quantization rows alone
+        rec["distill"] = {f"prune {RATIO:.0%}": distill_crepe(teacher, err, t_eval, x_eval, fp32)}
     save("crepe", rec)
 
 

@@ -56,8 +56,10 @@ BCE_PEAK = float(os.environ.get("CREPE_BCE_PEAK", 0))   # --bce-peak of the dist
 
 def _run_key() -> str:
     """The JSON key of one CREPE distillation setting (runs of other settings keep their rows)."""
+    epochs, frames = int(os.environ.get("CREPE_EPOCHS", 6)), int(os.environ.get("CREPE_FRAMES", 2048))
     return " ".join([f"prune {RATIO:.0%}"] + [f"round-to {ROUND_TO}"] * bool(ROUND_TO)
-                    + [f"labels {LABELS:g}"] * (LABELS is not None) + [f"bce-peak {BCE_PEAK:g}"] * bool(BCE_PEAK))
+                    + [f"labels {LABELS:g}"] * (LABELS is not None) + [f"bce-peak {BCE_PEAK:g}"] * bool(BCE_PEAK)) \
+        + (f", {epochs} epochs x {frames} frames" if (epochs, frames) != (6, 2048) else "")
 
 
 # ---------------------------------------------------------------- shared measurement

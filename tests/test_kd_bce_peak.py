@@ -44,12 +44,19 @@ def test_bce_peak_is_an_option_recorded_with_the_loss_and_validated():
     torch.manual_seed(0)
     teacher = torch.nn.Sequential(torch.nn.Linear(16, 30), torch.nn.Sigmoid()).eval()
     student = torch.nn.Sequential(torch.nn.Linear(16, 30), torch.nn.Sigmoid())
-    data = Dataset({"input": torch.randn(64, 16).numpy()}, None, "signals")
+    x = torch.randn(64, 16)
+    data = Dataset({"input": x.numpy()}, None, "signals")
     rec = train(student, data, TrainConfig(epochs=1, lr=0.01, optimizer="adamw", batch_size=32, bce_peak=8),
                 teacher=teacher, label="kd")
     (loss,) = rec["kd_loss"]
     assert loss["kind"] == "bce" and loss["peak_weight"] == 8 and "--bce-peak" in loss["reason"]
     assert rec["config"]["bce_peak"] == 8
+    # without a teacher there is no teacher probability to weigh by: plain BCE on the labels
+    with torch.no_grad():
+        y = teacher(x).numpy()
+    alone = train(torch.nn.Sequential(torch.nn.Linear(16, 30), torch.nn.Sigmoid()), Dataset({"input": x.numpy()}, y, "sig"),
+                  TrainConfig(epochs=1, lr=0.01, optimizer="adamw", batch_size=32, alpha=0, bce_peak=8), label="ft")
+    assert alone["kd_loss"][0]["peak_weight"] == 0 and "--bce-peak" not in alone["kd_loss"][0]["reason"]
     for bad in (-1.0, float("inf")):
         with pytest.raises(OptionError, match="--bce-peak"):
             TrainConfig(bce_peak=bad).validate()

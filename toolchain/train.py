@@ -285,7 +285,7 @@ def _output_losses(student, teacher, example: tuple, cfg: TrainConfig, labels: d
         if class_ids and spec.kind != "kl" and spec.reason != "set by --kd-loss":
             spec.kind, spec.probabilities = "kl", False
             spec.reason = f"{list(spec.shape)}: labels are class ids: logits (cross-entropy on the labels)"
-        if spec.kind == "bce" and cfg.bce_peak:
+        if spec.kind == "bce" and cfg.bce_peak and teacher is not None:   # a weight of the teacher's term
             spec.peak_weight = cfg.bce_peak
             spec.reason += f"; each label weighs 1 + {cfg.bce_peak:g} x the teacher's probability (--bce-peak)"
     return specs

@@ -538,6 +538,7 @@ def integer_max(model, names) -> list[str]:
         q_ay.input[1:] = q_t.input[1:]            # a y straight onto the next quantizer's grid
         q_y = helper.make_node("QuantizeLinear", [mx.input[0], *q_t.input[1:]], [f"{mx.output[0]}_y_q"],
                                name=f"{mx.name}_y_q")
+        q_y.attribute.extend(q_t.attribute)
         mx.input[:] = [q_y.output[0], q_ay.output[0]]
         chain = [mx, *moves]
         for i, node in enumerate(chain):        # integers through the chain; its end is Q_t's output
@@ -551,5 +552,5 @@ def integer_max(model, names) -> list[str]:
     return moved
 
 
-__all__ = ["plan", "dedupe_initializers", "quantize_dynamic_nodes", "prelus_as_max", "integer_max", "batchnorms_as_convs", "transformer_mode",
-           "is_transformer"]
+__all__ = ["plan", "dedupe_initializers", "quantize_dynamic_nodes", "prelus_as_max", "integer_max",
+           "batchnorms_as_convs", "transformer_mode", "is_transformer"]

@@ -233,7 +233,8 @@ def test_constant_folding_never_allocates_a_large_tensor_to_refuse_it():
     from edgec.exporters.onnx_export import _fold_small_constants
     graph = helper.make_graph(
         [helper.make_node("ConstantOfShape", ["s"], ["big"]), helper.make_node("ConstantOfShape", ["t"], ["small"]),
-         helper.make_node("Add", ["x", "small"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+         helper.make_node("Add", ["x", "small"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
          helper.make_tensor_value_info("big", TensorProto.FLOAT, None)],
         initializer=[numpy_helper.from_array(np.array([10 ** 10], np.int64), "s"),

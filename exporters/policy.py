@@ -472,11 +472,12 @@ def batchnorms_as_convs(model, keep=()) -> dict:
     inits = {i.name: i for i in g.initializer}
     rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.input, *g.value_info, *g.output]
             if v.type.tensor_type.HasField("shape")}
+    after_conv = {o for n in g.node if n.op_type == "Conv" for o in n.output}   # those fold into the Conv
     rewritten = []
     for bn in [n for n in g.node if n.op_type == "BatchNormalization" and n.name not in keep]:
         training = any(a.name == "training_mode" and a.i for a in bn.attribute)
         if training or len(bn.output) > 1 and any(bn.output[1:]) or not all(i in inits for i in bn.input[1:5]) \
-                or rank.get(bn.input[0]) not in (3, 4, 5):
+                or rank.get(bn.input[0]) not in (3, 4, 5) or bn.input[0] in after_conv:
             continue
         gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)

@@ -24,7 +24,7 @@ change one policy decision (`_variant`) to show what it is worth. MiniLM and CRE
 
     python benchmarks/anymodel_bench.py [vad crepe onet minilm]
     CREPE_PRUNE=0.1 CREPE_EPOCHS=6 python benchmarks/anymodel_bench.py crepe-distill   # CREPE's distillation alone
-    (CREPE_LABELS=0.5: also on the true f0; CREPE_ROUND_TO=8; CREPE_BCE_PEAK=W; ANYMODEL_RESULTS=PATH: other JSON)
+    (CREPE_LABELS=0.5: also on the true f0; CREPE_ROUND_TO=8; ANYMODEL_RESULTS=PATH: other JSON)
 """
 from __future__ import annotations
 
@@ -51,14 +51,13 @@ ROUND_TO = int(os.environ.get("CREPE_ROUND_TO", 0)) or None   # --round-to: chan
 # CREPE_LABELS=A: also train on the true f0 (CREPE's own targets, a Gaussian of 25 cents around the true bin), loss
 # A * KD + (1 - A) * BCE(labels); unset: the teacher's outputs alone
 LABELS = float(os.environ["CREPE_LABELS"]) if os.environ.get("CREPE_LABELS") else None
-BCE_PEAK = float(os.environ.get("CREPE_BCE_PEAK", 0))   # --bce-peak of the distillation
 
 
 def _run_key() -> str:
     """The JSON key of one CREPE distillation setting (runs of other settings keep their rows)."""
     epochs, frames = int(os.environ.get("CREPE_EPOCHS", 6)), int(os.environ.get("CREPE_FRAMES", 2048))
     return " ".join([f"prune {RATIO:.0%}"] + [f"round-to {ROUND_TO}"] * bool(ROUND_TO)
-                    + [f"labels {LABELS:g}"] * (LABELS is not None) + [f"bce-peak {BCE_PEAK:g}"] * bool(BCE_PEAK)) \
+                    + [f"labels {LABELS:g}"] * (LABELS is not None)) \
         + (f", {epochs} epochs x {frames} frames" if (epochs, frames) != (6, 2048) else "")
 
 
@@ -620,8 +619,7 @@ def distill_crepe(teacher, err, t_eval, x_eval, teacher_onnx) -> dict:
     data = Dataset({"input": x_train}, None if LABELS is None else _targets(cents_train), "synthetic voiced frames")
     cfg = TrainConfig(epochs=int(os.environ.get("CREPE_EPOCHS", 6)), lr=float(os.environ.get("CREPE_LR", 3e-3)),
                       optimizer="adamw", batch_size=64, weight_decay=0.0,
-                      batchnorm=os.environ.get("CREPE_BN", "auto"), alpha=1.0 if LABELS is None else LABELS,
-                      bce_peak=BCE_PEAK)
+                      batchnorm=os.environ.get("CREPE_BN", "auto"), alpha=1.0 if LABELS is None else LABELS)
     started = time.perf_counter()
     hist = train(student, data, cfg, teacher=teacher, label="crepe-kd")
     seconds = round(time.perf_counter() - started, 1)
@@ -646,8 +644,7 @@ def distill_crepe(teacher, err, t_eval, x_eval, teacher_onnx) -> dict:
                        f"{f', round-to {ROUND_TO}' if ROUND_TO else ''}), then "
                        f"distilled by edgec.train ({cfg.epochs} epochs of {frames} frames, AdamW lr {cfg.lr}, "
                        f"one-cycle cosine, batch 64"
-                       f"{'' if LABELS is None else f', alpha {LABELS}: KD + BCE on the true f0 targets'}"
-                       f"{f', --bce-peak {cfg.bce_peak:g}' if cfg.bce_peak else ''})",
+                       f"{'' if LABELS is None else f', alpha {LABELS}: KD + BCE on the true f0 targets'})",
             "widths": {n: m.out_channels for n, m in student.named_modules() if isinstance(m, torch.nn.Conv2d)},
             "prune_refused_without_ignore": refused, "student_after_pruning": err(s_pruned),
             "teacher_params": params(teacher), "student_params": params(student),

@@ -3,8 +3,6 @@
 - `kl`: logits of one class (or probabilities summing to 1): KL at temperature T, scaled by T^2 (Hinton 2015).
 - `bce`: independent probabilities in [0, 1] (sigmoid, multi-label): binary cross-entropy against the teacher's
   probabilities. A temperature softmax would flatten them into near-uniform targets (loss ~1e-4, no learning).
-  `peak_weight` W (--bce-peak) weighs each label by 1 + W x the teacher's probability (mean weight kept at 1): with
-  many labels and few of them likely (360 pitch bins, ~5 lit), plain BCE is dominated by the near-zero labels.
 - `mse`: regression, scores, boxes, feature maps.
 - `cosine`: embeddings (1 - cosine along the last axis).
 
@@ -33,7 +31,6 @@ class OutputLoss:
     reason: str = "set by --kd-loss"
     shape: tuple = ()           # the teacher output's shape (batch axis included)
     probabilities: bool = False  # kl on probabilities (rows sum to 1): compared in log space
-    peak_weight: float = 0.0    # bce: each label weighs 1 + peak_weight * teacher probability (see the module doc)
 
     def to_dict(self) -> dict:
         return asdict(self) | {"shape": list(self.shape)}
@@ -163,11 +160,7 @@ def term(spec: OutputLoss, s: torch.Tensor, t: torch.Tensor, temperature: float)
         return F.kl_div(F.log_softmax(_log_probs(s, spec) / T, dim=dim), F.softmax(_log_probs(t, spec) / T, dim=dim),
                         reduction="batchmean") * T * T
     if spec.kind == "bce":
-        t = t.clamp(0, 1)
-        if not spec.peak_weight:
-            return F.binary_cross_entropy(s.clamp(1e-6, 1 - 1e-6), t)
-        w = 1 + spec.peak_weight * t
-        return F.binary_cross_entropy(s.clamp(1e-6, 1 - 1e-6), t, weight=w / w.mean())
+        return F.binary_cross_entropy(s.clamp(1e-6, 1 - 1e-6), t.clamp(0, 1))
     if spec.kind == "cosine":
         return (1 - F.cosine_similarity(s.flatten(1) if s.dim() > 2 else s, t.flatten(1) if t.dim() > 2 else t,
                                         dim=-1)).mean()

@@ -63,7 +63,6 @@ class TrainConfig:
     kd_loss: tuple = ()             # ((output, kl|bce|mse|cosine, weight), ...) from --kd-loss; others detected
     label_output: str | None = None  # the output the labels belong to (default: the first)
     batchnorm: str = "auto"         # auto | train | frozen: how BatchNorm layers train (see batchnorm_choice)
-    bce_peak: float = 0.0           # bce outputs: label weight 1 + bce_peak * teacher probability (edgec.kdloss)
 
     def __post_init__(self):
         self.kd_loss = kdloss.parse(self.kd_loss)
@@ -81,8 +80,6 @@ class TrainConfig:
             raise OptionError(f"--patience {self.patience} must be at least 1 epoch")
         if not self.hint_weight >= 0:
             raise OptionError(f"--hint-weight {self.hint_weight} must not be negative")
-        if not 0 <= self.bce_peak < math.inf:
-            raise OptionError(f"--bce-peak {self.bce_peak} must be a finite weight >= 0 (0: plain BCE)")
         if self.resume and not self.checkpoint:
             raise OptionError("--resume needs a checkpoint path (the output's .ckpt)")
         if self.batchnorm not in BATCHNORM:
@@ -285,9 +282,6 @@ def _output_losses(student, teacher, example: tuple, cfg: TrainConfig, labels: d
         if class_ids and spec.kind != "kl" and spec.reason != "set by --kd-loss":
             spec.kind, spec.probabilities = "kl", False
             spec.reason = f"{list(spec.shape)}: labels are class ids: logits (cross-entropy on the labels)"
-        if spec.kind == "bce" and cfg.bce_peak and teacher is not None:   # a weight of the teacher's term
-            spec.peak_weight = cfg.bce_peak
-            spec.reason += f"; each label weighs 1 + {cfg.bce_peak:g} x the teacher's probability (--bce-peak)"
     return specs
 
 

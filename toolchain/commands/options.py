@@ -231,9 +231,6 @@ def _train_group() -> Group:
                         "boxes=auto:2 (repeatable; default: chosen from the teacher's outputs, weight 1). An output's "
                         "labels (y on --label-output, y:OUTPUT) add to its term.", convert=_kd_loss,
                         click={"multiple": True, "metavar": "OUTPUT=KIND[:WEIGHT]"}),
-        "bce_peak": Flag(("--bce-peak",), "Sigmoid (bce) outputs: weigh each label by 1 + W x the teacher's "
-                         "probability, so the few likely labels count against the many near-zero ones (default 0: "
-                         "plain BCE).", click={"type": FINITE, "metavar": "W"}),
         "label_output": Flag(("--label-output",), "The output the labels belong to (position or name; default: the "
                              "first)."),
         "batchnorm": Flag(("--batchnorm",), "BatchNorm while training: train (batch statistics), frozen (fixed "
@@ -372,8 +369,7 @@ def _launch_group() -> Group:
 
 _GROUPS = {"SOURCE": _source_group, "QUANT": _quant_group, "TRAIN": _train_group,
            # distillation in build/compare (its --label-output is build's/compare's own, copied in by the command)
-           "KD": lambda: _train_group().only("epochs", "lr", "alpha", "temperature", "kd_loss", "batchnorm",
-                                             "bce_peak"),
+           "KD": lambda: _train_group().only("epochs", "lr", "alpha", "temperature", "kd_loss", "batchnorm"),
            "PRUNE": _prune_group, "BUILD": _build_group, "COMPARE": _compare_group, "LAUNCH": _launch_group}
 
 

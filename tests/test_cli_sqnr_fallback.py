@@ -43,13 +43,16 @@ def test_sqnr_only_failure_is_searched_and_repaired(tmp_path, unnormalized):
     assert code == 0, stderr
     manifest = json.loads(stdout)
     s = manifest["quantization"]["sensitivity"]
-    assert s["metric"] == "no task metric" and s["drop_points"] == 0       # no task figure failed
+    # no labels: the label-free budget (mean cosine 0.99) and the gate's SQNR; no output has a task figure
+    assert s["metric"] == "cosine" and s["min_cosine"] == 0.99 and s["task_metric"] is None
     assert "SQNR" in s["searched_for"] and s["int8_sqnr_db"] < 15 <= s["final_sqnr_db"] and s["sqnr_ok"]
+    assert s["within_budget"] and s["final_score"] >= 0.99
     assert [e["node"] for e in s["excluded"]] == ["/body/body.0/Gemm"] == manifest["quantization"]["excluded_nodes"]
     outputs = next(st for st in manifest["stages"] if st["name"] == "evaluate")["metrics"]["outputs"]
     assert all(o["sqnr_db"] > 20 for o in outputs)                         # the honest check on the eval data
     report = (tmp_path / "m.edgec" / "report.md").read_text()
-    assert "worst output SQNR on the same samples" in report and "searched for: SQNR" in report
+    assert "worst output SQNR on the same samples" in report and "under --min-sqnr 15" in report
+    assert "INT8 fallback (cosine >= 0.99) on 256 calibration samples, searched for cosine" in report
 
 
 def test_without_the_fallback_the_same_build_fails_on_sqnr(tmp_path, unnormalized):

@@ -278,8 +278,7 @@ def one(fp32, out, calib_path, config: str) -> dict:
         result["transforms"] = info.transforms
         result["fallback"] = {k: rep.to_dict()[k] for k in (
             "int8_score", "final_score", "stopped", "seconds", "ranking_seconds", "nodes_measured", "nodes_total",
-            "rank_samples", "scored_samples", "passed_over", "int8_weight_share")}
-        result["fallback"]["requantized"] = sum(r["measured_by"] == "requantized" for r in rep.ranking)
+            "rank_samples", "scored_samples", "passed_over", "int8_weight_share", "requantized_nodes")}
         result["fallback"]["excluded"] = [e["node"] for e in rep.excluded]
     else:
         from edgec.exporters.quantize import QuantOptions, quantize_int8

@@ -104,6 +104,7 @@ class FallbackReport:
     scored_samples: int = 0                # calibration samples every verdict is measured on
     rank_samples: int = 0                  # of them, the ones the ranking is measured on
     ranking_seconds: float = 0.0
+    requantized_nodes: int = 0             # ranked by ORT's quantizer again (the QDQ edit could not express them)
     int8_weight_share: float | None = None   # Conv/MatMul/Gemm weights in INT8 in the written model
 
     def to_dict(self) -> dict:
@@ -325,6 +326,7 @@ def _rank_nodes(prepared: Prepared, ev: _Evaluator, x, options: FallbackOptions,
             progress(i + 1, len(compute), "sensitivity")
     ranking.sort(key=lambda r: -r.error_reduction)
     report.nodes_measured = len(ranking)
+    report.requantized_nodes = sum(r.measured_by == "requantized" for r in ranking)
     report.ranking = [asdict(r) for r in ranking[:20]]
     return ranking
 

@@ -336,7 +336,8 @@ class _QdqBypass:
     excluded: the node's weight and bias are the FP32 ones (uncorrected, as Prepared.quantize restores them); its
     input keeps its Q/DQ pair where another quantized node still quantizes that tensor (another reader of the
     pair, or a producer that runs quantized and so quantizes its own output), else reads the float tensor; its
-    output keeps its pair unless only the graph output reads it. Anything else (a dynamically quantized or
+    output keeps its pair where a reader quantizes it again (a quantized op), else is read in FP32 (the graph
+    output, a float op). Anything else (a dynamically quantized or
     activation x activation MatMul, a weight that is not an initializer) is left to the real quantizer."""
 
     def __init__(self, prepared: Prepared, int8_path: Path):
@@ -426,10 +427,18 @@ def _run_in_fp32(g, name: str, weight: np.ndarray, bias: np.ndarray | None) -> b
     out_q = readers.get(node.output[0], [])
     if len(out_q) == 1 and out_q[0].op_type == "QuantizeLinear" and node.output[0] not in outputs:
         out_dq = readers[out_q[0].output[0]]
-        if (len(out_dq) == 1 and out_dq[0].op_type == "DequantizeLinear" and out_dq[0].output[0] in outputs
-                and not readers[out_dq[0].output[0]]):
-            node.output[0] = out_dq[0].output[0]   # only the graph output reads it: FP32 out
-            drop |= {id(out_q[0]), id(out_dq[0])}
+        after = [r for d in out_dq for r in readers[d.output[0]]]
+        to_graph = [d.output[0] for d in out_dq if d.output[0] in outputs]
+        if (out_dq and all(d.op_type == "DequantizeLinear" for d in out_dq) and len(to_graph) <= 1
+                and not any(quantizes(r) for r in after)):   # no reader quantizes it again: FP32 out
+            target = to_graph[0] if to_graph else node.output[0]
+            node.output[0] = target
+            for d in out_dq:
+                for r in readers[d.output[0]]:
+                    for k, i in enumerate(r.input):
+                        if i == d.output[0]:
+                            r.input[k] = target
+            drop |= {id(out_q[0]), *(id(d) for d in out_dq)}
     # Q/DQ nodes that nothing reads any more
     used = {i for n in nodes if id(n) not in drop for i in n.input} | outputs
     changed = True

@@ -248,8 +248,9 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
         report.stopped = "max_excluded_share allows no node in FP32"
     else:
         searched = True
+        t0 = time.perf_counter()
         ranking = _rank_nodes(prepared, ev, x, options, base_excl, base_path, compute, deadline, progress, report)
-        report.ranking_seconds = round(time.perf_counter() - started, 2)
+        report.ranking_seconds = round(time.perf_counter() - t0, 2)
         excluded = list(base_excl)
         sizes = _weight_sizes(prepared)
         total = max(1, sum(sizes.values()))

@@ -124,7 +124,8 @@ def _variant(fp32, out, feeds: list[dict], *, static_int8=(), no_dynamic=False, 
         try:
             pol = prepared.policy
             pol["nodes"] = [n for n in pol["nodes"] if n not in static_int8]
-            pol["dynamic_nodes"] = [] if no_dynamic else [n for n in pol.get("dynamic_nodes", []) if n not in static_int8]
+            dynamic = [] if no_dynamic else pol.get("dynamic_nodes", [])
+            pol["dynamic_nodes"] = [n for n in dynamic if n not in static_int8]
             write_quantized(prepared, out, [])
         finally:
             prepared.cleanup()

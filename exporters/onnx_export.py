@@ -335,6 +335,8 @@ def _fold_small_constants(model) -> int:
         if node.domain not in ("", "ai.onnx") or node.attribute and any(a.type == a.GRAPH for a in node.attribute) \
                 or not ins and node.op_type != "Constant" or not all(i in values for i in ins):
             continue
+        if _grows(node, [values[i] for i in ins]):
+            continue
         graph = helper.make_graph([node], "fold", [], [helper.make_tensor_value_info(o, 0, None) for o in node.output],
                                   initializer=[numpy_helper.from_array(values[i], i) for i in ins])
         try:
@@ -349,6 +351,26 @@ def _fold_small_constants(model) -> int:
         g.node.remove(node)
         folded += 1
     return folded
+
+
+def _grows(node, ins) -> bool:
+    """Whether a node whose output size its input values set would exceed SMALL_CONSTANT (checked before
+    evaluating it: ConstantOfShape([10**9]) must not be allocated to be refused)."""
+    import numpy as np
+    try:
+        if node.op_type == "ConstantOfShape":
+            size = np.prod(ins[0], dtype=np.float64)
+        elif node.op_type == "Expand":
+            size = np.prod(np.broadcast_shapes(ins[0].shape, tuple(int(d) for d in ins[1])), dtype=np.float64)
+        elif node.op_type == "Tile":
+            size = ins[0].size * np.prod(ins[1], dtype=np.float64)
+        elif node.op_type == "Range":
+            size = np.ceil((float(ins[1]) - float(ins[0])) / float(ins[2]))
+        else:
+            return False
+    except Exception:  # noqa: BLE001 - malformed: leave it to run time
+        return True
+    return not 0 <= size <= SMALL_CONSTANT
 
 
 def _reloaded(data: bytes):

@@ -472,11 +472,12 @@ def batchnorms_as_convs(model, keep=()) -> dict:
     inits = {i.name: i for i in g.initializer}
     rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.input, *g.value_info, *g.output]
             if v.type.tensor_type.HasField("shape")}
+    after_conv = {o for n in g.node if n.op_type == "Conv" for o in n.output}   # those fold into the Conv
     rewritten = []
     for bn in [n for n in g.node if n.op_type == "BatchNormalization" and n.name not in keep]:
         training = any(a.name == "training_mode" and a.i for a in bn.attribute)
         if training or len(bn.output) > 1 and any(bn.output[1:]) or not all(i in inits for i in bn.input[1:5]) \
-                or rank.get(bn.input[0]) not in (3, 4, 5):
+                or rank.get(bn.input[0]) not in (3, 4, 5) or bn.input[0] in after_conv:
             continue
         gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
@@ -538,6 +539,7 @@ def integer_max(model, names) -> list[str]:
         q_ay.input[1:] = q_t.input[1:]            # a y straight onto the next quantizer's grid
         q_y = helper.make_node("QuantizeLinear", [mx.input[0], *q_t.input[1:]], [f"{mx.output[0]}_y_q"],
                                name=f"{mx.name}_y_q")
+        q_y.attribute.extend(q_t.attribute)
         mx.input[:] = [q_y.output[0], q_ay.output[0]]
         chain = [mx, *moves]
         for i, node in enumerate(chain):        # integers through the chain; its end is Q_t's output
@@ -551,5 +553,5 @@ def integer_max(model, names) -> list[str]:
     return moved
 
 
-__all__ = ["plan", "dedupe_initializers", "quantize_dynamic_nodes", "prelus_as_max", "integer_max", "batchnorms_as_convs", "transformer_mode",
-           "is_transformer"]
+__all__ = ["plan", "dedupe_initializers", "quantize_dynamic_nodes", "prelus_as_max", "integer_max",
+           "batchnorms_as_convs", "transformer_mode", "is_transformer"]

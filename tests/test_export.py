@@ -225,3 +225,20 @@ def test_export_folds_the_pads_torch_computes_at_run_time(tmp_path):
     x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
     np.testing.assert_allclose(ort_session(tmp_path / "p.onnx").run(None, {"input": x})[0],
                                m(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_constant_folding_never_allocates_a_large_tensor_to_refuse_it():
+    """ConstantOfShape([10**10]) (40 GB) stays in the graph; the 3-element one folds."""
+    from onnx import TensorProto, helper, numpy_helper
+    from edgec.exporters.onnx_export import _fold_small_constants
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["s"], ["big"]), helper.make_node("ConstantOfShape", ["t"], ["small"]),
+         helper.make_node("Add", ["x", "small"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("big", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.array([10 ** 10], np.int64), "s"),
+                     numpy_helper.from_array(np.array([3], np.int64), "t")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert _fold_small_constants(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["ConstantOfShape", "Add"]

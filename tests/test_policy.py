@@ -348,6 +348,16 @@ def test_a_batchnorm_after_an_activation_becomes_a_depthwise_conv_and_runs_in_in
     assert [n.op_type for n in model.graph.node].count("BatchNormalization") == 0
     onnx.save(model, str(tmp_path / "conv.onnx"))
     np.testing.assert_allclose(_run(tmp_path / "conv.onnx", x), _run(fp32, x), rtol=1e-5, atol=1e-5)
+    from onnx import TensorProto, helper, numpy_helper
+    conv_bn = helper.make_graph(   # right after a Conv a BN folds into it: left to the folding
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node(
+            "BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn")], "cb",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w"),
+         *(numpy_helper.from_array(np.full(2, v, np.float32), n) for n, v in zip("gbmv", (2, 1, 0, 1)))],
+        value_info=[helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 2, 4, 4])])
+    assert batchnorms_as_convs(helper.make_model(conv_bn))["rewritten"] == []
 
     calib = [x[i:i + 16] for i in range(0, 64, 16)]
     info = quantize_int8(fp32, tmp_path / "int8.onnx", calib, QuantOptions(force_calibration_data=True))

@@ -50,8 +50,8 @@ CONFIGS = {
     "edgec-mse": dict(method="mse"),
     "edgec-adaround": dict(adaround=True, bias_correction=False),
     "edgec-adaround+bc-fast": dict(adaround=True, bias_correction=True),
-    # `edgec build --min-cosine 0.99` without labels: the default quantization, then the cosine fallback
-    # scored on calibration samples (64 here, to fit the time box on a shared machine)
+    # the label-free fallback as `edgec quantize` runs it on unlabelled data: the default quantization, then the
+    # most sensitive nodes in FP32 until the mean cosine on the calibration samples reaches 0.99 (and SQNR 15 dB)
     "edgec-default+min-cosine": dict(fallback=True),
 }
 
@@ -269,12 +269,16 @@ def one(fp32, out, calib_path, config: str) -> dict:
     elif cfg.pop("fallback", False):
         from edgec.exporters.quantize import QuantOptions
         from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
-        scored = x[np.unique(np.linspace(0, len(x) - 1, min(len(x), 64)).astype(int))]
+        from edgec.exporters.metrics import CheckOptions
+        from edgec.stages import FALLBACK_SAMPLES
+        scored = x[np.unique(np.linspace(0, len(x) - 1, min(len(x), FALLBACK_SAMPLES)).astype(int))]
         info, rep = quantize_with_budget(fp32, out, calib, scored, None, QuantOptions(num_samples=None),
-                                         FallbackOptions(min_cosine=0.99, time_budget_s=300))
+                                         FallbackOptions(max_accuracy_drop=None, min_cosine=0.99, time_budget_s=300,
+                                                         checks=CheckOptions()))
         result["transforms"] = info.transforms
-        result["fallback"] = {k: rep.to_dict()[k] for k in ("int8_score", "final_score", "stopped", "seconds",
-                                                            "nodes_measured", "passed_over")}
+        result["fallback"] = {k: rep.to_dict()[k] for k in (
+            "int8_score", "final_score", "stopped", "seconds", "ranking_seconds", "nodes_measured", "nodes_total",
+            "rank_samples", "scored_samples", "passed_over", "int8_weight_share", "requantized_nodes")}
         result["fallback"]["excluded"] = [e["node"] for e in rep.excluded]
     else:
         from edgec.exporters.quantize import QuantOptions, quantize_int8

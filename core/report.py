@@ -168,6 +168,29 @@ def render_markdown(manifest: Manifest) -> str:
     return "\n".join(out) + "\n"
 
 
+def fallback_summary(report: Sensitivity) -> str:
+    """One line: what the fallback was for, what it kept in FP32 and the figure before and after (or that the
+    all-INT8 model needed none)."""
+    x = report.extra
+    cosine = report.metric == "cosine"
+    value = (lambda v: f"{v:.4f}") if cosine else (lambda v: f"{100 * v:.2f}%")  # noqa: E731
+    figure = "mean cosine to FP32" if cosine else escape(report.metric)
+    on = f" on {x['scored_samples']} calibration samples" if x.get("scored_samples") else " on calibration samples"
+    budget = (f"cosine >= {x['min_cosine']:g}" if cosine else f"drop <= {report.budget_points:g} points") + (
+        f", {escape(x['task_metric'])} drop <= {x['task_budget_points']:g} points" if x.get("task_metric") else "")
+    if not report.nodes_measured:
+        return (f"INT8 fallback ({budget}){on}: none needed, all-INT8 {figure} {value(report.int8_score)}; "
+                f"{escape(report.stopped)}")
+    kept = ", ".join(escape(e.node) for e in report.excluded) or "none"
+    share = f", {100 * x['int8_weight_share']:.1f}% of weights INT8" if x.get("int8_weight_share") is not None else ""
+    return (f"INT8 fallback ({budget}){on}"
+            + (f", searched for {escape(x['searched_for'])}" if x.get("searched_for") else "")
+            + f": {len(report.excluded)} node(s) kept in FP32 ({kept}); {figure} {value(report.int8_score)} -> "
+            f"{value(report.final_score)}{share}; {report.nodes_measured} of {report.nodes_total} nodes ranked"
+            + (f" on {x['rank_samples']} samples" if x.get("rank_samples") else "")
+            + f"; {escape(report.stopped)}; {report.seconds:.1f} s")
+
+
 def _fallback_md(report: Sensitivity | None) -> list[str]:
     """The accuracy-aware fallback: what it measured and which nodes it kept in FP32, with their error figures."""
     if report is None:
@@ -176,7 +199,7 @@ def _fallback_md(report: Sensitivity | None) -> list[str]:
                f"{100 * report.int8_score:.2f}%, final {100 * report.final_score:.2f}% (drop "
                f"{report.drop_points:.2f} of {report.budget_points} points allowed)"
                if report.metric != "no task metric" else "no output has a task figure: SQNR alone")
-    out = ["### Accuracy-aware fallback", "",
+    out = ["### Accuracy-aware fallback", "", f"- {fallback_summary(report)}",
            f"- {figures}; {escape(report.stopped)}; "
            f"{report.nodes_measured} of {report.nodes_total} nodes measured in {report.seconds:.1f} s", ""]
     x = report.extra

@@ -363,6 +363,41 @@ def test_label_free_fallback_keeps_nodes_in_fp32_until_the_cosine_budget_holds(s
         FallbackOptions(min_cosine=1.5).validate()
 
 
+def test_qdq_edit_equals_requantizing_with_the_node_excluded(subject):
+    """The fast sensitivity: a node put back in FP32 by editing the all-INT8 QDQ graph gives the outputs of ORT's
+    quantizer run again with that node excluded, for every node (the first conv reads the float input, the last
+    Gemm writes the float graph output, bias-corrected layers get their uncorrected bias back)."""
+    from edgec.exporters.compare import ort_session, run_onnx
+    from edgec.exporters.quantize import COMPUTE_OPS, prepare
+    from edgec.exporters.sensitivity import _QdqBypass
+    prepared = prepare(subject["fp32"], [subject["calib"][:128]], QuantOptions(bias_correction=True))
+    d, x = subject["dir"], subject["x"][:64]
+    run = lambda path: run_onnx(ort_session(path), x, 64)[0]  # noqa: E731
+    try:
+        assert prepared.bias_originals   # the restore path is exercised
+        base = prepared.quantize(d / "edit-base.onnx", [])
+        edits, before = _QdqBypass(prepared, base), run(base)
+        nodes = [n for n, t in prepared.node_ops.items() if t in COMPUTE_OPS]
+        assert len(nodes) == 6
+        for node in nodes:
+            assert edits.write(node, d / "edit.onnx"), node
+            edited, requantized = run(d / "edit.onnx"), run(prepared.quantize(d / "requant.onnx", [node]))
+            assert np.abs(edited - requantized).max() <= 1e-5 * np.abs(requantized).max(), node
+            assert np.abs(edited - before).max() > 1e-3 * np.abs(before).max(), node   # the node really changed
+    finally:
+        prepared.cleanup()
+
+
+def test_label_free_fallback_costs_one_evaluation_when_int8_already_agrees(subject):
+    from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
+    info, rep = quantize_with_budget(subject["fp32"], subject["dir"] / "agrees.onnx", [subject["calib"][:128]],
+                                     subject["x"][:128], None, QuantOptions(),
+                                     FallbackOptions(max_accuracy_drop=None, min_cosine=0.99))
+    assert rep.metric == "cosine" and rep.int8_score == rep.final_score >= 0.99 and rep.within_budget
+    assert rep.stopped == "all-INT8 model already within cosine 0.99" and rep.nodes_measured == 0
+    assert rep.excluded == [] and info.ops["float"] == 0 and rep.int8_weight_share == 1.0
+
+
 def test_cosine_budget_judges_one_value_outputs_over_all_samples():
     from edgec.exporters.compare import output_agreement
     from edgec.exporters.sensitivity import cosine_score
@@ -372,3 +407,8 @@ def test_cosine_budget_judges_one_value_outputs_over_all_samples():
     assert output_agreement(ref, np.abs(noisy) * np.sign(ref))["mean_cosine"] == 1.0   # per sample: blind
     assert 0.5 < cosine_score([ref], [noisy]) < 0.95                                   # over all samples: not
     assert cosine_score([ref, rng.normal(size=(64, 5))], [ref, rng.normal(size=(64, 5))]) < 0.5  # worst output
+    # a 2-value head: samples near the origin swing a per-sample mean; over all samples they cannot
+    two = rng.normal(size=(64, 2))
+    two[:8] = 1e-3   # an eighth of the samples near the origin
+    noisy = two + 1e-3 * rng.normal(size=two.shape)
+    assert output_agreement(two, noisy)["mean_cosine"] < 0.99 < cosine_score([two], [noisy])

@@ -56,6 +56,8 @@ MISTAKES = [
     (BUILD + ["--distill", "--temperature", "inf"], 2, "--temperature"),
     (BUILD + ["--max-accuracy-drop", "nan"], 2, "--max-accuracy-drop"),
     (BUILD + ["--fallback-seconds", "nan"], 2, "--fallback-seconds"),
+    (BUILD + ["--min-cosine", "1.5"], 2, "--min-cosine"),
+    (["quantize", "{d}/m.onnx", "-o", "{out}", "--min-cosine", "-0.5"], 2, "--min-cosine"),
     (BUILD + ["--mean", "nan,0,0"], 2, "--mean"),
     (BUILD + ["--opset", "99"], 2, "opset 17 to 20"),
     (BUILD + ["--opset", "9"], 2, "opset 17 to 20"),

@@ -34,7 +34,8 @@ class BuildOptions:
     tasks: dict = field(default_factory=dict)  # output name -> task (--task); "" = the only output
     label_output: str | None = None      # the output labels apply to (--label-output); "none" ignores them
     fallback_seconds: float = 300.0      # time box of the sensitivity fallback; 0 = fail instead of falling back
-    min_cosine: float | None = None      # without labels: the fallback's budget as mean cosine to FP32 instead
+    # without labels: the fallback's budget, every output's mean cosine to FP32 (0 = none: agreement alone)
+    min_cosine: float | None = stages.DEFAULT_MIN_COSINE
     providers: tuple = ("cpu",)
     bench_seconds: float = 2.0           # per model and provider; 0 = no benchmark
     force: bool = False
@@ -48,8 +49,9 @@ class BuildOptions:
             raise OptionError(f"--max-accuracy-drop {self.max_accuracy_drop}: a budget in points, 0 or more")
         if not self.fallback_seconds >= 0:
             raise OptionError(f"--fallback-seconds {self.fallback_seconds}: 0 (no fallback) or more")
-        if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
-            raise OptionError(f"--min-cosine {self.min_cosine}: a cosine, between -1 and 1 (e.g. 0.99)")
+        if self.min_cosine is not None and not 0 <= self.min_cosine <= 1:
+            raise OptionError(f"--min-cosine {self.min_cosine}: a cosine within [0, 1] (e.g. 0.99; 0 turns the "
+                              "label-free budget off)")
         if not self.bench_seconds >= 0:
             raise OptionError(f"--bench-seconds {self.bench_seconds}: 0 (no benchmark) or more")
         if self.prune is not None:
@@ -130,9 +132,12 @@ def export_model(spec: SourceSpec, output: str, *, opset: int = 17, force: bool 
             "warnings": info.warnings, "seconds": round(record.seconds, 2)}
 
 
-def quantize_model(model: str, spec: SourceSpec, output: str, options, *, force: bool = False, checks=None) -> dict:
+def quantize_model(model: str, spec: SourceSpec, output: str, options, *, force: bool = False, checks=None,
+                   fallback_seconds: float = 300.0, min_cosine: float | None = stages.DEFAULT_MIN_COSINE) -> dict:
     """`edgec quantize`: an ONNX model -> static INT8 calibrated on --data, checked against the FP32 model on
-    up to 512 samples of --eval-data (else --data), every output with the gate's figures; returns its summary."""
+    up to 512 samples of --eval-data (else --data), every output with the gate's figures; returns its summary.
+    Without labels in --data, the label-free fallback of build keeps the most sensitive nodes in FP32 until every
+    output's mean cosine to FP32 reaches `min_cosine` (and the worst SQNR --min-sqnr) on calibration samples."""
     import numpy as np
     from edgec.data import load_data
     from edgec.exporters.compare import onnx_inputs
@@ -141,15 +146,21 @@ def quantize_model(model: str, spec: SourceSpec, output: str, options, *, force:
     from edgec.source import DEFAULT_DATA, check_calibration_size
     check_onnx_file(model)
     checks = checks if checks is not None else CheckOptions()
+    if not fallback_seconds >= 0:
+        raise OptionError(f"--fallback-seconds {fallback_seconds}: 0 (no fallback) or more")
+    if min_cosine is not None and not 0 <= min_cosine <= 1:
+        raise OptionError(f"--min-cosine {min_cosine}: a cosine within [0, 1] (e.g. 0.99; 0 turns it off)")
     kw = dict(image_size=spec.image_size, mean=spec.mean, std=spec.std)
     specs = onnx_inputs(model)
     calib = load_data(spec.data or DEFAULT_DATA, **kw).bind(specs)
     check_calibration_size(calib)
     check = load_data(spec.eval_data, **kw).bind(specs) if spec.eval_data else calib
     check = check.take(np.arange(min(512, len(check))))   # streamed
+    # no accuracy budget here (quantize does not gate): labelled data gets no fallback
+    budget = stages.fallback_budget(None, fallback_seconds, min_cosine)
     with atomic_path(output, force=force, inputs=(model, spec.data, spec.eval_data)) as tmp:
         fp32 = OnnxModel.at(model)
-        int8, quantized = stages.quantize(calib, fp32, tmp, options)
+        int8, quantized = stages.quantize(calib, fp32, tmp, options, budget, checks)
         scored = stages.score(check, int8, fp32, checks, sqnr_reference=fp32)
     info, agreement = quantized.info, scored.agreement or {}
     labelled = next((o for o in scored.outputs if o["labels"] and o["task"] == "classify"), None)
@@ -159,4 +170,5 @@ def quantize_model(model: str, spec: SourceSpec, output: str, options, *, force:
             "eval_data": check.source, "eval_samples": len(check),
             "fp32_accuracy": labelled["fp32_accuracy"] if labelled else None, "int8_accuracy": scored.accuracy,
             "top1_agreement": agreement.get("top1_agreement"), "min_sqnr_db": agreement.get("min_sqnr_db"),
-            "outputs": scored.outputs, "quality": scored.quality, "seconds": round(quantized.seconds, 2)}
+            "outputs": scored.outputs, "quality": scored.quality, "seconds": round(quantized.seconds, 2),
+            "fallback": stages.plain(quantized.fallback) if quantized.fallback is not None else None}

@@ -19,6 +19,7 @@ from edgec.source import Source, require_eager, training_split
 
 EXPORT_CHECK_SAMPLES = 64
 FALLBACK_SAMPLES = 512   # calibration samples that score sensitivity fallback candidates
+DEFAULT_MIN_COSINE = 0.99   # without labels, the fallback's budget: every output's mean cosine to FP32 (issue 12)
 KD_LR = 0.01             # peak learning rate of distillation after pruning (build --distill, compare prune-kd)
 
 
@@ -179,7 +180,8 @@ class QuantizeRecord(StageRecord):
     @property
     def gives(self):
         return "model.onnx: static INT8 (QDQ), ONNX Runtime calibration" + (
-            "; sensitive nodes kept in FP32 when over the accuracy budget" if self.budget else "")
+            "; sensitive nodes kept in FP32 when over the budget (accuracy drop; without labels also mean cosine to "
+            "FP32)" if self.budget else "")
 
     def options(self):
         return {**plain(self.quant), "fallback": self.budget}
@@ -327,34 +329,46 @@ def export(source: Source, model: TorchModel, path: Path, opset: int = 17) -> tu
                                             info=info, check=check, check_data=data.source, seconds=t.seconds)
 
 
-def fallback_budget(max_drop: float | None, seconds: float, min_cosine: float | None = None) -> dict | None:
-    """The sensitivity fallback's budget and time box (none without a drop budget or with no time); min_cosine:
-    without labels, the budget is the outputs' mean cosine to FP32 instead (edgec.exporters.sensitivity)."""
-    if max_drop is None or seconds <= 0:
+def fallback_budget(max_drop: float | None, seconds: float, min_cosine: float | None = DEFAULT_MIN_COSINE
+                    ) -> dict | None:
+    """The sensitivity fallback's budget and time box (None with no time, or with neither budget). With labels
+    the budget is `max_drop` points of the task figures; without, every output's mean cosine to FP32 must reach
+    `min_cosine` (0 or None: not a target) and the gate's agreement figures stay within `max_drop`
+    (edgec.exporters.sensitivity)."""
+    if seconds <= 0 or (max_drop is None and not min_cosine):
         return None
-    return {"max_accuracy_drop": max_drop, "time_budget_s": seconds, "min_cosine": min_cosine}
+    return {"max_accuracy_drop": max_drop, "time_budget_s": seconds, "min_cosine": min_cosine or None}
 
 
 def quantize(calib, fp32: OnnxModel, path: Path, options, budget: dict | None = None, checks=None
              ) -> tuple[OnnxModel, QuantizeRecord]:
     """Static INT8 calibrated on `calib`; with a budget, the most sensitive nodes fall back to FP32 until the
-    drop on calibration samples fits (never on the eval data, which stays for the honest check after). The drop
-    is the gate's own (`checks`): the checked outputs' task figures, with labels or against FP32 without."""
+    budget holds on calibration samples (never on the eval data, which stays for the honest check after): with
+    labels the drop of the gate's own task figures (`checks`), without them also every output's mean cosine to
+    FP32 (`min_cosine`, the label-free default)."""
     from edgec.exporters.quantize import quantize_int8
     report = None
     with timed(QuantizeRecord, QuantizeRecord(quant=options, info=None, budget=budget).gives) as t:
+        fallback = None
         if budget:
-            from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
+            from edgec.exporters.sensitivity import FallbackOptions
+            labelled = calib.labelled
+            fallback = FallbackOptions(max_accuracy_drop=budget["max_accuracy_drop"],
+                                       time_budget_s=budget["time_budget_s"], checks=checks,
+                                       num_classes=num_classes(calib),
+                                       min_cosine=None if labelled else budget.get("min_cosine"))
+            if fallback.max_accuracy_drop is None and fallback.min_cosine is None:
+                fallback = None    # labelled data and no accuracy budget: nothing to search for
+        if fallback is not None:
+            from edgec.exporters.sensitivity import quantize_with_budget
             n = len(calib)  # spread over the data: folders are sorted by class
             scored = calib.take(np.unique(np.linspace(0, n - 1, min(n, FALLBACK_SAMPLES)).astype(int)))
             # re-read per candidate where that is cheap (memory-mapped arrays), else decoded once and kept
             x = scored if scored.rereadable else scored.head(len(scored))
-            info, report = quantize_with_budget(fp32.path, path, calib, x, scored.labels, options,
-                                                FallbackOptions(max_accuracy_drop=budget["max_accuracy_drop"],
-                                                                time_budget_s=budget["time_budget_s"], checks=checks,
-                                                                num_classes=num_classes(scored),
-                                                                min_cosine=None if scored.labelled
-                                                                else budget.get("min_cosine")))
+            info, report = quantize_with_budget(fp32.path, path, calib, x, scored.labels, options, fallback)
+            from edgec.core.package import Sensitivity
+            from edgec.core.report import fallback_summary
+            note(fallback_summary(Sensitivity.from_json(plain(report))))
         else:
             info = quantize_int8(fp32.path, path, calib, options)
     return OnnxModel.at(path, "int8"), QuantizeRecord(quant=options, info=info, fallback=report, budget=budget,

@@ -33,6 +33,9 @@ def _render_build(manifest, output, as_json: bool, title: str) -> None:
         emit_json(manifest.to_json())
     else:
         print_summary(manifest, title)
+        if manifest.quantization.sensitivity is not None:
+            from edgec.core.report import fallback_summary
+            click.echo(fallback_summary(manifest.quantization.sensitivity))
         click.echo(f"package: {output}  (edgec inspect {output} | edgec verify {output})")
 
 
@@ -101,7 +104,11 @@ def export_cmd(as_json, **kw):
 @click.command("quantize")
 @click.argument("model", type=click.Path(dir_okay=False))
 @o.SOURCE.only("data", "eval_data", "image_size", "mean", "std")
-@o.BUILD.only("output", "force", "tasks", "label_output", "min_sqnr")
+@o.BUILD.only("output", "force", "tasks", "label_output", "min_sqnr", "fallback_seconds", "min_cosine",
+              min_cosine=o.Flag(("--min-cosine",), "Without labels in --data: keep the most sensitive nodes in FP32 "
+                                "until every INT8 output's mean cosine to FP32 on calibration samples reaches this "
+                                "(and its SQNR --min-sqnr), within --fallback-seconds, 90% of the weights staying "
+                                "INT8; 0 turns it off.", click={"type": o.FINITE}))
 @o.QUANT
 @json_option
 def quantize_cmd(model, as_json, **kw):
@@ -113,13 +120,18 @@ def quantize_cmd(model, as_json, **kw):
     min_sqnr = kw.pop("min_sqnr")
     checks = CheckOptions(o.BUILD.flags["tasks"].convert(kw.pop("tasks")), kw.pop("label_output"),
                           DEFAULT_MIN_SQNR if min_sqnr is None else min_sqnr)
-    s = quantize_model(model, spec, kw.pop("output"), o.QUANT.make(kw), force=kw.pop("force"), checks=checks)
+    s = quantize_model(model, spec, kw.pop("output"), o.QUANT.make(kw), force=kw.pop("force"), checks=checks,
+                       fallback_seconds=kw.pop("fallback_seconds"), min_cosine=kw.pop("min_cosine"))
     if as_json:
         emit_json(s)
         return
     click.echo(f"quantized {model} -> {s['output']}: {s['fp32_bytes'] / 1e6:.2f} MB -> {s['bytes'] / 1e6:.2f} MB "
                f"({s['fp32_bytes'] / s['bytes']:.2f}x smaller), {s['method']} calibration on {s['samples']} samples, "
                f"{100 * (s['int8_weight_share'] or 0):.1f}% of weights INT8, {len(s['excluded_nodes'])} node(s) FP32")
+    if s["fallback"]:
+        from edgec.core.package import Sensitivity
+        from edgec.core.report import fallback_summary
+        click.echo("  " + fallback_summary(Sensitivity.from_json(s["fallback"])))
     for out in s["outputs"]:
         sqnr = "identical" if out["identical"] else f"SQNR {out['sqnr_db']} dB"
         figure = (f", {out['metric']} FP32 {out['fp32']:.2f} INT8 {out['int8']:.2f}" if out.get("metric") else "")

@@ -305,11 +305,13 @@ def _build_group() -> Group:
                                   "it, the most sensitive nodes are kept in FP32 (--fallback-seconds); still over it "
                                   "on the eval data, the build fails.", click={"type": FINITE}),
         **_check_flags(),
-        "fallback_seconds": Flag(("--fallback-seconds",), "Time box of the sensitivity fallback; 0 fails instead of "
-                                                          "keeping nodes in FP32.", click={"type": FINITE}),
-        "min_cosine": Flag(("--min-cosine",), "Without labelled eval data: the fallback's budget is instead the INT8 "
-                           "outputs' mean cosine to FP32 (e.g. 0.99), within --fallback-seconds, 90% of the weights "
-                           "staying INT8.", click={"type": FINITE}),
+        "fallback_seconds": Flag(("--fallback-seconds",), "Time box of the sensitivity fallback (it keeps the "
+                                 "most sensitive nodes in FP32 when over budget); 0 turns it off.",
+                                 click={"type": FINITE}),
+        "min_cosine": Flag(("--min-cosine",), "Without labels in --data: the fallback's budget, every INT8 output's "
+                           "mean cosine to FP32 on calibration samples (the agreement figures staying within "
+                           "--max-accuracy-drop), within --fallback-seconds, 90% of the weights staying INT8; 0 "
+                           "turns the cosine budget off.", click={"type": FINITE}),
         "providers": Flag(("--ep",), "Execution provider(s) to benchmark on: cpu, cuda, tensorrt, auto.",
                           convert=tuple, click={"multiple": True}),
         "bench_seconds": Flag(("--bench-seconds",), "Benchmark time per model and provider; 0 skips the benchmark.",

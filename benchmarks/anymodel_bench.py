@@ -108,21 +108,27 @@ def edgec_quantize(fp32, out, feeds: list[dict]) -> dict:
     return {"policy": info.policy, "pre_process": info.pre_process}
 
 
-def _variant(fp32, out, feeds: list[dict], *, static_int8=(), no_dynamic=False, policy=True, prelu_split=True):
+def _variant(fp32, out, feeds: list[dict], *, static_int8=(), no_dynamic=False, policy=True, prelu="max-on-integers"):
     """edgec with one decision changed, a measured alternative (not a default): `static_int8` nodes leave the
-    policy's FP32 list, `no_dynamic` skips its dynamic pass, `prelu_split=False` keeps PRelu float."""
+    policy's FP32 list, `no_dynamic` skips its dynamic pass, `prelu="float"` keeps PRelu float, `prelu="max"`
+    rewrites it as Max(x, a x) but leaves the Max in float."""
     from unittest import mock
     from edgec.exporters.quantize import QuantOptions, prepare, write_quantized
-    with mock.patch("edgec.exporters.policy.split_prelus", lambda m, keep=(): {"split": []}) if not prelu_split \
-            else contextlib.nullcontext():
+    patches = contextlib.ExitStack()
+    if prelu == "float":
+        patches.enter_context(mock.patch("edgec.exporters.policy.prelus_as_max", lambda m, keep=(): {"rewritten": []}))
+    if prelu == "max":
+        patches.enter_context(mock.patch("edgec.exporters.policy.integer_max", lambda m, names: []))
+    with patches:
         prepared = prepare(fp32, feeds, QuantOptions(force_calibration_data=True, policy=policy))
-    try:
-        pol = prepared.policy
-        pol["nodes"] = [n for n in pol["nodes"] if n not in static_int8]
-        pol["dynamic_nodes"] = [] if no_dynamic else [n for n in pol.get("dynamic_nodes", []) if n not in static_int8]
-        write_quantized(prepared, out, [])
-    finally:
-        prepared.cleanup()
+        try:
+            pol = prepared.policy
+            pol["nodes"] = [n for n in pol["nodes"] if n not in static_int8]
+            dynamic = [] if no_dynamic else pol.get("dynamic_nodes", [])
+            pol["dynamic_nodes"] = [n for n in dynamic if n not in static_int8]
+            write_quantized(prepared, out, [])
+        finally:
+            prepared.cleanup()
     return out
 
 
@@ -176,6 +182,8 @@ def size_row(fp32, *others) -> dict:
 
 def save(name: str, record: dict) -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if name in SIMPLIFIED:
+        record.setdefault("export_simplification", SIMPLIFIED[name])
     results[name] = record
     RESULTS.write_text(json.dumps(results, indent=1, default=float))
     print(json.dumps({name: record}, indent=1, default=float)[:4000], flush=True)
@@ -193,9 +201,14 @@ def export(module, args: tuple, path, names, outs, axes):
     torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, input_names=names, output_names=outs,
                       dynamic_axes=axes, do_constant_folding=True)
     shutil.copyfile(path, raw_path(path))
-    simplified, _ = _simplify(onnx.load(str(path)), large=False)
+    feed = {n: a.numpy() for n, a in zip(names, args)}
+    simplified, record = _simplify(onnx.load(str(path)), False, feed)
     onnx.save(simplified, str(path))
+    SIMPLIFIED[path.stem] = record
     return path
+
+
+SIMPLIFIED: dict = {}   # per exported model: what edgec's export simplification did (or why it kept the export)
 
 
 def raw_path(path) -> Path:
@@ -322,21 +335,22 @@ def bench_onet():
     fp32 = export(net, (torch.zeros(1, 3, 48, 48),), WORK / "onet.onnx", ["input"], ["boxes", "landmarks", "prob"],
                   {"input": {0: "batch"}, "boxes": {0: "batch"}, "landmarks": {0: "batch"}, "prob": {0: "batch"}})
     calib = [{"input": x[calib_idx[i:i + 20]]} for i in range(0, 100, 20)]
-    variants = {"edgec": WORK / "onet.edgec.onnx", "edgec_prelu_float": WORK / "onet.preluf.onnx",
-                "ort_defaults": WORK / "onet.ortdefault.onnx"}
+    variants = {"edgec": WORK / "onet.edgec.onnx", "edgec_max_float": WORK / "onet.maxf.onnx",
+                "edgec_prelu_float": WORK / "onet.preluf.onnx", "ort_defaults": WORK / "onet.ortdefault.onnx"}
     rec = {"model": "facenet-pytorch 2.6.0 MTCNN ONet (onet.pt in the wheel): boxes, landmarks, face probability",
            "data": "scikit-image LFW subset: 100 faces + 100 non-faces (25x25 gray -> 48x48 RGB); labels on 'prob'; "
                    "100 calibrate, 100 evaluate"}
     q = edgec_quantize(fp32, variants["edgec"], calib)
     rec["edgec_quantizer"] = summarize_policy(q["policy"])
     rec["edgec_quantizer"]["prelu"] = q["pre_process"].get("prelu")
-    _variant(fp32, variants["edgec_prelu_float"], calib, prelu_split=False)     # the previous default
+    _variant(fp32, variants["edgec_max_float"], calib, prelu="max")       # Max(x, a x) with the Max in float
+    _variant(fp32, variants["edgec_prelu_float"], calib, prelu="float")
     ort_defaults(fp32, variants["ort_defaults"], calib)
     import onnx
-    from edgec.exporters.policy import split_prelus
-    split = onnx.load(str(fp32))
-    split_prelus(split)
-    onnx.save(split, str(WORK / "onet.fp32split.onnx"))   # the rewrite alone, in FP32: is the gain INT8's?
+    from edgec.exporters.policy import prelus_as_max
+    rewritten = onnx.load(str(fp32))
+    prelus_as_max(rewritten)
+    onnx.save(rewritten, str(WORK / "onet.fp32max.onnx"))   # the rewrite alone, in FP32: how much is INT8's?
     ref = session(fp32).run(None, {"input": x[eval_idx]})
     y = labels[eval_idx]
     rec["fp32"] = {"face_accuracy": round(float((ref[2].argmax(1) == y).mean()) * 100, 2)}
@@ -351,7 +365,7 @@ def bench_onet():
     # batch 1, and 16: MTCNN runs ONet once on all the candidate crops RNet passes
     for batch, threads in ((1, 2), (1, 1), (16, 2)):
         lat = latency({"fp32": fp32, "fp32_as_exported": raw_path(fp32), **variants,
-                       "fp32_prelu_split": WORK / "onet.fp32split.onnx"},
+                       "fp32_prelu_as_max": WORK / "onet.fp32max.onnx"},
                       {"input": x[:batch]}, 200 if batch == 1 else 40, threads)
         key = f"batch{batch}" + ("_1thread" if threads == 1 else "")
         rec[f"latency_ms_{key}"] = lat
@@ -552,7 +566,8 @@ def bench_crepe():
         if rec["cli"]["exit_code"] == 0 else None
     if got is not None:
         rec["cli"]["pitch"] = err(got)
-    rec["distill"] = {f"prune {RATIO:.0%}": distill_crepe(teacher, err, t_eval, x_eval, fp32)}
+    if os.environ.get("CREPE_DISTILL", "1") != "0":   # CREPE_DISTILL=0: the quantization rows alone
+        rec["distill"] = {f"prune {RATIO:.0%}": distill_crepe(teacher, err, t_eval, x_eval, fp32)}
     save("crepe", rec)
 
 

@@ -246,12 +246,25 @@ class Prepared:
         static_out = self.workdir / "static.onnx" if dynamic else out_path
         with _quiet_ort():
             static(model_path, static_out)
+            self._integer_max(static_out, fmt)
             if dynamic:  # the policy's LSTM cells and STFT-like Convs: INT8 weights, per-call ranges (policy.py)
                 from edgec.exporters.policy import quantize_dynamic_nodes
                 quantize_dynamic_nodes(static_out, out_path, dynamic, reduce_range=s.reduce_range,
                                        workdir=self.workdir)
                 static_out.unlink(missing_ok=True)
         return Path(out_path)
+
+    def _integer_max(self, path: Path, fmt: str) -> None:
+        """The PRelus rewritten as Max(x, a x): their Max (and a MaxPool after it) on integers (policy.py)."""
+        prelu = self.pre_process.get("prelu") or {}
+        if fmt != "QDQ" or not prelu.get("rewritten"):
+            return
+        import onnx
+        from edgec.exporters.policy import integer_max
+        model = onnx.load(str(path))
+        prelu["integer_max"] = integer_max(model, prelu["rewritten"])
+        if prelu["integer_max"]:
+            onnx.save_model(model, str(path))
 
     def cleanup(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -342,11 +355,12 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
     try:
         pre = workdir / "fp32.pre.onnx"
         record = _pre_process(fp32_path, pre, options.pre_process)
-        if options.policy:   # PRelu has no INT8 kernel: Conv -> PRelu as two INT8 Convs (policy.split_prelus)
-            from edgec.exporters.policy import split_prelus
+        if options.policy:   # no INT8 kernel for PRelu or a lone BatchNorm: equal functions that have one
+            from edgec.exporters.policy import batchnorms_as_convs, prelus_as_max
             model = onnx.load(str(pre))
-            record["prelu"] = split_prelus(model, keep=options.exclude_nodes)
-            if record["prelu"]["split"]:
+            record["prelu"] = prelus_as_max(model, keep=options.exclude_nodes)
+            record["batchnorm_as_conv"] = batchnorms_as_convs(model, keep=options.exclude_nodes)
+            if record["prelu"]["rewritten"] or record["batchnorm_as_conv"]["rewritten"]:
                 onnx.save_model(model, str(pre))
             del model
         from edgec.exporters.activations import fuse_hard_swish, saturation_bounds

@@ -185,3 +185,60 @@ def test_export_folds_run_time_shape_arithmetic_and_keeps_the_batch_dynamic(tmp_
     assert [sess.run(None, {"input": x[:b]})[0].shape for b in (1, 7)] == [(1, 4), (7, 4)]
     out = check_onnx_against_torch(m, tmp_path / "s.onnx", x, atol=1e-5)["outputs"]["output"]
     assert out["max_abs_err"] < 1e-5
+
+
+def test_a_simplified_graph_that_runs_slower_is_dropped_for_the_exported_one(tmp_path, monkeypatch):
+    """The guard's wiring (its real trigger, torchcrepe 3.8x slower, is in benchmarks/ANYMODEL_RESULTS.md): any
+    slowdown counts here, so the graph as exported is kept, said, and checked."""
+    from edgec.exporters import onnx_export
+    monkeypatch.setattr(onnx_export, "SIMPLIFY_SLOWER", 0.0)
+    monkeypatch.setattr(onnx_export, "SIMPLIFY_MIN_MS", -1.0)
+    info = export_onnx(torch.jit.script(ShapeArithmetic().eval()), torch.zeros(2, 16), tmp_path / "s.onnx")
+    assert "slower" in info.simplified["skipped"] and "kept the graph as exported" in info.simplified["skipped"]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "s.onnx")).graph.node]
+    assert len(ops) == info.simplified["nodes_before"] > info.simplified["nodes_after"]
+    x = np.random.default_rng(0).standard_normal((7, 16)).astype(np.float32)
+    assert ort_session(tmp_path / "s.onnx").run(None, {"input": x})[0].shape == (7, 4)
+
+
+class PadThenConv(nn.Module):
+    """F.pad in a scripted model: torch computes the pads at run time (ConstantOfShape, Concat, Slice ...)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(1, 4, 5)
+
+    def forward(self, x):
+        return self.conv(nn.functional.pad(x.unsqueeze(1), (2, 2), mode="reflect")).mean(-1)
+
+
+def test_export_folds_the_pads_torch_computes_at_run_time(tmp_path):
+    m = torch.jit.script(PadThenConv().eval())
+    info = export_onnx(m, torch.zeros(2, 32), tmp_path / "p.onnx")
+    graph = onnx.load(str(tmp_path / "p.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert "ConstantOfShape" not in ops and "Pad" in ops, ops
+    pad = next(n for n in graph.node if n.op_type == "Pad")
+    assert pad.input[1] in {i.name for i in graph.initializer}, "the pads are a constant"
+    assert info.simplified["nodes_after"] < info.simplified["nodes_before"]
+    x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
+    np.testing.assert_allclose(ort_session(tmp_path / "p.onnx").run(None, {"input": x})[0],
+                               m(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_constant_folding_never_allocates_a_large_tensor_to_refuse_it():
+    """ConstantOfShape([10**10]) (40 GB) stays in the graph; the 3-element one folds."""
+    from onnx import TensorProto, helper, numpy_helper
+    from edgec.exporters.onnx_export import _fold_small_constants
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["s"], ["big"]), helper.make_node("ConstantOfShape", ["t"], ["small"]),
+         helper.make_node("Add", ["x", "small"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("big", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.array([10 ** 10], np.int64), "s"),
+                     numpy_helper.from_array(np.array([3], np.int64), "t")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert _fold_small_constants(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["ConstantOfShape", "Add"]

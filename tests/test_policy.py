@@ -227,14 +227,15 @@ def test_plan_of_a_plain_cnn_excludes_nothing(tmp_path):
 
 
 class PReluNet(nn.Module):
-    """MTCNN-like: Conv -> per-channel PRelu (negative slopes too) -> MaxPool, twice, and a Linear -> PRelu."""
+    """MTCNN-like: Conv -> per-channel PRelu (negative slopes too) -> MaxPool, a Conv -> PRelu -> mean, and a
+    Linear -> PRelu -> Linear."""
 
     def __init__(self, big_slope=False):
         super().__init__()
         torch.manual_seed(0)
         self.c1, self.p1 = nn.Conv2d(3, 8, 3), nn.PReLU(8)
         self.c2, self.p2 = nn.Conv2d(8, 16, 3), nn.PReLU(16)
-        self.fc, self.p3 = nn.Linear(16, 4), nn.PReLU(4)
+        self.fc, self.p3, self.head = nn.Linear(16, 4), nn.PReLU(4), nn.Linear(4, 3)
         with torch.no_grad():
             self.p1.weight.copy_(torch.linspace(-0.4, 0.7, 8))
             self.p2.weight.copy_(torch.linspace(-0.2, 1.5 if big_slope else 0.6, 16))
@@ -242,7 +243,7 @@ class PReluNet(nn.Module):
     def forward(self, x):
         x = nn.functional.max_pool2d(self.p1(self.c1(x)), 2)
         x = self.p2(self.c2(x)).mean((2, 3))
-        return self.p3(self.fc(x))
+        return self.head(self.p3(self.fc(x)))
 
 
 def _images(n, seed=0):
@@ -251,36 +252,121 @@ def _images(n, seed=0):
     return np.kron(base, np.ones((1, 1, 4, 4), np.float32)) + 0.1 * g.standard_normal((n, 3, 16, 16)).astype(np.float32)
 
 
-def test_conv_prelu_becomes_two_int8_convs_computing_the_same_function(tmp_path):
-    from edgec.exporters.policy import split_prelus
+def test_prelu_becomes_max_of_x_and_its_slope_times_x_bit_for_bit(tmp_path):
+    from edgec.exporters.policy import prelus_as_max
     fp32 = _export(PReluNet(), torch.randn(2, 3, 16, 16), tmp_path / "prelu.onnx")
     x = _images(64)
     model = onnx.load(str(fp32))
-    rec = split_prelus(model)
-    assert len(rec["split"]) == 2 and "no INT8 kernel" in rec["reason"], rec   # the Linear's PRelu stays
-    onnx.save(model, str(tmp_path / "split.onnx"))
-    np.testing.assert_allclose(_run(tmp_path / "split.onnx", x), _run(fp32, x), rtol=1e-4, atol=1e-5)
+    rec = prelus_as_max(model)
+    assert len(rec["rewritten"]) == 3 and "no INT8 kernel" in rec["reason"], rec
+    onnx.save(model, str(tmp_path / "max.onnx"))
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("PRelu") == 1 and ops.count("Conv") == 4 and ops.count("Relu") == 2
+    assert "PRelu" not in ops and ops.count("Max") == 3 and ops.count("Mul") == 3
+    for a, b in zip([_run(tmp_path / "max.onnx", x)], [_run(fp32, x)]):
+        np.testing.assert_array_equal(a, b)   # the same products, the same comparisons
 
+    model = onnx.load(str(_export(PReluNet(big_slope=True), torch.randn(2, 3, 16, 16), tmp_path / "p.onnx")))
+    assert prelus_as_max(model)["rewritten"] == ["/p1/PRelu", "/p3/PRelu"]   # p2's slopes reach 1.5: x < 1.5 x
+    model = onnx.load(str(tmp_path / "p.onnx"))
+    assert "/p1/PRelu" not in prelus_as_max(model, keep=("/p1/PRelu",))["rewritten"]   # kept float by the user
+
+
+def test_the_max_and_the_maxpool_after_it_run_on_the_next_quantizers_integers(tmp_path):
+    """integer_max on ORT's own QDQ output: same result as the float Max, one rounding fewer."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from edgec.exporters.policy import integer_max, prelus_as_max
+    fp32 = _export(PReluNet(), torch.randn(2, 3, 16, 16), tmp_path / "prelu.onnx")
+    x = _images(64)
+    model = onnx.load(str(fp32))
+    names = prelus_as_max(model)["rewritten"]
+    onnx.save(model, str(tmp_path / "max.onnx"))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": x[i:i + 16]} for i in range(0, 64, 16)])
+
+        def get_next(self):
+            return next(self.it, None)
+    quantize_static(str(tmp_path / "max.onnx"), str(tmp_path / "qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True)
+    qdq = onnx.load(str(tmp_path / "qdq.onnx"))
+    moved = integer_max(qdq, names)
+    onnx.checker.check_model(qdq)
+    onnx.save(qdq, str(tmp_path / "int.onnx"))
+    # p1 -> MaxPool -> a quantizer, p3 -> the head's quantizer: moved; p2 feeds a float ReduceMean
+    assert moved == ["/p1/PRelu", "/p3/PRelu"], moved
+    q_out = {n.output[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
+    by_name = {n.name: n for n in qdq.graph.node}
+    assert all(i in q_out for i in by_name["/p1/PRelu"].input), "the Max reads two quantizers' integers"
+    pool = next(n for n in qdq.graph.node if n.op_type == "MaxPool")
+    assert pool.input[0] == by_name["/p1/PRelu"].output[0], "the MaxPool runs on the Max's integers"
+    ref, before, after = _run(fp32, x), _run(tmp_path / "qdq.onnx", x), _run(tmp_path / "int.onnx", x)
+    assert _sqnr(before, after) > 30 and _sqnr(ref, after) > _sqnr(ref, before) - 0.5
+
+
+def test_quantize_int8_runs_prelu_models_with_one_int8_conv_per_conv(tmp_path):
+    fp32 = _export(PReluNet(), torch.randn(2, 3, 16, 16), tmp_path / "prelu.onnx")
+    x = _images(64)
     info = quantize_int8(fp32, tmp_path / "int8.onnx", [x[i:i + 16] for i in range(0, 64, 16)],
                          QuantOptions(force_calibration_data=True))
-    assert info.pre_process["prelu"]["split"] == rec["split"]
-    assert info.ops["by_type"]["Conv"] == {"int8": 4, "float": 0}
-    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
-    dq_inputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
-    adds = [n for n in graph.node if n.op_type == "Add"]
-    assert adds and all(i in dq_inputs for n in adds for i in n.input), "the Add runs on INT8 inputs (QLinearAdd)"
-    assert sum(n.op_type == "PRelu" for n in graph.node) == 1
+    prelu = info.pre_process["prelu"]
+    assert len(prelu["rewritten"]) == 3 and prelu["integer_max"] == ["/p1/PRelu", "/p3/PRelu"], prelu
+    assert info.ops["by_type"]["Conv"] == {"int8": 2, "float": 0}
     assert _sqnr(_run(fp32, x), _run(tmp_path / "int8.onnx", x)) > 25
     off = quantize_int8(fp32, tmp_path / "off.onnx", [x[i:i + 16] for i in range(0, 64, 16)],
                         QuantOptions(policy=False, force_calibration_data=True))
     assert "prelu" not in off.pre_process
 
 
-def test_prelu_with_a_slope_of_one_or_more_or_a_user_kept_conv_is_left_alone(tmp_path):
-    from edgec.exporters.policy import split_prelus
-    model = onnx.load(str(_export(PReluNet(big_slope=True), torch.randn(2, 3, 16, 16), tmp_path / "p.onnx")))
-    assert split_prelus(model)["split"] == ["/p1/PRelu"]     # p2 has slopes up to 1.5: Relu((1-a)x) != (1-a)Relu(x)
-    model = onnx.load(str(tmp_path / "p.onnx"))
-    assert split_prelus(model, keep=("/c1/Conv",)) == {"split": []}
+class ActThenBatchNorm(nn.Module):
+    """CREPE-like: Conv -> ReLU -> BatchNorm -> MaxPool, twice (the BN follows no Conv: nothing folds it)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        with torch.no_grad():   # statistics and affine far from identity, as a trained BN's
+            for bn in (self.b1, self.b2):
+                bn.running_mean.uniform_(0.2, 1.5)
+                bn.running_var.uniform_(0.05, 2.0)
+                bn.weight.uniform_(0.3, 3.0)
+                bn.bias.uniform_(-1.0, 1.0)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(self.b1(torch.relu(self.c1(x))), 2)
+        return self.b2(torch.relu(self.c2(x))).mean((2, 3))
+
+
+def test_a_batchnorm_after_an_activation_becomes_a_depthwise_conv_and_runs_in_int8(tmp_path):
+    from edgec.exporters.policy import batchnorms_as_convs
+    fp32 = _export(ActThenBatchNorm(), torch.randn(2, 3, 16, 16), tmp_path / "bn.onnx")
+    x = _images(64)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(fp32)))
+    rec = batchnorms_as_convs(model)
+    assert len(rec["rewritten"]) == 2 and "no INT8 kernel" in rec["reason"], rec
+    assert [n.op_type for n in model.graph.node].count("BatchNormalization") == 0
+    onnx.save(model, str(tmp_path / "conv.onnx"))
+    np.testing.assert_allclose(_run(tmp_path / "conv.onnx", x), _run(fp32, x), rtol=1e-5, atol=1e-5)
+    from onnx import TensorProto, helper, numpy_helper
+    conv_bn = helper.make_graph(   # right after a Conv a BN folds into it: left to the folding
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node(
+            "BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn")], "cb",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w"),
+         *(numpy_helper.from_array(np.full(2, v, np.float32), n) for n, v in zip("gbmv", (2, 1, 0, 1)))],
+        value_info=[helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 2, 4, 4])])
+    assert batchnorms_as_convs(helper.make_model(conv_bn))["rewritten"] == []
+
+    calib = [x[i:i + 16] for i in range(0, 64, 16)]
+    info = quantize_int8(fp32, tmp_path / "int8.onnx", calib, QuantOptions(force_calibration_data=True))
+    assert info.pre_process["batchnorm_as_conv"]["rewritten"] == rec["rewritten"]
+    assert info.ops["by_type"]["Conv"] == {"int8": 4, "float": 0}
+    assert not [n for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node if n.op_type == "BatchNormalization"]
+    kept = quantize_int8(fp32, tmp_path / "kept.onnx", calib,
+                         QuantOptions(force_calibration_data=True, exclude_nodes=tuple(rec["rewritten"])))
+    assert kept.pre_process["batchnorm_as_conv"]["rewritten"] == []   # a BN the user keeps float stays a BN
+    ref = _run(fp32, x)
+    rewritten, float_bn = _sqnr(ref, _run(tmp_path / "int8.onnx", x)), _sqnr(ref, _run(tmp_path / "kept.onnx", x))
+    assert rewritten > float_bn + 1, (rewritten, float_bn)   # exact per-channel weights vs one 8-bit BN grid

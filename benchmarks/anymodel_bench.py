@@ -24,6 +24,7 @@ change one policy decision (`_variant`) to show what it is worth. MiniLM and CRE
 
     python benchmarks/anymodel_bench.py [vad crepe onet minilm]
     CREPE_PRUNE=0.1 CREPE_EPOCHS=6 python benchmarks/anymodel_bench.py crepe-distill   # CREPE's distillation alone
+    (CREPE_LABELS=0.5: also on the true f0; CREPE_ROUND_TO=8; ANYMODEL_RESULTS=PATH: other JSON)
 """
 from __future__ import annotations
 
@@ -42,10 +43,22 @@ import numpy as np
 
 warnings.simplefilter("ignore")
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "ANYMODEL_RESULTS.json"
+RESULTS = Path(os.environ.get("ANYMODEL_RESULTS", HERE / "ANYMODEL_RESULTS.json"))  # another path: trial runs
 WORK = Path(tempfile.mkdtemp(prefix="edgec-anymodel-"))
 RATIO = float(os.environ.get("CREPE_PRUNE", 0.25))  # channels the CREPE student loses (0.5: see the JSON)
 IGNORE = tuple(os.environ.get("CREPE_IGNORE", "conv1,conv6").split(","))  # layers pruning leaves alone
+ROUND_TO = int(os.environ.get("CREPE_ROUND_TO", 0)) or None   # --round-to: channel counts a multiple of this
+# CREPE_LABELS=A: also train on the true f0 (CREPE's own targets, a Gaussian of 25 cents around the true bin), loss
+# A * KD + (1 - A) * BCE(labels); unset: the teacher's outputs alone
+LABELS = float(os.environ["CREPE_LABELS"]) if os.environ.get("CREPE_LABELS") else None
+
+
+def _run_key() -> str:
+    """The JSON key of one CREPE distillation setting (runs of other settings keep their rows)."""
+    epochs, frames = int(os.environ.get("CREPE_EPOCHS", 6)), int(os.environ.get("CREPE_FRAMES", 2048))
+    return " ".join([f"prune {RATIO:.0%}"] + [f"round-to {ROUND_TO}"] * bool(ROUND_TO)
+                    + [f"labels {LABELS:g}"] * (LABELS is not None)) \
+        + (f", {epochs} epochs x {frames} frames" if (epochs, frames) != (6, 2048) else "")
 
 
 # ---------------------------------------------------------------- shared measurement
@@ -507,6 +520,12 @@ def _cents(probs):
     return out
 
 
+def _targets(cents):
+    """CREPE's training targets: each bin's Gaussian (std 25 cents) distance to the true pitch."""
+    bins = 1997.3794084376191 + 20 * np.arange(360)
+    return np.exp(-((bins[None] - np.asarray(cents)[:, None]) ** 2) / (2 * 25.0 ** 2)).astype(np.float32)
+
+
 def _frames(n, seed):
     x, f0 = voiced(n, 1024, seed=seed, f0=np.random.default_rng(seed).uniform(60, 900, n))
     x = x - x.mean(1, keepdims=True)
@@ -524,7 +543,9 @@ def _crepe_eval(teacher):
     def err(probs):
         c = _cents(probs)
         return {"cents_error_mean": round(float(np.abs(c - cents_true).mean()), 1),
-                "raw_pitch_accuracy_50c": round(float((np.abs(c - cents_true) < 50).mean()) * 100, 2)}
+                "raw_pitch_accuracy_50c": round(float((np.abs(c - cents_true) < 50).mean()) * 100, 2),
+                "cents_error_median": round(float(np.median(np.abs(c - cents_true))), 1),
+                "frames_over_50c": int((np.abs(c - cents_true) >= 50).sum())}
     return x_eval, t_eval, err
 
 
@@ -567,7 +588,7 @@ def bench_crepe():
     if got is not None:
         rec["cli"]["pitch"] = err(got)
     if os.environ.get("CREPE_DISTILL", "1") != "0":   # CREPE_DISTILL=0: the quantization rows alone
-        rec["distill"] = {f"prune {RATIO:.0%}": distill_crepe(teacher, err, t_eval, x_eval, fp32)}
+        rec["distill"] = {_run_key(): distill_crepe(teacher, err, t_eval, x_eval, fp32)}
     save("crepe", rec)
 
 
@@ -589,16 +610,16 @@ def distill_crepe(teacher, err, t_eval, x_eval, teacher_onnx) -> dict:
         refused = None
     except ModelError as e:
         refused = str(e)
-    student, prune_rec = prune_model(loaded, PruneConfig(ratio=RATIO, ignore=IGNORE))
+    student, prune_rec = prune_model(loaded, PruneConfig(ratio=RATIO, ignore=IGNORE, round_to=ROUND_TO))
     with torch.no_grad():
         s_pruned = student.eval()(torch.from_numpy(x_eval)).numpy()
     frames = int(os.environ.get("CREPE_FRAMES", 2048))
-    x_train, _ = _frames(frames, 2)
+    x_train, cents_train = _frames(frames, 2)
     x_more, cents_more = _frames(1024, 11)   # a second, larger held-out set: 256 frames are few for a mean error
-    data = Dataset({"input": x_train}, None, "synthetic voiced frames")
+    data = Dataset({"input": x_train}, None if LABELS is None else _targets(cents_train), "synthetic voiced frames")
     cfg = TrainConfig(epochs=int(os.environ.get("CREPE_EPOCHS", 6)), lr=float(os.environ.get("CREPE_LR", 3e-3)),
                       optimizer="adamw", batch_size=64, weight_decay=0.0,
-                      batchnorm=os.environ.get("CREPE_BN", "auto"))
+                      batchnorm=os.environ.get("CREPE_BN", "auto"), alpha=1.0 if LABELS is None else LABELS)
     started = time.perf_counter()
     hist = train(student, data, cfg, teacher=teacher, label="crepe-kd")
     seconds = round(time.perf_counter() - started, 1)
@@ -619,9 +640,12 @@ def distill_crepe(teacher, err, t_eval, x_eval, teacher_onnx) -> dict:
     lat = latency({"teacher": teacher_onnx, "student": s_onnx}, {"input": x_eval[:1]}, runs=200)
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     example = (torch.zeros(1, 1024),)
-    return {"student": f"the teacher pruned {RATIO:.0%} (edgec.prune, l2, {', '.join(IGNORE)} ignored), then "
+    return {"student": f"the teacher pruned {RATIO:.0%} (edgec.prune, l2, {', '.join(IGNORE)} ignored"
+                       f"{f', round-to {ROUND_TO}' if ROUND_TO else ''}), then "
                        f"distilled by edgec.train ({cfg.epochs} epochs of {frames} frames, AdamW lr {cfg.lr}, "
-                       f"one-cycle cosine, batch 64)",
+                       f"one-cycle cosine, batch 64"
+                       f"{'' if LABELS is None else f', alpha {LABELS}: KD + BCE on the true f0 targets'})",
+            "widths": {n: m.out_channels for n, m in student.named_modules() if isinstance(m, torch.nn.Conv2d)},
             "prune_refused_without_ignore": refused, "student_after_pruning": err(s_pruned),
             "teacher_params": params(teacher), "student_params": params(student),
             "teacher_flops": count_flops(teacher, example), "student_flops": count_flops(student, example),
@@ -644,7 +668,7 @@ def bench_crepe_distill():
                   {"input": {0: "n"}, "probs": {0: "n"}})
     rec = json.loads(RESULTS.read_text()).get("crepe", {}) if RESULTS.exists() else {}
     runs = rec["distill"] if "student" not in rec.get("distill", {"student": 1}) else {}  # one run per prune ratio
-    runs[f"prune {RATIO:.0%}"] = distill_crepe(teacher, err, t_eval, x_eval, fp32) | {"teacher_fp32": err(t_eval)}
+    runs[_run_key()] = distill_crepe(teacher, err, t_eval, x_eval, fp32) | {"teacher_fp32": err(t_eval)}
     rec["distill"] = runs
     save("crepe", rec)
 

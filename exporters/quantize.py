@@ -355,18 +355,15 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
     try:
         pre = workdir / "fp32.pre.onnx"
         record = _pre_process(fp32_path, pre, options.pre_process)
+        from edgec.exporters.activations import fuse_hard_swish, saturation_bounds
+        model, changed = onnx.load(str(pre)), False   # the exact rewrites, on one load of the graph
         if options.policy:   # no INT8 kernel for PRelu or a lone BatchNorm: equal functions that have one
             from edgec.exporters.policy import batchnorms_as_convs, prelus_as_max
-            model = onnx.load(str(pre))
             record["prelu"] = prelus_as_max(model, keep=options.exclude_nodes)
             record["batchnorm_as_conv"] = batchnorms_as_convs(model, keep=options.exclude_nodes)
-            if record["prelu"]["rewritten"] or record["batchnorm_as_conv"]["rewritten"]:
-                onnx.save_model(model, str(pre))
-            del model
-        from edgec.exporters.activations import fuse_hard_swish, saturation_bounds
-        model = onnx.load(str(pre))
+            changed = bool(record["prelu"]["rewritten"] or record["batchnorm_as_conv"]["rewritten"])
         record["hard_swish_fused"] = fuse_hard_swish(model)   # exact: two quantizers fewer per hard-swish
-        if record["hard_swish_fused"]:
+        if changed or record["hard_swish_fused"]:
             onnx.save_model(model, str(pre))
         del model
         transforms, bias = _equalize(pre, calibration, options, workdir)

@@ -27,8 +27,6 @@ from edgec.exporters.compare import ort_session, output_agreement, run_onnx
 from edgec.exporters.quantize import (COMPUTE_OPS, Prepared, QuantInfo, QuantOptions, prepare,
                                       write_quantized)
 
-DEFAULT_MIN_COSINE = 0.99   # the label-free budget (issue 12's bar): mean cosine of every output to FP32
-
 
 @dataclass
 class FallbackOptions:

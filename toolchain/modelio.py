@@ -323,7 +323,11 @@ def _weights_only_reason(e: Exception) -> str:
 
 
 def _refuse_onnx(path: Path) -> None:
-    """An ONNX file given where a PyTorch model is needed: say which command takes it."""
+    """An ONNX file given where a PyTorch model is needed: say which command takes it. Only a file that starts as
+    a ModelProto does (field 1, ir_version, a varint: byte 0x08) is parsed: a pickle is never read twice."""
+    with open(path, "rb") as f:
+        if f.read(1) != b"\x08":
+            return
     try:
         import onnx
         proto = onnx.load_model(str(path), load_external_data=False)

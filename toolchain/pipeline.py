@@ -47,11 +47,7 @@ class BuildOptions:
             raise OptionError(f"--opset {self.opset}: edgec needs opset 17 or newer")
         if self.max_accuracy_drop is not None and not self.max_accuracy_drop >= 0:  # `not >=`: nan is refused too
             raise OptionError(f"--max-accuracy-drop {self.max_accuracy_drop}: a budget in points, 0 or more")
-        if not self.fallback_seconds >= 0:
-            raise OptionError(f"--fallback-seconds {self.fallback_seconds}: 0 (no fallback) or more")
-        if self.min_cosine is not None and not 0 <= self.min_cosine <= 1:
-            raise OptionError(f"--min-cosine {self.min_cosine}: a cosine within [0, 1] (e.g. 0.99; 0 turns the "
-                              "label-free budget off)")
+        stages.check_fallback_options(self.fallback_seconds, self.min_cosine)
         if not self.bench_seconds >= 0:
             raise OptionError(f"--bench-seconds {self.bench_seconds}: 0 (no benchmark) or more")
         if self.prune is not None:
@@ -146,10 +142,7 @@ def quantize_model(model: str, spec: SourceSpec, output: str, options, *, force:
     from edgec.source import DEFAULT_DATA, check_calibration_size
     check_onnx_file(model)
     checks = checks if checks is not None else CheckOptions()
-    if not fallback_seconds >= 0:
-        raise OptionError(f"--fallback-seconds {fallback_seconds}: 0 (no fallback) or more")
-    if min_cosine is not None and not 0 <= min_cosine <= 1:
-        raise OptionError(f"--min-cosine {min_cosine}: a cosine within [0, 1] (e.g. 0.99; 0 turns it off)")
+    stages.check_fallback_options(fallback_seconds, min_cosine)
     kw = dict(image_size=spec.image_size, mean=spec.mean, std=spec.std)
     specs = onnx_inputs(model)
     calib = load_data(spec.data or DEFAULT_DATA, **kw).bind(specs)

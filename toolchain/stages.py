@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from edgec.core.errors import BudgetExceeded
+from edgec.core.errors import BudgetExceeded, OptionError
 from edgec.core.progress import note
 from edgec.source import Source, require_eager, training_split
 
@@ -329,6 +329,15 @@ def export(source: Source, model: TorchModel, path: Path, opset: int = 17) -> tu
                                             info=info, check=check, check_data=data.source, seconds=t.seconds)
 
 
+def check_fallback_options(seconds: float, min_cosine: float | None) -> None:
+    """--fallback-seconds and --min-cosine, as build and quantize take them."""
+    if not seconds >= 0:
+        raise OptionError(f"--fallback-seconds {seconds}: 0 (no fallback) or more")
+    if min_cosine is not None and not 0 <= min_cosine <= 1:
+        raise OptionError(f"--min-cosine {min_cosine}: a cosine within [0, 1] (e.g. 0.99; 0 turns the label-free "
+                          "budget off)")
+
+
 def fallback_budget(max_drop: float | None, seconds: float, min_cosine: float | None = DEFAULT_MIN_COSINE
                     ) -> dict | None:
     """The sensitivity fallback's budget and time box (None with no time, or with neither budget). With labels
@@ -366,9 +375,6 @@ def quantize(calib, fp32: OnnxModel, path: Path, options, budget: dict | None = 
             # re-read per candidate where that is cheap (memory-mapped arrays), else decoded once and kept
             x = scored if scored.rereadable else scored.head(len(scored))
             info, report = quantize_with_budget(fp32.path, path, calib, x, scored.labels, options, fallback)
-            from edgec.core.package import Sensitivity
-            from edgec.core.report import fallback_summary
-            note(fallback_summary(Sensitivity.from_json(plain(report))))
         else:
             info = quantize_int8(fp32.path, path, calib, options)
     return OnnxModel.at(path, "int8"), QuantizeRecord(quant=options, info=info, fallback=report, budget=budget,

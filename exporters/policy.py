@@ -131,6 +131,11 @@ def _spectral(g: _Graph) -> list[dict]:
     return found
 
 
+def spectral_convs(model) -> set[str]:
+    """The STFT-like Convs whose output feeds a magnitude chain (their form is what the policy recognises)."""
+    return {grp["nodes"][0] for grp in _spectral(_Graph(model))}
+
+
 def _norms(g: _Graph) -> list[dict]:
     nodes = [n for n in g.nodes if n.op_type in NORMS]
     # decomposed LayerNorm: ReduceMean whose input is also subtracted from its output, and what follows it
@@ -553,5 +558,5 @@ def integer_max(model, names) -> list[str]:
     return moved
 
 
-__all__ = ["plan", "dedupe_initializers", "quantize_dynamic_nodes", "prelus_as_max", "integer_max",
+__all__ = ["plan", "spectral_convs", "dedupe_initializers", "quantize_dynamic_nodes", "prelus_as_max", "integer_max",
            "batchnorms_as_convs", "transformer_mode", "is_transformer"]

@@ -129,9 +129,9 @@ def _variant(fp32, out, feeds: list[dict], *, static_int8=(), no_dynamic=False, 
     from edgec.exporters.quantize import QuantOptions, prepare, write_quantized
     patches = contextlib.ExitStack()
     if prelu == "float":
-        patches.enter_context(mock.patch("edgec.exporters.policy.prelus_as_max", lambda m, keep=(): {"rewritten": []}))
+        patches.enter_context(mock.patch("edgec.exporters.rewrites.prelus_as_max", lambda m, keep=(): {"rewritten": []}))
     if prelu == "max":
-        patches.enter_context(mock.patch("edgec.exporters.policy.integer_max", lambda m, names: []))
+        patches.enter_context(mock.patch("edgec.exporters.rewrites.integer_max", lambda m, names: []))
     with patches:
         prepared = prepare(fp32, feeds, QuantOptions(force_calibration_data=True, policy=policy))
         try:
@@ -360,7 +360,7 @@ def bench_onet():
     _variant(fp32, variants["edgec_prelu_float"], calib, prelu="float")
     ort_defaults(fp32, variants["ort_defaults"], calib)
     import onnx
-    from edgec.exporters.policy import prelus_as_max
+    from edgec.exporters.rewrites import prelus_as_max
     rewritten = onnx.load(str(fp32))
     prelus_as_max(rewritten)
     onnx.save(rewritten, str(WORK / "onet.fp32max.onnx"))   # the rewrite alone, in FP32: how much is INT8's?

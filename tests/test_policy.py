@@ -253,7 +253,7 @@ def _images(n, seed=0):
 
 
 def test_prelu_becomes_max_of_x_and_its_slope_times_x_bit_for_bit(tmp_path):
-    from edgec.exporters.policy import prelus_as_max
+    from edgec.exporters.rewrites import prelus_as_max
     fp32 = _export(PReluNet(), torch.randn(2, 3, 16, 16), tmp_path / "prelu.onnx")
     x = _images(64)
     model = onnx.load(str(fp32))
@@ -274,7 +274,7 @@ def test_prelu_becomes_max_of_x_and_its_slope_times_x_bit_for_bit(tmp_path):
 def test_the_max_and_the_maxpool_after_it_run_on_the_next_quantizers_integers(tmp_path):
     """integer_max on ORT's own QDQ output: same result as the float Max, one rounding fewer."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-    from edgec.exporters.policy import integer_max, prelus_as_max
+    from edgec.exporters.rewrites import integer_max, prelus_as_max
     fp32 = _export(PReluNet(), torch.randn(2, 3, 16, 16), tmp_path / "prelu.onnx")
     x = _images(64)
     model = onnx.load(str(fp32))
@@ -339,7 +339,7 @@ class ActThenBatchNorm(nn.Module):
 
 
 def test_a_batchnorm_after_an_activation_becomes_a_depthwise_conv_and_runs_in_int8(tmp_path):
-    from edgec.exporters.policy import batchnorms_as_convs
+    from edgec.exporters.rewrites import batchnorms_as_convs
     fp32 = _export(ActThenBatchNorm(), torch.randn(2, 3, 16, 16), tmp_path / "bn.onnx")
     x = _images(64)
     model = onnx.shape_inference.infer_shapes(onnx.load(str(fp32)))

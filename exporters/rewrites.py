@@ -337,5 +337,40 @@ def integer_pads(model) -> list[str]:
     return moved
 
 
+def integer_inputs_from_static_codes(model) -> list[str]:
+    """After the dynamic pass: DQ(x; s, z) -> DynamicQuantizeLinear -> ConvInteger/MatMulInteger becomes the integer
+    op reading x's static uint8 codes with (s, z): DQ(x) is already on that grid, so re-quantizing it per call only
+    rounds again (silero-vad's STFT Conv: two nodes fewer per call). Returns the integer ops rewired."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict = defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            consumers[i].append(n)
+    outputs = {o.name for o in g.output}
+    zero_types = {i.name: i.data_type for i in g.initializer}
+    rewired = []
+    for dyn in [n for n in g.node if n.op_type == "DynamicQuantizeLinear"]:
+        dq = producer.get(dyn.input[0])
+        codes, scale, zero = dyn.output
+        users = []
+        for n in (n for o in dyn.output for n in consumers.get(o, [])):
+            if not any(n is u for u in users):
+                users.append(n)
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3 or zero_types.get(dq.input[2]) != 2 \
+                or any(o in outputs for o in dyn.output) \
+                or not all(u.op_type in ("ConvInteger", "MatMulInteger", "Mul") for u in users) \
+                or any(u.input[0] != codes for u in users if u.op_type != "Mul"):   # uint8 (2) codes only
+            continue
+        for u in users:
+            u.input[:] = [{codes: dq.input[0], scale: dq.input[1], zero: dq.input[2]}.get(i, i) for i in u.input]
+            if u.op_type != "Mul":
+                rewired.append(u.name)
+        g.node.remove(dyn)
+        if len(consumers[dq.output[0]]) == 1 and dq.output[0] not in outputs:
+            g.node.remove(dq)
+    return rewired
+
+
 __all__ = ["strided_convs_as_phases", "phase_candidates", "static_shapes", "integer_pads", "prelus_as_max",
-           "integer_max", "batchnorms_as_convs"]
+           "integer_max", "batchnorms_as_convs", "integer_inputs_from_static_codes"]

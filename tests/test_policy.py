@@ -147,7 +147,7 @@ class Spectral(nn.Module):
     """A fixed DFT filter bank (long kernels on one channel) -> magnitude -> log -> a learnt conv: an audio
     front end like silero-vad's."""
 
-    def __init__(self, n_fft=64, bins=33):
+    def __init__(self, n_fft=64, bins=33, pad=0):
         super().__init__()
         k = torch.arange(n_fft, dtype=torch.float32)
         f = torch.arange(bins, dtype=torch.float32)[:, None]
@@ -155,10 +155,11 @@ class Spectral(nn.Module):
         self.stft = nn.Conv1d(1, 2 * bins, n_fft, stride=16, bias=False)
         self.stft.weight.data = (basis * torch.hann_window(n_fft))[:, None, :]
         torch.manual_seed(0)
-        self.enc, self.bins = nn.Conv1d(bins, 16, 3), bins
+        self.enc, self.bins, self.pad = nn.Conv1d(bins, 16, 3), bins, pad
 
     def forward(self, x):
-        s = self.stft(x.unsqueeze(1))
+        x = nn.functional.pad(x.unsqueeze(1), (self.pad, self.pad), mode="reflect") if self.pad else x.unsqueeze(1)
+        s = self.stft(x)
         mag = torch.sqrt(s[:, :self.bins] ** 2 + s[:, self.bins:] ** 2 + 1e-9)
         return torch.relu(self.enc(torch.log(mag + 1e-6))).mean(-1)
 
@@ -193,6 +194,24 @@ def test_spectral_chain_stays_float_by_default_and_that_is_what_keeps_the_output
     assert static.ops["by_type"]["Conv"] == {"int8": 2, "float": 0}
     s_static = _sqnr(ref, _run(tmp_path / "static_stft.onnx", x))
     assert s_on > s_static + 3, (s_on, s_static)
+
+
+def test_a_filter_bank_after_a_static_pad_reads_its_codes_without_requantizing(tmp_path):
+    """silero-vad's front end: reflect Pad (static INT8: it only moves codes) -> STFT Conv (dynamic). The
+    ConvInteger reads the Pad's uint8 codes with their static scale instead of a DequantizeLinear and a per-call
+    DynamicQuantizeLinear of the same values (two nodes fewer, one rounding fewer)."""
+    fp32 = _export(Spectral(pad=32), torch.randn(2, 1024), tmp_path / "spec.onnx")
+    g = np.random.default_rng(0)
+    x = (_signals(96, 1024) * g.uniform(0.05, 1.0, (96, 1))).astype(np.float32)
+    info = quantize_int8(fp32, tmp_path / "int8.onnx", [x[i:i + 32] for i in range(0, 64, 32)])
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    conv = next(n for n in model.graph.node if n.op_type == "ConvInteger")
+    assert "DynamicQuantizeLinear" not in {n.op_type for n in model.graph.node}
+    assert producer[conv.input[0]].op_type in ("Pad", "QuantizeLinear", "Unsqueeze"), producer[conv.input[0]]
+    assert info.ops["int8_weight_share"] == 1.0
+    ref = _run(fp32, x[64:])
+    assert _sqnr(ref, _run(tmp_path / "int8.onnx", x[64:])) > 30   # 35.6 dB, as with the requantization
 
 
 class Encoder(nn.Module):

@@ -229,6 +229,16 @@ def batchnorms_as_convs(model, keep=()) -> dict:
     return {"rewritten": rewritten, "reason": BATCHNORM_REASON} if rewritten else {"rewritten": []}
 
 
+def _links(g):
+    """(producer of each tensor, its consumers, the graph's output names) of a graph."""
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict = defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            consumers[i].append(n)
+    return producer, consumers, {o.name for o in g.output}
+
+
 _DATA_MOVES = {"MaxPool", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
 
@@ -240,12 +250,7 @@ def integer_max(model, names) -> list[str]:
     Returns the Max nodes moved."""
     from onnx import helper
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict = defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            consumers[i].append(n)
-    outputs = {o.name for o in g.output}
+    producer, consumers, outputs = _links(g)
 
     def only(t, op):   # the single consumer of t, of this op type (None otherwise)
         c = consumers.get(t, [])
@@ -298,12 +303,7 @@ def integer_pads(model) -> list[str]:
     from onnx import helper, numpy_helper
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in g.output}
+    producer, consumers, outputs = _links(g)
 
     def value(name):
         return numpy_helper.to_array(inits[name]) if name in inits else None
@@ -342,12 +342,7 @@ def integer_inputs_from_static_codes(model) -> list[str]:
     op reading x's static uint8 codes with (s, z): DQ(x) is already on that grid, so re-quantizing it per call only
     rounds again (silero-vad's STFT Conv: two nodes fewer per call). Returns the integer ops rewired."""
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict = defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            consumers[i].append(n)
-    outputs = {o.name for o in g.output}
+    producer, consumers, outputs = _links(g)
     zero_types = {i.name: i.data_type for i in g.initializer}
     rewired = []
     for dyn in [n for n in g.node if n.op_type == "DynamicQuantizeLinear"]:

@@ -241,7 +241,7 @@ def plan(model, *, enabled: bool = True) -> dict:
         return {"enabled": False, "exclusions": [], "nodes": [], "mode": "static",
                 "mode_reason": "policy off by option: static INT8 of every supported node"}
     g = _Graph(model)
-    groups = [*_spectral(g), *_norms(g), *_recurrent(g), *_branch_reads(g)]
+    groups = [*_spectral(g), *_norms(g), *_recurrent(g), *_branch_reads(g), *_tables(model)]
     nodes = list(dict.fromkeys(n for grp in groups for n in grp["nodes"]))
     dynamic = _dynamic(g, groups) if mode == "static" else []
     return {"enabled": True, "exclusions": groups, "nodes": nodes, "mode": mode, "mode_reason": mode_reason,
@@ -425,4 +425,72 @@ def quantize_dynamic_nodes(in_path, out_path, nodes, *, reduce_range: bool, work
     return {"nodes": done, "shared_initializers": shared, "static_inputs": static_inputs}
 
 
-__all__ = ["plan", "spectral_convs", "dedupe_initializers", "quantize_dynamic_nodes", "transformer_mode", "is_transformer"]
+EMBEDDING_MIN_ELEMENTS = 2 ** 18   # 1 MB of float32: word tables, not position or type tables
+TABLE_REASON = ("large word tables read by a Gather: kept out of ORT's static pass (one scale for all rows), then INT8 "
+                "per row after it (int8_embeddings)")
+EMBEDDING_REASON = ("the {name} table ({rows} x {cols}, {mb:.1f} MB float) read only by a Gather: INT8 rows with one "
+                    "scale each (max |w| / 127), gathered and scaled per call ({mb_int8:.1f} MB); ORT's quantizers "
+                    "leave such a table float")
+
+
+def _word_tables(g) -> list[tuple]:
+    """(Gather, its table) for each large float 2-D table that one Gather on axis 0 reads, and nothing else."""
+    import numpy as np
+    from onnx import TensorProto, helper
+    inits = {i.name: i for i in g.initializer}
+    readers: dict = defaultdict(int)
+    for n in g.node:
+        for i in n.input:
+            readers[i] += 1
+    graph_outputs = {o.name for o in g.output}
+    found = []
+    for node in [n for n in g.node if n.op_type == "Gather" and n.input[0] in inits]:
+        table = inits[node.input[0]]
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if table.data_type == TensorProto.FLOAT and len(table.dims) == 2 and axis == 0 and readers[table.name] == 1 \
+                and int(np.prod(table.dims)) >= EMBEDDING_MIN_ELEMENTS and table.name not in graph_outputs:
+            found.append((node, table))
+    return found
+
+
+def _tables(model) -> list[dict]:
+    tables = _word_tables(model.graph)
+    return [{"kind": "embedding", "nodes": [n.name for n, _ in tables], "reason": TABLE_REASON}] if tables else []
+
+
+def int8_embeddings(model, keep=()) -> list[dict]:
+    """Gather(W, ids) with W a large float table read by nothing else -> Gather(W_int8, ids) * Gather(scale, ids):
+    symmetric INT8 per row (a row's error is at most half its own step). The INT8 file of a text model was
+    mostly its float word table (all-MiniLM-L6-v2: 59 of 91 MB). Gathers named in `keep` stay."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    g = model.graph
+    done = []
+    for node, table in _word_tables(g):
+        if node.name in keep:
+            continue
+        w = numpy_helper.to_array(table)
+        scale = np.abs(w).max(1, keepdims=True) / 127
+        scale[scale == 0] = 1
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        base = node.name or node.output[0]
+        g.initializer.remove(table)
+        g.initializer.extend([numpy_helper.from_array(q, f"{table.name}_int8"),
+                              numpy_helper.from_array(scale.astype(np.float32), f"{table.name}_row_scale")])
+        at = list(g.node).index(node)
+        g.node.remove(node)
+        new = [helper.make_node("Gather", [f"{table.name}_int8", node.input[1]], [f"{base}_int8_rows"], name=node.name),
+               helper.make_node("Cast", [f"{base}_int8_rows"], [f"{base}_rows"], to=TensorProto.FLOAT,
+                                name=f"{base}_cast"),
+               helper.make_node("Gather", [f"{table.name}_row_scale", node.input[1]], [f"{base}_scales"],
+                                name=f"{base}_scales"),
+               helper.make_node("Mul", [f"{base}_rows", f"{base}_scales"], [node.output[0]], name=f"{base}_scaled")]
+        for n in reversed(new):
+            g.node.insert(at, n)
+        mb = w.nbytes / 2 ** 20
+        done.append({"node": node.name, "reason": EMBEDDING_REASON.format(
+            name=table.name, rows=w.shape[0], cols=w.shape[1], mb=mb, mb_int8=(q.nbytes + scale.size * 4) / 2 ** 20)})
+    return done
+
+
+__all__ = ["plan", "spectral_convs", "dedupe_initializers", "quantize_dynamic_nodes", "int8_embeddings", "transformer_mode", "is_transformer"]

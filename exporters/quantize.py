@@ -241,6 +241,7 @@ class Prepared:
                                  nodes_to_exclude=exclude, op_types_to_quantize=["MatMul", "Gemm"])
             if convs:
                 src.unlink(missing_ok=True)
+            self._int8_tables(out_path, user_excluded)
             return Path(out_path)
         dynamic = [n for n in (self.policy or {}).get("dynamic_nodes", []) if n not in user_excluded]
         static_out = self.workdir / "static.onnx" if dynamic else out_path
@@ -252,7 +253,19 @@ class Prepared:
                 quantize_dynamic_nodes(static_out, out_path, dynamic, reduce_range=s.reduce_range,
                                        workdir=self.workdir)
                 static_out.unlink(missing_ok=True)
+        self._int8_tables(out_path, user_excluded)
         return Path(out_path)
+
+    def _int8_tables(self, path, keep) -> None:
+        """Large embedding tables (a Gather's float rows) to INT8 rows with a scale each (policy.py)."""
+        if not self.options.policy or "Gather" not in self.node_ops.values():
+            return
+        import onnx
+        from edgec.exporters.policy import int8_embeddings
+        model = onnx.load(str(path))
+        self.pre_process["int8_embeddings"] = int8_embeddings(model, keep)
+        if self.pre_process["int8_embeddings"]:
+            onnx.save_model(model, str(path))
 
     def _on_integers(self, path: Path, fmt: str) -> None:
         """Exact moves onto the integers of ORT's QDQ output: the Max of the PRelus rewritten as Max(x, a x) (and a

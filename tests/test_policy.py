@@ -389,3 +389,37 @@ def test_a_batchnorm_after_an_activation_becomes_a_depthwise_conv_and_runs_in_in
     ref = _run(fp32, x)
     rewritten, float_bn = _sqnr(ref, _run(tmp_path / "int8.onnx", x)), _sqnr(ref, _run(tmp_path / "kept.onnx", x))
     assert rewritten > float_bn + 1, (rewritten, float_bn)   # exact per-channel weights vs one 8-bit BN grid
+
+
+class BagOfWords(nn.Module):
+    """A text model whose file is mostly its word table (5000 x 64 floats: 1.2 MB)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.words, self.head = nn.Embedding(5000, 64), nn.Linear(64, 8)
+
+    def forward(self, ids):
+        return self.head(self.words(ids).mean(1))
+
+
+def test_a_large_word_table_becomes_int8_rows_with_a_scale_each(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(BagOfWords().eval(), (torch.zeros(2, 12, dtype=torch.int64),), str(tmp_path / "bow.onnx"),
+                          dynamo=False, opset_version=17, input_names=["ids"], dynamic_axes={"ids": {0: "n", 1: "l"}})
+    ids = np.random.default_rng(0).integers(0, 5000, (64, 12)).astype(np.int64)
+    info = quantize_int8(tmp_path / "bow.onnx", tmp_path / "int8.onnx", [{"ids": ids[i:i + 16]} for i in (0, 16)],
+                         QuantOptions(force_calibration_data=True))
+    tables = info.pre_process["int8_embeddings"]
+    assert len(tables) == 1 and "INT8 rows with one scale each" in tables[0]["reason"], tables
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    gathered = [inits[n.input[0]] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits]
+    assert any(t.data_type == onnx.TensorProto.INT8 and list(t.dims) == [5000, 64] for t in gathered)
+    assert info.int8_bytes < 0.35 * info.fp32_bytes   # the table was 98 % of the file
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"ids": ids[32:]})[0]  # noqa: E731
+    assert _sqnr(run(tmp_path / "bow.onnx"), run(tmp_path / "int8.onnx")) > 30
+    kept = quantize_int8(tmp_path / "bow.onnx", tmp_path / "kept.onnx", [{"ids": ids[:16]}],
+                         QuantOptions(force_calibration_data=True, exclude_nodes=(tables[0]["node"],)))
+    assert kept.pre_process["int8_embeddings"] == [] and kept.int8_bytes > 0.9 * info.fp32_bytes

@@ -21,6 +21,7 @@ from torch import nn
 
 from edgec.core.errors import EdgecError, ModelError, OptionError, cause_line
 from edgec.metrics import count_flops, count_params
+from edgec.regroup import ChannelBarrier, Regroupings, barrier_pruner
 from edgec.source import require_eager
 
 IMPORTANCE = ("l1", "l2", "bn", "taylor")
@@ -289,15 +290,21 @@ class _Run:
         recurrent = _recurrent_pruner()
         # the graph is traced once, here: each recurrent layer as one node (the pruner knows its gates)
         hooks = [m.register_forward_hook(_one_node, prepend=True) for m in model.modules() if type(m) in _GATES]
+        # channel shuffles and other channel regroupings: layers of the graph whose groups keep their channels
+        self.regroupings = Regroupings(model)
+        barriers = self.regroupings.find(example)
         try:
-            self.pruner = tp.pruner.BasePruner(   # a tuple of example inputs: torch-pruning calls model(*example)
-                model, example, importance=_importance(cfg.importance), global_pruning=cfg.global_pruning,
-                pruning_ratio=ratio, max_pruning_ratio=max(0.9, ratio) if cfg.global_pruning else MAX_LAYER_RATIO,
-                iterative_steps=cfg.steps, round_to=cfg.round_to, ignored_layers=ignored,
-                customized_pruners={t: recurrent for t in _GATES}, root_module_types=list(_LAYERS))
+            with self.regroupings.tracing():
+                self.pruner = tp.pruner.BasePruner(   # a tuple of example inputs: torch-pruning calls model(*example)
+                    model, example, importance=_importance(cfg.importance), global_pruning=cfg.global_pruning,
+                    pruning_ratio=ratio, max_pruning_ratio=max(0.9, ratio) if cfg.global_pruning else MAX_LAYER_RATIO,
+                    iterative_steps=cfg.steps, round_to=cfg.round_to, ignored_layers=ignored + barriers,
+                    customized_pruners={**{t: recurrent for t in _GATES}, ChannelBarrier: barrier_pruner()},
+                    root_module_types=list(_LAYERS))
         finally:
             for h in hooks:
                 h.remove()
+            self.regroupings.detach()
 
     def groups(self):
         """Dependency groups of one step, without changing anything (importance, then what would go)."""

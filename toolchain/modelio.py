@@ -9,6 +9,7 @@ Formats read (see README "Model files"):
 """
 from __future__ import annotations
 
+import collections
 import importlib
 import importlib.util
 import pickle
@@ -265,6 +266,11 @@ def load_weights(model: nn.Module, state_dict: dict, path, arch: str) -> None:
             parts.append(f"{len(wrong)} with other shapes (e.g. {wrong[0]})")
         raise ModelError(f"{path} does not fit --arch {arch}: " + "; ".join(parts) +
                          "; check the architecture and its options (e.g. ?num_classes=)")
+    if getattr(state_dict, "_metadata", None) is None:
+        # a plain dict (as edgec files store it) has no module versions: those of the modules just built, or
+        # a versioned module (torchvision's MNASNet) refuses to load ("version should be set to 1 or 2")
+        state_dict = collections.OrderedDict(state_dict)
+        state_dict._metadata = getattr(own, "_metadata", None)
     model.load_state_dict(state_dict)
 
 

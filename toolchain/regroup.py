@@ -103,7 +103,7 @@ class Regroupings(TorchFunctionMode):
         found: list[ChannelBarrier] = []
         names = {m: n for n, m in self.model.named_modules()}
         def enter(mod, args):
-            self._where.append(names[mod])
+            self._where.append(names[mod] or type(mod).__name__)
 
         def leave(mod, args, out):
             self._where.pop()

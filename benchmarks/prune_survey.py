@@ -91,7 +91,8 @@ def survey(name: str, arch: str, ratio: float, size: int, work: Path) -> dict:
     rec = json.loads(out)
     row |= {"pruned": "yes", "params_before": rec["params_before"], "params_after": rec["params_after"],
             "flops_before": rec["flops_before"], "flops_after": rec["flops_after"]}
-    again = load_model(dst, None if arch_is_builtin(arch) else arch)   # weights_only: rebuilt from the arch spec + the replayed structure record
+    # weights_only: rebuilt from the arch spec and the replayed structure record
+    again = load_model(dst, None if arch_is_builtin(arch) else arch)
     x = torch.randn(2, *shape[1:])
     with torch.no_grad():
         ref, got = model(x), again.module.eval()(x)

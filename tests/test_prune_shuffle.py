@@ -81,6 +81,19 @@ def test_shufflenet_v2_default_prune_via_cli_exports_and_runs_in_onnxruntime(tmp
         assert np.allclose(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], pruned(x).numpy(), atol=1e-4)
 
 
+@pytest.mark.parametrize("before,after,regroups", [
+    ((2, 8, 4, 4), (2, 2, 4, 4, 4), True),    # a channel shuffle's split of the channel axis
+    ((2, 2, 4, 4, 4), (2, 8, 4, 4), True),    # and its merge
+    ((2, 8, 4, 4), (16, 4, 4, 4), True),      # channel groups into the batch
+    ((2, 8, 4, 4), (2, 128), False),          # a flatten: torch-pruning maps it
+    ((2, 8, 4, 4), (2, 8, 16), False),        # channels kept
+    ((2, 64), (2, 4, 16), False),             # (N, F) tensors: torch-pruning's own
+])
+def test_which_reshapes_are_regroupings(before, after, regroups):
+    from edgec.regroup import regroups_channels
+    assert regroups_channels(torch.zeros(before), torch.zeros(after)) is regroups
+
+
 class SuperRes(nn.Module):
     """A sub-pixel upsampler: the conv before nn.PixelShuffle gives 4 channels per output channel."""
 

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from edgec.core.errors import ModelError
+
 _RESHAPES = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.unflatten, torch.unflatten,
              torch.Tensor.flatten, torch.flatten}
 _CHANNEL_MOVERS = {torch.pixel_shuffle, torch.pixel_unshuffle, torch.channel_shuffle,
@@ -95,6 +97,7 @@ class Regroupings(TorchFunctionMode):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model, self.barriers, self._next = model, None, 0
+        self._found: list | None = None   # while finding: the barriers made so far
         self._made: set[int] = set()   # ids of regrouped tensors (kept alive in _keep while a forward runs)
         self._keep: list = []
         self._where: list[str] = []
@@ -102,6 +105,7 @@ class Regroupings(TorchFunctionMode):
     def find(self, example: tuple) -> list[ChannelBarrier]:
         found: list[ChannelBarrier] = []
         names = {m: n for n, m in self.model.named_modules()}
+
         def enter(mod, args):
             self._where.append(names[mod] or type(mod).__name__)
 
@@ -145,9 +149,12 @@ class Regroupings(TorchFunctionMode):
                                self._where[-1] if self._where else "")
             self._found.append(b)
             result = b(x, out.detach())
-        else:
+        elif self._next < len(self.barriers):
             result = self.barriers[self._next](x, out.detach())
             self._next += 1
+        else:
+            raise ModelError(f"the model's forward regroups channels ({op}) more often than on its first run; "
+                             "pruning needs a forward that does the same on the same input")
         self._made.add(id(result))
         self._keep.append(result)
         return result

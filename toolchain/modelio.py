@@ -171,6 +171,9 @@ def apply_structure(model: nn.Module, structure: dict, state_dict: dict, path="m
                                  f"count this architecture can shrink to ({name} is {type(module).__name__}); refused")
         for attr, value in attrs.items():
             setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    # every module's own tensors, not only the recorded layers': pruning also shrinks parameters that belong to no
+    # layer (ConvNeXt's layer_scale, a class token) along with their group; the saved shape is their record
+    for name, module in modules.items():
         prefix = f"{name}." if name else ""
         for pname, param in list(module.named_parameters(recurse=False)):
             saved = state_dict.get(prefix + pname)

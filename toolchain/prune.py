@@ -9,6 +9,10 @@ Recurrent layers (nn.GRU, nn.LSTM, nn.RNN) are resized by `RecurrentPruner`: the
 that feeds them, and their hidden size is pruned across every gate, layer, direction and the recurrent weights,
 unless the layer is given an initial state (a model input, or a fixed-size tensor), returns its state as a model
 output, or is an LSTM with a projection: then the hidden size is kept, and the record says why.
+
+Channel regroupings torch-pruning cannot map (ShuffleNet's channel shuffle, pixel shuffle, ...) are traced as
+`edgec.regroup.ChannelBarrier` layers that are never pruned: the groups through them keep their channels, and the
+record (`regroupings`) names those layers.
 """
 from __future__ import annotations
 

@@ -193,7 +193,7 @@ def fallback_summary(report: Sensitivity) -> str:
     on = " on " + scored_samples(x)
     budget = (f"cosine >= {x['min_cosine']:g}" if cosine else f"drop <= {report.budget_points:g} points") + (
         f", {escape(x['task_metric'])} drop <= {x['task_budget_points']:g} points" if x.get("task_metric") else "")
-    if not report.nodes_measured:
+    if not report.nodes_measured and not x.get("searched_for"):
         return (f"INT8 fallback ({budget}){on}: none needed, all-INT8 {figure} {value(report.int8_score)}; "
                 f"{escape(report.stopped)}")
     kept = ", ".join(escape(e.node) for e in report.excluded) or "none"

@@ -161,15 +161,38 @@ def spread_order(n: int) -> np.ndarray:
     return rev[rev < n]
 
 
-def _len(x) -> int:
-    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+class _Rows:
+    """Samples `idx` (in that order) of a whole-set dict feed, read batch by batch along each input's batch axis:
+    reordering or cutting the scored samples copies nothing (they may be 512 decoded images)."""
+
+    def __init__(self, feed: dict, layout, idx=None):
+        from edgec.core.feeds import batch_len
+        self.feed, self.layout = feed, layout
+        self.idx = np.arange(batch_len(feed, layout)) if idx is None else np.asarray(idx, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def take(self, idx) -> "_Rows":
+        return _Rows(self.feed, self.layout, self.idx[np.asarray(idx, dtype=np.int64)])
+
+    def batches(self, size: int):
+        for start in range(0, len(self.idx), size):
+            rows = self.idx[start:start + size]
+            yield {k: np.take(np.asarray(v), rows, axis=self.layout.axis(k)) for k, v in self.feed.items()}
+
+    def bytes_per_sample(self) -> int:
+        from edgec.core.feeds import batch_len
+        return sum(np.asarray(v).nbytes for v in self.feed.values()) // max(1, batch_len(self.feed, self.layout))
 
 
-def _take(x, idx):
-    """Samples `idx` of x (a dict feed, one array, or a dataset with .take), in that order."""
-    if isinstance(x, dict):
-        return {name: np.asarray(v)[idx] for name, v in x.items()}
-    return np.asarray(x)[idx] if isinstance(x, np.ndarray) else x.take(idx)
+def _samples(x, session):
+    """The scored samples as something with len() and .take(): a dataset as it is, a dict feed (or one array:
+    single-input models) as a _Rows view."""
+    if hasattr(x, "take") and hasattr(x, "batches"):
+        return x
+    from edgec.core.feeds import FeedLayout, as_feed
+    return _Rows(as_feed(x, [i.name for i in session.get_inputs()]), FeedLayout.of_onnx(session.get_inputs()))
 
 
 def output_cosine(agreement, subset=None) -> float:
@@ -204,10 +227,11 @@ class _Evaluator:
                  cosine: bool = False, seconds: float | None = None):
         from edgec.exporters.metrics import CandidateScore, CheckOptions, take_labels
         self.batch, self.cosine = batch_size, cosine
-        n = _len(x)
-        order = spread_order(n)
-        x, y = _take(x, order), take_labels(y, order)   # a dict feed (or one array: single-input models)
         session = ort_session(fp32_path)
+        x = _samples(x, session)
+        n = len(x)
+        order = spread_order(n)
+        x, y = x.take(order), take_labels(y, order)
         t0 = time.perf_counter()
         parts: list = []
         done = 0
@@ -220,7 +244,7 @@ class _Evaluator:
         self.refs = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
         del parts
         self.available, self.n = n, done
-        self.x = x if done == n else _take(x, np.arange(done))
+        self.x = x if done == n else x.take(np.arange(done))
         self.scorer = CandidateScore([o.name for o in session.get_outputs()], self.refs,
                                      y if done == n else take_labels(y, np.arange(done)),
                                      checks if checks is not None else CheckOptions(), num_classes)
@@ -244,7 +268,7 @@ class _Evaluator:
         t0 = time.perf_counter()
         session = ort_session(path)
         t1 = time.perf_counter()
-        data = self.x if rows is None or rows >= self.n else _take(self.x, np.arange(rows))
+        data = self.x if rows is None or rows >= self.n else self.x.take(np.arange(rows))
         agreements = tuple(Agreement() for _ in self.refs)
         checks = None if error_only or (self.cosine and not self.task_metric) else self.scorer.start()
         start = 0

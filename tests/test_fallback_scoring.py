@@ -224,3 +224,19 @@ def test_spread_order_prefixes_are_spread():
         o = spread_order(n)
         assert sorted(o) == list(range(n))
         assert n < 8 or np.ptp(o[:n // 4]) >= n / 2              # a quarter of them covers half the range at least
+
+
+def test_scored_samples_are_a_view_read_along_each_inputs_batch_axis():
+    """Reordering and cutting the scored samples copies nothing, and a recurrent state's batch axis (1 here) is
+    the one indexed."""
+    from edgec.core.feeds import FeedLayout
+    from edgec.exporters.sensitivity import _Rows
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.normal(size=(10, 3)), "state": rng.normal(size=(2, 10, 4))}
+    rows = _Rows(feed, FeedLayout(["x", "state"], {"x": 0, "state": 1})).take(spread_order(10)).take(np.arange(6))
+    assert len(rows) == 6 and rows.bytes_per_sample() == (3 + 8) * 8
+    want = spread_order(10)[:6]
+    got = list(rows.batches(4))
+    assert [len(b["x"]) for b in got] == [4, 2] and got[0]["state"].shape == (2, 4, 4)
+    assert np.array_equal(np.concatenate([b["x"] for b in got]), feed["x"][want])
+    assert np.array_equal(np.concatenate([b["state"] for b in got], axis=1), feed["state"][:, want])

@@ -129,9 +129,9 @@ def _variant(fp32, out, feeds: list[dict], *, static_int8=(), no_dynamic=False, 
     from edgec.exporters.quantize import QuantOptions, prepare, write_quantized
     patches = contextlib.ExitStack()
     if prelu == "float":
-        patches.enter_context(mock.patch("edgec.exporters.policy.prelus_as_max", lambda m, keep=(): {"rewritten": []}))
+        patches.enter_context(mock.patch("edgec.exporters.rewrites.prelus_as_max", lambda m, keep=(): {"rewritten": []}))
     if prelu == "max":
-        patches.enter_context(mock.patch("edgec.exporters.policy.integer_max", lambda m, names: []))
+        patches.enter_context(mock.patch("edgec.exporters.rewrites.integer_max", lambda m, names: []))
     with patches:
         prepared = prepare(fp32, feeds, QuantOptions(force_calibration_data=True, policy=policy))
         try:
@@ -360,7 +360,7 @@ def bench_onet():
     _variant(fp32, variants["edgec_prelu_float"], calib, prelu="float")
     ort_defaults(fp32, variants["ort_defaults"], calib)
     import onnx
-    from edgec.exporters.policy import prelus_as_max
+    from edgec.exporters.rewrites import prelus_as_max
     rewritten = onnx.load(str(fp32))
     prelus_as_max(rewritten)
     onnx.save(rewritten, str(WORK / "onet.fp32max.onnx"))   # the rewrite alone, in FP32: how much is INT8's?
@@ -570,10 +570,13 @@ def bench_crepe():
         rec[name] = {"probs_sqnr_db": sqnr(ref, got), **err(got),
                      "bin_decision_agreement": round(float(((ref > 0.5) == (got > 0.5)).mean()), 4), **weight_share(p)}
     rec["size"] = size_row(fp32, *variants.items())
-    lat = latency({"fp32": fp32, **variants}, {"input": x_eval[:1]}, runs=200)
-    rec["latency_ms"] = lat
-    rec["latency_ratio"] = {k: round(lat["fp32"] / v, 2) for k, v in lat.items() if k != "fp32"}
-    rec["load_avg"] = load()
+    for batch, threads in ((1, 2), (1, 1), (16, 2)):   # one frame (also on one thread), 16 frames in one call
+        lat = latency({"fp32": fp32, "fp32_as_exported": raw_path(fp32), **variants}, {"input": x_eval[:batch]},
+                      200 if batch == 1 else 40, threads)
+        key = f"batch{batch}" + ("_1thread" if threads == 1 else "")
+        rec[f"latency_ms_{key}"] = lat
+        rec[f"latency_ratio_{key}"] = {k: round(lat["fp32"] / v, 2) for k, v in lat.items() if k != "fp32"}
+        rec[f"load_avg_{key}"] = load()
     # the CLI, no wrapper code: the teacher traced to TorchScript, frames in an npz keyed by its input name
     ts = WORK / "crepe_tiny.ts"
     torch.jit.save(torch.jit.trace(teacher, torch.zeros(2, 1024)), str(ts))
@@ -589,6 +592,8 @@ def bench_crepe():
         rec["cli"]["pitch"] = err(got)
     if os.environ.get("CREPE_DISTILL", "1") != "0":   # CREPE_DISTILL=0: the quantization rows alone
         rec["distill"] = {_run_key(): distill_crepe(teacher, err, t_eval, x_eval, fp32)}
+    elif RESULTS.exists():   # the distillation runs recorded before stay
+        rec["distill"] = json.loads(RESULTS.read_text()).get("crepe", {}).get("distill", {})
     save("crepe", rec)
 
 

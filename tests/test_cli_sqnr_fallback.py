@@ -51,14 +51,15 @@ def test_sqnr_only_failure_is_searched_and_repaired(tmp_path, unnormalized):
     # ranked on the edited INT8 graph, no node quantized again; the shipped file measured again
     assert s["requantized_nodes"] == 0 and all(r["measured_by"] == "qdq_edit" for r in s["ranking"])
     assert s["rank_samples"] == 64 and s["int8_weight_share"] >= 0.9
-    # scored on a quarter of the 256 calibration samples, held out of the ranges' and bias correction's fit
-    assert s["scored_samples"] == s["scored_available"] == 64 and s["scored_held_out"]
-    assert manifest["quantization"]["samples"] == 192
+    # all 256 calibration samples are calibrated on (--samples 256): they score the budget, and it says so
+    assert s["scored_samples"] == s["scored_available"] == 256 and not s["scored_held_out"]
+    assert manifest["quantization"]["samples"] == 256
     outputs = next(st for st in manifest["stages"] if st["name"] == "evaluate")["metrics"]["outputs"]
     assert all(o["sqnr_db"] > 20 for o in outputs)                         # the honest check on the eval data
     report = (tmp_path / "m.edgec" / "report.md").read_text()
     assert "worst output SQNR on the same samples" in report and "under --min-sqnr 15" in report
-    assert "INT8 fallback (cosine >= 0.99) on 64 held-out calibration samples, searched for cosine" in report
+    assert ("INT8 fallback (cosine >= 0.99) on 256 calibration samples (calibrated on them: give more than "
+            "--samples to score on held-out ones), searched for cosine") in report
 
 
 def test_without_the_fallback_the_same_build_fails_on_sqnr(tmp_path, unnormalized):
@@ -72,7 +73,7 @@ def test_printed_summary_and_the_cosine_budget_turned_off(tmp_path, unnormalized
     code, stdout, stderr = run_cli("build", model, "--arch", ARCH, "--data", train, "--eval-data", val, "--task",
                                    "output_0=none", "--bench-seconds", "0", "-o", tmp_path / "a.edgec")
     assert code == 0, stderr
-    assert "INT8 fallback (cosine >= 0.99) on 64 held-out calibration samples" in stdout
+    assert "INT8 fallback (cosine >= 0.99) on 256 calibration samples" in stdout
     assert "1 node(s) kept in FP32 (/body/body.0/Gemm)" in stdout and "within cosine 0.99" in stdout
     # --min-cosine 0: no label-free budget, SQNR alone is searched for (no output has a task figure)
     code, _, stderr = _build(tmp_path, unnormalized, "--min-cosine", "0")
@@ -93,6 +94,13 @@ def test_quantize_runs_the_same_label_free_fallback(tmp_path, unnormalized):
     assert s["fallback"]["metric"] == "cosine" and s["fallback"]["within_budget"]
     assert [e["node"] for e in s["fallback"]["excluded"]] == ["/body/body.0/Gemm"] == s["excluded_nodes"]
     assert s["min_sqnr_db"] > 20                                  # measured on the written file
+    # calibrated on the first 192: the other 64 score the budget, held out of the fit
+    code, stdout, stderr = run_cli("quantize", fp32, "--data", train, "--task", "output_0=none", "--samples", "192",
+                                   "-o", tmp_path / "held.onnx", "--json")
+    assert code == 0, stderr
+    s = json.loads(stdout)
+    assert s["samples"] == 192 and s["fallback"]["within_budget"]
+    assert s["fallback"]["scored_held_out"] and s["fallback"]["scored_samples"] == 64
     code, stdout, stderr = run_cli("quantize", fp32, "--data", train, "--task", "output_0=none", "-o",
                                    tmp_path / "off.onnx", "--fallback-seconds", "0")
     assert code == 0, stderr

@@ -191,11 +191,11 @@ def test_label_free_fallback_on_a_tiny_box_says_what_it_scored(heads, tmp_path):
     from edgec.exporters.quantize import QuantOptions
     from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
     fp32, _, x = heads
-    fit, scored, held_out = holdout_split(len(x), None, 512)
-    info, rep = quantize_with_budget(fp32, tmp_path / "q.onnx", [x[fit]], x[scored], None, QuantOptions(),
+    scored, held_out = holdout_split(len(x), 120, 512)      # the calibration reads the first 120 of 160
+    info, rep = quantize_with_budget(fp32, tmp_path / "q.onnx", [x], x[scored], None, QuantOptions(num_samples=120),
                                      FallbackOptions(max_accuracy_drop=None, min_cosine=0.99999, time_budget_s=1e-6,
                                                      batch_size=8), held_out=held_out)
-    assert held_out and rep.scored_held_out and info.samples == len(fit) == 120
+    assert held_out and rep.scored_held_out and info.samples == 120 and scored.min() == 120
     assert rep.scored_samples == MIN_SCORED and rep.scored_available == len(scored) == 40 and rep.sample_ms > 0
     line = fallback_summary(Sensitivity.from_json(rep.to_dict()))
     assert f"on {MIN_SCORED} of 40 held-out calibration samples (time box: " in line, line
@@ -203,17 +203,16 @@ def test_label_free_fallback_on_a_tiny_box_says_what_it_scored(heads, tmp_path):
 
 # ---------------------------------------------------------------- which samples score the budget
 
-def test_holdout_split_keeps_the_scored_samples_out_of_the_fit():
-    fit, scored, held = holdout_split(256, None, 512)            # the calibration reads every sample
-    assert held and len(scored) == 64 and len(fit) == 192
-    assert not set(fit) & set(scored) and sorted([*fit, *scored]) == list(range(256))
-    assert scored[0] == 0 and scored[-1] == 255                  # spread over the data (folders: sorted by class)
-    fit, scored, held = holdout_split(1000, 256, 512)            # past the 256 it reads: held out already
-    assert held and fit is None and len(scored) == 512 and scored.min() >= 256 and scored.max() == 999
-    fit, scored, held = holdout_split(300, 256, 512)             # 44 spare, a quarter wanted: hold out 75
-    assert held and len(scored) == 75 and len(fit) == 225
-    fit, scored, held = holdout_split(100, 256, 512)             # too few to hold out: scored where fitted
-    assert not held and fit is None and len(scored) == 100
+def test_holdout_split_scores_on_samples_the_calibration_does_not_read():
+    scored, held = holdout_split(1000, 256, 512)                # past the 256 it reads: held out
+    assert held and len(scored) == 512 and scored.min() == 256 and scored.max() == 999
+    scored, held = holdout_split(300, 256, 512)                 # 44 spare: enough (MIN_SCORED)
+    assert held and list(scored) == list(range(256, 300))
+    for n, fit in ((256, 256), (256, None), (280, 256)):        # too few spare: the fitted ones, said so
+        scored, held = holdout_split(n, fit, 512)
+        assert not held and list(scored) == list(range(n))
+    scored, held = holdout_split(2000, None, 512)               # spread over the data (folders: sorted by class)
+    assert not held and len(scored) == 512 and scored[0] == 0 and scored[-1] == 1999
 
 
 def test_spread_order_prefixes_are_spread():

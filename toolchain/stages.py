@@ -352,8 +352,8 @@ def fallback_budget(max_drop: float | None, seconds: float, min_cosine: float | 
 def quantize(calib, fp32: OnnxModel, path: Path, options, budget: dict | None = None, checks=None
              ) -> tuple[OnnxModel, QuantizeRecord]:
     """Static INT8 calibrated on `calib`; with a budget, the most sensitive nodes fall back to FP32 until the
-    budget holds on calibration samples (never on the eval data, which stays for the honest check after; held out
-    of the calibration's fit where there are enough, edgec.exporters.sensitivity.holdout_split): with
+    budget holds on calibration samples (never on the eval data, which stays for the honest check after; those the
+    calibration does not read where there are enough, edgec.exporters.sensitivity.holdout_split): with
     labels the drop of the gate's own task figures (`checks`), without them also every output's mean cosine to
     FP32 (`min_cosine`, the label-free default)."""
     from edgec.exporters.quantize import quantize_int8
@@ -371,14 +371,14 @@ def quantize(calib, fp32: OnnxModel, path: Path, options, budget: dict | None = 
                 fallback = None    # labelled data and no accuracy budget: nothing to search for
         if fallback is not None:
             from edgec.exporters.sensitivity import holdout_split, quantize_with_budget
-            # the budget is scored on samples the calibration does not fit, where there are enough (spread over
+            # the budget is scored on samples the calibration does not read, where there are enough (spread over
             # the data: folders are sorted by class)
-            fit, scored, held_out = holdout_split(len(calib), options.num_samples, FALLBACK_SAMPLES)
+            scored, held_out = holdout_split(len(calib), options.num_samples, FALLBACK_SAMPLES)
             scored = calib.take(scored)
             # re-read per candidate where that is cheap (memory-mapped arrays), else decoded once and kept
             x = scored if scored.rereadable else scored.head(len(scored))
-            info, report = quantize_with_budget(fp32.path, path, calib if fit is None else calib.take(fit), x,
-                                                scored.labels, options, fallback, held_out=held_out)
+            info, report = quantize_with_budget(fp32.path, path, calib, x, scored.labels, options, fallback,
+                                                held_out=held_out)
         else:
             info = quantize_int8(fp32.path, path, calib, options)
     return OnnxModel.at(path, "int8"), QuantizeRecord(quant=options, info=info, fallback=report, budget=budget,

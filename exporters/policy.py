@@ -397,8 +397,7 @@ def _hide_gemms(model, hide: bool) -> None:
 def quantize_dynamic_nodes(in_path, out_path, nodes, *, reduce_range: bool, workdir) -> dict:
     """The second pass over a statically quantized model: dynamic INT8 of `nodes` (plan()'s "dynamic_nodes":
     LSTM cells, also inside If branches, and STFT-like Convs), then the branches' copies shared again.
-    Returns {"nodes": what was quantized, "shared_initializers": the dedupe record, "static_inputs": the integer
-    ops that read a static quantizer's codes instead of quantizing them again per call}."""
+    Returns {"nodes": what was quantized, "shared_initializers": the dedupe record}."""
     import onnx
     from pathlib import Path
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -415,14 +414,12 @@ def quantize_dynamic_nodes(in_path, out_path, nodes, *, reduce_range: bool, work
     staged.unlink(missing_ok=True)
     model = onnx.load(str(out_path))
     _hide_gemms(model, False)
-    from edgec.exporters.rewrites import integer_inputs_from_static_codes
-    static_inputs = integer_inputs_from_static_codes(model)
     shared = dedupe_initializers(model)
     _drop_unused_initializers(model)
     onnx.save_model(model, str(out_path))
     done = [n.name for g in [model.graph, *_graphs(model.graph)] for n in g.node
             if n.op_type in ("DynamicQuantizeLSTM", "ConvInteger")]
-    return {"nodes": done, "shared_initializers": shared, "static_inputs": static_inputs}
+    return {"nodes": done, "shared_initializers": shared}
 
 
 EMBEDDING_MIN_ELEMENTS = 2 ** 18   # 1 MB of float32: word tables, not position or type tables

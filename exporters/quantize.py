@@ -241,7 +241,7 @@ class Prepared:
                                  nodes_to_exclude=exclude, op_types_to_quantize=["MatMul", "Gemm"])
             if convs:
                 src.unlink(missing_ok=True)
-            self._int8_tables(out_path, user_excluded)
+            self._finish(out_path, user_excluded, dynamic=True)
             return Path(out_path)
         dynamic = [n for n in (self.policy or {}).get("dynamic_nodes", []) if n not in user_excluded]
         static_out = self.workdir / "static.onnx" if dynamic else out_path
@@ -253,18 +253,21 @@ class Prepared:
                 quantize_dynamic_nodes(static_out, out_path, dynamic, reduce_range=s.reduce_range,
                                        workdir=self.workdir)
                 static_out.unlink(missing_ok=True)
-        self._int8_tables(out_path, user_excluded)
+        self._finish(out_path, user_excluded, dynamic=bool(dynamic))
         return Path(out_path)
 
-    def _int8_tables(self, path, keep) -> None:
-        """Large embedding tables (a Gather's float rows) to INT8 rows with a scale each (policy.py)."""
-        if not self.options.policy or "Gather" not in self.node_ops.values():
+    def _finish(self, path, keep, *, dynamic: bool) -> None:
+        """On the quantized file: large embedding tables to INT8 rows (policy.py), and dynamic integer ops that
+        read a static quantizer's codes directly (rewrites.py)."""
+        if not self.options.policy or not dynamic and "Gather" not in self.node_ops.values():
             return
         import onnx
         from edgec.exporters.policy import int8_embeddings
+        from edgec.exporters.rewrites import integer_inputs_from_static_codes
         model = onnx.load(str(path))
         self.pre_process["int8_embeddings"] = int8_embeddings(model, keep)
-        if self.pre_process["int8_embeddings"]:
+        self.pre_process["static_code_inputs"] = integer_inputs_from_static_codes(model) if dynamic else []
+        if self.pre_process["int8_embeddings"] or self.pre_process["static_code_inputs"]:
             onnx.save_model(model, str(path))
 
     def _on_integers(self, path: Path, fmt: str) -> None:

@@ -176,3 +176,27 @@ def test_a_conv_classifier_pooled_after_it_keeps_its_classes():
     assert pruned.classifier[1].out_channels == 10
     assert record["params_after"] < record["params_before"]
     assert pruned(torch.randn(2, *SHAPE[1:])).shape == (2, 10)
+
+
+class LayerScaled(nn.Module):
+    """A parameter outside any layer (ConvNeXt's layer_scale): torch-pruning shrinks it with its group."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 16).view(16, 1, 1))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head((self.scale * self.conv(x)).mean((2, 3)))
+
+
+def test_a_pruned_parameter_outside_any_layer_is_replayed_on_load(tmp_path):
+    arch = f"{__file__}:LayerScaled"
+    torch.manual_seed(0)
+    loaded = LoadedModel(build_arch(arch).eval(), "checkpoint", "mem", arch=arch, input_shape=(1, 3, 8, 8))
+    pruned, record = prune_model(loaded, PruneConfig(ratio=0.5), None)
+    assert pruned.scale.shape == (8, 1, 1) and pruned.conv.out_channels == 8
+    again = load_model(save_model(tmp_path / "l.pt", pruned, arch, (1, 3, 8, 8)), arch)
+    x = torch.randn(2, 3, 8, 8)
+    assert again.module.scale.shape == (8, 1, 1) and torch.equal(again.module(x), pruned(x))

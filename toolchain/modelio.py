@@ -9,6 +9,7 @@ Formats read (see README "Model files"):
 """
 from __future__ import annotations
 
+import collections
 import importlib
 import importlib.util
 import pickle
@@ -170,6 +171,9 @@ def apply_structure(model: nn.Module, structure: dict, state_dict: dict, path="m
                                  f"count this architecture can shrink to ({name} is {type(module).__name__}); refused")
         for attr, value in attrs.items():
             setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    # every module's own tensors, not only the recorded layers': pruning also shrinks parameters that belong to no
+    # layer (ConvNeXt's layer_scale, a class token) along with their group; the saved shape is their record
+    for name, module in modules.items():
         prefix = f"{name}." if name else ""
         for pname, param in list(module.named_parameters(recurse=False)):
             saved = state_dict.get(prefix + pname)
@@ -265,6 +269,11 @@ def load_weights(model: nn.Module, state_dict: dict, path, arch: str) -> None:
             parts.append(f"{len(wrong)} with other shapes (e.g. {wrong[0]})")
         raise ModelError(f"{path} does not fit --arch {arch}: " + "; ".join(parts) +
                          "; check the architecture and its options (e.g. ?num_classes=)")
+    if getattr(state_dict, "_metadata", None) is None:
+        # a plain dict (as edgec files store it) has no module versions: those of the modules just built, or
+        # a versioned module (torchvision's MNASNet) refuses to load ("version should be set to 1 or 2")
+        state_dict = collections.OrderedDict(state_dict)
+        state_dict._metadata = getattr(own, "_metadata", None)
     model.load_state_dict(state_dict)
 
 

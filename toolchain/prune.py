@@ -9,6 +9,10 @@ Recurrent layers (nn.GRU, nn.LSTM, nn.RNN) are resized by `RecurrentPruner`: the
 that feeds them, and their hidden size is pruned across every gate, layer, direction and the recurrent weights,
 unless the layer is given an initial state (a model input, or a fixed-size tensor), returns its state as a model
 output, or is an LSTM with a projection: then the hidden size is kept, and the record says why.
+
+Channel regroupings torch-pruning cannot map (ShuffleNet's channel shuffle, pixel shuffle, ...) are traced as
+`edgec.regroup.ChannelBarrier` layers that are never pruned: the groups through them keep their channels, and the
+record (`regroupings`) names those layers.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from torch import nn
 
 from edgec.core.errors import EdgecError, ModelError, OptionError, cause_line
 from edgec.metrics import count_flops, count_params
+from edgec.regroup import ChannelBarrier, Regroupings, barrier_pruner
 from edgec.source import require_eager
 
 IMPORTANCE = ("l1", "l2", "bn", "taylor")
@@ -289,15 +294,40 @@ class _Run:
         recurrent = _recurrent_pruner()
         # the graph is traced once, here: each recurrent layer as one node (the pruner knows its gates)
         hooks = [m.register_forward_hook(_one_node, prepend=True) for m in model.modules() if type(m) in _GATES]
+        # channel shuffles and other channel regroupings: layers of the graph whose groups keep their channels
+        self.regroupings = Regroupings(model)
+        barriers = self.regroupings.find(example)
         try:
-            self.pruner = tp.pruner.BasePruner(   # a tuple of example inputs: torch-pruning calls model(*example)
-                model, example, importance=_importance(cfg.importance), global_pruning=cfg.global_pruning,
-                pruning_ratio=ratio, max_pruning_ratio=max(0.9, ratio) if cfg.global_pruning else MAX_LAYER_RATIO,
-                iterative_steps=cfg.steps, round_to=cfg.round_to, ignored_layers=ignored,
-                customized_pruners={t: recurrent for t in _GATES}, root_module_types=list(_LAYERS))
+            with self.regroupings.tracing():
+                self.pruner = tp.pruner.BasePruner(   # a tuple of example inputs: torch-pruning calls model(*example)
+                    model, example, importance=_importance(cfg.importance), global_pruning=cfg.global_pruning,
+                    pruning_ratio=ratio, max_pruning_ratio=max(0.9, ratio) if cfg.global_pruning else MAX_LAYER_RATIO,
+                    iterative_steps=cfg.steps, round_to=cfg.round_to, ignored_layers=ignored + barriers,
+                    customized_pruners={**{t: recurrent for t in _GATES}, ChannelBarrier: barrier_pruner()},
+                    root_module_types=list(_LAYERS))
         finally:
             for h in hooks:
                 h.remove()
+            self.regroupings.detach()
+
+    def kept_by_regroupings(self) -> dict | None:
+        """The layers whose output channels stay because their group passes through a channel regrouping."""
+        barriers = self.regroupings.barriers
+        if not barriers:
+            return None
+        names = {m: n for n, m in self.model.named_modules()}
+        graph, kept = self.pruner.DG, []
+        for group in graph.get_all_groups(root_module_types=list(_LAYERS)):
+            if any(isinstance(dep.target.module, ChannelBarrier) for dep, _ in group):
+                kept += [names[m] for dep, _ in group for m in [dep.target.module]
+                         if isinstance(m, _LAYERS) and m in names and graph.is_out_channel_pruning_fn(dep.handler)]
+        ops: dict[str, int] = {}
+        for b in barriers:
+            ops[b.op] = ops.get(b.op, 0) + 1
+        return {"ops": ops, "where": list(dict.fromkeys(b.where for b in barriers)),
+                "kept": list(dict.fromkeys(kept)),
+                "why": "their channels pass through a channel regrouping (a view/reshape of the channel axis, pixel "
+                       "or channel shuffle) that torch-pruning cannot map"}
 
     def groups(self):
         """Dependency groups of one step, without changing anything (importance, then what would go)."""
@@ -335,9 +365,12 @@ def _example(loaded, data) -> tuple:
     return (torch.zeros(tuple(int(d) for d in shape)),)
 
 
-def _prune_copy(module, example, cfg, ratio, data) -> nn.Module:
+def _prune_copy(module, example, cfg, ratio, data) -> tuple[nn.Module, dict | None]:
+    """A pruned copy, and what channel regroupings kept (`_Run.kept_by_regroupings`)."""
     try:
-        pruned = _Run(copy.deepcopy(module), example, cfg, ratio, data).prune()
+        run = _Run(copy.deepcopy(module), example, cfg, ratio, data)
+        regrouped = run.kept_by_regroupings()   # before pruning: the groups as traced
+        pruned = run.prune()
     except EdgecError:
         raise
     except Exception as e:  # noqa: BLE001 - torch-pruning could not trace or group the model
@@ -349,7 +382,7 @@ def _prune_copy(module, example, cfg, ratio, data) -> nn.Module:
         raise ModelError(f"torch-pruning cannot prune this model ({cause_line(e)[:200]}); --ignore the layer "
                          "involved or simplify its forward") from e
     _check_runs(module, pruned, example)
-    return pruned
+    return pruned, regrouped
 
 
 def _unresizable(model: nn.Module) -> list[str]:
@@ -381,12 +414,13 @@ def _check_runs(original: nn.Module, pruned: nn.Module, example: tuple) -> None:
             h.remove()
 
 
-def _search_ratio(module, example, cfg, data, measure, target: float, label: str) -> tuple[float, nn.Module]:
-    """Bisect the channel ratio until `measure(pruned) / measure(original)` reaches the target fraction."""
+def _search_ratio(module, example, cfg, data, measure, target: float, label: str) -> tuple:
+    """Bisect the channel ratio until `measure(pruned) / measure(original)` reaches the target fraction:
+    (ratio, pruned copy, what channel regroupings kept)."""
     base = measure(module)
     hi, _ = max_ratio(module, cfg, ignored_layers(module, example, cfg))
     lo = 0.0
-    top = _prune_copy(module, example, cfg, hi, data)
+    top, regrouped = _prune_copy(module, example, cfg, hi, data)
     reached = measure(top) / base
     if reached > target:
         raise OptionError(f"--target-{label} {target} is unreachable: the most that can be removed ({hi:.0%} of "
@@ -395,14 +429,14 @@ def _search_ratio(module, example, cfg, data, measure, target: float, label: str
     best = (hi, top)
     for _ in range(10):
         mid = (lo + hi) / 2
-        pruned = _prune_copy(module, example, cfg, mid, data)
+        pruned, _ = _prune_copy(module, example, cfg, mid, data)
         if measure(pruned) / base <= target:
             hi, best = mid, (mid, pruned)
         else:
             lo = mid
         if hi - lo < 0.005:
             break
-    return best
+    return (*best, regrouped)
 
 
 def plan(before: dict, after: dict) -> dict:
@@ -433,14 +467,15 @@ def prune_model(loaded, cfg: PruneConfig, data=None) -> tuple[nn.Module, dict]:
             raise OptionError(f"--ratio {cfg.ratio} would empty {smallest}"
                               f"{' at --round-to ' + str(cfg.round_to) if cfg.round_to else ''}; "
                               f"use at most {limit:.3f} or --ignore that layer")
-        ratio, pruned = cfg.ratio, _prune_copy(module, example, cfg, cfg.ratio, data)
+        ratio, (pruned, regrouped) = cfg.ratio, _prune_copy(module, example, cfg, cfg.ratio, data)
     elif cfg.target_flops is not None:
         if flops0 is None:
             raise OptionError("--target-flops: this model's FLOPs cannot be counted; use --ratio or --target-params")
-        ratio, pruned = _search_ratio(module, example, cfg, data, lambda m: count_flops(m, example),
-                                      cfg.target_flops, "flops")
+        ratio, pruned, regrouped = _search_ratio(module, example, cfg, data, lambda m: count_flops(m, example),
+                                                 cfg.target_flops, "flops")
     else:
-        ratio, pruned = _search_ratio(module, example, cfg, data, count_params, cfg.target_params, "params")
+        ratio, pruned, regrouped = _search_ratio(module, example, cfg, data, count_params, cfg.target_params,
+                                                 "params")
     pruned.eval()
     from edgec.kdloss import flatten
     with torch.no_grad():
@@ -449,6 +484,11 @@ def prune_model(loaded, cfg: PruneConfig, data=None) -> tuple[nn.Module, dict]:
     if out != ref:  # the library's promise, checked: every output keeps its shape
         raise ModelError(f"pruning changed the output shapes {ref} -> {out}")
     params1, flops1 = count_params(pruned), count_flops(pruned, example)
+    if params1 >= params0 and regrouped and regrouped["kept"]:
+        raise ModelError(f"nothing can be pruned: the channels of {', '.join(regrouped['kept'][:3])} pass through "
+                         f"a channel regrouping torch-pruning cannot map ({', '.join(regrouped['ops'])} in "
+                         f"{regrouped['where'][0]}); ship this model unpruned, or write that regrouping so that "
+                         "it keeps the channel axis (axis 1) where it is")
     if params1 >= params0:
         raise OptionError(f"nothing was pruned with --importance {cfg.importance}: every channel scored the same "
                           "(an untrained model's BatchNorm scales are all 1?); use l1/l2 or a trained model")
@@ -467,6 +507,8 @@ def prune_model(loaded, cfg: PruneConfig, data=None) -> tuple[nn.Module, dict]:
     recurrent = recurrent_layers(module, example)
     if recurrent:
         record["recurrent"] = recurrent
+    if regrouped:
+        record["regroupings"] = regrouped
     return pruned, record
 
 

@@ -56,6 +56,14 @@ def _print_record(r: dict) -> None:
 
 
 def _print_recurrent(r: dict) -> None:
+    regrouped = r.get("regroupings")
+    if regrouped:
+        ops = ", ".join(f"{op} x{n}" for op, n in regrouped["ops"].items())
+        where = ", ".join(regrouped["where"][:4]) + (", ..." if len(regrouped["where"]) > 4 else "")
+        kept = regrouped["kept"]
+        click.echo(f"channel regroupings ({ops}) in {where}: {len(kept)} layers keep their output channels, "
+                   f"{regrouped['why']}" + (f": {', '.join(kept[:6])}{', ...' if len(kept) > 6 else ''}"
+                                            if kept else ""))
     for name, rec in (r.get("recurrent") or {}).items():
         click.echo(f"recurrent layer {name} ({rec['type']}): hidden size {rec['hidden']}"
                    + (f" ({rec['why']})" if rec.get("why") else "") + "; its input follows the layer before it")

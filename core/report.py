@@ -177,7 +177,7 @@ def scored_samples(x: dict) -> str:
     kind = "held-out calibration samples" if x.get("scored_held_out") else "calibration samples"
     out = f"{n} of {offered} {kind}" if offered and offered > n else f"{n} {kind}"
     if offered and offered > n and x.get("sample_ms") is not None:
-        out += f" (time box: {x['sample_ms']:.0f} ms a sample)"
+        out += f" (time box: {x['sample_ms']:.3g} ms a sample)"
     if "scored_held_out" in x and not x["scored_held_out"]:
         out += " (calibrated on them: give more than --samples to score on held-out ones)"
     return out

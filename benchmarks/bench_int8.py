@@ -270,15 +270,19 @@ def one(fp32, out, calib_path, config: str) -> dict:
         from edgec.exporters.quantize import QuantOptions
         from edgec.exporters.sensitivity import FallbackOptions, quantize_with_budget
         from edgec.exporters.metrics import CheckOptions
+        from edgec.exporters.sensitivity import holdout_split
         from edgec.stages import FALLBACK_SAMPLES
-        scored = x[np.unique(np.linspace(0, len(x) - 1, min(len(x), FALLBACK_SAMPLES)).astype(int))]
-        info, rep = quantize_with_budget(fp32, out, calib, scored, None, QuantOptions(num_samples=None),
+        # as edgec's quantize stage does (every sample calibrates here: the budget is scored on fitted ones)
+        scored, held_out = holdout_split(len(x), None, FALLBACK_SAMPLES)
+        info, rep = quantize_with_budget(fp32, out, calib, x[scored], None, QuantOptions(num_samples=None),
                                          FallbackOptions(max_accuracy_drop=None, min_cosine=0.99, time_budget_s=300,
-                                                         checks=CheckOptions()))
+                                                         checks=CheckOptions()), held_out=held_out)
         result["transforms"] = info.transforms
         result["fallback"] = {k: rep.to_dict()[k] for k in (
             "int8_score", "final_score", "stopped", "seconds", "ranking_seconds", "nodes_measured", "nodes_total",
-            "rank_samples", "scored_samples", "passed_over", "int8_weight_share", "requantized_nodes")}
+            "rank_samples", "scored_samples", "scored_available", "scored_held_out", "sample_ms", "passed_over",
+            "int8_weight_share", "requantized_nodes")}
+        result["fit_samples"] = info.samples
         result["fallback"]["excluded"] = [e["node"] for e in rep.excluded]
     else:
         from edgec.exporters.quantize import QuantOptions, quantize_int8

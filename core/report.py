@@ -168,6 +168,21 @@ def render_markdown(manifest: Manifest) -> str:
     return "\n".join(out) + "\n"
 
 
+def scored_samples(x: dict) -> str:
+    """Which samples the fallback's budget was scored on: held out of the calibration's fit or not, and how many
+    of those offered (fewer where the FP32 reference's per-sample cost sized them to the time box)."""
+    n, offered = x.get("scored_samples"), x.get("scored_available")
+    if not n:
+        return "calibration samples"
+    kind = "held-out calibration samples" if x.get("scored_held_out") else "calibration samples"
+    out = f"{n} of {offered} {kind}" if offered and offered > n else f"{n} {kind}"
+    if offered and offered > n and x.get("sample_ms") is not None:
+        out += f" (time box: {x['sample_ms']:.3g} ms a sample)"
+    if "scored_held_out" in x and not x["scored_held_out"]:
+        out += " (calibrated on them: give more than --samples to score on held-out ones)"
+    return out
+
+
 def fallback_summary(report: Sensitivity) -> str:
     """One line: what the fallback was for, what it kept in FP32 and the figure before and after (or that the
     all-INT8 model needed none)."""
@@ -175,10 +190,10 @@ def fallback_summary(report: Sensitivity) -> str:
     cosine = report.metric == "cosine"
     value = (lambda v: f"{v:.4f}") if cosine else (lambda v: f"{100 * v:.2f}%")  # noqa: E731
     figure = "mean cosine to FP32" if cosine else escape(report.metric)
-    on = f" on {x['scored_samples']} calibration samples" if x.get("scored_samples") else " on calibration samples"
+    on = " on " + scored_samples(x)
     budget = (f"cosine >= {x['min_cosine']:g}" if cosine else f"drop <= {report.budget_points:g} points") + (
         f", {escape(x['task_metric'])} drop <= {x['task_budget_points']:g} points" if x.get("task_metric") else "")
-    if not report.nodes_measured:
+    if not report.nodes_measured and not x.get("searched_for"):
         return (f"INT8 fallback ({budget}){on}: none needed, all-INT8 {figure} {value(report.int8_score)}; "
                 f"{escape(report.stopped)}")
     kept = ", ".join(escape(e.node) for e in report.excluded) or "none"

@@ -5,7 +5,7 @@ Shared by the export check (ORT vs torch) and the quantization check (INT8 vs FP
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -62,15 +62,16 @@ def feeds_of(session, data, batch_size: int | None) -> Iterable[dict]:
     return (as_feed(b, names) for b in data)
 
 
-def run_onnx(session, data, batch_size: int | None = None) -> list[np.ndarray]:
-    """All outputs for all samples, evaluated batch by batch (the model has a dynamic batch axis). `data`: a
-    dict feed, one array (single-input models) or a re-iterable of dict batches (streamed)."""
+def iter_onnx(session, data, batch_size: int | None = None) -> Iterator[tuple[dict, list[np.ndarray]]]:
+    """(feed, outputs) batch by batch, in the data's order (the model has a dynamic batch axis; a static one is
+    fed exactly that many rows at a time). `data`: a dict feed, one array (single-input models) or a
+    re-iterable of dict batches (streamed)."""
     inputs = session.get_inputs()
     types = {i.name: ORT_DTYPES.get(i.type) for i in inputs}
     layout = FeedLayout.of_onnx(inputs)
     fixed = {i.name: i.shape[layout.axis(i.name)] for i in inputs
              if len(i.shape) and isinstance(i.shape[layout.axis(i.name)], int)}
-    parts = []
+    ran = False
     for feed in feeds_of(session, data, batch_size):
         n = batch_len(feed, layout)
         want = next(iter(fixed.values()), None)
@@ -80,11 +81,18 @@ def run_onnx(session, data, batch_size: int | None = None) -> list[np.ndarray]:
                 if batch_len(piece, layout) != want:
                     raise DataError(f"the model has a fixed batch of {want} and {n} samples were given; "
                                     "export it with a dynamic batch axis or give a multiple of it")
-                parts.append(_run(session, piece, types, layout))
+                ran = True
+                yield piece, _run(session, piece, types, layout)
         elif n:
-            parts.append(_run(session, feed, types, layout))
-    if not parts:
+            ran = True
+            yield feed, _run(session, feed, types, layout)
+    if not ran:
         raise DataError("no samples to run the model on; pass at least one sample")
+
+
+def run_onnx(session, data, batch_size: int | None = None) -> list[np.ndarray]:
+    """All outputs for all samples, evaluated batch by batch (iter_onnx) and joined."""
+    parts = [outs for _, outs in iter_onnx(session, data, batch_size)]
     return [np.concatenate([p[i] for p in parts], axis=output_batch_axis(session, i)) for i in range(len(parts[0]))]
 
 
@@ -98,24 +106,103 @@ def output_batch_axis(session, index: int) -> int:
     return dims.index(BATCH) if BATCH in dims else 0
 
 
-def output_agreement(ref: np.ndarray, got: np.ndarray) -> dict:
-    """Per-sample cosine of flattened outputs, max abs error, and top-1 agreement for (N, classes) logits."""
-    ref = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
-    got = np.asarray(got, dtype=np.float64).reshape(len(got), -1)
-    num = (ref * got).sum(1)
-    den = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+# values per float64 chunk of a comparison (32 MB): a whole output is never copied to float64 at once (PP-OCR
+# rec's 256 x 40 x 6625 probabilities are 270 MB in float32; whole, its float64 comparisons peaked at 3.9 GB)
+CHUNK_VALUES = 2 ** 22
+
+
+def row_chunks(n: int, values_per_row: int) -> Iterator[slice]:
+    """Slices of at most CHUNK_VALUES values (at least one row each) over n rows."""
+    step = max(1, CHUNK_VALUES // max(1, values_per_row))
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+class Agreement:
+    """One output against its reference, streamed: fed in batches (and compared in float64 chunks of rows), it
+    keeps a few numbers per sample (dot product, squared norms, squared and largest error, largest reference
+    value, arg-max agreement), from which every figure of output_agreement and the noise-to-signal ratio of
+    edgec.exporters.metrics.noise_ratio follow, for all samples or any subset of them."""
+
+    FIELDS = ("dot", "rr", "gg", "noise", "max_err", "ref_max", "finite", "agree")
+
+    def __init__(self):
+        self.parts: dict[str, list] = {k: [] for k in self.FIELDS}
+        self.columns: int | None = None
+        self._rows: dict | None = None
+
+    def update(self, ref, got) -> "Agreement":
+        ref, got = np.asarray(ref), np.asarray(got)
+        ref, got = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
+        if ref.shape != got.shape:
+            raise DataError(f"outputs of {got.shape[1]} values per sample compared with a reference of "
+                            f"{ref.shape[1]}")
+        self.columns = ref.shape[1]
+        for rows in row_chunks(len(ref), ref.shape[1]):
+            r, g = ref[rows].astype(np.float64), got[rows].astype(np.float64)
+            d = r - g
+            part = {"dot": (r * g).sum(1), "rr": (r * r).sum(1), "gg": (g * g).sum(1), "noise": (d * d).sum(1),
+                    "max_err": np.abs(d).max(1) if d.shape[1] else np.zeros(len(d)),
+                    "ref_max": np.abs(r).max(1) if r.shape[1] else np.zeros(len(r)),
+                    "finite": np.isfinite(g).all(1),
+                    "agree": r.argmax(1) == g.argmax(1) if r.shape[1] > 1 else np.ones(len(r), bool)}
+            for k, v in part.items():
+                self.parts[k].append(v)
+        self._rows = None
+        return self
+
+    def rows(self, subset=None) -> dict:
+        """The per-sample numbers (all samples, or `subset`: a slice or indices)."""
+        if self._rows is None:
+            self._rows = {k: np.concatenate(v) if v else np.zeros(0) for k, v in self.parts.items()}
+            self.parts = {k: [v] for k, v in self._rows.items()}
+        return self._rows if subset is None else {k: v[subset] for k, v in self._rows.items()}
+
+    def cosines(self, subset=None) -> np.ndarray:
+        """Per-sample cosine, as output_agreement defines it (rows within float32 resolution of the output's
+        scale agree whatever their cosine)."""
+        r = self.rows(subset)
+        return _cosine(r["dot"], r["rr"], r["gg"], r["max_err"], _tiny(r["ref_max"]))
+
+    def pooled_cosine(self, subset=None) -> float:
+        """The cosine over all samples at once (the samples as one flat vector)."""
+        r = self.rows(subset)
+        one = lambda k: np.array([r[k].sum()])  # noqa: E731
+        return float(_cosine(one("dot"), one("rr"), one("gg"), np.array([r["max_err"].max(initial=0.0)]),
+                             _tiny(r["ref_max"]))[0])
+
+    def noise_signal(self, subset=None) -> tuple[float, float]:
+        """(sum of squared errors, sum of squared reference values); noise inf where the candidate is not finite."""
+        r = self.rows(subset)
+        return (float(r["noise"].sum()) if r["finite"].all() else float("inf")), float(r["rr"].sum())
+
+    def figures(self, subset=None) -> dict:
+        """output_agreement's record."""
+        r, cos = self.rows(subset), self.cosines(subset)
+        out = {"max_abs_err": float(r["max_err"].max()), "mean_cosine": float(cos.mean()),
+               "min_cosine": float(cos.min()), "ref_abs_max": float(r["ref_max"].max())}
+        if (self.columns or 0) > 1:
+            out["top1_agreement"] = float(r["agree"].mean())
+        return out
+
+
+def _tiny(ref_max: np.ndarray) -> float:
+    return 1e-6 * max(1.0, float(ref_max.max()) if ref_max.size else 1.0)
+
+
+def _cosine(dot, rr, gg, max_err, tiny: float) -> np.ndarray:
     # Rows equal to float32 resolution of the output's scale agree, whatever their cosine: a row near zero (a
     # saturated sigmoid: 0 in torch, 1e-39 in ORT) has a meaningless cosine. Otherwise a zero row against a
     # non-zero one does not agree.
-    tiny = 1e-6 * max(1.0, float(np.abs(ref).max()) if ref.size else 1.0)
-    close = np.abs(ref - got).max(1) <= tiny if ref.size else np.ones(len(ref), bool)
-    cos = np.where(close, 1.0, np.where(den > 0, num / np.maximum(den, 1e-30), 0.0))
-    out = {"max_abs_err": float(np.abs(ref - got).max()), "mean_cosine": float(cos.mean()),
-           "min_cosine": float(cos.min()),
-           "ref_abs_max": float(np.abs(ref).max())}
-    if ref.shape[1] > 1:
-        out["top1_agreement"] = float((ref.argmax(1) == got.argmax(1)).mean())
-    return out
+    den = np.sqrt(rr) * np.sqrt(gg)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(max_err <= tiny, 1.0, np.where(den > 0, dot / np.maximum(den, 1e-30), 0.0))
+
+
+def output_agreement(ref: np.ndarray, got: np.ndarray) -> dict:
+    """Per-sample cosine of flattened outputs, max abs error, and top-1 agreement for (N, classes) logits
+    (compared in float64 chunks: Agreement)."""
+    return Agreement().update(ref, got).figures()
 
 
 def compare_outputs(fp32_path, int8_path, samples, *, batch_size: int | None = None) -> dict:

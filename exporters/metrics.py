@@ -122,6 +122,19 @@ def slice_labels(labels, start: int, stop: int):
     return labels[start:stop]
 
 
+def take_labels(labels, indices):
+    """The labels of samples `indices` (in that order), in whatever form they came (array or {key: array})."""
+    if labels is None:
+        return None
+    if isinstance(labels, dict):
+        return {k: np.asarray(v)[indices] for k, v in labels.items()}
+    return np.asarray(labels)[indices]
+
+
+def _take_rows(y, rows: slice):
+    return {k: v[rows] for k, v in y.items()} if isinstance(y, dict) else y[rows]
+
+
 def label_task(labels: np.ndarray, out_shape: tuple) -> str:
     """The task a label set implies for an output of per-sample shape `out_shape` (before any output is seen)."""
     k = int(np.prod(out_shape)) if out_shape else 1
@@ -324,10 +337,17 @@ class OutputCheck:
         self.masked_by = None  # the attention mask input whose padded positions were left out
 
     def update(self, ref, got, y=None) -> None:
-        r, g = _rows(ref), _rows(got)
-        if r.shape != g.shape:
+        """One batch (any size: compared in float64 chunks of rows, compare.CHUNK_VALUES values each)."""
+        from edgec.exporters.compare import row_chunks
+        ref, got = np.asarray(ref), np.asarray(got)
+        if ref.shape[:1] != got.shape[:1] or ref[:1].size != got[:1].size:
             raise DataError(f"output {self.t.name}: the candidate gives {tuple(np.shape(got))}, the reference "
                             f"{tuple(np.shape(ref))}")
+        for rows in row_chunks(len(ref), ref[:1].size):
+            self._update(ref[rows], got[rows], None if y is None else _take_rows(y, rows))
+
+    def _update(self, ref, got, y) -> None:
+        r, g = _rows(ref), _rows(got)
         bad = ~np.isfinite(g)
         self.non_finite += int(bad.sum())
         g = np.where(bad, 0.0, g)
@@ -575,31 +595,42 @@ class CandidateScore:
     """The gate's figures as one number, for the sensitivity fallback: per candidate, the score that is
     `fp32_score - (worst drop in points over the checked outputs) / 100`; with one checked output that is its
     task figure (accuracy, agreement, correlation, cosine) as a fraction. `error()` ranks candidates by the
-    worst noise-to-signal ratio over all outputs (10^(-SQNR/10)), which a one-column output cannot hide."""
+    worst noise-to-signal ratio over all outputs (10^(-SQNR/10)), which a one-column output cannot hide.
+    Streamed: `start()` the checks of a candidate, `update()` them batch by batch, `score_of()` them."""
 
     def __init__(self, names: Sequence[str], refs: Sequence[np.ndarray], y, options: CheckOptions,
                  num_classes: int | None = None):
         self.refs = [np.asarray(r) for r in refs]
         self.tasks = resolve_tasks(names, self.refs, y, options, num_classes)
         self.y = label_map(names, y, options)
-        base = self._checks(self.refs)
+        checks = self.start()
+        self.update(checks, self.refs, self.refs, 0)
+        base = [c.result() for c in checks]
         self.gated = [i for i, r in enumerate(base) if r.get("metric")]
         figures = [f"{base[i]['metric']} of {base[i]['name']}" for i in self.gated]
         self.metric = base[self.gated[0]]["metric"] if len(figures) == 1 else \
             f"worst drop of {', '.join(figures)}" if figures else "no task metric"
         self.fp32_score = min((base[i]["fp32"] / 100 for i in self.gated), default=1.0)
 
-    def _checks(self, gots) -> list[dict]:
-        out = []
-        for t, r, g in zip(self.tasks, self.refs, gots):
-            c = OutputCheck(t)
-            c.update(r, g, self.y.get(t.name))
-            out.append(c.result())
-        return out
+    def start(self) -> list["OutputCheck"]:
+        return [OutputCheck(t) for t in self.tasks]
+
+    def update(self, checks: list, refs: Sequence[np.ndarray], gots: Sequence[np.ndarray], start: int) -> None:
+        """One batch of the candidate's outputs (`gots`) against the reference's (`refs`), samples
+        [start, start + len) of the scored ones (where their labels are)."""
+        n = len(gots[0])
+        for c, r, g in zip(checks, refs, gots):
+            y = self.y.get(c.t.name)
+            c.update(r, g, None if y is None else y[start:start + n])
+
+    def score_of(self, checks: list) -> float:
+        recs = [c.result() for c in checks]
+        return self.fp32_score - max((recs[i]["drop_points"] / 100 for i in self.gated), default=0.0)
 
     def score(self, gots: Sequence[np.ndarray]) -> float:
-        recs = self._checks(gots)
-        return self.fp32_score - max((recs[i]["drop_points"] / 100 for i in self.gated), default=0.0)
+        checks = self.start()
+        self.update(checks, self.refs, gots, 0)
+        return self.score_of(checks)
 
     def error(self, gots: Sequence[np.ndarray]) -> float:
         return noise_ratio(self.refs, gots)
@@ -607,13 +638,16 @@ class CandidateScore:
 
 def noise_ratio(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> float:
     """The worst output's noise-to-signal ratio, 10^(-SQNR/10): what the fallback ranks nodes by, and what
-    --min-sqnr bounds (an output passes at ratio <= sqnr_ratio(min_sqnr))."""
+    --min-sqnr bounds (an output passes at ratio <= sqnr_ratio(min_sqnr)). Compared in float64 chunks."""
+    from edgec.exporters.compare import Agreement
+    return worst_noise_ratio(Agreement().update(r, g) for r, g in zip(refs, gots))
+
+
+def worst_noise_ratio(agreements: Iterable, subset=None) -> float:
+    """noise_ratio from streamed compare.Agreement records (all samples, or `subset` of them)."""
     worst = 0.0
-    for r, g in zip(refs, gots):
-        r, g = _rows(r), _rows(g)
-        bad = ~np.isfinite(g)
-        noise = math.inf if bad.any() else float(((r - g) ** 2).sum())
-        signal = float((r * r).sum())
+    for a in agreements:
+        noise, signal = a.noise_signal(subset)
         ratio = noise / signal if signal > 0 else (0.0 if noise == 0 else math.inf)
         worst = max(worst, ratio if math.isfinite(ratio) else 1e30)  # finite: the fallback subtracts these
     return worst

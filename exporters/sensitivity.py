@@ -14,7 +14,6 @@ error). The chosen model is written by the real quantizer and measured again.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 
 from edgec.core.errors import OptionError
 from edgec.exporters.calibration import Progress, default_progress
-from edgec.exporters.compare import ort_session, output_agreement, run_onnx
+from edgec.exporters.compare import Agreement, iter_onnx, ort_session
 from edgec.exporters.quantize import (COMPUTE_OPS, Prepared, QuantInfo, QuantOptions, prepare,
                                       write_quantized)
 
@@ -100,7 +99,10 @@ class FallbackReport:
     int8_task_drop: float | None = None
     final_task_drop: float | None = None
     scored_samples: int = 0                # calibration samples every verdict is measured on
-    rank_samples: int = 0                  # of them, the ones the ranking is measured on
+    scored_available: int = 0              # offered to score (fewer scored: the reference's share of the box)
+    scored_held_out: bool = False          # the calibration did not fit on them (holdout_split)
+    sample_ms: float | None = None         # the FP32 reference's cost a sample, which sized the scored samples
+    rank_samples: int = 0                  # of them, the ones the ranking is measured on (the first ones)
     ranking_seconds: float = 0.0
     requantized_nodes: int = 0             # ranked by ORT's quantizer again (the QDQ edit could not express them)
     int8_weight_share: float | None = None   # Conv/MatMul/Gemm weights in INT8 in the written model
@@ -114,17 +116,90 @@ class FallbackReport:
 # values (a 2-value regression head) swings on the samples near the origin (0.984 at 37 dB SQNR, measured).
 PER_SAMPLE_COSINE_VALUES = 8
 
+# The time box goes to what decides (the ranking, the search's steps), not to verdicts. The scored samples are as
+# many as the FP32 reference runs in VERDICT_SHARE of the box (an INT8 verdict costs about as much), at least
+# MIN_SCORED; the ranking's as many as rank every node in RANK_SHARE of it, at least MIN_RANK. PP-OCR rec at load
+# 10 (54-150 ms a sample) spent 287 s of its 300 s on two verdicts of 256 samples before this.
+VERDICT_SHARE = 0.1
+RANK_SHARE = 0.5
+MIN_SCORED = 32
+MIN_RANK = 8
+# The budget is scored on calibration samples the ranges and bias correction were not fitted on where the data has
+# them: past the samples the calibration reads (at least MIN_SCORED). Fewer: the fitted samples, whose figure is
+# biased high (PP-OCR cls photo strips: 0.9930 there, 0.9899 held out), said so. Holding a quarter out of the fit
+# instead was measured and dropped: PP-OCR rec fitted on the other 192 of 256 samples fell from 0.9950 to 0.9876 held
+# out (benchmarks/QUANT_RESULTS.md, label-free fallback, fifth round).
+
+
+def holdout_split(n: int, fit_samples: int | None, most: int) -> tuple[np.ndarray, bool]:
+    """Which of n calibration samples score the fallback's budget (at most `most`, spread over the data) and
+    whether the calibration, which reads the first `fit_samples` (None: all), did not fit on them."""
+    fitted = n if fit_samples is None else min(n, fit_samples)
+    if n - fitted >= MIN_SCORED:
+        return fitted + _spread_indices(n - fitted, most), True
+    return _spread_indices(n, most), False
+
+
+def _spread_indices(n: int, k: int) -> np.ndarray:
+    return np.unique(np.linspace(0, n - 1, min(n, k)).astype(int))
+
+
+def spread_order(n: int) -> np.ndarray:
+    """0..n-1 reordered so that every prefix is spread over the range (bit-reversed): the scored samples cut to
+    the time box and the ranking's first ones are spread over the data (folders are sorted by class)."""
+    bits = max(1, (n - 1).bit_length())
+    i = np.arange(2 ** bits)
+    rev = np.zeros_like(i)
+    for b in range(bits):
+        rev |= ((i >> b) & 1) << (bits - 1 - b)
+    return rev[rev < n]
+
+
+class _Rows:
+    """Samples `idx` (in that order) of a whole-set dict feed, read batch by batch along each input's batch axis:
+    reordering or cutting the scored samples copies nothing (they may be 512 decoded images)."""
+
+    def __init__(self, feed: dict, layout, idx=None):
+        from edgec.core.feeds import batch_len
+        self.feed, self.layout = feed, layout
+        self.idx = np.arange(batch_len(feed, layout)) if idx is None else np.asarray(idx, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def take(self, idx) -> "_Rows":
+        return _Rows(self.feed, self.layout, self.idx[np.asarray(idx, dtype=np.int64)])
+
+    def batches(self, size: int):
+        for start in range(0, len(self.idx), size):
+            rows = self.idx[start:start + size]
+            yield {k: np.take(np.asarray(v), rows, axis=self.layout.axis(k)) for k, v in self.feed.items()}
+
+    def bytes_per_sample(self) -> int:
+        from edgec.core.feeds import batch_len
+        return sum(np.asarray(v).nbytes for v in self.feed.values()) // max(1, batch_len(self.feed, self.layout))
+
+
+def _samples(x, session):
+    """The scored samples as something with len() and .take(): a dataset as it is, a dict feed (or one array:
+    single-input models) as a _Rows view."""
+    if hasattr(x, "take") and hasattr(x, "batches"):
+        return x
+    from edgec.core.feeds import FeedLayout, as_feed
+    return _Rows(as_feed(x, [i.name for i in session.get_inputs()]), FeedLayout.of_onnx(session.get_inputs()))
+
+
+def output_cosine(agreement, subset=None) -> float:
+    """One output's agreement with FP32: the mean per-sample cosine, or for an output with fewer than
+    PER_SAMPLE_COSINE_VALUES values per sample the cosine over all samples at once."""
+    if (agreement.columns or 0) >= PER_SAMPLE_COSINE_VALUES:
+        return float(agreement.cosines(subset).mean())
+    return agreement.pooled_cosine(subset)
+
 
 def cosine_score(refs: list, outs: list) -> float:
-    """Agreement of every output with FP32, the worst one: the mean per-sample cosine, or for an output with
-    fewer than PER_SAMPLE_COSINE_VALUES values per sample the cosine over all samples at once."""
-    scores = []
-    for ref, out in zip(refs, outs):
-        if ref.reshape(len(ref), -1).shape[1] >= PER_SAMPLE_COSINE_VALUES:
-            scores.append(output_agreement(ref, out)["mean_cosine"])
-        else:
-            scores.append(output_agreement(ref.reshape(1, -1), out.reshape(1, -1))["mean_cosine"])
-    return float(min(scores))
+    """Agreement of every output with FP32, the worst one (output_cosine); compared in float64 chunks."""
+    return float(min(output_cosine(Agreement().update(r, o)) for r, o in zip(refs, outs)))
 
 
 @dataclass(frozen=True)
@@ -132,54 +207,96 @@ class _Measure:
     score: float                           # the budget's figure as a fraction (accuracy, agreement, cosine)
     error: float                           # the worst output's noise-to-signal ratio
     task_drop: float = 0.0                 # cosine budget: the gate's figures' worst drop, points (0: none)
+    agreements: tuple = field(default=(), compare=False, repr=False)   # per output, per sample (compare.Agreement)
 
 
 class _Evaluator:
-    """Scores a candidate INT8 model against the FP32 reference on fixed real samples, with the gate's figures
-    (and, `cosine`, the outputs' mean cosine to FP32 as the budget's figure)."""
+    """Scores candidate INT8 models against the FP32 reference on fixed real samples, with the gate's figures
+    (and, `cosine`, the outputs' mean cosine to FP32 as the budget's figure). The reference is computed once, in
+    spread order (spread_order) for as long as `seconds` allows (at least MIN_SCORED samples), and reused by
+    every verdict and by the ranking (its first samples); a candidate runs batch by batch against it, its
+    figures accumulated per batch (compare.Agreement, metrics.CandidateScore): only the reference is kept whole."""
 
-    def __init__(self, fp32_path, x, y, batch_size: int, checks=None, num_classes: int | None = None,
-                 cosine: bool = False):
-        from edgec.exporters.metrics import CandidateScore, CheckOptions, batch_first, padding_mask, without_padding
-        self.x, self.batch, self.cosine = x, batch_size, cosine   # a dict feed (or one array: single-input models)
+    def __init__(self, fp32_path, x, y, batch_size: int | None, checks=None, num_classes: int | None = None,
+                 cosine: bool = False, seconds: float | None = None):
+        from edgec.exporters.metrics import CandidateScore, CheckOptions, take_labels
+        self.batch, self.cosine = batch_size, cosine
         session = ort_session(fp32_path)
-        ref = batch_first(session, run_onnx(session, self.x, batch_size))
-        self.mask = padding_mask(self.x)   # token models: padded positions count for nothing (metrics.py)
-        (ref,), _ = without_padding(self.mask, ref)
-        self.refs = ref
-        self.scorer = CandidateScore([o.name for o in session.get_outputs()], ref, y,
+        x = _samples(x, session)
+        n = len(x)
+        order = spread_order(n)
+        x, y = x.take(order), take_labels(y, order)
+        t0 = time.perf_counter()
+        parts: list = []
+        done = 0
+        for feed, outs in iter_onnx(session, x, batch_size):
+            parts.append(self._outputs(session, feed, outs))
+            done += len(parts[-1][0])
+            if seconds is not None and MIN_SCORED <= done < n and time.perf_counter() - t0 > seconds:
+                break                      # a heavy model: score fewer samples, keep the box for the ranking
+        self.sample_seconds = (time.perf_counter() - t0) / done   # FP32, a sample
+        self.refs = [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+        del parts
+        self.available, self.n = n, done
+        self.x = x if done == n else x.take(np.arange(done))
+        self.scorer = CandidateScore([o.name for o in session.get_outputs()], self.refs,
+                                     y if done == n else take_labels(y, np.arange(done)),
                                      checks if checks is not None else CheckOptions(), num_classes)
         self.task_metric = self.scorer.metric if self.scorer.gated else None
         self.metric, self.fp32_score = ("cosine", 1.0) if cosine else (self.scorer.metric, self.scorer.fp32_score)
+        self.session_seconds = self.run_seconds = 0.0   # of the last candidate: its session's start, its run
+        self.run_rows = 0
 
-    def __call__(self, path, *, error_only: bool = False) -> _Measure:
-        """The candidate's figures; `error_only`: the output error alone (what ranks nodes: the task figures of
-        a big output cost more than the run, 2.5 s for 64 samples of PP-OCR rec's 40 x 6625 probabilities)."""
-        from edgec.exporters.metrics import batch_first, without_padding
+    @staticmethod
+    def _outputs(session, feed, outs) -> list:
+        from edgec.exporters.metrics import batch_first, padding_mask, without_padding
+        # token models: padded positions count for nothing (metrics.py)
+        (outs,), _ = without_padding(padding_mask(feed), batch_first(session, outs))
+        return outs
+
+    def __call__(self, path, *, rows: int | None = None, error_only: bool = False) -> _Measure:
+        """The candidate's figures on the scored samples (`rows`: the first that many); `error_only`: the output
+        error alone (what ranks nodes: the task figures of a big output cost more than the run, 2.5 s for 64
+        samples of PP-OCR rec's 40 x 6625 probabilities)."""
+        from edgec.exporters.metrics import worst_noise_ratio
+        t0 = time.perf_counter()
         session = ort_session(path)
-        (out,), _ = without_padding(self.mask, batch_first(session, run_onnx(session, self.x, self.batch)))
+        t1 = time.perf_counter()
+        data = self.x if rows is None or rows >= self.n else self.x.take(np.arange(rows))
+        agreements = tuple(Agreement() for _ in self.refs)
+        checks = None if error_only or (self.cosine and not self.task_metric) else self.scorer.start()
+        start = 0
+        for feed, outs in iter_onnx(session, data, self.batch):
+            outs = self._outputs(session, feed, outs)
+            refs = [r[start:start + len(outs[0])] for r in self.refs]
+            for a, r, g in zip(agreements, refs, outs):
+                a.update(r, g)
+            if checks is not None:
+                self.scorer.update(checks, refs, outs, start)
+            start += len(outs[0])
+        del session
+        self.session_seconds, self.run_seconds, self.run_rows = t1 - t0, time.perf_counter() - t1, start
+        error = worst_noise_ratio(agreements)
         if error_only:
-            return _Measure(float("nan"), self.scorer.error(out))
+            return _Measure(float("nan"), error, agreements=agreements)
         if self.cosine:
-            drop = 100.0 * (self.scorer.fp32_score - self.scorer.score(out)) if self.task_metric else 0.0
-            return _Measure(cosine_score(self.refs, out), self.scorer.error(out), drop)
-        return _Measure(self.scorer.score(out), self.scorer.error(out))
+            drop = 100.0 * (self.scorer.fp32_score - self.scorer.score_of(checks)) if self.task_metric else 0.0
+            return _Measure(min(output_cosine(a) for a in agreements), error, drop, agreements)
+        return _Measure(self.scorer.score_of(checks), error, 0.0, agreements)
 
-
-def _spread(x, k: int):
-    """k samples spread over x (a dict feed, one array, or a dataset with .take)."""
-    n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
-    if k >= n:
-        return x
-    idx = np.unique(np.linspace(0, n - 1, k).astype(int))
-    if isinstance(x, dict):
-        return {name: np.asarray(v)[idx] for name, v in x.items()}
-    return np.asarray(x)[idx] if isinstance(x, np.ndarray) else x.take(idx)
+    def rank_rows(self, nodes: int, seconds: float, most: int) -> int:
+        """Samples per ranked node so that `nodes` nodes take about `seconds` (the last verdict's per-sample
+        cost and session start measured), within [MIN_RANK, most] and the scored samples."""
+        per_sample = self.run_seconds / max(1, self.run_rows)
+        fit = (seconds / max(1, nodes) - self.session_seconds) / max(per_sample, 1e-9)
+        return int(min(self.n, most, max(MIN_RANK, fit)))
 
 
 def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions | None = None, *,
-             progress: Progress | None = None, force: bool = True) -> tuple[QuantInfo, FallbackReport]:
-    """Quantize with the user's exclusions, then keep the most sensitive nodes in FP32 until the budget holds."""
+             progress: Progress | None = None, force: bool = True, held_out: bool = False
+             ) -> tuple[QuantInfo, FallbackReport]:
+    """Quantize with the user's exclusions, then keep the most sensitive nodes in FP32 until the budget holds on
+    the scored samples `x` (`held_out`: the calibration did not fit on them, holdout_split; recorded)."""
     options = options or FallbackOptions()
     options.validate()
     progress = default_progress(progress)
@@ -189,8 +306,8 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
     task_budget = options.max_accuracy_drop
     # the budget in points of its figure: the task figure's drop, or with min_cosine 100 x (1 - cosine)
     budget = round(100 * (1 - options.min_cosine), 6) if cosine else task_budget
-    ev = _Evaluator(prepared.fp32_path, x, y, options.batch_size, options.checks, options.num_classes, cosine=cosine)
-    n_scored = len(ev.refs[0])
+    ev = _Evaluator(prepared.fp32_path, x, y, options.batch_size, options.checks, options.num_classes, cosine=cosine,
+                    seconds=VERDICT_SHARE * options.time_budget_s)
     base_excl = prepared.resolve_exclusions(prepared.options.exclude_nodes, prepared.options.exclude_op_types)
     work = Path(prepared.workdir)
     cand = work / "candidate.onnx"
@@ -216,7 +333,9 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
     base_path = work / "all-int8.onnx"
     base = trial(base_excl, base_path)
     report = FallbackReport(ev.metric, ev.fp32_score, base.score, base.score, drop(base),
-                            budget if budget is not None else 100.0, False, [], scored_samples=n_scored)
+                            budget if budget is not None else 100.0, False, [], scored_samples=ev.n,
+                            scored_available=ev.available, scored_held_out=held_out,
+                            sample_ms=round(1000 * ev.sample_seconds, 2))
     if cosine:
         report.min_cosine = options.min_cosine
         if ev.task_metric and task_budget is not None:
@@ -250,7 +369,7 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
     else:
         searched = True
         t0 = time.perf_counter()
-        ranking = _rank_nodes(prepared, ev, x, options, base_excl, base_path, compute, deadline, progress, report)
+        ranking = _rank_nodes(prepared, ev, base, options, base_excl, base_path, compute, deadline, progress, report)
         report.ranking_seconds = round(time.perf_counter() - t0, 2)
         excluded = list(base_excl)
         sizes = _weight_sizes(prepared)
@@ -304,14 +423,15 @@ def fallback(prepared: Prepared, out_path, x, y=None, options: FallbackOptions |
     return info, report
 
 
-def _rank_nodes(prepared: Prepared, ev: _Evaluator, x, options: FallbackOptions, base_excl: list, base_path: Path,
-                compute: list, deadline: float, progress, report: FallbackReport) -> list[NodeSensitivity]:
-    """Every candidate alone in FP32 on `rank_samples` of the scored samples, most error reduction first."""
-    sub = _spread(x, options.rank_samples)
-    rank_ev = ev if sub is x else _Evaluator(prepared.fp32_path, sub, None, options.batch_size, options.checks,
-                                             options.num_classes, cosine=True)
-    report.rank_samples = len(rank_ev.refs[0])
-    base_err = rank_ev(base_path, error_only=True).error
+def _rank_nodes(prepared: Prepared, ev: _Evaluator, base: _Measure, options: FallbackOptions, base_excl: list,
+                base_path: Path, compute: list, deadline: float, progress, report: FallbackReport
+                ) -> list[NodeSensitivity]:
+    """Every candidate alone in FP32 on the first scored samples (as many as rank every node in RANK_SHARE of
+    the box, at most rank_samples), most error reduction first; the all-INT8 error on them is the verdict's."""
+    from edgec.exporters.metrics import worst_noise_ratio
+    rows = ev.rank_rows(len(compute), RANK_SHARE * options.time_budget_s, options.rank_samples)
+    report.rank_samples = rows
+    base_err = worst_noise_ratio(base.agreements, slice(0, rows))
     edits = _QdqBypass(prepared, base_path)
     cand = Path(prepared.workdir) / "ranked.onnx"
     ranking: list[NodeSensitivity] = []
@@ -322,7 +442,7 @@ def _rank_nodes(prepared: Prepared, ev: _Evaluator, x, options: FallbackOptions,
         how = "qdq_edit" if edits.write(node, cand) else "requantized"
         if how == "requantized":   # a node the edit cannot express: ORT's quantizer with this node excluded
             prepared.quantize(cand, [*base_excl, node])
-        err = rank_ev(cand, error_only=True).error
+        err = ev(cand, rows=rows, error_only=True).error
         ranking.append(NodeSensitivity(node, prepared.node_ops[node], err, base_err - err, how))
         if progress:
             progress(i + 1, len(compute), "sensitivity")
@@ -472,12 +592,14 @@ def _weight_sizes(prepared: Prepared) -> dict[str, int]:
 
 def quantize_with_budget(fp32_path, out_path, calibration, x, y=None, options: QuantOptions | None = None,
                          fallback_options: FallbackOptions | None = None, *, progress: Progress | None = None,
-                         force: bool = True) -> tuple[QuantInfo, FallbackReport]:
-    """quantize_int8 + accuracy-aware fallback, calibrating once (`--max-accuracy-drop`, `--min-cosine`)."""
+                         force: bool = True, held_out: bool = False) -> tuple[QuantInfo, FallbackReport]:
+    """quantize_int8 + accuracy-aware fallback, calibrating once (`--max-accuracy-drop`, `--min-cosine`);
+    `held_out`: `calibration` does not hold the scored samples `x` (holdout_split)."""
     started = time.perf_counter()
     prepared = prepare(fp32_path, calibration, options or QuantOptions(), progress=progress)
     try:
-        info, report = fallback(prepared, out_path, x, y, fallback_options, progress=progress, force=force)
+        info, report = fallback(prepared, out_path, x, y, fallback_options, progress=progress, force=force,
+                                held_out=held_out)
         info.seconds = round(time.perf_counter() - started, 2)   # the whole step, calibration included
         return info, report
     finally:

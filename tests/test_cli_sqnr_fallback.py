@@ -50,12 +50,16 @@ def test_sqnr_only_failure_is_searched_and_repaired(tmp_path, unnormalized):
     assert [e["node"] for e in s["excluded"]] == ["/body/body.0/Gemm"] == manifest["quantization"]["excluded_nodes"]
     # ranked on the edited INT8 graph, no node quantized again; the shipped file measured again
     assert s["requantized_nodes"] == 0 and all(r["measured_by"] == "qdq_edit" for r in s["ranking"])
-    assert s["rank_samples"] == 64 and s["scored_samples"] == 256 and s["int8_weight_share"] >= 0.9
+    assert s["rank_samples"] == 64 and s["int8_weight_share"] >= 0.9
+    # all 256 calibration samples are calibrated on (--samples 256): they score the budget, and it says so
+    assert s["scored_samples"] == s["scored_available"] == 256 and not s["scored_held_out"]
+    assert manifest["quantization"]["samples"] == 256
     outputs = next(st for st in manifest["stages"] if st["name"] == "evaluate")["metrics"]["outputs"]
     assert all(o["sqnr_db"] > 20 for o in outputs)                         # the honest check on the eval data
     report = (tmp_path / "m.edgec" / "report.md").read_text()
     assert "worst output SQNR on the same samples" in report and "under --min-sqnr 15" in report
-    assert "INT8 fallback (cosine >= 0.99) on 256 calibration samples, searched for cosine" in report
+    assert ("INT8 fallback (cosine >= 0.99) on 256 calibration samples (calibrated on them: give more than "
+            "--samples to score on held-out ones), searched for cosine") in report
 
 
 def test_without_the_fallback_the_same_build_fails_on_sqnr(tmp_path, unnormalized):
@@ -90,6 +94,13 @@ def test_quantize_runs_the_same_label_free_fallback(tmp_path, unnormalized):
     assert s["fallback"]["metric"] == "cosine" and s["fallback"]["within_budget"]
     assert [e["node"] for e in s["fallback"]["excluded"]] == ["/body/body.0/Gemm"] == s["excluded_nodes"]
     assert s["min_sqnr_db"] > 20                                  # measured on the written file
+    # calibrated on the first 192: the other 64 score the budget, held out of the fit
+    code, stdout, stderr = run_cli("quantize", fp32, "--data", train, "--task", "output_0=none", "--samples", "192",
+                                   "-o", tmp_path / "held.onnx", "--json")
+    assert code == 0, stderr
+    s = json.loads(stdout)
+    assert s["samples"] == 192 and s["fallback"]["within_budget"]
+    assert s["fallback"]["scored_held_out"] and s["fallback"]["scored_samples"] == 64
     code, stdout, stderr = run_cli("quantize", fp32, "--data", train, "--task", "output_0=none", "-o",
                                    tmp_path / "off.onnx", "--fallback-seconds", "0")
     assert code == 0, stderr

@@ -18,7 +18,7 @@ from edgec.core.progress import note
 from edgec.source import Source, require_eager, training_split
 
 EXPORT_CHECK_SAMPLES = 64
-FALLBACK_SAMPLES = 512   # calibration samples that score sensitivity fallback candidates
+FALLBACK_SAMPLES = 512   # calibration samples at most that score sensitivity fallback candidates
 DEFAULT_MIN_COSINE = 0.99   # without labels, the fallback's budget: every output's mean cosine to FP32 (issue 12)
 KD_LR = 0.01             # peak learning rate of distillation after pruning (build --distill, compare prune-kd)
 
@@ -352,7 +352,8 @@ def fallback_budget(max_drop: float | None, seconds: float, min_cosine: float | 
 def quantize(calib, fp32: OnnxModel, path: Path, options, budget: dict | None = None, checks=None
              ) -> tuple[OnnxModel, QuantizeRecord]:
     """Static INT8 calibrated on `calib`; with a budget, the most sensitive nodes fall back to FP32 until the
-    budget holds on calibration samples (never on the eval data, which stays for the honest check after): with
+    budget holds on calibration samples (never on the eval data, which stays for the honest check after; those the
+    calibration does not read where there are enough, edgec.exporters.sensitivity.holdout_split): with
     labels the drop of the gate's own task figures (`checks`), without them also every output's mean cosine to
     FP32 (`min_cosine`, the label-free default)."""
     from edgec.exporters.quantize import quantize_int8
@@ -369,12 +370,15 @@ def quantize(calib, fp32: OnnxModel, path: Path, options, budget: dict | None = 
             if fallback.max_accuracy_drop is None and fallback.min_cosine is None:
                 fallback = None    # labelled data and no accuracy budget: nothing to search for
         if fallback is not None:
-            from edgec.exporters.sensitivity import quantize_with_budget
-            n = len(calib)  # spread over the data: folders are sorted by class
-            scored = calib.take(np.unique(np.linspace(0, n - 1, min(n, FALLBACK_SAMPLES)).astype(int)))
+            from edgec.exporters.sensitivity import holdout_split, quantize_with_budget
+            # the budget is scored on samples the calibration does not read, where there are enough (spread over
+            # the data: folders are sorted by class)
+            scored, held_out = holdout_split(len(calib), options.num_samples, FALLBACK_SAMPLES)
+            scored = calib.take(scored)
             # re-read per candidate where that is cheap (memory-mapped arrays), else decoded once and kept
             x = scored if scored.rereadable else scored.head(len(scored))
-            info, report = quantize_with_budget(fp32.path, path, calib, x, scored.labels, options, fallback)
+            info, report = quantize_with_budget(fp32.path, path, calib, x, scored.labels, options, fallback,
+                                                held_out=held_out)
         else:
             info = quantize_int8(fp32.path, path, calib, options)
     return OnnxModel.at(path, "int8"), QuantizeRecord(quant=options, info=info, fallback=report, budget=budget,

@@ -106,7 +106,8 @@ def export_cmd(as_json, **kw):
 @o.SOURCE.only("data", "eval_data", "image_size", "mean", "std")
 @o.BUILD.only("output", "force", "tasks", "label_output", "min_sqnr", "fallback_seconds", "min_cosine",
               min_cosine=o.Flag(("--min-cosine",), "Without labels in --data: keep the most sensitive nodes in FP32 "
-                                "until every INT8 output's mean cosine to FP32 on calibration samples reaches this "
+                                "until every INT8 output's mean cosine to FP32 on calibration samples (those past "
+                                "--samples where the data has them) reaches this "
                                 "(and its SQNR --min-sqnr), within --fallback-seconds, 90% of the weights staying "
                                 "INT8; 0 turns it off.", click={"type": o.FINITE}))
 @o.QUANT

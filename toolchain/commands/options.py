@@ -309,7 +309,8 @@ def _build_group() -> Group:
                                  "most sensitive nodes in FP32 when over budget); 0 turns it off.",
                                  click={"type": FINITE}),
         "min_cosine": Flag(("--min-cosine",), "Without labels in --data: the fallback's budget, every INT8 output's "
-                           "mean cosine to FP32 on calibration samples (the agreement figures staying within "
+                           "mean cosine to FP32 on calibration samples (those past --samples where the data has "
+                           "them; the agreement figures staying within "
                            "--max-accuracy-drop), within --fallback-seconds, 90% of the weights staying INT8; 0 "
                            "turns the cosine budget off.", click={"type": FINITE}),
         "providers": Flag(("--ep",), "Execution provider(s) to benchmark on: cpu, cuda, tensorrt, auto.",

@@ -119,7 +119,7 @@ def test_sigterm_cleans_up(model, tmp_path):
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=120)
     stderr = proc.stderr.read()
-    assert code == 143 and "terminated" in stderr and "Traceback" not in stderr
+    assert code == 143 and "terminated" in stderr and "Traceback" not in stderr, (code, stderr[-2000:])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -241,49 +241,43 @@ class Prepared:
                                  nodes_to_exclude=exclude, op_types_to_quantize=["MatMul", "Gemm"])
             if convs:
                 src.unlink(missing_ok=True)
-            self._finish(out_path, user_excluded, dynamic=True)
+            self._finish(out_path, user_excluded, fmt, dynamic=True)
             return Path(out_path)
         dynamic = [n for n in (self.policy or {}).get("dynamic_nodes", []) if n not in user_excluded]
         static_out = self.workdir / "static.onnx" if dynamic else out_path
         with _quiet_ort():
             static(model_path, static_out)
-            self._on_integers(static_out, fmt)
             if dynamic:  # the policy's LSTM cells and STFT-like Convs: INT8 weights, per-call ranges (policy.py)
                 from edgec.exporters.policy import quantize_dynamic_nodes
                 quantize_dynamic_nodes(static_out, out_path, dynamic, reduce_range=s.reduce_range,
                                        workdir=self.workdir)
                 static_out.unlink(missing_ok=True)
-        self._finish(out_path, user_excluded, dynamic=bool(dynamic))
+        self._finish(out_path, user_excluded, fmt, dynamic=bool(dynamic))
         return Path(out_path)
 
-    def _finish(self, path, keep, *, dynamic: bool) -> None:
-        """On the quantized file: large embedding tables to INT8 rows (policy.py), and dynamic integer ops that
-        read a static quantizer's codes directly (rewrites.py)."""
-        if not self.options.policy or not dynamic and "Gather" not in self.node_ops.values():
+    def _finish(self, path, keep, fmt: str, *, dynamic: bool) -> None:
+        """Exact moves onto the integers of ORT's output (rewrites.py): the Max of the PRelus rewritten as Max(x, a x)
+        (and a MaxPool after it), Pads left in float between equal quantizers, dynamic convs that can read a static
+        quantizer's codes; and large embedding tables to INT8 rows (policy.py). One load, when there is anything
+        to look at."""
+        prelu = self.pre_process.get("prelu") or {}
+        ops = set(self.node_ops.values())
+        if not self.options.policy or not (prelu.get("rewritten") or dynamic or ops & {"Pad", "Gather"}):
             return
         import onnx
         from edgec.exporters.policy import int8_embeddings
-        from edgec.exporters.rewrites import integer_inputs_from_static_codes
+        from edgec.exporters.rewrites import (INTEGER_PAD_REASON, integer_inputs_from_static_codes, integer_max,
+                                              integer_pads)
         model = onnx.load(str(path))
-        self.pre_process["int8_embeddings"] = int8_embeddings(model, keep)
-        self.pre_process["static_code_inputs"] = integer_inputs_from_static_codes(model) if dynamic else []
-        if self.pre_process["int8_embeddings"] or self.pre_process["static_code_inputs"]:
-            onnx.save_model(model, str(path))
-
-    def _on_integers(self, path: Path, fmt: str) -> None:
-        """Exact moves onto the integers of ORT's QDQ output: the Max of the PRelus rewritten as Max(x, a x) (and a
-        MaxPool after it) and Pads ORT left in float between equal quantizers (rewrites.py)."""
-        prelu = self.pre_process.get("prelu") or {}
-        if fmt != "QDQ" or not self.options.policy:
-            return
-        import onnx
-        from edgec.exporters.rewrites import INTEGER_PAD_REASON, integer_max, integer_pads
-        model = onnx.load(str(path))
-        if prelu.get("rewritten"):
+        qdq = fmt == "QDQ"
+        if prelu.get("rewritten") and qdq:
             prelu["integer_max"] = integer_max(model, prelu["rewritten"])
-        pads = integer_pads(model)
+        pads = integer_pads(model) if qdq else []
         self.pre_process["integer_pads"] = {"pads": pads, "reason": INTEGER_PAD_REASON} if pads else {"pads": []}
-        if pads or prelu.get("integer_max"):
+        self.pre_process["static_code_inputs"] = integer_inputs_from_static_codes(model) if dynamic else []
+        self.pre_process["int8_embeddings"] = int8_embeddings(model, keep)
+        if prelu.get("integer_max") or any(self.pre_process[k] for k in ("static_code_inputs", "int8_embeddings")) \
+                or pads:
             onnx.save_model(model, str(path))
 
     def cleanup(self) -> None:

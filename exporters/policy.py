@@ -367,7 +367,8 @@ def _localize(model, nodes: set[str]) -> None:
                     n.input[k] = copy.name
 
 
-def _drop_unused_initializers(model) -> None:
+def drop_unused_initializers(model) -> None:
+    """Initializers no node (in any branch) reads: what a rewrite left; ORT warns about each one on load."""
     graphs = [model.graph, *_graphs(model.graph)]
     used = {i for g in graphs for n in g.node for i in n.input} | {o.name for g in graphs for o in g.output}
     for init in [i for i in model.graph.initializer if i.name not in used]:
@@ -415,7 +416,7 @@ def quantize_dynamic_nodes(in_path, out_path, nodes, *, reduce_range: bool, work
     model = onnx.load(str(out_path))
     _hide_gemms(model, False)
     shared = dedupe_initializers(model)
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     onnx.save_model(model, str(out_path))
     done = [n.name for g in [model.graph, *_graphs(model.graph)] for n in g.node
             if n.op_type in ("DynamicQuantizeLSTM", "ConvInteger")]
@@ -490,4 +491,4 @@ def int8_embeddings(model, keep=()) -> list[dict]:
     return done
 
 
-__all__ = ["plan", "spectral_convs", "dedupe_initializers", "quantize_dynamic_nodes", "int8_embeddings", "transformer_mode", "is_transformer"]
+__all__ = ["plan", "spectral_convs", "dedupe_initializers", "quantize_dynamic_nodes", "int8_embeddings", "drop_unused_initializers", "transformer_mode", "is_transformer"]

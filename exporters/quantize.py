@@ -265,7 +265,7 @@ class Prepared:
         if not self.options.policy or not (prelu.get("rewritten") or dynamic or ops & {"Pad", "Gather"}):
             return
         import onnx
-        from edgec.exporters.policy import int8_embeddings
+        from edgec.exporters.policy import drop_unused_initializers, int8_embeddings
         from edgec.exporters.rewrites import (INTEGER_PAD_REASON, integer_inputs_from_static_codes, integer_max,
                                               integer_pads)
         model = onnx.load(str(path))
@@ -278,6 +278,7 @@ class Prepared:
         self.pre_process["int8_embeddings"] = int8_embeddings(model, keep)
         if prelu.get("integer_max") or any(self.pre_process[k] for k in ("static_code_inputs", "int8_embeddings")) \
                 or pads:
+            drop_unused_initializers(model)   # the quantizers' scales the moves left behind
             onnx.save_model(model, str(path))
 
     def cleanup(self) -> None:

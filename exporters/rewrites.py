@@ -84,7 +84,7 @@ def strided_convs_as_phases(model, keep=(), shapes: dict | None = None) -> dict:
     for n in g.node:
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1
-    rewritten = []
+    rewritten, made = [], set()
     for conv in candidates:
         axis, s = _phase_axis(conv, inits[conv.input[1]])
         weight = numpy_helper.to_array(inits[conv.input[1]])
@@ -126,11 +126,12 @@ def strided_convs_as_phases(model, keep=(), shapes: dict | None = None) -> dict:
                   helper.make_node("Reshape", [f"{name}_phases_moved", const("merged", [0, channels * s, *spatial])],
                                    [f"{name}_phases"], name=f"{name}_phases_merge")]
         w_taps = [*taps[:axis], taps[axis] // s, s, *taps[axis + 1:]]
-        w_perm = [0, 1, 3 + axis, *[2 + i for i in range(axis + 1)], *[4 + i for i in range(axis, rank - 1)]]
         new_taps = [*taps[:axis], taps[axis] // s, *taps[axis + 1:]]
-        w = weight.reshape(out_ch, channels, *w_taps).transpose(w_perm).reshape(out_ch, channels * s, *new_taps)
+        w = weight.reshape(out_ch, channels, *w_taps).transpose(perm).reshape(out_ch, channels * s, *new_taps)
         w_name = f"{conv.input[1]}_phases"
-        consts.append(numpy_helper.from_array(np.ascontiguousarray(w).astype(weight.dtype), w_name))
+        if w_name not in made:   # two convs may share one weight: one phase copy
+            made.add(w_name)
+            consts.append(numpy_helper.from_array(np.ascontiguousarray(w).astype(weight.dtype), w_name))
         readers[conv.input[1]] -= 1
         if not readers[conv.input[1]]:
             g.initializer.remove(inits[conv.input[1]])

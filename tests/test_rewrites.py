@@ -147,3 +147,28 @@ def test_pads_between_equal_quantizers_pad_the_integers_bit_for_bit(tmp_path):
 def prod_is_not_dq(model, node):
     producer = {o: n for n in model.graph.node for o in n.output}
     return node.input[0] not in producer or producer[node.input[0]].op_type != "DequantizeLinear"
+
+
+def test_two_strided_convs_sharing_one_weight_each_get_their_phase_form(tmp_path):
+    """A front end applied to two signals (one weight, two Convs): each rewritten, one phase weight for both."""
+    from edgec.exporters.onnx_export import export_onnx
+    torch.manual_seed(0)
+
+    class Twin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 8, 32, stride=4)
+
+        def forward(self, x):
+            return self.conv(x) - self.conv(x.flip(-1))
+
+    module = Twin().eval()
+    info = export_onnx(module, torch.randn(2, 1, 200), tmp_path / "twin.onnx")
+    assert len(info.simplified["strided_convs_as_phases"]["rewritten"]) == 2, info.simplified
+    model = onnx.load(str(tmp_path / "twin.onnx"))
+    onnx.checker.check_model(model)
+    names = [i.name for i in model.graph.initializer]
+    assert len(names) == len(set(names)) and sum("weight" in n for n in names) == 1, names   # one phase weight
+    x = np.random.default_rng(0).standard_normal((3, 1, 200)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(model, x), module(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-4)

@@ -56,8 +56,8 @@ LABELS = float(os.environ["CREPE_LABELS"]) if os.environ.get("CREPE_LABELS") els
 def _run_key() -> str:
     """The JSON key of one CREPE distillation setting (runs of other settings keep their rows)."""
     epochs, frames = int(os.environ.get("CREPE_EPOCHS", 6)), int(os.environ.get("CREPE_FRAMES", 2048))
-    return " ".join([f"prune {RATIO:.0%}"] + [f"round-to {ROUND_TO}"] * bool(ROUND_TO)
-                    + [f"labels {LABELS:g}"] * (LABELS is not None)) \
+    return " ".join([f"prune {RATIO:.0%}"] + ([f"round-to {ROUND_TO}"] if ROUND_TO else [])
+                    + ([f"labels {LABELS:g}"] if LABELS is not None else [])) \
         + (f", {epochs} epochs x {frames} frames" if (epochs, frames) != (6, 2048) else "")
 
 

@@ -7,13 +7,15 @@ calibrated (benchmarks/ANYMODEL_RESULTS.md, /work/shared/FIELD-NOTES.md):
 - LayerNorm and Softmax: their internals (mean, variance, exp) and inputs (pre-norm residuals with outlier
   channels, attention scores);
 - the recurrent state path: LSTM/GRU/RNN (also inside If/Loop branches) and the nodes that carry a state input to
-  them and their state back out: an error there is fed back every step.
+  them and their state back out: an error there is fed back every step;
+- and, for speed, a tiny weighted op with float on every side (`_lone_small`): its own quantizer pair costs more.
 `plan()` names these nodes, each with its reason (recorded in QuantInfo.policy), and says whether a transformer's
 MatMuls are quantized statically or dynamically (per-call activation ranges: `quantize_dynamic`) by what was
 measured. Two of them still get INT8 weights, dynamically, after the static pass (`quantize_dynamic_nodes`):
-LSTM cells (ORT's DynamicQuantizeLSTM) and the STFT-like Conv (ConvInteger: its output stays float, feeding the
-FP32 magnitude chain). `dedupe_initializers()` undoes a pre-processing side effect: ORT's graph optimiser constant-folds a
-weight that both branches of an `If` read from the outer graph into a copy per branch (the INT8 file grew).
+LSTM cells (ORT's DynamicQuantizeLSTM) and the STFT-like Conv (ConvInteger, or MatMulInteger as
+rewrites.strided_convs_as_frames writes it: its output stays float, feeding the FP32 magnitude chain).
+`dedupe_initializers()` undoes a pre-processing side effect: ORT's graph optimiser constant-folds a weight that both
+branches of an `If` read from the outer graph into a copy per branch (the INT8 file grew).
 """
 from __future__ import annotations
 
@@ -46,9 +48,9 @@ MEASURED = {"static": "0.927", "static_all": "0.34", "dynamic": "0.991"}
 # into it (Pad, Unsqueeze) float as well measured worse: 0.9939, SQNR 22.1 vs 25.0 dB
 DYNAMIC_CELL_REASON = ("LSTM weights INT8 with dynamic activations (DynamicQuantizeLSTM: ranges per call and step), "
                        "the state path around it float: silero-vad streamed correlation with FP32 0.9947 -> 0.9960")
-DYNAMIC_STFT_REASON = ("STFT-like {conv}: INT8 weights and input, its output float (ConvInteger): no one 8-bit scale "
-                       "for a spectrum whose values span decades (silero-vad 0.956 with a static QLinearConv there, "
-                       "0.9968 so), feeding the FP32 magnitude chain")
+DYNAMIC_STFT_REASON = ("STFT-like {conv}: INT8 weights and input, its output float (ConvInteger / MatMulInteger): no "
+                       "one 8-bit scale for a spectrum whose values span decades (silero-vad 0.956 with a static "
+                       "QLinearConv there, 0.9968 so), feeding the FP32 magnitude chain")
 # ORT's dynamic quantizer has kernels for these; a GRU/RNN stays float
 DYNAMIC_CELLS = ("LSTM",)
 
@@ -102,10 +104,25 @@ def _outer_inputs(node) -> set[str]:
 
 
 def _stft_like(g: _Graph, node) -> bool:
-    """A fixed filter bank on a raw signal: a Conv on one input channel with long constant kernels (>= 64)."""
+    """A fixed filter bank on a raw signal: a Conv on one input channel with long constant kernels (>= 64), or
+    the same as rewrites.strided_convs_as_frames writes it: a (taps, C_out) MatMul over frames (a Concat of Slices
+    of one Reshape)."""
     w = g.weight(node)
+    if node.op_type == "MatMul":
+        return w is not None and len(w.dims) == 2 and w.dims[0] >= 64 and _frames(g, node.input[0])
     return (node.op_type == "Conv" and w is not None and len(w.dims) >= 3 and w.dims[1] == 1
             and max(w.dims[2:]) >= 64)
+
+
+def _frames(g: _Graph, name: str) -> bool:
+    """`name` holds frames cut from one signal: a Concat of two or more Slices of one Reshape."""
+    cat = g.producer.get(name)
+    if cat is None or cat.op_type != "Concat" or len(cat.input) < 2:
+        return False
+    cuts = [g.producer.get(i) for i in cat.input]
+    if any(c is None or c.op_type != "Slice" for c in cuts) or len({c.input[0] for c in cuts}) != 1:
+        return False
+    return getattr(g.producer.get(cuts[0].input[0]), "op_type", None) == "Reshape"
 
 
 def _spectral(g: _Graph) -> list[dict]:
@@ -220,6 +237,45 @@ def _branch_reads(g: _Graph) -> list[dict]:
                        "reads inside branches, so a folded Relu/Clip there would be lost"}]
 
 
+# weights at most this, and under 1 % of the model's: an op so small that the quantizer pair it needs alone costs more
+# than INT8 saves
+LONE_MAX_WEIGHTS = 4096
+LONE_REASON = ("{op} {name}: {weights} weights ({share:.2g} % of the model's) with no INT8 neighbour (float on every "
+               "side): the QuantizeLinear/DequantizeLinear pair it needs alone costs more than INT8 saves "
+               "(silero-vad's decoder Conv, 128 weights after its LSTM: INT8 batch 1 52.4 -> 49.3 us, 1 thread, "
+               "AVX-512 VNNI)")
+
+
+def _lone_small(g: _Graph, excluded: set) -> list[dict]:
+    """Tiny weighted ops that would be an INT8 island of their own: walking from one through the nodes ORT would
+    quantize with it (neither excluded nor weighted) reaches no other weighted op."""
+    import math
+    weighted = [n for n in g.nodes if n.op_type in COMPUTE and g.weight(n) is not None]
+    sizes = {n.name: math.prod(g.weight(n).dims) for n in weighted}
+    total = sum(sizes.values())
+    compute = [n for n in weighted if n.name not in excluded]
+    found = []
+    for node in compute:
+        if sizes[node.name] > LONE_MAX_WEIGHTS or sizes[node.name] * 100 >= total:
+            continue
+        island, todo, lone = [node.name], deque([node]), True
+        while todo and lone:
+            n = todo.popleft()
+            for m in [g.producer[i] for i in n.input if i in g.producer] + \
+                     [c for o in n.output for c in g.consumers.get(o, [])]:
+                if m.name in island or m.name in excluded or m.op_type in RECURRENT or _subgraph_ops(m):
+                    continue   # the float side
+                if m.op_type in COMPUTE:
+                    lone = False
+                    break
+                island.append(m.name)
+                todo.append(m)
+        if lone:
+            found.append({"kind": "lone_small", "nodes": island,
+                          "reason": LONE_REASON.format(op=node.op_type, name=node.name, weights=sizes[node.name],
+                                                       share=100 * sizes[node.name] / total)})
+    return found
+
 def is_transformer(model) -> bool:
     ops = {n.op_type for n in model.graph.node}
     g = _Graph(model)
@@ -242,6 +298,8 @@ def plan(model, *, enabled: bool = True) -> dict:
                 "mode_reason": "policy off by option: static INT8 of every supported node"}
     g = _Graph(model)
     groups = [*_spectral(g), *_norms(g), *_recurrent(g), *_branch_reads(g), *_tables(model)]
+    if mode == "static":
+        groups += _lone_small(g, {n for grp in groups for n in grp["nodes"]})
     nodes = list(dict.fromkeys(n for grp in groups for n in grp["nodes"]))
     dynamic = _dynamic(g, groups) if mode == "static" else []
     return {"enabled": True, "exclusions": groups, "nodes": nodes, "mode": mode, "mode_reason": mode_reason,
@@ -409,7 +467,8 @@ def quantize_dynamic_nodes(in_path, out_path, nodes, *, reduce_range: bool, work
     staged = Path(workdir) / "dynamic.in.onnx"
     onnx.save_model(model, str(staged))
     del model
-    quantize_dynamic(str(staged), str(out_path), op_types_to_quantize=["LSTM", "Conv"], nodes_to_quantize=sorted(nodes),
+    quantize_dynamic(str(staged), str(out_path), op_types_to_quantize=["LSTM", "Conv", "MatMul"],
+                     nodes_to_quantize=sorted(nodes),
                      per_channel=False, reduce_range=reduce_range, weight_type=QuantType.QInt8,
                      extra_options={"EnableSubgraph": True})
     staged.unlink(missing_ok=True)
@@ -419,7 +478,7 @@ def quantize_dynamic_nodes(in_path, out_path, nodes, *, reduce_range: bool, work
     drop_unused_initializers(model)
     onnx.save_model(model, str(out_path))
     done = [n.name for g in [model.graph, *_graphs(model.graph)] for n in g.node
-            if n.op_type in ("DynamicQuantizeLSTM", "ConvInteger")]
+            if n.op_type in ("DynamicQuantizeLSTM", "ConvInteger", "MatMulInteger")]
     return {"nodes": done, "shared_initializers": shared}
 
 

@@ -172,3 +172,54 @@ def test_two_strided_convs_sharing_one_weight_each_get_their_phase_form(tmp_path
     x = np.random.default_rng(0).standard_normal((3, 1, 200)).astype(np.float32)
     with torch.no_grad():
         np.testing.assert_allclose(_run(model, x), module(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-4)
+
+
+class FilterBank(nn.Module):
+    """An STFT as a conv (silero-vad's front end): a long window on one channel at a hop of a half or a quarter
+    of it, then a normal conv."""
+
+    def __init__(self, conv, pad):
+        super().__init__()
+        self.conv, self.pad, self.next = conv, pad, nn.Conv1d(conv.out_channels, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.next(torch.relu(self.conv(nn.functional.pad(x, self.pad, mode="reflect") if self.pad else x)))
+
+
+@pytest.mark.parametrize("conv, length, pad", [
+    (nn.Conv1d(1, 16, 64, stride=32, bias=False), 200, (16, 16)),   # F.pad (reflect) before, 2 hops, 8 cut
+    (nn.Conv1d(1, 8, 128, stride=32, padding=10), 300, None),       # the Conv's pads and bias, 4 hops
+])
+def test_a_filter_bank_of_few_hops_becomes_frames_times_one_matrix(tmp_path, conv, length, pad):
+    """Through edgec's export: no strided Conv left, a MatMul named as the Conv was, and the written file computes
+    what torch does, at another batch size too."""
+    from edgec.exporters.onnx_export import export_onnx
+    from edgec.exporters.rewrites import strided_convs_as_frames
+    torch.manual_seed(0)
+    module = FilterBank(conv, pad).eval()
+    info = export_onnx(module, torch.randn(2, 1, length), tmp_path / "bank.onnx")
+    rec = info.simplified["strided_convs_as_frames"]
+    assert rec["rewritten"] == ["/conv/Conv"] and "frames" in rec["reason"], info.simplified
+    model = onnx.load(str(tmp_path / "bank.onnx"))
+    assert [n.op_type for n in model.graph.node if n.name == "/conv/Conv"] == ["MatMul"]
+    assert [n.op_type for n in model.graph.node].count("Conv") == 1   # the next conv only
+    x = np.random.default_rng(0).standard_normal((3, 1, length)).astype(np.float32)
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_run(model, x), ref, rtol=1e-4, atol=1e-4)
+    assert strided_convs_as_frames(model)["rewritten"] == []
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv1d(2, 8, 64, stride=32),     # two channels
+    nn.Conv1d(1, 8, 64, stride=8),      # 8 hops
+    nn.Conv1d(1, 8, 32, stride=16),     # a short kernel: not a filter bank
+    nn.Conv1d(1, 8, 100, stride=32),    # taps not a multiple of the stride
+    nn.Conv1d(1, 8, 64, stride=32, dilation=2),
+])
+def test_convs_outside_the_frame_rule_stay(tmp_path, conv):
+    from edgec.exporters.rewrites import strided_convs_as_frames
+    model = onnx.load(str(_export(FilterBank(conv, None), torch.randn(2, conv.in_channels, 400), tmp_path / "f.onnx")))
+    before = model.SerializeToString()
+    assert strided_convs_as_frames(model)["rewritten"] == []
+    assert model.SerializeToString() == before

@@ -22,6 +22,7 @@ from edgec.core.errors import DataError, OptionError
 from edgec.core.feeds import (FeedLayout, InputSpec, as_feed, batch_len, conform, onnx_input_specs, primary,
                               rechunk_feeds, slice_feed)
 from edgec.core.memory import available_mb as _available, rss_mb
+from edgec.exporters.compare import run_on_data
 
 METHODS = ("minmax", "entropy", "percentile", "auto", "mse")
 Progress = Callable[[int, int, str], None]  # (done, total, status)
@@ -417,7 +418,7 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
     chunk, estimated = plan_memory(per_sample, memory_mb, available_mb(), rss_mb())
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4   # fatal only: errors come back as exceptions (one line)
     # No fusion: the ranges must be those of the tensors the quantizer will see.
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.enable_cpu_mem_arena = False   # every activation is returned as an output: no arena to keep on top of them
@@ -444,7 +445,7 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
     total = num_samples if num_samples is not None else None
     done, peak = 0, rss_mb()
     for feed in rechunk(chained(), chunk, layout):
-        for name, value in zip(names, sess.run(None, feed)):
+        for name, value in zip(names, run_on_data(sess, feed)):
             if name in stats:
                 stats[name].update(np.clip(value, *bounds[name]) if name in bounds else value)
                 means.update(name, value)

@@ -105,7 +105,8 @@ def check_samples(head: np.ndarray, total: int | None, *, min_samples: int = 32)
     x = head.reshape(len(head), -1, head.shape[-1]) if head.ndim >= 3 else head.reshape(len(head), 1, -1)
     a, b = x[..., :-1].ravel().astype(np.float64), x[..., 1:].ravel().astype(np.float64)
     corr = float(np.corrcoef(a, b)[0, 1]) if a.size > 2 and a.std() > 0 and b.std() > 0 else 0.0
-    chk = SampleCheck(total if total is not None else len(head), round(corr, 4), float(head.std()))
+    chk = SampleCheck(total if total is not None else len(head), round(corr, 4),
+                      float(head.std(dtype=np.float64)))   # float32 squares overflow past 1e19
     if total is not None and total < min_samples:
         chk.problems.append(f"only {total} calibration samples (at least {min_samples} wanted)")
     if chk.std == 0:

@@ -229,3 +229,112 @@ def test_ort_cause_keeps_the_reason_only():
         assert ort_cause(RuntimeError(text)) == want
     assert ort_cause(RuntimeError("")) == "RuntimeError"
     assert json.dumps(ort_cause(RuntimeError("a\nb"))) == '"a b"'
+
+
+# ---------------------------------------------------------------- model files: nothing runs, one line
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_hostile_pickles_in_other_wrappers_never_run(tmp_path, monkeypatch):
+    import pickle
+    import warnings
+    import zipfile
+
+    import torch
+    monkeypatch.chdir(tmp_path)
+    with open("plain.pt", "wb") as f:   # a bare pickle stream (protocol 4), not a torch archive
+        pickle.dump({"w": _Evil()}, f, protocol=4)
+    torch.save({"w": _Evil()}, "legacy.pt", _use_new_zipfile_serialization=False)
+
+    class Twice(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(Twice()), "ts.pt", _extra_files={"evil.pkl": pickle.dumps(_Evil())})
+    with zipfile.ZipFile("ts.pt") as zin, zipfile.ZipFile("ts_evil.pt", "w") as zout:
+        for info in zin.infolist():   # TorchScript's data.pkl and constants.pkl replaced by a hostile pickle
+            hostile = info.filename.endswith(("/data.pkl", "/constants.pkl"))
+            zout.writestr(info, pickle.dumps(_Evil(), protocol=2) if hostile else zin.read(info.filename))
+    for name, word in (("plain.pt", "not a PyTorch model file"), ("legacy.pt", "--trust-pickle"),
+                       ("ts_evil.pt", "Unknown type name 'posix.system'")):
+        code, _, err = run_cli("export", name, "--input-shape", "1,3,8,8", "-o", "o.onnx")
+        _one_line(code, err, 3, word)   # torch's UserWarning/FutureWarning lines no longer come first
+        assert not (tmp_path / "PWNED_BY_PICKLE").exists() and not (tmp_path / "o.onnx").exists()
+    assert run_cli("export", "ts.pt", "--input-shape", "1,3,8,8", "-o", "o.onnx")[0] == 0   # extra files unread
+
+
+# ---------------------------------------------------------------- .npz files that lie about their arrays
+
+def _npz_member(path, member: bytes, name="x.npy", compress=False):
+    import zipfile
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as z:
+        z.writestr(name, member)
+    return path
+
+
+def _header(shape, descr="<f4"):
+    import io
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("make,word", [
+    (lambda p: _npz_member(p, _header((10 ** 9, 3, 32, 32)) + bytes(64)), "declares shape (1000000000, 3, 32, 32)"),
+    (lambda p: _npz_member(p, _header((10 ** 9, 3, 32, 32)) + bytes(64), compress=True), "holds 64 bytes"),
+    (lambda p: _npz_member(p, _header((64, 3, 8, 8)) + bytes(64)), "truncated or corrupt"),
+    (lambda p: _npz_member(p, _header((-64, 3, 8, 8)) + bytes(64)), "declares shape (-64, 3, 8, 8)"),
+    (lambda p: _npz_member(p, _header((2 ** 62, 2 ** 62)) + bytes(64)), "truncated or corrupt"),
+    (lambda p: _npz_member(p, b"hello", name="readme.txt"), "'readme.txt', which is not a numpy array"),
+    (lambda p: np.savez(p, **{f"a{i}": np.zeros(1) for i in range(300)}), "holds 300 arrays"),
+    (lambda p: np.savez(p, y=np.zeros(64, np.int64)), "has only labels (y), no inputs"),
+])
+def test_npz_that_lies_is_one_data_error(tmp_path, tiny_onnx, make, word):
+    data = tmp_path / "d.npz"
+    make(data)
+    out = tmp_path / "q.onnx"
+    code, _, err = run_cli("quantize", tiny_onnx, "--data", data, "-o", out)
+    _one_line(code, err, 4, word)
+    assert not out.exists()
+
+
+def test_huge_finite_values_give_no_numpy_warning(tiny_onnx, tmp_path):
+    from edgec.exporters.calibration import check_samples
+    import warnings
+    x = np.random.default_rng(0).random((32, 3, 16, 16)).astype(np.float32) * 1e30
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # was "overflow encountered in square" from a float32 std
+        assert np.isfinite(check_samples(x, 32).std)
+
+
+# ---------------------------------------------------------------- outputs that cannot be written
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_an_output_where_nothing_can_be_created(tmp_path):
+    # access() says yes to root in /proc; the temporary's creation is what fails: one line, before any work
+    from conftest import SMALL_ARCH
+    from edgec.modelio import build_arch, save_model
+    save_model(tmp_path / "m.pt", build_arch(SMALL_ARCH), SMALL_ARCH, (1, 3, 32, 32))
+    for args in (["export", "{m}", "-o", "/proc/edgec-x.onnx"], ["build", "{m}", "-o", "/proc/edgec-x.edgec"],
+                 ["data", "export", "builtin:digits", "-o", "/proc/edgec-d.npz"], ["keygen", "-o", "/proc/edgec-k"]):
+        code, _, err = run_cli(*[a.format(m=tmp_path / "m.pt") for a in args])
+        _one_line(code, err, 2, "/proc")
+    code, _, err = run_cli("export", tmp_path / "m.pt", "-o", "/dev/null", "--force")
+    _one_line(code, err, 8, "not a regular file")   # was an internal NotADirectoryError
+
+
+def test_keygen_never_leaves_half_a_pair(tmp_path):
+    (tmp_path / "b.pub").mkdir()
+    code, _, err = run_cli("keygen", "-o", tmp_path / "b", "--force")
+    _one_line(code, err, 2, "b.pub is a folder")   # was an internal IsADirectoryError after b.key was written
+    assert not (tmp_path / "b.key").exists()
+    assert run_cli("keygen", "-o", tmp_path / "a")[0] == 0
+    before = (tmp_path / "a.key").read_bytes()
+    assert run_cli("keygen", "-o", tmp_path / "a", "--force")[0] == 0
+    assert (tmp_path / "a.key").read_bytes() != before and oct((tmp_path / "a.key").stat().st_mode)[-3:] == "600"
+    assert oct((tmp_path / "a.pub").stat().st_mode)[-3:] == "644"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.key", "a.pub", "b.pub"]   # no temporaries left

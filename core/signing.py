@@ -34,8 +34,6 @@ def keygen(stem, force: bool = False) -> tuple[Path, Path]:
     temporaries beside them first, then moved into place, so a failure (a full disk, an unwritable folder) leaves
     the old pair (or none) and never half of one."""
     import tempfile
-
-    from edgec.core.fsutil import rename_noreplace
     stem = Path(stem)
     if stem.suffix in (".key", ".pub"):   # -o release.key means the pair release.key / release.pub
         stem = stem.with_suffix("")
@@ -61,7 +59,10 @@ def keygen(stem, force: bool = False) -> tuple[Path, Path]:
                 f.write(data)
         os.chmod(temps[pub], 0o644)
         for path, tmp in temps.items():
-            os.replace(tmp, path) if force else rename_noreplace(tmp, path)
+            if force:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)   # fails if something appeared there meanwhile: never replaced
     except FileExistsError:
         raise OutputExists(f"{stem}.key or .pub appeared while this ran; it was kept; pass --force to replace it "
                            "or choose another -o") from None

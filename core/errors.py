@@ -3,6 +3,7 @@
 The CLI prints `edgec: error: <message>` on one line and exits with `exit_code`.
 Anything that is not an EdgecError is our bug: the CLI says so and `--debug` shows the traceback.
 """
+import re
 
 
 class EdgecError(Exception):
@@ -70,3 +71,37 @@ def cause_line(e: BaseException) -> str:
         # the innermost marked line of the serialized code is the op that ran (outer frames are calls to it)
         return f"{message} (TorchScript op: {lines[here[-1] - 1].strip()})"
     return message
+
+
+_ORT_CODE = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+# a C++ source location and the function it names: "tensorprotoutils.cc:592 ValidateExternalDataPathFromDir ",
+# "bfc_arena.cc:360 void* onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*) "
+_ORT_WHERE = re.compile(r"\S+\.(?:cc|h|cpp):\d+ (?:\S+ )?(?:[\w~]+::)+\w+\([^()]*\) |"
+                        r"\S+\.(?:cc|h|cpp):\d+ (?:[A-Z][a-z0-9]+(?:[A-Z][a-z0-9]*)+ )?")
+_ORT_NODE = re.compile(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: ")
+
+
+def ort_cause(e: BaseException) -> str:
+    """ONNX Runtime's own reason in one short line: without its error-code prefix, C++ source locations and
+    signatures, "Load model from PATH failed:"; a failing node as "Gather node NAME: reason"."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = _ORT_CODE.sub("", text)
+    text = re.sub(r"^Load model from .* failed:", "", text)
+    node = _ORT_NODE.match(text)
+    if node:
+        text = f"{node[1]} node {node[2] or '(unnamed)'}: " + text[node.end():]
+    return _ORT_WHERE.sub("", text).strip()[:300]
+
+
+def ort_load_error(path, e: BaseException) -> "ModelError":
+    """ONNX Runtime refusing to load a model file, with the fix that fits why."""
+    cause = ort_cause(e)
+    if "External data" in cause or "external data" in cause:
+        fix = ("edgec reads external data only from regular files inside the model's folder (no absolute path, "
+               "'..' or symlink); put the data file next to the model and name it there")
+    elif "is not a registered function/op" in cause:
+        fix = ("it uses an operator from a custom domain, and edgec loads no custom-op library; export the model "
+               "with standard ONNX operators")
+    else:
+        fix = "export it again with `edgec export`"
+    return ModelError(f"{path} is not an ONNX model onnxruntime can load ({cause}); {fix}")

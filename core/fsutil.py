@@ -81,9 +81,12 @@ def _check_replaceable(path: Path, directory: bool, replaceable=None) -> None:
         if not ok:
             raise OutputExists(f"{path} is not an edgec package: --force would delete its {_describe(path)}; "
                                "--force replaces only a package or an empty folder; choose another -o")
-    elif not path.is_file():
+    elif path.is_dir():
         raise OutputExists(f"{path} is a folder, not a file: --force would delete its {_describe(path)}; "
                            "choose another -o")
+    elif not path.is_file():
+        raise OutputExists(f"{path} is not a regular file (a device, fifo or socket); --force replaces only a "
+                           "file; choose another -o")
 
 
 def _existing_parent(path: Path) -> Path:
@@ -153,19 +156,34 @@ def atomic_path(path, force: bool = False, directory: bool = False, *, inputs=()
     """Yield a temporary path beside `path`; on success move it into place without replacing anything that
     is not ours to replace, on failure remove it and the parent folders this call created."""
     path = check_writable(path, force, inputs=inputs, directory=directory, replaceable=replaceable)
-    created = _make_parents(path.absolute())
-    prefix = f".{path.name}.tmp-"
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent)) if directory else \
-        Path(tempfile.mktemp(prefix=prefix, suffix=path.suffix, dir=path.parent))
+    created = []
+    try:   # the temporary is really created (then, for a file, left for the writer to make): a place that
+        # refuses it (/proc, a read-only mount, where access() said yes to root) is refused before any work
+        created = _make_parents(path.absolute())
+        prefix = f".{path.name}.tmp-"
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=path.suffix, dir=path.parent)
+            os.close(fd)
+            os.unlink(name)
+            tmp = Path(name)
+    except OSError as e:
+        _remove_created(created)
+        raise OptionError(f"-o {path}: cannot write in {path.parent} ({e.strerror}); choose another -o") from None
     try:
         yield tmp
         _move_into_place(tmp, path, force, directory, replaceable)
     except BaseException:
         _remove(tmp)
-        for folder in reversed(created):
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if still empty: never what someone else put there meanwhile
+        _remove_created(created)
         raise
+
+
+def _remove_created(created: list[Path]) -> None:
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if still empty: never what someone else put there meanwhile
 
 
 def _move_into_place(tmp: Path, path: Path, force: bool, directory: bool, replaceable) -> None:

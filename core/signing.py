@@ -8,6 +8,7 @@ told apart from a changed manifest.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -29,7 +30,10 @@ def key_id(public: Ed25519PublicKey) -> str:
 
 
 def keygen(stem, force: bool = False) -> tuple[Path, Path]:
-    """Write STEM.key (mode 0600, never world-readable, not even for a moment) and STEM.pub."""
+    """Write STEM.key (mode 0600, never world-readable, not even for a moment) and STEM.pub: both written to
+    temporaries beside them first, then moved into place, so a failure (a full disk, an unwritable folder) leaves
+    the old pair (or none) and never half of one."""
+    import tempfile
     stem = Path(stem)
     if stem.suffix in (".key", ".pub"):   # -o release.key means the pair release.key / release.pub
         stem = stem.with_suffix("")
@@ -37,19 +41,37 @@ def keygen(stem, force: bool = False) -> tuple[Path, Path]:
         raise OptionError(f"-o {stem}: the folder {stem.parent} does not exist; create it or choose another -o")
     key, pub = stem.with_name(stem.name + ".key"), stem.with_name(stem.name + ".pub")
     for path in (key, pub):
-        if (path.exists() or path.is_symlink()) and not force:
+        if path.is_symlink() or path.is_dir():
+            raise OptionError(f"-o {stem}: {path} is a {'symlink' if path.is_symlink() else 'folder'}; "
+                              "choose another -o")
+        if path.exists() and not force:
             raise OutputExists(f"{path} already exists; pass --force to replace it or choose another -o")
     private = Ed25519PrivateKey.generate()
-    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    for path in (key, pub):
-        if path.is_symlink() or path.exists():
-            path.unlink()
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    pub.write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM,
-                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
+    blobs = {key: private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()),
+             pub: private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                    serialization.PublicFormat.SubjectPublicKeyInfo)}
+    temps: dict[Path, str] = {}
+    try:
+        for path, data in blobs.items():
+            fd, temps[path] = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)   # created 0600
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        os.chmod(temps[pub], 0o644)
+        for path, tmp in temps.items():
+            if force:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)   # fails if something appeared there meanwhile: never replaced
+    except FileExistsError:
+        raise OutputExists(f"{stem}.key or .pub appeared while this ran; it was kept; pass --force to replace it "
+                           "or choose another -o") from None
+    except OSError as e:
+        raise OptionError(f"-o {stem}: cannot write the key pair ({e.strerror}); choose another -o") from None
+    finally:
+        for tmp in temps.values():
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return key, pub
 
 

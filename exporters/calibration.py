@@ -22,6 +22,7 @@ from edgec.core.errors import DataError, OptionError
 from edgec.core.feeds import (FeedLayout, InputSpec, as_feed, batch_len, conform, onnx_input_specs, primary,
                               rechunk_feeds, slice_feed)
 from edgec.core.memory import available_mb as _available, rss_mb
+from edgec.exporters.compare import run_on_data
 
 METHODS = ("minmax", "entropy", "percentile", "auto", "mse")
 Progress = Callable[[int, int, str], None]  # (done, total, status)
@@ -104,7 +105,8 @@ def check_samples(head: np.ndarray, total: int | None, *, min_samples: int = 32)
     x = head.reshape(len(head), -1, head.shape[-1]) if head.ndim >= 3 else head.reshape(len(head), 1, -1)
     a, b = x[..., :-1].ravel().astype(np.float64), x[..., 1:].ravel().astype(np.float64)
     corr = float(np.corrcoef(a, b)[0, 1]) if a.size > 2 and a.std() > 0 and b.std() > 0 else 0.0
-    chk = SampleCheck(total if total is not None else len(head), round(corr, 4), float(head.std()))
+    chk = SampleCheck(total if total is not None else len(head), round(corr, 4),
+                      float(head.std(dtype=np.float64)))   # float32 squares overflow past 1e19
     if total is not None and total < min_samples:
         chk.problems.append(f"only {total} calibration samples (at least {min_samples} wanted)")
     if chk.std == 0:
@@ -417,7 +419,7 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
     chunk, estimated = plan_memory(per_sample, memory_mb, available_mb(), rss_mb())
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4   # fatal only: errors come back as exceptions (one line)
     # No fusion: the ranges must be those of the tensors the quantizer will see.
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.enable_cpu_mem_arena = False   # every activation is returned as an output: no arena to keep on top of them
@@ -444,7 +446,7 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
     total = num_samples if num_samples is not None else None
     done, peak = 0, rss_mb()
     for feed in rechunk(chained(), chunk, layout):
-        for name, value in zip(names, sess.run(None, feed)):
+        for name, value in zip(names, run_on_data(sess, feed)):
             if name in stats:
                 stats[name].update(np.clip(value, *bounds[name]) if name in bounds else value)
                 means.update(name, value)

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from edgec.core.errors import DataError
+from edgec.core.errors import DataError, ort_cause
 from edgec.core.feeds import (BATCH, ORT_DTYPES, FeedLayout, as_feed, batch_len, feed_batches, onnx_input_specs,
                               slice_feed)
 
@@ -18,7 +18,7 @@ def ort_session(path, *, optimize: bool = True, threads: int | None = None):
     """A CPU session: graph optimizations on (that is how the model will run, fused INT8 kernels included)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4   # fatal only: errors come back as exceptions (one line)
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
@@ -28,13 +28,15 @@ def ort_session(path, *, optimize: bool = True, threads: int | None = None):
 
 def onnx_inputs(path) -> list:
     """The InputSpecs an ONNX file declares (a clean ModelError when ORT cannot load it)."""
-    from edgec.core.errors import ModelError
+    from edgec.core.errors import ModelError, ort_load_error
     try:
         sess = ort_session(path)
     except Exception as e:  # noqa: BLE001 - ORT raises its own pybind types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{path} is not an ONNX model onnxruntime can load ({first[:200]}); export it again "
-                         "with `edgec export`") from None
+        raise ort_load_error(path, e) from None
+    if not sess.get_outputs() or not sess.get_inputs():
+        what = "no outputs" if not sess.get_outputs() else "no inputs (a constant)"
+        raise ModelError(f"{path} declares {what}, so there is nothing to calibrate or compare; export the model "
+                         "with its real inputs and outputs")
     return onnx_input_specs(sess.get_inputs())
 
 
@@ -98,7 +100,24 @@ def run_onnx(session, data, batch_size: int | None = None) -> list[np.ndarray]:
 
 def _run(session, feed: dict, types: dict, layout) -> list[np.ndarray]:
     cast = {k: np.ascontiguousarray(v, dtype=types.get(k) or v.dtype) for k, v in feed.items()}
-    return session.run(None, cast)
+    return run_on_data(session, cast)
+
+
+def run_on_data(session, feed: dict, outputs=None) -> list[np.ndarray]:
+    """session.run on the user's samples. ONNX Runtime refusing their values (token ids past an embedding
+    table, a shape only some samples have) is a data error that names its cause, not an internal error: the
+    first samples were checked before the work started, later ones only here."""
+    try:
+        return session.run(outputs, feed)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own pybind types (InvalidArgument, Fail, ...)
+        if not type(e).__module__.startswith("onnxruntime"):
+            raise
+        raise DataError(f"the model fails on these samples (inputs {_feed_shapes(feed)}): {ort_cause(e)}; check "
+                        "that the data fits the model (e.g. token ids within its vocabulary)") from None
+
+
+def _feed_shapes(feed: dict) -> str:
+    return ", ".join(f"{k} {tuple(np.shape(v))} {np.asarray(v).dtype}" for k, v in feed.items())
 
 
 def output_batch_axis(session, index: int) -> int:

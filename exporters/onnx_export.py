@@ -21,9 +21,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from edgec.core.errors import ExportError, ModelError, cause_line
+from edgec.core.errors import DataError, ExportError, ModelError, cause_line
 from edgec.core.feeds import BATCH, FeedLayout, InputSpec, as_feed, batch_len, feed_batches
-from edgec.exporters.compare import ort_session, output_agreement, output_batch_axis
+from edgec.exporters.compare import ort_session, output_agreement, output_batch_axis, run_on_data
 from edgec.core.fsutil import atomic_path
 
 TWO_GB = 2 ** 31
@@ -419,7 +419,7 @@ def _slower(exported: bytes, simplified: bytes, feed: dict) -> str | None:
     import onnxruntime as ort
     try:
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.log_severity_level = 1, 3
+        opts.intra_op_num_threads, opts.log_severity_level = 1, 4
         sessions = [ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
                     for data in (exported, simplified)]
         run = {i.name: feed[i.name] for i in sessions[0].get_inputs() if i.name in feed}
@@ -497,6 +497,18 @@ def _save_checked(proto, path: Path, tmp: str, large: bool, force: bool, opset: 
     return data_bytes
 
 
+def _torch_on_data(module, arrays):
+    """The torch model on later samples of the data: one that refuses them (an index past an embedding) is a data
+    error naming why, as ONNX Runtime's refusal is (the first sample was checked before any work)."""
+    import torch
+    try:
+        return module(*[torch.from_numpy(a) for a in arrays])
+    except (IndexError, RuntimeError, ValueError) as e:
+        shapes = ", ".join(f"{tuple(a.shape)} {a.dtype}" for a in arrays)
+        raise DataError(f"the model fails on these samples (inputs {shapes}): {cause_line(e)[:300]}; check that "
+                        "the data fits the model (e.g. token ids within its vocabulary)") from None
+
+
 def check_onnx_against_torch(model, onnx_path, samples, *, atol: float = 1e-3, cos_min: float = 0.9999,
                              batch_size: int = 32) -> dict:
     """Run real ORT (CPU) and torch on the same real samples (a dict feed, or one array for a single-input
@@ -512,8 +524,8 @@ def check_onnx_against_torch(model, onnx_path, samples, *, atol: float = 1e-3, c
     with _eval_mode(module), torch.no_grad():
         for feed in feed_batches(as_feed(samples, names), names, batch_size, layout):
             feed = {k: v.astype(np.float32) if types[k] == "tensor(float)" else v for k, v in feed.items()}
-            got_parts.append(sess.run(None, feed))
-            ref_parts.append([o.numpy() for o in _outputs_tuple(module(*[torch.from_numpy(feed[n]) for n in names]))])
+            got_parts.append(run_on_data(sess, feed))
+            ref_parts.append([o.numpy() for o in _outputs_tuple(_torch_on_data(module, [feed[n] for n in names]))])
             count += batch_len(feed, layout)
     if count == 0:
         raise ExportError("no samples to check the exported model on; give at least one sample")

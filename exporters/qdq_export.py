@@ -146,7 +146,7 @@ def ort_fusion(path, level: str = "extended") -> dict:
     import onnx
     import onnxruntime as ort
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4   # fatal only: errors come back as exceptions (one line)
     so.graph_optimization_level = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                                    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
     with tempfile.TemporaryDirectory(prefix="edgec-ortopt-") as tmp:

@@ -249,7 +249,7 @@ def run_collect(model, tensors: list[str], calibration, num_samples: int, workdi
     path = Path(workdir) / "transform-stats.onnx"
     onnx.save_model(m, str(path))
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4   # fatal only: errors come back as exceptions (one line)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # the tensors as they are
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     names, specs = [o.name for o in sess.get_outputs()], onnx_input_specs(sess.get_inputs())
@@ -348,7 +348,7 @@ def _session(model, path: Path | None):
     if path is not None:
         onnx.save_model(model, str(path))
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4   # fatal only: errors come back as exceptions (one line)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # every tensor as it is
     source = str(path) if path is not None else model.SerializeToString()
     return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])

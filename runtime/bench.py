@@ -15,7 +15,7 @@ from typing import Callable
 
 import onnxruntime as ort
 
-from edgec.core.errors import DataError, OptionError
+from edgec.core.errors import DataError, OptionError, ort_cause
 from edgec.runtime import providers as eps
 from edgec.runtime.session import LoadedModel, ModelFile, load, open_model
 from edgec.runtime.stats import Summary, paired_ratio, summarize
@@ -175,9 +175,8 @@ class Runner:
         try:
             self.run_once()
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(f"{self.loaded.model.label} failed to run on {self.loaded.ep} with inputs "
-                            f"{ {k: list(v.shape) for k, v in self.loaded.feed.items()} }: {first[:200]}") from None
+                            f"{ {k: list(v.shape) for k, v in self.loaded.feed.items()} }: {ort_cause(e)}") from None
         return time.perf_counter() - t0
 
     def warm_up(self, amount: Amount) -> int:

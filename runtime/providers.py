@@ -73,7 +73,9 @@ def session_options(threads: int | None = None, opt_level: str = "all", profile_
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1   # sequential execution: the intra-op pool is the only one that matters
     so.graph_optimization_level = OPT_LEVELS[opt_level]
-    so.log_severity_level = 3         # ORT warnings (e.g. unused initializers) would flood a CI log
+    # fatal only: ORT warnings (e.g. unused initializers) would flood a CI log, and its errors come back as
+    # exceptions that edgec reports in one line (logged too, they printed a second, coloured copy first)
+    so.log_severity_level = 4
     if not spinning:  # idle pools of other sessions must not busy-wait on the cores the timed session needs
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:

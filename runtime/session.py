@@ -3,6 +3,7 @@ Input names, shapes and dtypes come from the ONNX Runtime session itself; dynami
 --shape, --batch or the package manifest, and every mismatch is a one-line error before anything runs."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgec.core.errors import DataError, ModelError, OptionError, VerifyError
+from edgec.core.errors import DataError, ModelError, OptionError, VerifyError, ort_load_error
 from edgec.core.feeds import ORT_DTYPES
-from edgec.core.package import MANIFEST_FILE, MODEL_FILE, Manifest, read_manifest
+from edgec.core.package import MANIFEST_FILE, MODEL_FILE, Manifest, file_record, read_manifest
 from edgec.runtime import providers as eps
 
 DTYPES = ORT_DTYPES  # ORT type string -> numpy dtype
@@ -36,6 +37,9 @@ def open_model(path) -> ModelFile:
         raise ModelError(f"model not found: {p}; pass a .onnx file or a NAME.edgec package folder")
     if p.is_dir():
         onnx_path = p / MODEL_FILE
+        if onnx_path.is_symlink():   # a package holds its own files: running it reads nothing outside it
+            raise ModelError(f"{p}: {MODEL_FILE} is a symlink (to {os.readlink(onnx_path)}); a package holds its "
+                             "own files only: bench the target file itself, or rebuild the package")
         if not onnx_path.is_file():
             raise ModelError(f"{p} is a folder without {MODEL_FILE}, so not an edgec package; "
                              f"build one with `edgec build` or pass the .onnx file")
@@ -45,8 +49,25 @@ def open_model(path) -> ModelFile:
                 manifest = read_manifest(p)
             except VerifyError as e:   # here the package is a model to run: a bad one is a model error
                 raise ModelError(str(e)) from None
+            _check_listed_model(p, onnx_path, manifest)
         return ModelFile(p.name, onnx_path, p, manifest)
     return ModelFile(p.name, p)
+
+
+def _check_listed_model(folder: Path, onnx_path: Path, manifest: Manifest) -> None:
+    """The model file a package's manifest describes (its shapes, its --record entry) is the one measured: a
+    swapped or corrupted model.onnx is refused here (`edgec verify` checks every file and the signature)."""
+    expected = manifest.files.get(MODEL_FILE)
+    if expected is None:
+        return
+    try:
+        got = file_record(onnx_path, follow_symlinks=False)
+    except OSError as e:
+        raise ModelError(f"{onnx_path} cannot be read ({e.strerror})") from None
+    if got != expected:
+        what = "size" if got.bytes != expected.bytes else "sha256"
+        raise ModelError(f"{folder}: {MODEL_FILE} does not match its manifest ({what} differs): it was modified or "
+                         f"corrupted; rebuild or restore it (`edgec verify {folder}` checks every file)")
 
 
 @dataclass
@@ -64,9 +85,10 @@ def create_session(model: ModelFile, providers: list[str], options: ort.SessionO
         sess = ort.InferenceSession(str(model.onnx_path), sess_options=options, providers=providers,
                                     provider_options=provider_options)
     except Exception as e:  # ORT raises its own pybind types (InvalidProtobuf, Fail, InvalidGraph, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{model.onnx_path} is not an ONNX model onnxruntime can load ({first[:200]}); "
-                         f"export it again with `edgec export`") from None
+        raise ort_load_error(model.onnx_path, e) from None
+    if not sess.get_outputs():
+        raise ModelError(f"{model.onnx_path} declares no outputs, so running it computes nothing; export the model "
+                         "with its outputs")
     return sess, (time.perf_counter() - t0) * 1e3
 
 

@@ -69,4 +69,19 @@ def with_dynamic_spatial_axes(onnx_path, names=("height", "width")):
         d.dim_param = name
     del model.graph.value_info[:]   # stale fixed shapes of intermediate tensors
     onnx.save(model, str(onnx_path))
+    _relist_in_package(onnx_path)
     return onnx_path
+
+
+def _relist_in_package(path):
+    """A file changed inside a package gets its new hash in the manifest, as a rebuild would give it (bench
+    refuses a package whose model.onnx does not match its manifest)."""
+    import json
+    from pathlib import Path
+
+    from edgec.core.package import MANIFEST_FILE, file_record
+    manifest = Path(path).parent / MANIFEST_FILE
+    if manifest.is_file():
+        doc = json.loads(manifest.read_text())
+        doc["files"][Path(path).name] = file_record(Path(path)).to_json()
+        manifest.write_text(json.dumps(doc, indent=2))

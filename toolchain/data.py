@@ -39,6 +39,7 @@ LABEL_PREFIX = "y:"        # `y:OUTPUT`: the labels of the output named OUTPUT
 # compressed npz members are decompressed whole (a deflate stream has no random access); above this they are
 # refused with the fix (np.savez, which stores members uncompressed and lets them be memory-mapped)
 COMPRESSED_LIMIT_BYTES = 256 * 2 ** 20
+MAX_NPZ_ARRAYS = 256   # inputs and label sets of one .npz
 HOOK_RE = re.compile(r"^(?P<file>.+\.py):(?P<func>[A-Za-z_]\w*)$")
 
 
@@ -537,8 +538,15 @@ def npz_members(path: Path) -> dict[str, np.ndarray]:
     the zip (np.load ignores mmap_mode for .npz); small compressed ones are decompressed, big ones refused."""
     out = {}
     with open(path, "rb") as raw, zipfile.ZipFile(raw) as zf:
-        for info in zf.infolist():
-            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+        members = zf.infolist()
+        if len(members) > MAX_NPZ_ARRAYS:   # each stored array keeps a memory map (a file descriptor) open
+            raise DataError(f"{path} holds {len(members):,} arrays; give one array per model input (and its labels), "
+                            f"at most {MAX_NPZ_ARRAYS}")
+        for info in members:
+            if not info.filename.endswith(".npy"):
+                raise DataError(f"{path} holds {info.filename!r}, which is not a numpy array (.npy); an .npz from "
+                                "np.savez holds arrays only: save it again")
+            name = info.filename[:-4]
             with zf.open(info) as member:
                 version = np.lib.format.read_magic(member)
                 read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
@@ -548,7 +556,11 @@ def npz_members(path: Path) -> dict[str, np.ndarray]:
             if dtype.hasobject:
                 raise DataError(f"{path}: array {name!r} holds Python objects (pickles are never loaded); save "
                                 "numeric arrays")
-            nbytes = int(np.prod(shape)) * dtype.itemsize
+            nbytes = math.prod(shape) * dtype.itemsize   # Python ints: a declared 2**62 x 2**62 does not wrap
+            if min(shape, default=0) < 0 or nbytes > info.file_size - header_len:   # the zip's own size of the member, read before any data
+                raise DataError(f"{path}: array {name!r} declares shape {shape} {dtype} ({nbytes / 1e6:,.0f} MB) "
+                                f"but holds {max(0, info.file_size - header_len):,} bytes; the file is truncated "
+                                "or corrupt: save it again")
             if info.compress_type == zipfile.ZIP_STORED:
                 raw.seek(info.header_offset)
                 local = raw.read(30)
@@ -581,8 +593,10 @@ def load_npz(path: Path, *, mean=None, std=None) -> Dataset:
     y = arrays.pop(LABEL_KEY, None)
     named = {k[len(LABEL_PREFIX):]: arrays.pop(k) for k in list(arrays) if k.startswith(LABEL_PREFIX)}
     if not arrays:
-        raise DataError(f"{path} has only {list(arrays) or 'no arrays'}, no inputs; save with np.savez(path, x=..., "
-                        "y=...) or one array per input name")
+        labels = ([LABEL_KEY] if y is not None else []) + [LABEL_PREFIX + k for k in named]
+        held = f"only labels ({', '.join(labels)})" if labels else "no arrays"
+        raise DataError(f"{path} has {held}, no inputs; save with np.savez(path, x=..., y=...) or one array per "
+                        "input name")
     columns, preprocess = {}, {}
     for name, a in arrays.items():
         if a.ndim == 0:

@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgec.core.errors import EdgecError, OptionError
+from edgec.core.errors import EdgecError, OptionError, cause_line
 
 
 @dataclass
@@ -109,8 +109,8 @@ def _worker(job_path: str) -> int:
         return 0
     except EdgecError as e:
         if rank == 0:
-            Path(spec["result"]).write_text(json.dumps({"error": str(e).splitlines()[0], "exit_code": e.exit_code}))
-        print(f"edgec: error (rank {rank}): {str(e).splitlines()[0]}", file=sys.stderr)
+            Path(spec["result"]).write_text(json.dumps({"error": cause_line(e), "exit_code": e.exit_code}))
+        print(f"edgec: error (rank {rank}): {cause_line(e)}", file=sys.stderr)
         return e.exit_code
     finally:
         dist.destroy_process_group()

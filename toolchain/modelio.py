@@ -13,6 +13,7 @@ import collections
 import importlib
 import importlib.util
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,8 +280,15 @@ def load_weights(model: nn.Module, state_dict: dict, path, arch: str) -> None:
 
 def load_model(path, arch: str | None = None, *, trust_pickle: bool = False,
                input_shape: tuple | None = None) -> LoadedModel:
-    """Load any supported model file; never unpickles arbitrary objects unless trust_pickle."""
-    path = Path(path)
+    """Load any supported model file; never unpickles arbitrary objects unless trust_pickle. torch's loaders warn
+    about their own deprecations and a file's pickle protocol: not the user's to act on, and a second line on
+    stderr in front of the one error line; silenced while loading."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _load_model(Path(path), arch, trust_pickle, input_shape)
+
+
+def _load_model(path: Path, arch: str | None, trust_pickle: bool, input_shape: tuple | None) -> LoadedModel:
     if not path.exists():
         raise ModelError(f"model file {path} not found")
     if path.is_dir():
@@ -377,7 +385,10 @@ def _load_torchscript(path: Path, input_shape) -> LoadedModel:
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad archive
-        raise ModelError(f"{path} looks like TorchScript but does not load ({str(e).splitlines()[0]})") from None
+        # the first line of torch's message is often empty ("\nUnknown type name 'posix.system':\n...")
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ModelError(f"{path} looks like TorchScript but does not load ({why}); save it again with "
+                         "torch.jit.save, or pass a state_dict with --arch") from None
     return LoadedModel(module.eval(), "torchscript", path, input_shape=input_shape)
 
 
@@ -389,7 +400,7 @@ def _load_exported(path: Path, input_shape, trust_pickle: bool) -> LoadedModel:
         raise
     except Exception as e:  # noqa: BLE001 - only with --trust-pickle: torch.export.load's own errors
         raise ModelError(f"{path} looks like a torch.export program but does not load "
-                         f"({str(e).splitlines()[0]})") from None
+                         f"({' '.join(str(e).split())[:200] or type(e).__name__})") from None
     if input_shape is None:
         args = program.example_inputs[0] if program.example_inputs else ()
         if args and isinstance(args[0], torch.Tensor):

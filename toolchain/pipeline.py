@@ -128,6 +128,22 @@ def export_model(spec: SourceSpec, output: str, *, opset: int = 17, force: bool 
             "warnings": info.warnings, "seconds": round(record.seconds, 2)}
 
 
+def _check_onnx_labels(model, calib, check, checks) -> None:
+    """--task, --label-output and the data's labels against the ONNX model's outputs before any long work, as
+    load_source does for a torch model (quantize scored labels that could not fit as if there were none): one
+    FP32 run on one sample gives the outputs' shapes."""
+    import numpy as np
+    from edgec.exporters.compare import iter_onnx, ort_session, output_batch_axis
+    from edgec.exporters.metrics import check_labels, check_names
+    sess = ort_session(model)
+    names = [o.name for o in sess.get_outputs()]
+    check_names(names, checks, check.y is not None, list(check.named))
+    _, outs = next(iter_onnx(sess, check.take(np.arange(1))))
+    shapes = [tuple(np.delete(o.shape, output_batch_axis(sess, i))) if o.ndim else () for i, o in enumerate(outs)]
+    for data in {id(d): d for d in (calib, check) if d.classes is None}.values():
+        check_labels(names, shapes, data.labels, checks)   # a class folder's labels are implicit
+
+
 def quantize_model(model: str, spec: SourceSpec, output: str, options, *, force: bool = False, checks=None,
                    fallback_seconds: float = 300.0, min_cosine: float | None = stages.DEFAULT_MIN_COSINE) -> dict:
     """`edgec quantize`: an ONNX model -> static INT8 calibrated on --data, checked against the FP32 model on
@@ -149,6 +165,7 @@ def quantize_model(model: str, spec: SourceSpec, output: str, options, *, force:
     check_calibration_size(calib)
     check = load_data(spec.eval_data, **kw).bind(specs) if spec.eval_data else calib
     check = check.take(np.arange(min(512, len(check))))   # streamed
+    _check_onnx_labels(model, calib, check, checks)
     # no accuracy budget here (quantize does not gate): labelled data gets no fallback
     budget = stages.fallback_budget(None, fallback_seconds, min_cosine)
     with atomic_path(output, force=force, inputs=(model, spec.data, spec.eval_data)) as tmp:

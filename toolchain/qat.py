@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from edgec.core.errors import ModelError, OptionError
+from edgec.core.errors import ModelError, OptionError, cause_line
 from edgec.exporters.transforms import is_depthwise_weight, weight_reduce_range
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -335,7 +335,7 @@ def prepare_qat(model: nn.Module, scheme, ema: float = 0.01) -> fx.GraphModule:
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure means: not supported by this recipe
-        raise ModelError(f"qat-kd needs a model torch.fx can trace ({str(e).splitlines()[0][:160]}); "
+        raise ModelError(f"qat-kd needs a model torch.fx can trace ({cause_line(e)[:160]}); "
                          "use PTQ for this model") from e
     folded = _fold_bn(gm)
     for m in gm.modules():

@@ -30,7 +30,7 @@ from torch import nn
 
 from edgec import kdloss
 from edgec.data import Dataset
-from edgec.core.errors import ModelError, OptionError
+from edgec.core.errors import ModelError, OptionError, cause_line
 from edgec.metrics import set_eval
 from edgec.core.progress import note, progress_bar
 
@@ -518,7 +518,7 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
         try:
             student.load_state_dict(state["model"])
         except RuntimeError as e:
-            raise ModelError(f"checkpoint {cfg.checkpoint} holds another student ({str(e).splitlines()[0]})") from None
+            raise ModelError(f"checkpoint {cfg.checkpoint} holds another student ({cause_line(e)})") from None
         adapters.load_state_dict(state["adapters"])
         opt.load_state_dict(state["optimizer"])
         if sched is not None:

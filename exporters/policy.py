@@ -6,6 +6,7 @@ calibrated (benchmarks/ANYMODEL_RESULTS.md, /work/shared/FIELD-NOTES.md):
   long kernels on one channel) span many decades (a VAD's correlation with FP32 fell to 0.07);
 - LayerNorm and Softmax: their internals (mean, variance, exp) and inputs (pre-norm residuals with outlier
   channels, attention scores);
+- a graph output joined (Concat) from parts of very different ranges: a detector's boxes beside its scores;
 - the recurrent state path: LSTM/GRU/RNN (also inside If/Loop branches) and the nodes that carry a state input to
   them and their state back out: an error there is fed back every step.
 `plan()` names these nodes, each with its reason (recorded in QuantInfo.policy), and says whether a transformer's
@@ -220,6 +221,53 @@ def _branch_reads(g: _Graph) -> list[dict]:
                        "reads inside branches, so a folded Relu/Clip there would be lost"}]
 
 
+# a part of a joined output with under 1/8 of the largest part's range keeps under 32 of the 256 levels
+MIXED_RANGE_RATIO = 8.0
+MIXED_REASON = ("{node} joins parts of very different ranges into graph output {output} (|max| {ranges}): one 8-bit "
+                "scale for the joined tensor rounds the small parts away (NudeNet's YOLO head: boxes up to 330 px beside "
+                "0-1 class scores, every INT8 score 0 and no detection left); the join stays float, each part keeps "
+                "its own INT8 scale")
+
+
+def _to_output(g: _Graph, name: str) -> tuple[list, str | None]:
+    """The data-movement nodes from tensor `name` to a graph output, and that output (None: it reaches none)."""
+    if name in g.outputs:
+        return [], name
+    for c in g.consumers.get(name, []):
+        if c.op_type in MOVES and c.op_type != "Concat":
+            path, out = _to_output(g, c.output[0])
+            if out is not None:
+                return [c, *path], out
+    return [], None
+
+
+def _mixed_outputs(g: _Graph, ranges: dict | None) -> list[dict]:
+    """Concats that make a graph output from parts whose calibrated ranges differ by MIXED_RANGE_RATIO or more."""
+    if not ranges:
+        return []
+    import numpy as np
+    from onnx import numpy_helper
+    found = []
+    for n in (n for n in g.nodes if n.op_type == "Concat"):
+        after, out = _to_output(g, n.output[0])
+        if out is None:
+            continue
+        amax = []
+        for i in n.input:
+            if i in g.inits:
+                v = numpy_helper.to_array(g.inits[i])
+                amax.append(float(np.abs(v).max()) if v.size else 0.0)
+            elif i in ranges:
+                amax.append(max(abs(float(ranges[i][0])), abs(float(ranges[i][1]))))
+        parts = [a for a in amax if a > 1e-12]
+        if len(parts) < 2 or max(parts) < MIXED_RANGE_RATIO * min(parts):
+            continue
+        found.append({"kind": "mixed_output", "nodes": [n.name, *(c.name for c in after)],
+                      "reason": MIXED_REASON.format(node=n.name, output=out,
+                                                    ranges=", ".join(f"{a:.3g}" for a in amax))})
+    return found
+
+
 def is_transformer(model) -> bool:
     ops = {n.op_type for n in model.graph.node}
     g = _Graph(model)
@@ -234,14 +282,16 @@ def transformer_mode(model) -> tuple[str, str]:
     return "static", "no attention (Softmax/LayerNorm with activation x activation MatMuls): static INT8"
 
 
-def plan(model, *, enabled: bool = True) -> dict:
-    """The default exclusions and the MatMul mode for `model` (the graph about to be quantized)."""
+def plan(model, *, enabled: bool = True, ranges: dict | None = None) -> dict:
+    """The default exclusions and the MatMul mode for `model` (the graph about to be quantized); `ranges` (tensor ->
+    calibrated (lo, hi)) finds the joined outputs whose parts one scale cannot hold."""
     mode, mode_reason = transformer_mode(model)
     if not enabled:
         return {"enabled": False, "exclusions": [], "nodes": [], "mode": "static",
                 "mode_reason": "policy off by option: static INT8 of every supported node"}
     g = _Graph(model)
-    groups = [*_spectral(g), *_norms(g), *_recurrent(g), *_branch_reads(g), *_tables(model)]
+    groups = [*_spectral(g), *_norms(g), *_recurrent(g), *_branch_reads(g), *_tables(model),
+              *_mixed_outputs(g, ranges)]
     nodes = list(dict.fromkeys(n for grp in groups for n in grp["nodes"]))
     dynamic = _dynamic(g, groups) if mode == "static" else []
     return {"enabled": True, "exclusions": groups, "nodes": nodes, "mode": mode, "mode_reason": mode_reason,

@@ -380,7 +380,9 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
             record["strided_convs_as_phases"] = strided_convs_as_phases(model, keep=options.exclude_nodes)
             changed = any(record[k]["rewritten"] for k in ("prelu", "batchnorm_as_conv", "strided_convs_as_phases"))
         record["hard_swish_fused"] = fuse_hard_swish(model)   # exact: two quantizers fewer per hard-swish
-        if changed or record["hard_swish_fused"]:
+        from edgec.exporters.rewrites import unshare_biases
+        record["unshared_biases"] = unshare_biases(model)     # exact: ORT's own copies can take a used name
+        if changed or record["hard_swish_fused"] or record["unshared_biases"]:
             onnx.save_model(model, str(pre))
         del model
         transforms, bias = _equalize(pre, calibration, options, workdir)
@@ -401,7 +403,7 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
         from edgec.exporters.policy import plan
         model = onnx.load(str(pre), load_external_data=False)
         p = Prepared(workdir, pre, cache, fp32_path, options, scheme, calib, record, node_ops, transforms,
-                     policy=plan(model, enabled=options.policy), depthwise_weights=tuple(depthwise_weights(model)))
+                     policy=plan(model, enabled=options.policy, ranges=calib.ranges), depthwise_weights=tuple(depthwise_weights(model)))
         del model
         exclude = p.resolve_exclusions(options.exclude_nodes, options.exclude_op_types)  # fail before quantizing
         if options.adaround:

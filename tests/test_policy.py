@@ -425,3 +425,34 @@ def test_a_large_word_table_becomes_int8_rows_with_a_scale_each(tmp_path):
     kept = quantize_int8(tmp_path / "bow.onnx", tmp_path / "kept.onnx", [{"ids": ids[:16]}],
                          QuantOptions(force_calibration_data=True, exclude_nodes=(tables[0]["node"],)))
     assert kept.pre_process["int8_embeddings"] == [] and kept.int8_bytes > 0.9 * info.fp32_bytes
+
+
+class DetectHead(nn.Module):
+    """A YOLO-like head (NudeNet's YOLOv8): boxes in pixels (up to ~300) joined with sigmoid class scores into one
+    output, (N, 4 + classes, anchors)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
+        self.box, self.cls = nn.Conv2d(16, 4, 1), nn.Conv2d(16, 6, 1)
+
+    def forward(self, x):
+        f = self.stem(x)
+        box = torch.sigmoid(self.box(f)) * 320
+        return torch.cat([box.flatten(2), torch.sigmoid(self.cls(f) - 2).flatten(2)], 1)
+
+
+def test_an_output_joining_boxes_and_scores_keeps_its_scores_in_int8(tmp_path):
+    """One 8-bit scale over boxes (0-320) and scores (0-1) rounded every INT8 score of NudeNet to 0 while the whole
+    output's SQNR read 29.9 dB: the join stays float (policy group mixed_output), each part keeps its own scale."""
+    fp32 = _export(DetectHead(), torch.rand(2, 3, 32, 32), tmp_path / "det.onnx")
+    x = np.random.default_rng(0).random((64, 3, 32, 32), dtype=np.float32)
+    info = quantize_int8(fp32, tmp_path / "det.int8.onnx", [{"input": x[i:i + 16]} for i in range(0, 48, 16)],
+                         QuantOptions(force_calibration_data=True))
+    mixed = [g for g in info.policy["exclusions"] if g["kind"] == "mixed_output"]
+    assert len(mixed) == 1 and "scale" in mixed[0]["reason"], info.policy["exclusions"]
+    ref, got = _run(fp32, x[48:]), _run(tmp_path / "det.int8.onnx", x[48:])
+    assert _sqnr(ref[:, 4:], got[:, 4:]) > 25, _sqnr(ref[:, 4:], got[:, 4:])   # scores, not only boxes
+    assert _sqnr(ref[:, :4], got[:, :4]) > 25
+    assert info.ops["by_type"]["Conv"]["float"] == 0   # the convs stay INT8

@@ -400,10 +400,13 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
                           channel_means=wanted, bounds=bounds)
         cache = workdir / "ranges.json"
         save_ranges(calib.ranges, cache)
+        from edgec.exporters.calibration import underflow_fractions
         from edgec.exporters.policy import plan
         model = onnx.load(str(pre), load_external_data=False)
+        underflow = underflow_fractions(calibration, options.num_samples) if options.policy else {}
         p = Prepared(workdir, pre, cache, fp32_path, options, scheme, calib, record, node_ops, transforms,
-                     policy=plan(model, enabled=options.policy, ranges=calib.ranges), depthwise_weights=tuple(depthwise_weights(model)))
+                     policy=plan(model, enabled=options.policy, ranges=calib.ranges, underflow=underflow),
+                     depthwise_weights=tuple(depthwise_weights(model)))
         del model
         exclude = p.resolve_exclusions(options.exclude_nodes, options.exclude_op_types)  # fail before quantizing
         if options.adaround:

@@ -456,3 +456,48 @@ def test_an_output_joining_boxes_and_scores_keeps_its_scores_in_int8(tmp_path):
     assert _sqnr(ref[:, 4:], got[:, 4:]) > 25, _sqnr(ref[:, 4:], got[:, 4:])   # scores, not only boxes
     assert _sqnr(ref[:, :4], got[:, :4]) > 25
     assert info.ops["by_type"]["Conv"]["float"] == 0   # the convs stay INT8
+
+
+class PowerSpectrumLSTM(nn.Module):
+    """Resemblyzer's speaker encoder in small: an LSTM reading raw (not log) power mels, its last hidden state
+    projected, ReLU'd and L2-normed."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm, self.linear = nn.LSTM(16, 32, 2, batch_first=True), nn.Linear(32, 32)
+        with torch.no_grad():   # trained on raw power: input weights that make its quiet frames count
+            self.lstm.weight_ih_l0.mul_(300)
+
+    def forward(self, mels):
+        _, (h, _) = self.lstm(mels)
+        e = torch.relu(self.linear(h[-1]))
+        return e / torch.norm(e, dim=1, keepdim=True)
+
+
+def _power_mels(n, seed):
+    """(n, 20, 16) power spectra: loud and quiet frames, decades apart (speech and its pauses)."""
+    g = np.random.default_rng(seed)
+    level = 10.0 ** g.uniform(-5, 1, (n, 20, 1))
+    return (g.standard_normal((n, 20, 16)) ** 2 * level * g.uniform(0.1, 1, (n, 1, 16))).astype(np.float32)
+
+
+def test_the_first_lstm_reading_a_raw_power_spectrum_stays_float(tmp_path):
+    """Most values of a raw power spectrum are under half of one 8-bit step of its range: the dynamic INT8 LSTM
+    there zeroed them (Resemblyzer: cosine 0.62). The layers reading such an input stay float (policy group
+    wide_input), the LSTM after them dynamic INT8."""
+    fp32 = _export(PowerSpectrumLSTM(), torch.from_numpy(_power_mels(2, 0)), tmp_path / "spk.onnx")
+    x = _power_mels(96, 1)
+    info = quantize_int8(fp32, tmp_path / "spk.int8.onnx", [{"input": x[i:i + 32]} for i in range(0, 64, 32)],
+                         QuantOptions(force_calibration_data=True))
+    wide = [g for g in info.policy["exclusions"] if g["kind"] == "wide_input"]
+    assert len(wide) == 1 and "spans decades" in wide[0]["reason"], info.policy["exclusions"]
+    lstms = [n for n in onnx.load(str(fp32)).graph.node if n.op_type == "LSTM"]
+    assert lstms[0].name in wide[0]["nodes"] and lstms[1].name in info.policy["dynamic_nodes"]
+    ref, got = _run(fp32, x[64:]), _run(tmp_path / "spk.int8.onnx", x[64:])
+    cos = (ref * got).sum(1) / np.linalg.norm(got, axis=1)
+    assert cos.mean() > 0.995 and _sqnr(ref, got) > 25, (cos.mean(), _sqnr(ref, got))   # before: 0.985, 15.2 dB
+    # images, log-spectra and waveforms keep their INT8 first layer: this input only is that wide
+    log = np.log(x + 1e-6)
+    info = quantize_int8(fp32, tmp_path / "log.int8.onnx", [{"input": log[:64]}], QuantOptions(force_calibration_data=True))
+    assert not [g for g in info.policy["exclusions"] if g["kind"] == "wide_input"]

@@ -501,3 +501,47 @@ def test_the_first_lstm_reading_a_raw_power_spectrum_stays_float(tmp_path):
     log = np.log(x + 1e-6)
     info = quantize_int8(fp32, tmp_path / "log.int8.onnx", [{"input": log[:64]}], QuantOptions(force_calibration_data=True))
     assert not [g for g in info.policy["exclusions"] if g["kind"] == "wide_input"]
+
+
+class Octaves(nn.Module):
+    """basic-pitch's CQT in small: a half-band low-pass (64 taps, stride 2) resamples the signal octave by octave
+    and one filter bank (64 taps) reads every octave; magnitudes, log, a learnt conv."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        t = torch.arange(64) - 31.5
+        lp = torch.sinc(t / 2) * torch.hann_window(64, periodic=False) / 2
+        self.down = nn.Conv1d(1, 1, 64, stride=2, padding=31, bias=False)
+        self.down.weight.data = lp.view(1, 1, 64)
+        f = torch.linspace(0.05, 0.45, 8)[:, None]
+        bank = torch.cat([torch.cos(2 * np.pi * f * t), torch.sin(2 * np.pi * f * t)]) * torch.hann_window(64)
+        self.bank = nn.Conv1d(1, 16, 64, stride=16, bias=False)
+        self.bank.weight.data = bank.view(16, 1, 64)
+        self.enc = nn.Conv1d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        x, feats = x.unsqueeze(1), []
+        for _ in range(4):
+            s = self.bank(x)[..., :8]
+            feats.append(torch.log(s[:, :8] ** 2 + s[:, 8:] ** 2 + 1e-6))
+            x = self.down(x)
+        return self.enc(torch.cat(feats, -1))
+
+
+def test_a_multirate_cascade_of_filters_stays_float(tmp_path):
+    """The resampling convs and the filter bank reading their octaves are one cascade: kept float (no dynamic
+    INT8 either), not rewritten to the phase form, the learnt conv after it INT8."""
+    fp32 = _export(Octaves(), torch.randn(2, 1024), tmp_path / "oct.onnx")
+    x = (_signals(96, 1024) * np.random.default_rng(1).uniform(0.05, 1.0, (96, 1))).astype(np.float32)
+    batches = [x[i:i + 32] for i in range(0, 64, 32)]
+    info = quantize_int8(fp32, tmp_path / "oct.int8.onnx", batches, QuantOptions(force_calibration_data=True))
+    cascade = [g for g in info.policy["exclusions"] if g["kind"] == "cascade"]
+    assert len(cascade) == 1 and "multirate cascade" in cascade[0]["reason"], info.policy["exclusions"]
+    convs = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"]
+    assert sum(c in cascade[0]["nodes"] for c in convs) == len(convs) - 1 == 7   # 4 banks, 3 resamplers
+    assert not set(info.policy["dynamic_nodes"]) & set(cascade[0]["nodes"])
+    assert info.pre_process["strided_convs_as_phases"]["rewritten"] == []
+    assert info.ops["by_type"]["Conv"]["int8"] == 1
+    ref, got = _run(fp32, x[64:]), _run(tmp_path / "oct.int8.onnx", x[64:])
+    assert _sqnr(ref, got) > 25, _sqnr(ref, got)

@@ -380,9 +380,10 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
             record["strided_convs_as_phases"] = strided_convs_as_phases(model, keep=options.exclude_nodes)
             changed = any(record[k]["rewritten"] for k in ("prelu", "batchnorm_as_conv", "strided_convs_as_phases"))
         record["hard_swish_fused"] = fuse_hard_swish(model)   # exact: two quantizers fewer per hard-swish
-        from edgec.exporters.rewrites import unshare_biases
+        from edgec.exporters.rewrites import one_dim_biases, unshare_biases
         record["unshared_biases"] = unshare_biases(model)     # exact: ORT's own copies can take a used name
-        if changed or record["hard_swish_fused"] or record["unshared_biases"]:
+        record["one_dim_biases"] = one_dim_biases(model)      # exact: ORT's quantizer indexes a bias as (N,)
+        if changed or record["hard_swish_fused"] or record["unshared_biases"] or record["one_dim_biases"]:
             onnx.save_model(model, str(pre))
         del model
         transforms, bias = _equalize(pre, calibration, options, workdir)

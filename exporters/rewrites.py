@@ -87,6 +87,31 @@ def unshare_biases(model) -> list[str]:
     return done
 
 
+def one_dim_biases(model) -> list[str]:
+    """A Gemm's (1, N) bias as (N,): the same broadcast. ORT's graph optimiser fuses MatMul + Add(1, N) into such a
+    Gemm (Magika's last Dense) and its QDQ quantizer then indexes the bias per output channel expecting (N,)
+    ("truth value of an array ... is ambiguous", no INT8 file). A bias other nodes read gets its own copy. Exact."""
+    from onnx import numpy_helper
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    readers = defaultdict(int)
+    for n in g.node:
+        for i in n.input:
+            readers[i] += 1
+    done = []
+    for n in g.node:
+        b = inits.get(n.input[2]) if n.op_type == "Gemm" and len(n.input) > 2 else None
+        if b is None or len(b.dims) != 2 or b.dims[0] != 1:
+            continue
+        flat = numpy_helper.from_array(numpy_helper.to_array(b).reshape(-1), f"{b.name}_1d")
+        if readers[b.name] == 1:
+            g.initializer.remove(b)
+        g.initializer.append(flat)
+        n.input[2] = flat.name
+        done.append(n.name)
+    return done
+
+
 def phase_candidates(model, keep=()) -> list:
     """The Convs that fit the phase form by weight and attributes (their input shapes not yet checked)."""
     inits = {i.name: i for i in model.graph.initializer}

@@ -217,3 +217,25 @@ def test_a_bias_two_convs_share_is_copied_under_an_unused_name_before_quantizati
     assert info.pre_process["unshared_biases"] == ["c2"]
     ref, got = _run(onnx.load(str(path)), x[32:]), _run(onnx.load(str(tmp_path / "int8.onnx")), x[32:])
     assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25
+
+
+def test_a_matmul_plus_row_bias_quantizes(tmp_path):
+    """Magika's last Dense: MatMul + Add of a (1, N) bias, which ORT's optimiser fuses into a Gemm whose bias its
+    quantizer cannot index (an internal error, no INT8 file). The bias is made (N,) first."""
+    from onnx import TensorProto, helper, numpy_helper
+    from edgec.exporters.quantize import QuantOptions, quantize_int8
+    g = np.random.default_rng(0)
+    w = numpy_helper.from_array(g.standard_normal((16, 8)).astype(np.float32), "w")
+    b = numpy_helper.from_array(g.standard_normal((1, 8)).astype(np.float32), "b")
+    nodes = [helper.make_node("Tanh", ["input"], ["t"], name="tanh"),
+             helper.make_node("MatMul", ["t", "w"], ["m"], name="dense"),
+             helper.make_node("Add", ["m", "b"], ["output"], name="bias")]
+    graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 8])], [w, b])
+    path = tmp_path / "dense.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = g.standard_normal((48, 16)).astype(np.float32)
+    info = quantize_int8(path, tmp_path / "int8.onnx", [{"input": x[:32]}], QuantOptions(force_calibration_data=True))
+    assert len(info.pre_process["one_dim_biases"]) == 1, info.pre_process
+    ref, got = _run(onnx.load(str(path)), x[32:]), _run(onnx.load(str(tmp_path / "int8.onnx")), x[32:])
+    assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25

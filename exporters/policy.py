@@ -203,12 +203,48 @@ def _norms(g: _Graph) -> list[dict]:
             for o in c.output:
                 todo.extend(g.consumers.get(o, []))
         nodes += part
+    nodes += _sum_layernorms(g)
     if not nodes:
         return []
     kinds = sorted({n.op_type for n in nodes})
     return [{"kind": "norm", "nodes": list(dict.fromkeys(n.name for n in nodes)),
              "reason": f"{len(nodes)} LayerNorm/Softmax nodes ({', '.join(kinds)}): mean/variance/exp internals and "
                        "inputs with outlier channels or attention scores do not fit one 8-bit scale"}]
+
+
+# jax2tf's LayerNorm (Magika): var = Sum(x*x)/n - (Sum(x)/n)^2, Max(0), Rsqrt, (x - mean) * scale + bias
+_SUM_LN_PARTS = (*_LN_PARTS, "ReduceSum", "Max", "Expand", "Reshape")
+
+
+def _sum_layernorms(g: _Graph) -> list:
+    """LayerNorms built from ReduceSum: a Sum of x scaled (by 1/n) and broadcast to a Sub from x itself, with
+    everything that computes the variance and scales by it. In INT8 the difference E[x^2] - E[x]^2 cancels to
+    noise: Magika's first LayerNorm took its top-1 agreement with FP32 to 6 % (float: 98 %)."""
+    found = []
+    for n in (n for n in g.nodes if n.op_type == "ReduceSum"):
+        x, todo, path, hit = n.input[0], deque(n.output), [], False
+        while todo and len(path) < 6 and not hit:
+            for c in g.consumers.get(todo.popleft(), []):
+                if c.op_type == "Sub" and x in c.input:
+                    hit = True
+                elif c.op_type in ("Mul", "Div", "Reshape", "Expand", "Unsqueeze"):
+                    path.append(c)
+                    todo.extend(c.output)
+        if not hit:
+            continue
+        starts = [n, *(c for c in g.consumers.get(x, []) if c.op_type in ("Mul", "Pow")
+                       and (c.op_type == "Pow" or list(c.input[:2]) == [x, x]))]
+        part, seen, todo = [], set(), deque(starts)
+        while todo and len(part) < 24:
+            c = todo.popleft()
+            if c.name in seen or c.op_type not in _SUM_LN_PARTS:
+                continue
+            seen.add(c.name)
+            part.append(c)
+            for o in c.output:
+                todo.extend(g.consumers.get(o, []))
+        found += part
+    return found
 
 
 def _recurrent(g: _Graph) -> list[dict]:

@@ -545,3 +545,36 @@ def test_a_multirate_cascade_of_filters_stays_float(tmp_path):
     assert info.ops["by_type"]["Conv"]["int8"] == 1
     ref, got = _run(fp32, x[64:]), _run(tmp_path / "oct.int8.onnx", x[64:])
     assert _sqnr(ref, got) > 25, _sqnr(ref, got)
+
+
+class SumLayerNorm(nn.Module):
+    """Magika's (jax2tf) LayerNorm between two Dense layers: var = E[x^2] - E[x]^2 from ReduceSums."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 8)
+        with torch.no_grad():
+            self.a.bias.add_(4.0)   # a mean well above the spread: the difference is what INT8 loses
+
+    def forward(self, x):
+        h = self.a(x)
+        mean = h.sum(-1, keepdim=True) * (1 / 64)
+        var = torch.clamp((h * h).sum(-1, keepdim=True) * (1 / 64) - mean * mean, min=0)
+        return self.b((h - mean) * torch.rsqrt(var + 1e-6))
+
+
+def test_a_layernorm_built_from_sums_stays_float(tmp_path):
+    fp32 = _export(SumLayerNorm(), torch.randn(2, 16), tmp_path / "ln.onnx")
+    x = np.random.default_rng(0).standard_normal((96, 16)).astype(np.float32)
+    info = quantize_int8(fp32, tmp_path / "ln.int8.onnx", [x[:64]], QuantOptions(force_calibration_data=True))
+    norm = [g for g in info.policy["exclusions"] if g["kind"] == "norm"]
+    assert norm and {"ReduceSum", "Sub"} <= set(_ops(fp32, norm[0]["nodes"])), norm
+    ref, got = _run(fp32, x[64:]), _run(tmp_path / "ln.int8.onnx", x[64:])
+    assert _sqnr(ref, got) > 25, _sqnr(ref, got)
+    assert info.ops["by_type"]["Gemm"]["int8"] == 2   # the Dense layers around it stay INT8
+
+
+def _ops(path, names):
+    names = set(names)
+    return [n.op_type for n in onnx.load(str(path)).graph.node if n.name in names]

@@ -183,6 +183,20 @@ def spectral_convs(model) -> set[str]:
     return {grp["nodes"][0] for grp in _spectral(g)} | {n for grp in _cascade(g) for n in grp["nodes"] if n in stft}
 
 
+def _downstream(g: _Graph, starts, ops, limit: int, seen=None) -> list:
+    """`starts` and what they feed, breadth first, through nodes of `ops` only, at most `limit` nodes."""
+    part, seen, todo = [], set(seen or ()), deque(starts)
+    while todo and len(part) < limit:
+        c = todo.popleft()
+        if c.name in seen or c.op_type not in ops:
+            continue
+        seen.add(c.name)
+        part.append(c)
+        for o in c.output:
+            todo.extend(g.consumers.get(o, []))
+    return part
+
+
 def _norms(g: _Graph) -> list[dict]:
     nodes = [n for n in g.nodes if n.op_type in NORMS]
     # decomposed LayerNorm: ReduceMean whose input is also subtracted from its output, and what follows it
@@ -192,17 +206,7 @@ def _norms(g: _Graph) -> list[dict]:
         subs = [c for c in g.consumers.get(n.output[0], []) if c.op_type == "Sub" and n.input[0] in c.input]
         if not subs:
             continue
-        part, todo = [n], deque(subs)
-        seen = {n.name}
-        while todo and len(part) < 12:
-            c = todo.popleft()
-            if c.name in seen or c.op_type not in _LN_PARTS:
-                continue
-            seen.add(c.name)
-            part.append(c)
-            for o in c.output:
-                todo.extend(g.consumers.get(o, []))
-        nodes += part
+        nodes += [n, *_downstream(g, subs, _LN_PARTS, 11, seen={n.name})]
     nodes += _sum_layernorms(g)
     if not nodes:
         return []
@@ -234,16 +238,7 @@ def _sum_layernorms(g: _Graph) -> list:
             continue
         starts = [n, *(c for c in g.consumers.get(x, []) if c.op_type in ("Mul", "Pow")
                        and (c.op_type == "Pow" or list(c.input[:2]) == [x, x]))]
-        part, seen, todo = [], set(), deque(starts)
-        while todo and len(part) < 24:
-            c = todo.popleft()
-            if c.name in seen or c.op_type not in _SUM_LN_PARTS:
-                continue
-            seen.add(c.name)
-            part.append(c)
-            for o in c.output:
-                todo.extend(g.consumers.get(o, []))
-        found += part
+        found += _downstream(g, starts, _SUM_LN_PARTS, 24)
     return found
 
 

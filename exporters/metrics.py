@@ -209,11 +209,11 @@ def detect_task(ref: np.ndarray, labels: np.ndarray | None = None, num_classes: 
                 return "classify", f"{k} columns, labels within 0..{k - 1}"
     if ref.min() >= 0 and np.allclose(ref.sum(1), 1.0, atol=1e-3):
         return "classify", "rows are probabilities summing to 1"
+    norms = np.linalg.norm(ref.astype(np.float64), axis=1)
+    if norms.size and np.allclose(norms, 1.0, atol=1e-3):   # before [0,1]: a ReLU'd embedding is non-negative
+        return "embed", "unit-length rows"
     if ref.min() >= 0 and ref.max() <= 1 and float(ref.std(0).max()) > 1e-3:
         return "multilabel", f"{k} columns of independent values in [0,1]"
-    norms = np.linalg.norm(ref.astype(np.float64), axis=1)
-    if norms.size and np.allclose(norms, 1.0, atol=1e-3):
-        return "embed", "unit-length rows"
     if k >= EMBED_MIN_DIM:
         return "embed", f"{k} columns" + (", the labels do not fit them" if labels is not None else "")
     if only_output and labels is None:  # a lone small (N,K) float output is a classifier's logits far more often

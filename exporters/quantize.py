@@ -384,7 +384,10 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
             changed = any(record[k]["rewritten"] for k in ("prelu", "batchnorm_as_conv", "strided_convs_as_phases",
                                                            "strided_convs_as_frames"))
         record["hard_swish_fused"] = fuse_hard_swish(model)   # exact: two quantizers fewer per hard-swish
-        if changed or record["hard_swish_fused"]:
+        from edgec.exporters.rewrites import one_dim_biases, unshare_biases
+        record["unshared_biases"] = unshare_biases(model)     # exact: ORT's own copies can take a used name
+        record["one_dim_biases"] = one_dim_biases(model)      # exact: ORT's quantizer indexes a bias as (N,)
+        if changed or record["hard_swish_fused"] or record["unshared_biases"] or record["one_dim_biases"]:
             onnx.save_model(model, str(pre))
         del model
         transforms, bias = _equalize(pre, calibration, options, workdir)
@@ -402,10 +405,13 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
                           channel_means=wanted, bounds=bounds)
         cache = workdir / "ranges.json"
         save_ranges(calib.ranges, cache)
+        from edgec.exporters.calibration import underflow_fractions
         from edgec.exporters.policy import plan
         model = onnx.load(str(pre), load_external_data=False)
+        underflow = underflow_fractions(calibration, options.num_samples) if options.policy else {}
         p = Prepared(workdir, pre, cache, fp32_path, options, scheme, calib, record, node_ops, transforms,
-                     policy=plan(model, enabled=options.policy), depthwise_weights=tuple(depthwise_weights(model)))
+                     policy=plan(model, enabled=options.policy, ranges=calib.ranges, underflow=underflow),
+                     depthwise_weights=tuple(depthwise_weights(model)))
         del model
         exclude = p.resolve_exclusions(options.exclude_nodes, options.exclude_op_types)  # fail before quantizing
         if options.adaround:

@@ -3,7 +3,8 @@
 Before quantization: `prelus_as_max` (PRelu has no INT8 kernel), `batchnorms_as_convs` (nor has a BatchNorm that
 follows no Conv), `strided_convs_as_phases` and `strided_convs_as_frames` (also at export: they speed FP32 too).
 After ORT's QDQ quantization, on the integers: `integer_max` (the PRelus' Max and a MaxPool after it),
-`integer_pads`, `integer_inputs_from_static_codes`.
+`integer_pads`, `integer_inputs_from_static_codes`. `unshare_biases` is no speed-up but a name fix for ORT's
+quantizer (see there).
 
 `strided_convs_as_phases`: a strided convolution over few input channels with a long kernel (an audio front end
 reading the raw waveform) is the same function as a stride-1 convolution over the stride's phases taken as
@@ -55,6 +56,63 @@ def _phase_axis(conv, weight):
     if taps[axis] % stride or taps[axis] // stride < PHASE_MIN_TAPS or channels * stride > PHASE_MAX_CHANNELS:
         return None
     return axis, stride
+
+
+def unshare_biases(model) -> list[str]:
+    """Give each Conv/ConvTranspose/Gemm reading a bias that another node also reads its own copy, under a name no
+    value uses. ORT's QDQ quantizer copies a shared bias itself as `name` + a number, checking only initializer
+    names: basic-pitch's TF export has a bias `.../conv1d_25;.../conv1d_25` and a conv output `...;.../conv1d_252`,
+    and the copy took that output's name (ORT then refused the INT8 file: Transpose perm on shape {36}). Exact."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    readers = defaultdict(list)
+    for n in g.node:
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm") and len(n.input) > 2 and n.input[2] in inits:
+            readers[n.input[2]].append(n)
+    shared = {b: nodes for b, nodes in readers.items() if len(nodes) > 1}
+    if not shared:
+        return []
+    from edgec.exporters.policy import _names
+    taken = _names(g)
+    done = []
+    for bias, nodes in shared.items():
+        for k, n in enumerate(nodes[1:], 1):
+            name = f"{bias}_edgec_copy{k}"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            copy = type(inits[bias])()
+            copy.CopyFrom(inits[bias])
+            copy.name = name
+            g.initializer.append(copy)
+            n.input[2] = name
+            done.append(n.name)
+    return done
+
+
+def one_dim_biases(model) -> list[str]:
+    """A Gemm's (1, N) bias as (N,): the same broadcast. ORT's graph optimiser fuses MatMul + Add(1, N) into such a
+    Gemm (Magika's last Dense) and its QDQ quantizer then indexes the bias per output channel expecting (N,)
+    ("truth value of an array ... is ambiguous", no INT8 file). A bias other nodes read gets its own copy. Exact."""
+    from onnx import numpy_helper
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    readers = defaultdict(int)
+    for n in g.node:
+        for i in n.input:
+            readers[i] += 1
+    done = []
+    for n in g.node:
+        b = inits.get(n.input[2]) if n.op_type == "Gemm" and len(n.input) > 2 else None
+        if b is None or len(b.dims) != 2 or b.dims[0] != 1:
+            continue
+        flat = numpy_helper.from_array(numpy_helper.to_array(b).reshape(-1), f"{b.name}_1d")
+        if readers[b.name] == 1:
+            g.initializer.remove(b)
+        g.initializer.append(flat)
+        n.input[2] = flat.name
+        done.append(n.name)
+    return done
 
 
 def phase_candidates(model, keep=()) -> list:
@@ -131,8 +189,10 @@ def strided_convs_as_phases(model, keep=(), shapes: dict | None = None) -> dict:
         w_taps = [*taps[:axis], taps[axis] // s, s, *taps[axis + 1:]]
         new_taps = [*taps[:axis], taps[axis] // s, *taps[axis + 1:]]
         w = weight.reshape(out_ch, channels, *w_taps).transpose(perm).reshape(out_ch, channels * s, *new_taps)
-        w_name = f"{conv.input[1]}_phases"
-        if w_name not in made:   # two convs may share one weight: one phase copy
+        # convs sharing one weight share its phase copy, one per axis and stride (basic-pitch's CQT reads one
+        # kernel at strides 2 to 256)
+        w_name = f"{conv.input[1]}_phases_{axis}_{s}"
+        if w_name not in made:
             made.add(w_name)
             consts.append(numpy_helper.from_array(np.ascontiguousarray(w).astype(weight.dtype), w_name))
         readers[conv.input[1]] -= 1

@@ -466,3 +466,156 @@ def test_a_large_word_table_becomes_int8_rows_with_a_scale_each(tmp_path):
     kept = quantize_int8(tmp_path / "bow.onnx", tmp_path / "kept.onnx", [{"ids": ids[:16]}],
                          QuantOptions(force_calibration_data=True, exclude_nodes=(tables[0]["node"],)))
     assert kept.pre_process["int8_embeddings"] == [] and kept.int8_bytes > 0.9 * info.fp32_bytes
+
+
+class DetectHead(nn.Module):
+    """A YOLO-like head (NudeNet's YOLOv8): boxes in pixels (up to ~300) joined with sigmoid class scores into one
+    output, (N, 4 + classes, anchors)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
+        self.box, self.cls = nn.Conv2d(16, 4, 1), nn.Conv2d(16, 6, 1)
+
+    def forward(self, x):
+        f = self.stem(x)
+        box = torch.sigmoid(self.box(f)) * 320
+        return torch.cat([box.flatten(2), torch.sigmoid(self.cls(f) - 2).flatten(2)], 1)
+
+
+def test_an_output_joining_boxes_and_scores_keeps_its_scores_in_int8(tmp_path):
+    """One 8-bit scale over boxes (0-320) and scores (0-1) rounded every INT8 score of NudeNet to 0 while the whole
+    output's SQNR read 29.9 dB: the join stays float (policy group mixed_output), each part keeps its own scale."""
+    fp32 = _export(DetectHead(), torch.rand(2, 3, 32, 32), tmp_path / "det.onnx")
+    x = np.random.default_rng(0).random((64, 3, 32, 32), dtype=np.float32)
+    info = quantize_int8(fp32, tmp_path / "det.int8.onnx", [{"input": x[i:i + 16]} for i in range(0, 48, 16)],
+                         QuantOptions(force_calibration_data=True))
+    mixed = [g for g in info.policy["exclusions"] if g["kind"] == "mixed_output"]
+    assert len(mixed) == 1 and "scale" in mixed[0]["reason"], info.policy["exclusions"]
+    ref, got = _run(fp32, x[48:]), _run(tmp_path / "det.int8.onnx", x[48:])
+    assert _sqnr(ref[:, 4:], got[:, 4:]) > 25, _sqnr(ref[:, 4:], got[:, 4:])   # scores, not only boxes
+    assert _sqnr(ref[:, :4], got[:, :4]) > 25
+    assert info.ops["by_type"]["Conv"]["float"] == 0   # the convs stay INT8
+
+
+class PowerSpectrumLSTM(nn.Module):
+    """Resemblyzer's speaker encoder in small: an LSTM reading raw (not log) power mels, its last hidden state
+    projected, ReLU'd and L2-normed."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm, self.linear = nn.LSTM(16, 32, 2, batch_first=True), nn.Linear(32, 32)
+        with torch.no_grad():   # trained on raw power: input weights that make its quiet frames count
+            self.lstm.weight_ih_l0.mul_(300)
+
+    def forward(self, mels):
+        _, (h, _) = self.lstm(mels)
+        e = torch.relu(self.linear(h[-1]))
+        return e / torch.norm(e, dim=1, keepdim=True)
+
+
+def _power_mels(n, seed):
+    """(n, 20, 16) power spectra: loud and quiet frames, decades apart (speech and its pauses)."""
+    g = np.random.default_rng(seed)
+    level = 10.0 ** g.uniform(-5, 1, (n, 20, 1))
+    return (g.standard_normal((n, 20, 16)) ** 2 * level * g.uniform(0.1, 1, (n, 1, 16))).astype(np.float32)
+
+
+def test_the_first_lstm_reading_a_raw_power_spectrum_stays_float(tmp_path):
+    """Most values of a raw power spectrum are under half of one 8-bit step of its range: the dynamic INT8 LSTM
+    there zeroed them (Resemblyzer: cosine 0.62). The layers reading such an input stay float (policy group
+    wide_input), the LSTM after them dynamic INT8."""
+    fp32 = _export(PowerSpectrumLSTM(), torch.from_numpy(_power_mels(2, 0)), tmp_path / "spk.onnx")
+    x = _power_mels(96, 1)
+    info = quantize_int8(fp32, tmp_path / "spk.int8.onnx", [{"input": x[i:i + 32]} for i in range(0, 64, 32)],
+                         QuantOptions(force_calibration_data=True))
+    wide = [g for g in info.policy["exclusions"] if g["kind"] == "wide_input"]
+    assert len(wide) == 1 and "spans decades" in wide[0]["reason"], info.policy["exclusions"]
+    lstms = [n for n in onnx.load(str(fp32)).graph.node if n.op_type == "LSTM"]
+    assert lstms[0].name in wide[0]["nodes"] and lstms[1].name in info.policy["dynamic_nodes"]
+    ref, got = _run(fp32, x[64:]), _run(tmp_path / "spk.int8.onnx", x[64:])
+    cos = (ref * got).sum(1) / np.linalg.norm(got, axis=1)
+    assert cos.mean() > 0.995 and _sqnr(ref, got) > 25, (cos.mean(), _sqnr(ref, got))   # before: 0.985, 15.2 dB
+    # images, log-spectra and waveforms keep their INT8 first layer: this input only is that wide
+    log = np.log(x + 1e-6)
+    info = quantize_int8(fp32, tmp_path / "log.int8.onnx", [{"input": log[:64]}], QuantOptions(force_calibration_data=True))
+    assert not [g for g in info.policy["exclusions"] if g["kind"] == "wide_input"]
+
+
+class Octaves(nn.Module):
+    """basic-pitch's CQT in small: a half-band low-pass (64 taps, stride 2) resamples the signal octave by octave
+    and one filter bank (64 taps) reads every octave; magnitudes, log, a learnt conv."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        t = torch.arange(64) - 31.5
+        lp = torch.sinc(t / 2) * torch.hann_window(64, periodic=False) / 2
+        self.down = nn.Conv1d(1, 1, 64, stride=2, padding=31, bias=False)
+        self.down.weight.data = lp.view(1, 1, 64)
+        f = torch.linspace(0.05, 0.45, 8)[:, None]
+        bank = torch.cat([torch.cos(2 * np.pi * f * t), torch.sin(2 * np.pi * f * t)]) * torch.hann_window(64)
+        self.bank = nn.Conv1d(1, 16, 64, stride=16, bias=False)
+        self.bank.weight.data = bank.view(16, 1, 64)
+        self.enc = nn.Conv1d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        x, feats = x.unsqueeze(1), []
+        for _ in range(4):
+            s = self.bank(x)[..., :8]
+            feats.append(torch.log(s[:, :8] ** 2 + s[:, 8:] ** 2 + 1e-6))
+            x = self.down(x)
+        return self.enc(torch.cat(feats, -1))
+
+
+def test_a_multirate_cascade_of_filters_stays_float(tmp_path):
+    """The resampling convs and the filter bank reading their octaves are one cascade: kept float (no dynamic
+    INT8 either), not rewritten to the phase form, the learnt conv after it INT8."""
+    fp32 = _export(Octaves(), torch.randn(2, 1024), tmp_path / "oct.onnx")
+    x = (_signals(96, 1024) * np.random.default_rng(1).uniform(0.05, 1.0, (96, 1))).astype(np.float32)
+    batches = [x[i:i + 32] for i in range(0, 64, 32)]
+    info = quantize_int8(fp32, tmp_path / "oct.int8.onnx", batches, QuantOptions(force_calibration_data=True))
+    cascade = [g for g in info.policy["exclusions"] if g["kind"] == "cascade"]
+    assert len(cascade) == 1 and "multirate cascade" in cascade[0]["reason"], info.policy["exclusions"]
+    convs = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"]
+    assert sum(c in cascade[0]["nodes"] for c in convs) == len(convs) - 1 == 7   # 4 banks, 3 resamplers
+    assert not set(info.policy["dynamic_nodes"]) & set(cascade[0]["nodes"])
+    assert info.pre_process["strided_convs_as_phases"]["rewritten"] == []
+    assert info.ops["by_type"]["Conv"]["int8"] == 1
+    ref, got = _run(fp32, x[64:]), _run(tmp_path / "oct.int8.onnx", x[64:])
+    assert _sqnr(ref, got) > 25, _sqnr(ref, got)
+
+
+class SumLayerNorm(nn.Module):
+    """Magika's (jax2tf) LayerNorm between two Dense layers: var = E[x^2] - E[x]^2 from ReduceSums."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 8)
+        with torch.no_grad():
+            self.a.bias.add_(4.0)   # a mean well above the spread: the difference is what INT8 loses
+
+    def forward(self, x):
+        h = self.a(x)
+        mean = h.sum(-1, keepdim=True) * (1 / 64)
+        var = torch.clamp((h * h).sum(-1, keepdim=True) * (1 / 64) - mean * mean, min=0)
+        return self.b((h - mean) * torch.rsqrt(var + 1e-6))
+
+
+def test_a_layernorm_built_from_sums_stays_float(tmp_path):
+    fp32 = _export(SumLayerNorm(), torch.randn(2, 16), tmp_path / "ln.onnx")
+    x = np.random.default_rng(0).standard_normal((96, 16)).astype(np.float32)
+    info = quantize_int8(fp32, tmp_path / "ln.int8.onnx", [x[:64]], QuantOptions(force_calibration_data=True))
+    norm = [g for g in info.policy["exclusions"] if g["kind"] == "norm"]
+    assert norm and {"ReduceSum", "Sub"} <= set(_ops(fp32, norm[0]["nodes"])), norm
+    ref, got = _run(fp32, x[64:]), _run(tmp_path / "ln.int8.onnx", x[64:])
+    assert _sqnr(ref, got) > 25, _sqnr(ref, got)
+    assert info.ops["by_type"]["Gemm"]["int8"] == 2   # the Dense layers around it stay INT8
+
+
+def _ops(path, names):
+    names = set(names)
+    return [n.op_type for n in onnx.load(str(path)).graph.node if n.name in names]

@@ -223,3 +223,68 @@ def test_convs_outside_the_frame_rule_stay(tmp_path, conv):
     before = model.SerializeToString()
     assert strided_convs_as_frames(model)["rewritten"] == []
     assert model.SerializeToString() == before
+def test_one_weight_read_by_convs_of_different_strides_gets_a_phase_form_per_stride(tmp_path):
+    """basic-pitch's CQT (a TF export) reads one 256-tap kernel with convs of stride 2, 4, ... 256: the phase weight
+    of stride 4 has 4 channels, that of stride 2 two; one copy for both made ORT fail (kernel channels 16 vs C 2)."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.random.default_rng(0).standard_normal((4, 1, 1, 32)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], [f"y{s}"], name=f"conv_s{s}", strides=[1, s], kernel_shape=[1, 32])
+             for s in (2, 4)]
+    nodes.append(helper.make_node("Concat", ["y2", "y4"], ["output"], axis=3))
+    graph = helper.make_graph(nodes, "cqt", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 1, 128])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 4, 1, 74])],
+                              [numpy_helper.from_array(w, "w")])
+    graph.node.insert(0, helper.make_node("Identity", ["input"], ["x"], name="id"))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(1).standard_normal((2, 1, 1, 128)).astype(np.float32)
+    ref = _run(model, x)
+    assert strided_convs_as_phases(model)["rewritten"] == ["conv_s2", "conv_s4"]
+    onnx.checker.check_model(model)
+    np.testing.assert_allclose(_run(model, x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_bias_two_convs_share_is_copied_under_an_unused_name_before_quantization(tmp_path):
+    """ORT's quantizer copies a shared bias as name + "0" (then "1", ...) without checking node outputs: with a conv output already
+    called so (basic-pitch's TF names) its INT8 file did not load. edgec gives each conv its own copy first."""
+    from onnx import TensorProto, helper, numpy_helper
+    from edgec.exporters.quantize import QuantOptions, quantize_int8
+    g = np.random.default_rng(0)
+    w = numpy_helper.from_array(g.standard_normal((4, 2, 3)).astype(np.float32), "w")
+    w2 = numpy_helper.from_array(g.standard_normal((4, 2, 3)).astype(np.float32), "w2")
+    b = numpy_helper.from_array(g.standard_normal(4).astype(np.float32), "b")
+    nodes = [helper.make_node("Conv", ["input", "w", "b"], ["b0"], name="c1", pads=[1, 1]),   # output named as ORT names its copy
+             helper.make_node("Tanh", ["b0"], ["r"], name="tanh"),
+             helper.make_node("Conv", ["input", "w2", "b"], ["c2"], name="c2", pads=[1, 1]),
+             helper.make_node("Add", ["r", "c2"], ["output"], name="add")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 2, 16])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 4, 16])], [w, w2, b])
+    path = tmp_path / "shared.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = g.standard_normal((48, 2, 16)).astype(np.float32)
+    info = quantize_int8(path, tmp_path / "int8.onnx", [{"input": x[i:i + 16]} for i in range(0, 32, 16)],
+                         QuantOptions(force_calibration_data=True))
+    assert info.pre_process["unshared_biases"] == ["c2"]
+    ref, got = _run(onnx.load(str(path)), x[32:]), _run(onnx.load(str(tmp_path / "int8.onnx")), x[32:])
+    assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25
+
+
+def test_a_matmul_plus_row_bias_quantizes(tmp_path):
+    """Magika's last Dense: MatMul + Add of a (1, N) bias, which ORT's optimiser fuses into a Gemm whose bias its
+    quantizer cannot index (an internal error, no INT8 file). The bias is made (N,) first."""
+    from onnx import TensorProto, helper, numpy_helper
+    from edgec.exporters.quantize import QuantOptions, quantize_int8
+    g = np.random.default_rng(0)
+    w = numpy_helper.from_array(g.standard_normal((16, 8)).astype(np.float32), "w")
+    b = numpy_helper.from_array(g.standard_normal((1, 8)).astype(np.float32), "b")
+    nodes = [helper.make_node("Tanh", ["input"], ["t"], name="tanh"),
+             helper.make_node("MatMul", ["t", "w"], ["m"], name="dense"),
+             helper.make_node("Add", ["m", "b"], ["output"], name="bias")]
+    graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 8])], [w, b])
+    path = tmp_path / "dense.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = g.standard_normal((48, 16)).astype(np.float32)
+    info = quantize_int8(path, tmp_path / "int8.onnx", [{"input": x[:32]}], QuantOptions(force_calibration_data=True))
+    assert len(info.pre_process["one_dim_biases"]) == 1, info.pre_process
+    ref, got = _run(onnx.load(str(path)), x[32:]), _run(onnx.load(str(tmp_path / "int8.onnx")), x[32:])
+    assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25

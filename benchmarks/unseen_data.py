@@ -1,6 +1,6 @@
 """Input files for the sixth round (benchmarks/ANYMODEL_RESULTS.md), one .npz per split keyed by input name.
 
-python benchmarks/unseen_data.py OUTDIR [resemblyzer nudenet orientation basicpitch magika wakeword]
+python benchmarks/unseen_data.py OUTDIR [resemblyzer nudenet orientation basicpitch magika wakeword layout]
   -> OUTDIR/NAME_{calib,eval}.npz (and resemblyzer_{calib,eval}_speakers.npy)
 Photos are scikit-image's (different photos for calibration and eval), speech is espeak-ng's in 8 voices
 (`apt-get install espeak-ng`), music is synthetic (decaying harmonics), Magika reads real files of this machine;

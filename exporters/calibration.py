@@ -67,9 +67,13 @@ def underflow_fractions(calibration: Iterable, limit: int | None = 256,
     hist, span = {}, {}
     for feed in stream_samples(calibration, limit, specs):   # specs: each input's batch axis (a state's is 1)
         for name, x in feed.items():
-            if not np.issubdtype(x.dtype, np.floating) or not x.size:
+            x = np.asarray(x)
+            if not np.issubdtype(x.dtype, np.floating):
                 continue
-            a = np.abs(x[np.isfinite(x)].astype(np.float64, copy=False))
+            x = x[np.isfinite(x)]
+            if not x.size:
+                continue
+            a = np.abs(x.astype(np.float64, copy=False))
             lo, hi = span.get(name, (math.inf, -math.inf))
             span[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
             nz = a[a > 0]

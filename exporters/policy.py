@@ -8,7 +8,7 @@ calibrated (benchmarks/ANYMODEL_RESULTS.md, /work/shared/FIELD-NOTES.md):
   channels, attention scores);
 - a multirate cascade of STFT-like convs (a CQT resampling its signal octave by octave): the noise compounds;
 - a graph output joined (Concat) from parts of very different ranges: a detector's boxes beside its scores;
-- the first layers reading an input whose values span decades (a power spectrum fed raw): one scale zeroes most;
+- the recurrent cells reading an input whose values span decades (a power spectrum fed raw): one scale zeroes most;
 - the recurrent state path: LSTM/GRU/RNN (also inside If/Loop branches) and the nodes that carry a state input to
   them and their state back out: an error there is fed back every step;
 - and, for speed, a tiny weighted op with float on every side (`_lone_small`): its own quantizer pair costs more.
@@ -411,7 +411,9 @@ WIDE_REASON = ("input {name} spans decades: {share:.0%} of its nonzero calibrati
 
 
 def _wide_inputs(g: _Graph, underflow: dict | None) -> list[dict]:
-    """The data movement from each input that spans decades to the first compute layers (or cells) reading it."""
+    """The data movement from each input that spans decades to the recurrent cells reading it. Only cells: their
+    dynamic INT8 weights are most of such a model (Resemblyzer's first LSTM 21 %), more than the fallback may
+    keep float; a static Conv/Gemm there is what the fallback finds (tests/test_cli_sqnr_fallback.py)."""
     found = []
     for name, share in (underflow or {}).items():
         if share < WIDE_INPUT_SHARE or name not in g.inputs:
@@ -422,9 +424,9 @@ def _wide_inputs(g: _Graph, underflow: dict | None) -> list[dict]:
                 if c.name in seen:
                     continue
                 seen.add(c.name)
-                if c.op_type in COMPUTE + RECURRENT:
+                if c.op_type in RECURRENT:
                     first.append(c.name)
-                elif c.op_type in MOVES:
+                elif c.op_type in MOVES:   # a Conv/Gemm there: static, ranked and repaired by the fallback
                     path.append(c.name)
                     todo.extend(c.output)
         if first:

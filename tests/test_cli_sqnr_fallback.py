@@ -1,8 +1,6 @@
 """The sensitivity fallback searches when only SQNR fails (no labels, no task figure): an unnormalized input
 feature (x200, the first layer's weights /200, so FP32 is unchanged) makes the one per-tensor input scale crush
-the other features (SQNR under 1 dB); the fallback finds the first layer, keeps it in FP32, and says so. The policy
-now foresees such an input (`policy._wide_inputs` keeps the layers reading it float a priori, tests/test_policy.py):
-here its rule is off, so that this stands for a failure no rule foresees."""
+the other features (SQNR under 1 dB); the fallback finds the first layer, keeps it in FP32, and says so."""
 import json
 from pathlib import Path
 
@@ -14,11 +12,6 @@ from conftest import run_cli
 
 HERE = Path(__file__).resolve().parent
 ARCH = f"{HERE / 'anyheads.py'}:tags_and_value"
-
-
-@pytest.fixture(autouse=True)
-def no_wide_input_rule(monkeypatch):
-    monkeypatch.setattr("edgec.exporters.policy.WIDE_INPUT_SHARE", 2.0)   # a share never reaches 2
 
 
 @pytest.fixture(scope="module")

@@ -481,7 +481,7 @@ class DetectHead(nn.Module):
     def forward(self, x):
         f = self.stem(x)
         box = torch.sigmoid(self.box(f)) * 320
-        return torch.cat([box.flatten(2), torch.sigmoid(self.cls(f) - 2).flatten(2)], 1)
+        return torch.cat([box.reshape(-1, 4, 64), torch.sigmoid(self.cls(f) - 2).reshape(-1, 6, 64)], 1)
 
 
 def test_an_output_joining_boxes_and_scores_keeps_its_scores_in_int8(tmp_path):
@@ -619,3 +619,35 @@ def test_a_layernorm_built_from_sums_stays_float(tmp_path):
 def _ops(path, names):
     names = set(names)
     return [n.op_type for n in onnx.load(str(path)).graph.node if n.name in names]
+
+
+def test_the_checks_score_each_part_of_a_joined_output(tmp_path):
+    """The whole output's SQNR is its boxes' (NudeNet: 29.9 dB while every score was 0): an output a Concat joins
+    from parts of different ranges is also scored part by part, and a part under --min-sqnr fails the gate."""
+    from edgec.exporters.metrics import CheckOptions, compare_models, failures
+    fp32 = _export(DetectHead(), torch.rand(2, 3, 32, 32), tmp_path / "det.onnx")
+    x = np.random.default_rng(0).random((64, 3, 32, 32), dtype=np.float32)
+    calib = [{"input": x[i:i + 16]} for i in range(0, 48, 16)]
+    quantize_int8(fp32, tmp_path / "on.onnx", calib, QuantOptions(force_calibration_data=True))
+    quantize_int8(fp32, tmp_path / "off.onnx", calib, QuantOptions(force_calibration_data=True, policy=False))
+    checks = CheckOptions(tasks={"output": "none"})
+    off = compare_models(fp32, tmp_path / "off.onnx", [x[48:]], None, checks)[0]
+    assert off["sqnr_db"] > 25 and [p["slice"] for p in off["parts"]] == ["0:4", "4:10"], off
+    assert off["worst_part"]["slice"] == "4:10" and off["worst_part"]["sqnr_db"] < 1
+    assert any("part [4:10] on axis 1" in f for f in failures([off], checks)), failures([off], checks)
+    on = compare_models(fp32, tmp_path / "on.onnx", [x[48:]], None, checks)[0]
+    assert on["worst_part"]["sqnr_db"] > 25 and not failures([on], checks)
+
+
+def test_the_fallback_scores_the_parts_of_a_joined_output_too(tmp_path):
+    """The fallback ranks and stops by the worst output's error: for a joined output that is each part's, as the
+    gate scores them (the crushed scores of a policy-less INT8 head: noise as large as the signal)."""
+    from edgec.exporters.sensitivity import _Evaluator
+    fp32 = _export(DetectHead(), torch.rand(2, 3, 32, 32), tmp_path / "det.onnx")
+    x = np.random.default_rng(0).random((64, 3, 32, 32), dtype=np.float32)
+    quantize_int8(fp32, tmp_path / "off.onnx", [{"input": x[:48]}], QuantOptions(force_calibration_data=True,
+                                                                                  policy=False))
+    ev = _Evaluator(fp32, x[48:], None, 8, cosine=True)
+    assert [name for name, _, _ in ev.joined] == ["output[0:4]", "output[4:10]"]
+    m = ev(tmp_path / "off.onnx")
+    assert m.error > 0.5 and m.score < 0.5, m   # whole output alone: error ~1e-3, cosine ~1

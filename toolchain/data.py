@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgec.core.errors import DataError
+from edgec.core.errors import DataError, OptionError
 from edgec.core.feeds import FeedLayout, InputSpec, kind_of
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -505,6 +505,9 @@ def _check_finite(x: np.ndarray, source: str, batch_axis: int = 0) -> None:
 
 def load_data(spec: str, *, image_size: int | None = None, mean: Sequence[float] | None = None,
               std: Sequence[float] | None = None) -> Dataset:
+    if std is not None and not all(np.isfinite(v) and v > 0 for v in std):   # x / 0 made every sample Inf
+        raise OptionError(f"--std {','.join(map(str, std))}: every value must be a positive number (the spread "
+                          "each channel is divided by), e.g. 0.229,0.224,0.225")
     if spec.startswith("builtin:"):
         return load_builtin(spec)
     hook = HOOK_RE.match(spec)

@@ -285,7 +285,23 @@ def load_model(path, arch: str | None = None, *, trust_pickle: bool = False,
     stderr in front of the one error line; silenced while loading."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _load_model(Path(path), arch, trust_pickle, input_shape)
+        loaded = _load_model(Path(path), arch, trust_pickle, input_shape)
+    check_finite_weights(loaded.path, loaded.module)
+    return loaded
+
+
+def check_finite_weights(path, module: nn.Module) -> None:
+    """NaN or Inf in a weight (a diverged training, a corrupt file) is refused at load: such a model exported,
+    quantized and was scored as if fine, or failed later as "ONNX Runtime disagrees with torch". Buffers may
+    hold -inf on purpose (attention masks): only NaN counts there."""
+    for kind, tensors, bad in (("weight", module.named_parameters(), lambda t: ~torch.isfinite(t)),
+                               ("buffer", module.named_buffers(), torch.isnan)):
+        for name, t in tensors:
+            if t.is_floating_point() and t.layout == torch.strided and t.numel():
+                count = int(bad(t.detach()).sum())
+                if count:
+                    raise ModelError(f"{path}: {kind} {name} holds {count:,} NaN/Inf value(s) of {t.numel():,}; "
+                                     "the model is corrupt or its training diverged: retrain or restore it")
 
 
 def _load_model(path: Path, arch: str | None, trust_pickle: bool, input_shape: tuple | None) -> LoadedModel:

@@ -429,3 +429,23 @@ def test_compare_checks_its_options_first(small_model, tmp_path, args, code, wor
     got, _, err = run_cli("compare", small_model, "-o", out, "--recipes", "fp32,qat-kd", *args)
     _one_line(got, err, code, word)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- data hooks that never end or exit
+
+def test_a_data_hook_that_never_ends_or_exits(tiny_onnx, tmp_path, monkeypatch):
+    from edgec.core.memory import rss_mb
+    (tmp_path / "hook.py").write_text(
+        "import numpy as np, sys\n"
+        "def endless():\n"
+        "    while True:\n"
+        "        yield {'x': np.random.rand(64, 3, 16, 16).astype(np.float32)}\n"
+        "def exits():\n"
+        "    sys.exit(3)\n")
+    out = tmp_path / "q.onnx"
+    code, _, err = run_cli("quantize", tiny_onnx, "--data", f"{tmp_path / 'hook.py'}:exits", "-o", out)
+    _one_line(code, err, 4, "failed: SystemExit: 3")   # was exit 3 and no message at all
+    monkeypatch.setenv("EDGEC_MEMORY_MB", str(int(rss_mb()) + 100))   # a small box: the hook may hand ~50 MB
+    code, _, err = run_cli("quantize", tiny_onnx, "--data", f"{tmp_path / 'hook.py'}:endless", "-o", out)
+    _one_line(code, err, 4, "an endless generator?")   # was a hang until the memory ran out
+    assert not out.exists()

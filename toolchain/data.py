@@ -665,6 +665,12 @@ def _column(a: np.ndarray, mean, std) -> tuple[ArrayColumn, dict]:
     return ArrayColumn(a, transpose=transpose, scale=scale, mean=mean, std=std), pre
 
 
+def _hook_limit_bytes() -> float:
+    """What a data hook may hand over: half the memory available now, at most 8 GB (held in memory)."""
+    from edgec.core.memory import available_mb
+    return min(8e9, available_mb()[0] * 2 ** 20 / 2)
+
+
 def load_hook(path: Path, func: str) -> Dataset:
     """Run `func()` from the Python file `path` (user code: the user named it on the command line) and collect
     the dict batches it returns; held in memory (big data: save an .npz instead)."""
@@ -682,7 +688,12 @@ def load_hook(path: Path, func: str) -> Dataset:
         batches = fn()
         per_key: dict[str, list] = {}
         labels: dict[str, list] = {}
+        held, limit = 0, _hook_limit_bytes()
         for i, batch in enumerate(batches):
+            if held > limit:   # an endless generator would fill the memory: stop while the error can be printed
+                raise DataError(f"data hook {path}:{func} has yielded {held / 1e9:.1f} GB in {i} batches and is "
+                                "not done (an endless generator?); return a finite list of batches, or save the "
+                                "data as an .npz (memory-mapped)")
             if not isinstance(batch, dict):
                 raise DataError(f"data hook {path}:{func} yields a {type(batch).__name__} (batch {i}); yield dicts "
                                 "{input_name: array} (optional 'y' labels)")
@@ -698,12 +709,14 @@ def load_hook(path: Path, func: str) -> Dataset:
                     raise DataError(f"data hook {path}:{func}: input {k!r} of batch {i} is not a numeric array "
                                     "with a batch axis")
                 per_key[k].append(a)
+                held += a.nbytes
             for k in batch:
                 if k == LABEL_KEY or k.startswith(LABEL_PREFIX):
                     labels.setdefault(k, []).append(np.asarray(batch[k]))
     except DataError:
         raise
-    except Exception as e:  # noqa: BLE001 - the user's code: its error, not ours
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's code: its error, not ours (sys.exit in it
+        # ended edgec with that code and no message)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"data hook {path}:{func} failed: {type(e).__name__}: {first[:200]}") from None
     finally:

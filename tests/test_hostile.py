@@ -449,3 +449,14 @@ def test_a_data_hook_that_never_ends_or_exits(tiny_onnx, tmp_path, monkeypatch):
     code, _, err = run_cli("quantize", tiny_onnx, "--data", f"{tmp_path / 'hook.py'}:endless", "-o", out)
     _one_line(code, err, 4, "an endless generator?")   # was a hang until the memory ran out
     assert not out.exists()
+
+
+def test_recording_into_a_signed_package_says_the_signature_is_void(built_package, tmp_path):
+    pkg = copy_package(built_package[0], tmp_path / "signed.edgec")
+    assert run_cli("keygen", "-o", tmp_path / "k")[0] == 0
+    assert run_cli("sign", pkg, "--key", tmp_path / "k.key")[0] == 0
+    code, _, err = run_cli("bench", pkg, "--runs", "3", "--no-inspect", "--record")
+    assert code == 0 and "was signed; recording changed its manifest" in err and "sign it again" in err, err
+    assert run_cli("verify", pkg, "--key", tmp_path / "k.pub")[0] == 9   # what the warning said
+    assert run_cli("sign", pkg, "--key", tmp_path / "k.key")[0] == 0
+    assert run_cli("verify", pkg, "--key", tmp_path / "k.pub")[0] == 0

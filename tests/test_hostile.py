@@ -460,3 +460,17 @@ def test_recording_into_a_signed_package_says_the_signature_is_void(built_packag
     assert run_cli("verify", pkg, "--key", tmp_path / "k.pub")[0] == 9   # what the warning said
     assert run_cli("sign", pkg, "--key", tmp_path / "k.key")[0] == 0
     assert run_cli("verify", pkg, "--key", tmp_path / "k.pub")[0] == 0
+
+
+def test_a_model_file_recording_a_huge_builtin_architecture(tmp_path):
+    # the spec of an edgec file builds without an opt-in when it is built-in: its options could ask for 486 GB
+    import torch
+    from conftest import SMALL_ARCH
+    from edgec.modelio import build_arch, save_model
+    save_model(tmp_path / "m.pt", build_arch(SMALL_ARCH), SMALL_ARCH, (1, 3, 32, 32))
+    obj = torch.load(tmp_path / "m.pt", weights_only=True)
+    obj["arch"] = SMALL_ARCH + "?width=30000"
+    torch.save(obj, tmp_path / "wide.pt")
+    code, _, err = run_cli("export", tmp_path / "wide.pt", "-o", tmp_path / "o.onnx")
+    _one_line(code, err, 3, "builds 486.0 GB of weights", "width=30000")   # was the kernel's OOM kill
+    assert not (tmp_path / "o.onnx").exists()

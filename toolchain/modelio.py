@@ -73,7 +73,7 @@ def arch_is_builtin(spec: str) -> bool:
     return source == "torchvision" or source == "edgec.models" or source.startswith("edgec.models.")
 
 
-def build_arch(spec: str) -> nn.Module:
+def build_arch(spec: str, *, sized: bool = False) -> nn.Module:
     """`torchvision:NAME[?k=v&...]`, `path/to/file.py:factory[?k=v]` or `package.module:factory[?k=v]`.
 
     The last two import (run) the named file or module and call the factory: only for code the user named."""
@@ -88,6 +88,8 @@ def build_arch(spec: str) -> nn.Module:
             raise ModelError(f"--arch {spec!r}: option {item!r} needs key=value")
         kwargs[key] = _parse_value(value)
     source, _, name = target.rpartition(":")
+    if kwargs and arch_is_builtin(spec) and not sized:   # options read from a model file build without an
+        _check_arch_size(spec)                           # opt-in: sized first
     if source == "torchvision":
         import torchvision
         try:
@@ -107,6 +109,24 @@ def build_arch(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelError(f"--arch {spec!r}: {name}() returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _check_arch_size(spec: str) -> None:
+    """A built-in architecture with options (`digits_cnn?width=20000`, from --arch or a model file's record) is
+    built on the meta device first: weights that cannot fit are refused with the reason instead of the kernel
+    killing the process mid-allocation."""
+    from edgec.core.memory import available_mb
+    query = spec.partition("?")[2]
+    try:
+        with torch.device("meta"):
+            meta = build_arch(spec, sized=True)
+    except Exception:  # noqa: BLE001 - a bad option: the real build gives the error
+        return
+    need = sum(t.numel() * t.element_size() for t in (*meta.parameters(), *meta.buffers()))
+    avail, where = available_mb()
+    if need > avail * 2 ** 20 / 2:
+        raise ModelError(f"--arch {spec!r} builds {need / 1e9:,.1f} GB of weights, more than half of the "
+                         f"{avail / 1024:,.1f} GB available ({where}); check its options ({query})")
 
 
 def _first_line(e: BaseException) -> str:

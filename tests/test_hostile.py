@@ -474,3 +474,9 @@ def test_a_model_file_recording_a_huge_builtin_architecture(tmp_path):
     code, _, err = run_cli("export", tmp_path / "wide.pt", "-o", tmp_path / "o.onnx")
     _one_line(code, err, 3, "builds 486.0 GB of weights", "width=30000")   # was the kernel's OOM kill
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_bench_refuses_absurd_thread_counts(tiny_onnx):
+    code, _, err = run_cli("bench", tiny_onnx, "--threads", "100000", "--runs", "3", "--no-inspect")
+    _one_line(code, err, 2, "--threads 100000 is far more")   # ORT started them all: the run hung, unkillable
+    assert run_cli("bench", tiny_onnx, "--threads", "2", "--runs", "3", "--no-inspect")[0] == 0

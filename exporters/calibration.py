@@ -55,6 +55,42 @@ def stream_samples(calibration: Iterable, limit: int | None, specs: Sequence[Inp
             return
 
 
+# log10|x| histogram bins for underflow_fractions: 1/20 decade from 1e-30 to 1e30
+_DECADES = np.linspace(-30, 30, 1201)
+
+
+def underflow_fractions(calibration: Iterable, limit: int | None = 256,
+                        specs: Sequence[InputSpec] | None = None) -> dict[str, float]:
+    """Per float input of the calibration feeds: the share of its nonzero values that one 8-bit scale over the
+    input's range rounds to zero. A power spectrum fed raw spans decades (Resemblyzer's mels: 85 %); a speech
+    waveform measured 11 %, images and log-mels under 2 %. One pass, a log-magnitude histogram per input."""
+    hist, span = {}, {}
+    for feed in stream_samples(calibration, limit, specs):   # specs: each input's batch axis (a state's is 1)
+        for name, x in feed.items():
+            x = np.asarray(x)
+            if not np.issubdtype(x.dtype, np.floating):
+                continue
+            x = x[np.isfinite(x)]
+            if not x.size:
+                continue
+            a = np.abs(x.astype(np.float64, copy=False))
+            lo, hi = span.get(name, (math.inf, -math.inf))
+            span[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
+            nz = a[a > 0]
+            h = np.histogram(np.log10(nz), _DECADES)[0] if nz.size else np.zeros(len(_DECADES) - 1, np.int64)
+            hist[name] = hist.get(name, 0) + h
+    out = {}
+    for name, h in hist.items():
+        lo, hi = span[name]
+        total = int(h.sum())
+        if not total or hi <= lo:
+            continue
+        half_step = (hi - lo) / 255 / 2
+        below = int(h[_DECADES[1:] <= math.log10(half_step)].sum())   # whole bins under half a step
+        out[name] = below / total
+    return out
+
+
 def rechunk(batches: Iterable[dict], size: int, layout: FeedLayout | None = None):
     """Regroup feeds (or plain arrays) of any sizes into chunks of at most `size` samples (no more than one
     chunk in memory)."""

@@ -209,11 +209,11 @@ def detect_task(ref: np.ndarray, labels: np.ndarray | None = None, num_classes: 
                 return "classify", f"{k} columns, labels within 0..{k - 1}"
     if ref.min() >= 0 and np.allclose(ref.sum(1), 1.0, atol=1e-3):
         return "classify", "rows are probabilities summing to 1"
+    norms = np.linalg.norm(ref.astype(np.float64), axis=1)
+    if norms.size and np.allclose(norms, 1.0, atol=1e-3):   # before [0,1]: a ReLU'd embedding is non-negative
+        return "embed", "unit-length rows"
     if ref.min() >= 0 and ref.max() <= 1 and float(ref.std(0).max()) > 1e-3:
         return "multilabel", f"{k} columns of independent values in [0,1]"
-    norms = np.linalg.norm(ref.astype(np.float64), axis=1)
-    if norms.size and np.allclose(norms, 1.0, atol=1e-3):
-        return "embed", "unit-length rows"
     if k >= EMBED_MIN_DIM:
         return "embed", f"{k} columns" + (", the labels do not fit them" if labels is not None else "")
     if only_output and labels is None:  # a lone small (N,K) float output is a classifier's logits far more often
@@ -335,6 +335,8 @@ class OutputCheck:
         self.label_moments = (_Moments(), _Moments())
         self.keep_ref, self.keep_got = [], []
         self.masked_by = None  # the attention mask input whose padded positions were left out
+        self.parts = None      # (axis, sizes) of an output a Concat joins (joined_parts), figures per part
+        self.part_sums = None  # per part [signal, noise, max |ref|]
 
     def update(self, ref, got, y=None) -> None:
         """One batch (any size: compared in float64 chunks of rows, compare.CHUNK_VALUES values each)."""
@@ -345,6 +347,41 @@ class OutputCheck:
                             f"{tuple(np.shape(ref))}")
         for rows in row_chunks(len(ref), ref[:1].size):
             self._update(ref[rows], got[rows], None if y is None else _take_rows(y, rows))
+            if self.parts is not None and ref.ndim > self.parts[0]:
+                self._update_parts(ref[rows], got[rows])
+
+    def _update_parts(self, ref, got) -> None:
+        axis, sizes = self.parts
+        if ref.shape[axis] != sum(sizes):
+            return
+        self.part_sums = self.part_sums or [[0.0, 0.0, 0.0] for _ in sizes]
+        start = 0
+        for sums, size in zip(self.part_sums, sizes):
+            r = np.take(ref, range(start, start + size), axis=axis).astype(np.float64)
+            g = np.take(got, range(start, start + size), axis=axis).astype(np.float64)
+            g = np.where(np.isfinite(g), g, 0.0)
+            sums[0] += float((r * r).sum())
+            sums[1] += float(((r - g) ** 2).sum())
+            sums[2] = max(sums[2], float(np.abs(r).max()) if r.size else 0.0)
+            start += size
+
+    def part_figures(self) -> dict:
+        """SQNR of each part of a joined output whose parts' ranges differ MIXED_PART_RATIO or more (a detector's
+        boxes and scores): the whole output's SQNR is the largest part's."""
+        if not self.part_sums:
+            return {}
+        peaks = [m for _, _, m in self.part_sums if m > 0]
+        if len(peaks) < 2 or max(peaks) < MIXED_PART_RATIO * min(peaks):
+            return {}
+        axis, sizes = self.parts
+        parts, start = [], 0
+        for (sig, noise, peak), size in zip(self.part_sums, sizes):
+            db = math.inf if noise == 0 else (-math.inf if sig == 0 else 10 * math.log10(sig / noise))
+            parts.append({"slice": f"{start}:{start + size}", "axis": axis, "sqnr_db": _finite(db, 2),
+                          "ref_max": _finite(peak, 6)})
+            start += size
+        worst = min((p for p in parts if p["sqnr_db"] is not None), key=lambda p: p["sqnr_db"], default=None)
+        return {"parts": parts, "worst_part": worst}
 
     def _update(self, ref, got, y) -> None:
         r, g = _rows(ref), _rows(got)
@@ -468,7 +505,14 @@ class OutputCheck:
         if fig.get("metric") is not None:
             fig["drop_points"] = fig["fp32"] - fig["int8"]
         rec.update({k: _round(v) for k, v in fig.items()})
+        rec.update(self.part_figures())
         return rec
+
+
+def worst_part_text(record: dict) -> str:
+    """", worst part [4:22] on axis 1: SQNR 3.6 dB" for an output checked by parts, else ""."""
+    w = record.get("worst_part")
+    return f", worst part [{w['slice']}] on axis {w['axis']}: SQNR {w['sqnr_db']} dB" if w else ""
 
 
 def _finite(x: float, digits: int):
@@ -500,14 +544,18 @@ def _nn_agreement(keep_ref: list, keep_got: list) -> dict:
 class OutputChecks:
     """All outputs of a model pair: tasks resolved on the first batch, then every batch accumulated."""
 
-    def __init__(self, names: Sequence[str], options: CheckOptions, num_classes: int | None = None):
+    def __init__(self, names: Sequence[str], options: CheckOptions, num_classes: int | None = None,
+                 parts: dict | None = None):
         self.names, self.options, self.num_classes = list(names), options, num_classes
+        self.parts = parts or {}
         self.checks: list[OutputCheck] | None = None
 
     def update(self, refs: Sequence[np.ndarray], gots: Sequence[np.ndarray], y=None) -> None:
         if self.checks is None:
             tasks = resolve_tasks(self.names, refs, y, self.options, self.num_classes)
             self.checks = [OutputCheck(t) for t in tasks]
+            for c in self.checks:
+                c.parts = self.parts.get(c.t.name)
         by_output = label_map(self.names, y, self.options)
         for check, r, g in zip(self.checks, refs, gots):
             check.update(r, g, by_output.get(check.t.name))
@@ -528,6 +576,12 @@ def failures(records: Sequence[dict], options: CheckOptions) -> list[str]:
                 out.append(f"output {r['name']}: the reference is all zeros and INT8 is not")
             elif r["sqnr_db"] < options.min_sqnr:
                 out.append(f"output {r['name']}: SQNR {r['sqnr_db']:.1f} dB < {options.min_sqnr:g} dB")
+            worst = r.get("worst_part")
+            if worst and worst["sqnr_db"] < options.min_sqnr <= r["sqnr_db"]:
+                out.append(f"output {r['name']}: its part [{worst['slice']}] on axis {worst['axis']} (values up to "
+                           f"{worst['ref_max']:g}, beside parts up to {max(p['ref_max'] or 0 for p in r['parts']):g}) "
+                           f"has SQNR {worst['sqnr_db']:.1f} dB < {options.min_sqnr:g} dB, under the whole "
+                           f"output's {r['sqnr_db']:.1f} dB")
         if options.max_drop is not None and r.get("metric") and r["drop_points"] > options.max_drop:
             out.append(f"output {r['name']} ({r['task']}): {r['metric']} {r['int8']:.2f} vs FP32 {r['fp32']:.2f}, "
                        f"{r['drop_points']:.2f} points lost (allowed {options.max_drop:g})")
@@ -569,13 +623,44 @@ def batch_first(session, outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [np.moveaxis(o, output_batch_axis(session, i), 0) for i, o in enumerate(outputs)]
 
 
+# parts of a joined output whose largest values differ this much are checked each on its own
+MIXED_PART_RATIO = 8.0
+
+
+def joined_parts(model_path) -> dict:
+    """{output: (axis, part sizes)} for each graph output a Concat makes directly, its parts' sizes on the joined
+    axis static (NudeNet's (N, 4 + 18, A): boxes and scores)."""
+    import onnx
+    from onnx import helper
+    try:
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path), load_external_data=False))
+    except Exception:  # noqa: BLE001 - no shapes, no parts
+        return {}
+    g = model.graph
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in [*g.input, *g.value_info, *g.output] if v.type.tensor_type.HasField("shape")}
+    dims.update({i.name: list(i.dims) for i in g.initializer})
+    outputs, found = {o.name for o in g.output}, {}
+    for n in (n for n in g.node if n.op_type == "Concat" and n.output[0] in outputs):
+        rank = len(dims.get(n.output[0]) or [])
+        axis = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), 0)
+        axis = axis + rank if axis < 0 else axis
+        sizes = [(dims.get(i) or [None] * rank)[axis] if len(dims.get(i) or []) == rank else None for i in n.input]
+        if rank and 0 < axis < rank and sizes and all(isinstance(k, int) and k > 0 for k in sizes) and len(sizes) > 1:
+            found[n.output[0]] = (axis, sizes)
+    return found
+
+
 def compare_models(reference, candidate, batches: Iterable, labels, options: CheckOptions, *,
                    num_classes: int | None = None) -> list[dict]:
     """Both ONNX models on every batch (real ORT sessions, dict feeds or one array per batch), every output
     checked; labels align with the samples in batch order."""
     from edgec.exporters.compare import ort_session, run_onnx
+    from edgec.exporters.compare import output_batch_axis
     a, b = ort_session(reference), ort_session(candidate)
-    checks = OutputChecks([o.name for o in a.get_outputs()], options, num_classes)
+    names = [o.name for o in a.get_outputs()]
+    parts = {n: p for n, p in joined_parts(reference).items() if n in names and output_batch_axis(a, names.index(n)) == 0}
+    checks = OutputChecks(names, options, num_classes, parts=parts)
     start = 0
     for batch in batches:
         refs, gots = batch_first(a, run_onnx(a, [batch])), batch_first(b, run_onnx(b, [batch]))

@@ -325,7 +325,8 @@ def _simplify(proto, large: bool, feed: dict):
         return proto, {"skipped": "external data (over 2 GB)"}
     from onnxscript import optimizer
     before = len(proto.graph.node)
-    phases = _phases(proto)   # on the graph as exported too: it is the one kept when the simplified one is slower
+    # on the graph as exported too: it is the one kept when the simplified one is slower
+    front_ends = _strided_front_ends(proto)
     exported = proto.SerializeToString()
     try:
         with _quiet():
@@ -336,31 +337,35 @@ def _simplify(proto, large: bool, feed: dict):
     except Exception as e:  # noqa: BLE001 - a folding bug must not block an export that is valid as written
         return _reloaded(exported), {"skipped": _first_line(e)}
     record = {"by": "onnxscript.optimizer", "nodes_before": before, "nodes_after": len(out.graph.node),
-              **({"strided_convs_as_phases": phases} if phases["rewritten"] else {})}
+              **front_ends}
     slower = _slower(exported, out.SerializeToString(), feed)
     if slower:
         return _reloaded(exported), {**record, "skipped": slower}
     return out, record
 
 
-def _phases(proto) -> dict:
-    """strided_convs_as_phases on the exported graph, in place. Its spatial sizes come from a copy with the small
-    constants folded: torch computes F.pad's pads at run time, which hides the padded length from shape inference
-    (and folding them in the graph itself lets ORT fuse the Pads into its Convs, slower: `_slower`)."""
+def _strided_front_ends(proto) -> dict:
+    """The strided front-end rewrites (strided_convs_as_phases, strided_convs_as_frames) on the exported graph, in
+    place: {rewrite: record} of those that changed it. Spatial sizes come from a copy with the small constants
+    folded: torch computes F.pad's pads at run time, which hides the padded length from shape inference (and
+    folding them in the graph itself lets ORT fuse the Pads into its Convs, slower: `_slower`)."""
     import onnx
-    from edgec.exporters.rewrites import phase_candidates, static_shapes, strided_convs_as_phases
-    if not phase_candidates(proto):
-        return {"rewritten": []}
+    from edgec.exporters.rewrites import (frame_candidates, phase_candidates, static_shapes, strided_convs_as_frames,
+                                          strided_convs_as_phases)
+    if not phase_candidates(proto) and not frame_candidates(proto):
+        return {}
     folded, rewritten = onnx.ModelProto(), onnx.ModelProto()
     folded.CopyFrom(proto)
     rewritten.CopyFrom(proto)
     try:
         _fold_small_constants(folded)
-        record = strided_convs_as_phases(rewritten, shapes=static_shapes(folded))
+        shapes = static_shapes(folded)
+        records = {"strided_convs_as_phases": strided_convs_as_phases(rewritten, shapes=shapes),
+                   "strided_convs_as_frames": strided_convs_as_frames(rewritten, shapes=shapes)}
     except Exception as e:  # noqa: BLE001 - the graph as exported is valid; the rewrite is only faster
-        return {"rewritten": [], "skipped": _first_line(e)}
+        return {"strided_front_ends": {"rewritten": [], "skipped": _first_line(e)}}
     proto.CopyFrom(rewritten)
-    return record
+    return {k: r for k, r in records.items() if r["rewritten"]}
 
 
 SMALL_CONSTANT = 4096   # elements: shape arithmetic, never a weight-sized tensor

@@ -6,14 +6,19 @@ calibrated (benchmarks/ANYMODEL_RESULTS.md, /work/shared/FIELD-NOTES.md):
   long kernels on one channel) span many decades (a VAD's correlation with FP32 fell to 0.07);
 - LayerNorm and Softmax: their internals (mean, variance, exp) and inputs (pre-norm residuals with outlier
   channels, attention scores);
+- a multirate cascade of STFT-like convs (a CQT resampling its signal octave by octave): the noise compounds;
+- a graph output joined (Concat) from parts of very different ranges: a detector's boxes beside its scores;
+- the recurrent cells reading an input whose values span decades (a power spectrum fed raw): one scale zeroes most;
 - the recurrent state path: LSTM/GRU/RNN (also inside If/Loop branches) and the nodes that carry a state input to
-  them and their state back out: an error there is fed back every step.
+  them and their state back out: an error there is fed back every step;
+- and, for speed, a tiny weighted op with float on every side (`_lone_small`): its own quantizer pair costs more.
 `plan()` names these nodes, each with its reason (recorded in QuantInfo.policy), and says whether a transformer's
 MatMuls are quantized statically or dynamically (per-call activation ranges: `quantize_dynamic`) by what was
 measured. Two of them still get INT8 weights, dynamically, after the static pass (`quantize_dynamic_nodes`):
-LSTM cells (ORT's DynamicQuantizeLSTM) and the STFT-like Conv (ConvInteger: its output stays float, feeding the
-FP32 magnitude chain). `dedupe_initializers()` undoes a pre-processing side effect: ORT's graph optimiser constant-folds a
-weight that both branches of an `If` read from the outer graph into a copy per branch (the INT8 file grew).
+LSTM cells (ORT's DynamicQuantizeLSTM) and the STFT-like Conv (ConvInteger, or MatMulInteger as
+rewrites.strided_convs_as_frames writes it: its output stays float, feeding the FP32 magnitude chain).
+`dedupe_initializers()` undoes a pre-processing side effect: ORT's graph optimiser constant-folds a weight that both
+branches of an `If` read from the outer graph into a copy per branch (the INT8 file grew).
 """
 from __future__ import annotations
 
@@ -46,9 +51,9 @@ MEASURED = {"static": "0.927", "static_all": "0.34", "dynamic": "0.991"}
 # into it (Pad, Unsqueeze) float as well measured worse: 0.9939, SQNR 22.1 vs 25.0 dB
 DYNAMIC_CELL_REASON = ("LSTM weights INT8 with dynamic activations (DynamicQuantizeLSTM: ranges per call and step), "
                        "the state path around it float: silero-vad streamed correlation with FP32 0.9947 -> 0.9960")
-DYNAMIC_STFT_REASON = ("STFT-like {conv}: INT8 weights and input, its output float (ConvInteger): no one 8-bit scale "
-                       "for a spectrum whose values span decades (silero-vad 0.956 with a static QLinearConv there, "
-                       "0.9968 so), feeding the FP32 magnitude chain")
+DYNAMIC_STFT_REASON = ("STFT-like {conv}: INT8 weights and input, its output float (ConvInteger / MatMulInteger): no "
+                       "one 8-bit scale for a spectrum whose values span decades (silero-vad 0.956 with a static "
+                       "QLinearConv there, 0.9968 so), feeding the FP32 magnitude chain")
 # ORT's dynamic quantizer has kernels for these; a GRU/RNN stays float
 DYNAMIC_CELLS = ("LSTM",)
 
@@ -102,10 +107,25 @@ def _outer_inputs(node) -> set[str]:
 
 
 def _stft_like(g: _Graph, node) -> bool:
-    """A fixed filter bank on a raw signal: a Conv on one input channel with long constant kernels (>= 64)."""
+    """A fixed filter bank on a raw signal: a Conv on one input channel with long constant kernels (>= 64), or
+    the same as rewrites.strided_convs_as_frames writes it: a (taps, C_out) MatMul over frames (a Concat of Slices
+    of one Reshape)."""
     w = g.weight(node)
+    if node.op_type == "MatMul":
+        return w is not None and len(w.dims) == 2 and w.dims[0] >= 64 and _frames(g, node.input[0])
     return (node.op_type == "Conv" and w is not None and len(w.dims) >= 3 and w.dims[1] == 1
             and max(w.dims[2:]) >= 64)
+
+
+def _frames(g: _Graph, name: str) -> bool:
+    """`name` holds frames cut from one signal: a Concat of two or more Slices of one Reshape."""
+    cat = g.producer.get(name)
+    if cat is None or cat.op_type != "Concat" or len(cat.input) < 2:
+        return False
+    cuts = [g.producer.get(i) for i in cat.input]
+    if any(c is None or c.op_type != "Slice" for c in cuts) or len({c.input[0] for c in cuts}) != 1:
+        return False
+    return getattr(g.producer.get(cuts[0].input[0]), "op_type", None) == "Reshape"
 
 
 def _spectral(g: _Graph) -> list[dict]:
@@ -131,9 +151,67 @@ def _spectral(g: _Graph) -> list[dict]:
     return found
 
 
+CASCADE_REASON = ("{n} STFT-like convs in a multirate cascade ({convs}...): each octave's signal is the output of "
+                  "the conv before it, filtered again and again, and 8-bit noise compounds down the cascade "
+                  "(basic-pitch's CQT: note posteriorgram SQNR 11.6 dB, F1 0.77 with it INT8, static or dynamic; "
+                  "28.7 dB, 0.97 with it float); the cascade stays float, the network after it INT8")
+
+
+def _cascade(g: _Graph) -> list[dict]:
+    """STFT-like convs linked through the signal they read: one reads (through data movement) another's output, or
+    both read the same signal. Only a set with such a read of another's output is a cascade."""
+    convs = [n for n in g.nodes if _stft_like(g, n)]
+    root, via = {}, {}
+    for c in convs:   # back from the conv's input through data movement to the tensor the signal comes from
+        name, path = c.input[0], []
+        while (p := g.producer.get(name)) is not None and p.op_type in MOVES:
+            path.append(p.name)
+            name = p.input[0]
+        root[c.name], via[c.name] = name, path
+    parent = {c.name: c.name for c in convs}
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+    outputs = {o: c.name for c in convs for o in c.output}
+    linked = set()
+    for c in convs:
+        for other in convs:
+            if other.name != c.name and root[other.name] == root[c.name]:
+                parent[find(other.name)] = find(c.name)
+        if root[c.name] in outputs:   # reads another STFT-like conv's output: a resampling stage
+            parent[find(c.name)] = find(outputs[root[c.name]])
+            linked.add(c.name)
+    cascades = {find(c) for c in linked}
+    members = [c.name for c in convs if find(c.name) in cascades]
+    if not members:
+        return []
+    keep = set(members) | {m for c in members for m in via[c]}
+    return [{"kind": "cascade", "nodes": [n.name for n in g.nodes if n.name in keep],
+             "reason": CASCADE_REASON.format(n=len(members), convs=", ".join(members[:2]))}]
+
+
 def spectral_convs(model) -> set[str]:
-    """The STFT-like Convs whose output feeds a magnitude chain (their form is what the policy recognises)."""
-    return {grp["nodes"][0] for grp in _spectral(_Graph(model))}
+    """The STFT-like Convs whose output feeds a magnitude chain or that form a multirate cascade (their form is
+    what the policy recognises)."""
+    g = _Graph(model)
+    stft = {n.name for n in g.nodes if _stft_like(g, n)}
+    return {grp["nodes"][0] for grp in _spectral(g)} | {n for grp in _cascade(g) for n in grp["nodes"] if n in stft}
+
+
+def _downstream(g: _Graph, starts, ops, limit: int, seen=None) -> list:
+    """`starts` and what they feed, breadth first, through nodes of `ops` only, at most `limit` nodes."""
+    part, seen, todo = [], set(seen or ()), deque(starts)
+    while todo and len(part) < limit:
+        c = todo.popleft()
+        if c.name in seen or c.op_type not in ops:
+            continue
+        seen.add(c.name)
+        part.append(c)
+        for o in c.output:
+            todo.extend(g.consumers.get(o, []))
+    return part
 
 
 def _norms(g: _Graph) -> list[dict]:
@@ -145,23 +223,40 @@ def _norms(g: _Graph) -> list[dict]:
         subs = [c for c in g.consumers.get(n.output[0], []) if c.op_type == "Sub" and n.input[0] in c.input]
         if not subs:
             continue
-        part, todo = [n], deque(subs)
-        seen = {n.name}
-        while todo and len(part) < 12:
-            c = todo.popleft()
-            if c.name in seen or c.op_type not in _LN_PARTS:
-                continue
-            seen.add(c.name)
-            part.append(c)
-            for o in c.output:
-                todo.extend(g.consumers.get(o, []))
-        nodes += part
+        nodes += [n, *_downstream(g, subs, _LN_PARTS, 11, seen={n.name})]
+    nodes += _sum_layernorms(g)
     if not nodes:
         return []
     kinds = sorted({n.op_type for n in nodes})
     return [{"kind": "norm", "nodes": list(dict.fromkeys(n.name for n in nodes)),
              "reason": f"{len(nodes)} LayerNorm/Softmax nodes ({', '.join(kinds)}): mean/variance/exp internals and "
                        "inputs with outlier channels or attention scores do not fit one 8-bit scale"}]
+
+
+# jax2tf's LayerNorm (Magika): var = Sum(x*x)/n - (Sum(x)/n)^2, Max(0), Rsqrt, (x - mean) * scale + bias
+_SUM_LN_PARTS = (*_LN_PARTS, "ReduceSum", "Max", "Expand", "Reshape")
+
+
+def _sum_layernorms(g: _Graph) -> list:
+    """LayerNorms built from ReduceSum: a Sum of x scaled (by 1/n) and broadcast to a Sub from x itself, with
+    everything that computes the variance and scales by it. In INT8 the difference E[x^2] - E[x]^2 cancels to
+    noise: Magika's first LayerNorm took its top-1 agreement with FP32 to 6 % (float: 98 %)."""
+    found = []
+    for n in (n for n in g.nodes if n.op_type == "ReduceSum"):
+        x, todo, path, hit = n.input[0], deque(n.output), [], False
+        while todo and len(path) < 6 and not hit:
+            for c in g.consumers.get(todo.popleft(), []):
+                if c.op_type == "Sub" and x in c.input:
+                    hit = True
+                elif c.op_type in ("Mul", "Div", "Reshape", "Expand", "Unsqueeze"):
+                    path.append(c)
+                    todo.extend(c.output)
+        if not hit:
+            continue
+        starts = [n, *(c for c in g.consumers.get(x, []) if c.op_type in ("Mul", "Pow")
+                       and (c.op_type == "Pow" or list(c.input[:2]) == [x, x]))]
+        found += _downstream(g, starts, _SUM_LN_PARTS, 24)
+    return found
 
 
 def _recurrent(g: _Graph) -> list[dict]:
@@ -220,6 +315,126 @@ def _branch_reads(g: _Graph) -> list[dict]:
                        "reads inside branches, so a folded Relu/Clip there would be lost"}]
 
 
+# weights at most this, and under 1 % of the model's: an op so small that the quantizer pair it needs alone costs more
+# than INT8 saves
+LONE_MAX_WEIGHTS = 4096
+LONE_REASON = ("{op} {name}: {weights} weights ({share:.2g} % of the model's) with no INT8 neighbour (float on every "
+               "side): the QuantizeLinear/DequantizeLinear pair it needs alone costs more than INT8 saves "
+               "(silero-vad's decoder Conv, 128 weights after its LSTM: INT8 batch 1 52.4 -> 49.3 us, 1 thread, "
+               "AVX-512 VNNI)")
+
+
+def _lone_small(g: _Graph, excluded: set) -> list[dict]:
+    """Tiny weighted ops that would be an INT8 island of their own: walking from one through the nodes ORT would
+    quantize with it (neither excluded nor weighted) reaches no other weighted op."""
+    import math
+    weighted = [n for n in g.nodes if n.op_type in COMPUTE and g.weight(n) is not None]
+    sizes = {n.name: math.prod(g.weight(n).dims) for n in weighted}
+    total = sum(sizes.values())
+    compute = [n for n in weighted if n.name not in excluded]
+    found = []
+    for node in compute:
+        if sizes[node.name] > LONE_MAX_WEIGHTS or sizes[node.name] * 100 >= total:
+            continue
+        island, todo, lone = [node.name], deque([node]), True
+        while todo and lone:
+            n = todo.popleft()
+            for m in [g.producer[i] for i in n.input if i in g.producer] + \
+                     [c for o in n.output for c in g.consumers.get(o, [])]:
+                if m.name in island or m.name in excluded or m.op_type in RECURRENT or _subgraph_ops(m):
+                    continue   # the float side
+                if m.op_type in COMPUTE:
+                    lone = False
+                    break
+                island.append(m.name)
+                todo.append(m)
+        if lone:
+            found.append({"kind": "lone_small", "nodes": island,
+                          "reason": LONE_REASON.format(op=node.op_type, name=node.name, weights=sizes[node.name],
+                                                       share=100 * sizes[node.name] / total)})
+    return found
+
+# a part of a joined output with under 1/8 of the largest part's range keeps under 32 of the 256 levels
+MIXED_RANGE_RATIO = 8.0
+MIXED_REASON = ("{node} joins parts of very different ranges into graph output {output} (|max| {ranges}): one 8-bit "
+                "scale for the joined tensor rounds the small parts away (NudeNet's YOLO head: boxes up to 330 px beside "
+                "0-1 class scores, every INT8 score 0 and no detection left); the join stays float, each part keeps "
+                "its own INT8 scale")
+
+
+def _to_output(g: _Graph, name: str) -> tuple[list, str | None]:
+    """The data-movement nodes from tensor `name` to a graph output, and that output (None: it reaches none)."""
+    if name in g.outputs:
+        return [], name
+    for c in g.consumers.get(name, []):
+        if c.op_type in MOVES and c.op_type != "Concat":
+            path, out = _to_output(g, c.output[0])
+            if out is not None:
+                return [c, *path], out
+    return [], None
+
+
+def _mixed_outputs(g: _Graph, ranges: dict | None) -> list[dict]:
+    """Concats that make a graph output from parts whose calibrated ranges differ by MIXED_RANGE_RATIO or more."""
+    if not ranges:
+        return []
+    import numpy as np
+    from onnx import numpy_helper
+    found = []
+    for n in (n for n in g.nodes if n.op_type == "Concat"):
+        after, out = _to_output(g, n.output[0])
+        if out is None:
+            continue
+        amax = []
+        for i in n.input:
+            if i in g.inits:
+                v = numpy_helper.to_array(g.inits[i])
+                amax.append(float(np.abs(v).max()) if v.size else 0.0)
+            elif i in ranges:
+                amax.append(max(abs(float(ranges[i][0])), abs(float(ranges[i][1]))))
+        parts = [a for a in amax if a > 1e-12]
+        if len(parts) < 2 or max(parts) < MIXED_RANGE_RATIO * min(parts):
+            continue
+        found.append({"kind": "mixed_output", "nodes": [n.name, *(c.name for c in after)],
+                      "reason": MIXED_REASON.format(node=n.name, output=out,
+                                                    ranges=", ".join(f"{a:.3g}" for a in amax))})
+    return found
+
+
+# over half of an input's nonzero values under half an 8-bit step of its range: measured 85 % on Resemblyzer's raw
+# power mels, 11 % on a speech waveform, under 2 % on images, log-mels and basic-pitch's audio
+WIDE_INPUT_SHARE = 0.5
+WIDE_REASON = ("input {name} spans decades: {share:.0%} of its nonzero calibration values are under half an 8-bit "
+               "step of its range (a power spectrum fed raw), so INT8 there, static or dynamic, zeroes them "
+               "(Resemblyzer's first LSTM: embedding SQNR 1.2 dB, cosine 0.62; float: 21.2 dB, 0.996); {nodes} "
+               "read it float, the layers after them stay INT8")
+
+
+def _wide_inputs(g: _Graph, underflow: dict | None) -> list[dict]:
+    """The data movement from each input that spans decades to the recurrent cells reading it. Only cells: their
+    dynamic INT8 weights are most of such a model (Resemblyzer's first LSTM 21 %), more than the fallback may
+    keep float; a static Conv/Gemm there is what the fallback finds (tests/test_cli_sqnr_fallback.py)."""
+    found = []
+    for name, share in (underflow or {}).items():
+        if share < WIDE_INPUT_SHARE or name not in g.inputs:
+            continue
+        path, first, todo, seen = [], [], deque([name]), set()
+        while todo:
+            for c in g.consumers.get(todo.popleft(), []):
+                if c.name in seen:
+                    continue
+                seen.add(c.name)
+                if c.op_type in RECURRENT:
+                    first.append(c.name)
+                elif c.op_type in MOVES:   # a Conv/Gemm there: static, ranked and repaired by the fallback
+                    path.append(c.name)
+                    todo.extend(c.output)
+        if first:
+            found.append({"kind": "wide_input", "nodes": [*path, *first],
+                          "reason": WIDE_REASON.format(name=name, share=share, nodes=", ".join(first))})
+    return found
+
+
 def is_transformer(model) -> bool:
     ops = {n.op_type for n in model.graph.node}
     g = _Graph(model)
@@ -234,14 +449,19 @@ def transformer_mode(model) -> tuple[str, str]:
     return "static", "no attention (Softmax/LayerNorm with activation x activation MatMuls): static INT8"
 
 
-def plan(model, *, enabled: bool = True) -> dict:
-    """The default exclusions and the MatMul mode for `model` (the graph about to be quantized)."""
+def plan(model, *, enabled: bool = True, ranges: dict | None = None, underflow: dict | None = None) -> dict:
+    """The default exclusions and the MatMul mode for `model` (the graph about to be quantized); `ranges` (tensor ->
+    calibrated (lo, hi)) finds the joined outputs whose parts one scale cannot hold, `underflow` (input -> share
+    of its values one scale zeroes: calibration.underflow_fractions) the inputs that span decades."""
     mode, mode_reason = transformer_mode(model)
     if not enabled:
         return {"enabled": False, "exclusions": [], "nodes": [], "mode": "static",
                 "mode_reason": "policy off by option: static INT8 of every supported node"}
     g = _Graph(model)
-    groups = [*_spectral(g), *_norms(g), *_recurrent(g), *_branch_reads(g), *_tables(model)]
+    groups = [*_spectral(g), *_cascade(g), *_norms(g), *_recurrent(g), *_branch_reads(g), *_tables(model),
+              *_mixed_outputs(g, ranges), *_wide_inputs(g, underflow)]
+    if mode == "static":
+        groups += _lone_small(g, {n for grp in groups for n in grp["nodes"]})
     nodes = list(dict.fromkeys(n for grp in groups for n in grp["nodes"]))
     dynamic = _dynamic(g, groups) if mode == "static" else []
     return {"enabled": True, "exclusions": groups, "nodes": nodes, "mode": mode, "mode_reason": mode_reason,
@@ -260,11 +480,13 @@ def _cells(graph) -> list:
 def _dynamic(g: _Graph, groups: list[dict]) -> list[dict]:
     """What the static pass leaves float but whose weights still go INT8, dynamically (see the module doc)."""
     out = []
+    cascade = {n for grp in groups if grp["kind"] == "cascade" for n in grp["nodes"]}
     for grp in groups:
-        if grp["kind"] == "spectral":
+        if grp["kind"] == "spectral" and grp["nodes"][0] not in cascade:   # a cascade's convs get no INT8 at all
             conv = grp["nodes"][0]   # _spectral puts the STFT-like Conv first
             out.append({"kind": "spectral_conv", "nodes": [conv], "reason": DYNAMIC_STFT_REASON.format(conv=conv)})
-    cells = [n.name for n in g.cells]
+    wide = {n for grp in groups if grp["kind"] == "wide_input" for n in grp["nodes"]}
+    cells = [n.name for n in g.cells if n.name not in wide]   # no per-call INT8 either: the values span decades
     if cells:
         out.append({"kind": "recurrent_cell", "nodes": cells, "reason": DYNAMIC_CELL_REASON})
     return out
@@ -409,7 +631,8 @@ def quantize_dynamic_nodes(in_path, out_path, nodes, *, reduce_range: bool, work
     staged = Path(workdir) / "dynamic.in.onnx"
     onnx.save_model(model, str(staged))
     del model
-    quantize_dynamic(str(staged), str(out_path), op_types_to_quantize=["LSTM", "Conv"], nodes_to_quantize=sorted(nodes),
+    quantize_dynamic(str(staged), str(out_path), op_types_to_quantize=["LSTM", "Conv", "MatMul"],
+                     nodes_to_quantize=sorted(nodes),
                      per_channel=False, reduce_range=reduce_range, weight_type=QuantType.QInt8,
                      extra_options={"EnableSubgraph": True})
     staged.unlink(missing_ok=True)
@@ -419,7 +642,7 @@ def quantize_dynamic_nodes(in_path, out_path, nodes, *, reduce_range: bool, work
     drop_unused_initializers(model)
     onnx.save_model(model, str(out_path))
     done = [n.name for g in [model.graph, *_graphs(model.graph)] for n in g.node
-            if n.op_type in ("DynamicQuantizeLSTM", "ConvInteger")]
+            if n.op_type in ("DynamicQuantizeLSTM", "ConvInteger", "MatMulInteger")]
     return {"nodes": done, "shared_initializers": shared}
 
 

@@ -1,14 +1,18 @@
 """Exact graph rewrites that give ONNX Runtime a faster (or an INT8) kernel for the same function.
 
 Before quantization: `prelus_as_max` (PRelu has no INT8 kernel), `batchnorms_as_convs` (nor has a BatchNorm that
-follows no Conv), `strided_convs_as_phases` (also at export: it speeds FP32 too). After ORT's QDQ quantization, on
-the integers: `integer_max` (the PRelus' Max and a MaxPool after it), `integer_pads`.
+follows no Conv), `strided_convs_as_phases` and `strided_convs_as_frames` (also at export: they speed FP32 too).
+After ORT's QDQ quantization, on the integers: `integer_max` (the PRelus' Max and a MaxPool after it),
+`integer_pads`, `integer_inputs_from_static_codes`. `unshare_biases` is no speed-up but a name fix for ORT's
+quantizer (see there).
 
 `strided_convs_as_phases`: a strided convolution over few input channels with a long kernel (an audio front end
 reading the raw waveform) is the same function as a stride-1 convolution over the stride's phases taken as
 channels (space-to-depth along the strided axis). ORT's im2col for the strided form is slow: torchcrepe's first
 conv (1 channel, 512 taps, stride 4, half the model's FLOPs) took 0.75 ms in FP32 and 0.95 ms as QLinearConv, the
-phase form 0.39 / 0.33 ms (1 thread, this AVX2 host; benchmarks/ANYMODEL_RESULTS.md).
+phase form 0.39 / 0.33 ms (1 thread, this AVX2 host; benchmarks/ANYMODEL_RESULTS.md). A filter bank whose window
+is a few hops (an STFT: silero-vad's 256 taps at hop 128) is instead frames times one matrix
+(`strided_convs_as_frames`): ORT's ConvInteger, which the policy gives such a conv, was the slowest node of the model.
 """
 from __future__ import annotations
 
@@ -52,6 +56,63 @@ def _phase_axis(conv, weight):
     if taps[axis] % stride or taps[axis] // stride < PHASE_MIN_TAPS or channels * stride > PHASE_MAX_CHANNELS:
         return None
     return axis, stride
+
+
+def unshare_biases(model) -> list[str]:
+    """Give each Conv/ConvTranspose/Gemm reading a bias that another node also reads its own copy, under a name no
+    value uses. ORT's QDQ quantizer copies a shared bias itself as `name` + a number, checking only initializer
+    names: basic-pitch's TF export has a bias `.../conv1d_25;.../conv1d_25` and a conv output `...;.../conv1d_252`,
+    and the copy took that output's name (ORT then refused the INT8 file: Transpose perm on shape {36}). Exact."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    readers = defaultdict(list)
+    for n in g.node:
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm") and len(n.input) > 2 and n.input[2] in inits:
+            readers[n.input[2]].append(n)
+    shared = {b: nodes for b, nodes in readers.items() if len(nodes) > 1}
+    if not shared:
+        return []
+    from edgec.exporters.policy import _names
+    taken = _names(g)
+    done = []
+    for bias, nodes in shared.items():
+        for k, n in enumerate(nodes[1:], 1):
+            name = f"{bias}_edgec_copy{k}"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            copy = type(inits[bias])()
+            copy.CopyFrom(inits[bias])
+            copy.name = name
+            g.initializer.append(copy)
+            n.input[2] = name
+            done.append(n.name)
+    return done
+
+
+def one_dim_biases(model) -> list[str]:
+    """A Gemm's (1, N) bias as (N,): the same broadcast. ORT's graph optimiser fuses MatMul + Add(1, N) into such a
+    Gemm (Magika's last Dense) and its QDQ quantizer then indexes the bias per output channel expecting (N,)
+    ("truth value of an array ... is ambiguous", no INT8 file). A bias other nodes read gets its own copy. Exact."""
+    from onnx import numpy_helper
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    readers = defaultdict(int)
+    for n in g.node:
+        for i in n.input:
+            readers[i] += 1
+    done = []
+    for n in g.node:
+        b = inits.get(n.input[2]) if n.op_type == "Gemm" and len(n.input) > 2 else None
+        if b is None or len(b.dims) != 2 or b.dims[0] != 1:
+            continue
+        flat = numpy_helper.from_array(numpy_helper.to_array(b).reshape(-1), f"{b.name}_1d")
+        if readers[b.name] == 1:
+            g.initializer.remove(b)
+        g.initializer.append(flat)
+        n.input[2] = flat.name
+        done.append(n.name)
+    return done
 
 
 def phase_candidates(model, keep=()) -> list:
@@ -128,8 +189,10 @@ def strided_convs_as_phases(model, keep=(), shapes: dict | None = None) -> dict:
         w_taps = [*taps[:axis], taps[axis] // s, s, *taps[axis + 1:]]
         new_taps = [*taps[:axis], taps[axis] // s, *taps[axis + 1:]]
         w = weight.reshape(out_ch, channels, *w_taps).transpose(perm).reshape(out_ch, channels * s, *new_taps)
-        w_name = f"{conv.input[1]}_phases"
-        if w_name not in made:   # two convs may share one weight: one phase copy
+        # convs sharing one weight share its phase copy, one per axis and stride (basic-pitch's CQT reads one
+        # kernel at strides 2 to 256)
+        w_name = f"{conv.input[1]}_phases_{axis}_{s}"
+        if w_name not in made:
             made.add(w_name)
             consts.append(numpy_helper.from_array(np.ascontiguousarray(w).astype(weight.dtype), w_name))
         readers[conv.input[1]] -= 1
@@ -150,6 +213,113 @@ def strided_convs_as_phases(model, keep=(), shapes: dict | None = None) -> dict:
     return {"rewritten": [r["node"] for r in rewritten], "reason": rewritten[0]["reason"]} if rewritten \
         else {"rewritten": []}
 
+
+
+# a filter bank's window (the policy's STFT-like Conv: one channel, >= 64 taps) of 2 to 4 hops (an STFT's hop of
+# 1/2 to 1/4 of its window): that many Slices cut the frames. Other strided convs keep ORT's im2col: not measured
+FRAME_MIN_TAPS = 64
+FRAME_MAX_HOPS = 4
+
+FRAMES_REASON = ("a strided Conv over one input channel whose {taps}-tap kernel spans {hops} hops of {stride}, "
+                 "rewritten as frames cut from the signal (Reshape into hops, {hops} Slices, Concat) times one MatMul "
+                 "(the same function): silero-vad's STFT Conv 22.0 -> 15.3 us FP32, 37.5 -> 12.7 us as ConvInteger "
+                 "-> MatMulInteger (1 thread, an AVX-512 VNNI EPYC)")
+
+
+def _frame_hops(conv, weight):
+    """(stride, hops) when `conv` fits the frame form by its weight and attributes alone, else None: a 1-D Conv
+    over one channel, group 1, no dilation, a kernel of FRAME_MIN_TAPS or more taps spanning 2..FRAME_MAX_HOPS
+    strides. Run after strided_convs_as_phases, which takes the convs it fits but a spectral one."""
+    from onnx import helper
+    if len(weight.dims) != 3 or weight.dims[1] != 1:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    s, taps = list(attrs.get("strides", [1]))[0], weight.dims[2]
+    if attrs.get("group", 1) != 1 or list(attrs.get("dilations", [1])) != [1] or s < 2 or taps % s \
+            or taps < FRAME_MIN_TAPS or not 2 <= taps // s <= FRAME_MAX_HOPS \
+            or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return None
+    return s, taps // s
+
+
+def frame_candidates(model, keep=()) -> list:
+    """The Convs that fit the frame form by weight and attributes (their input shapes not yet checked)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "Conv" and n.name not in keep and len(n.input) > 1
+            and n.input[1] in inits and _frame_hops(n, inits[n.input[1]])]
+
+
+def strided_convs_as_frames(model, keep=(), shapes: dict | None = None) -> dict:
+    """Conv(x, w) on x (N, 1, L) with stride s and a kernel of k = h s taps (h hops) -> frames: x cut to the
+    samples the windows read, reshaped into hops (N, T + h - 1, s), h Slices of T hops concatenated into (N, T, k),
+    times w as a (k, C_out) matrix, plus the bias, transposed back to (N, C_out, T). Exact up to float summation
+    order. The MatMul keeps the Conv's name (exclusions and the policy address it). `shapes`: as for
+    strided_convs_as_phases."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+    g = model.graph
+    candidates = frame_candidates(model, keep)
+    if not candidates:
+        return {"rewritten": []}
+    inits = {i.name: i for i in g.initializer}
+    shapes = static_shapes(model) if shapes is None else shapes
+    readers: dict = defaultdict(int)
+    for n in g.node:
+        for i in n.input:
+            readers[i] += 1
+    rewritten, made = [], set()
+    for conv in candidates:
+        s, hops = _frame_hops(conv, inits[conv.input[1]])
+        weight = numpy_helper.to_array(inits[conv.input[1]])
+        shape = shapes.get(conv.input[0])
+        if shape is None or len(shape) != 3 or shape[1] != 1 or shape[2] is None:
+            continue   # the frame form needs the signal's length
+        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        before, after = list(attrs.get("pads", [0, 0]))
+        length, taps = shape[2] + before + after, weight.shape[2]
+        if length < taps:
+            continue
+        frames = (length - taps) // s + 1
+        used = (frames + hops - 1) * s   # the samples past the last window are never read
+        name, x, nodes, consts = conv.name or conv.output[0], conv.input[0], [], []
+
+        def const(tag, value, dtype=np.int64):
+            consts.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), f"{name}_frames_{tag}_value"))
+            return consts[-1].name
+
+        def add(op, inputs, tag, **kw):
+            nodes.append(helper.make_node(op, inputs, [f"{name}_frames_{tag}"], name=f"{name}_frames_{tag}", **kw))
+            return nodes[-1].output[0]
+
+        if before or after:
+            x = add("Pad", [x, const("pads", [0, 0, before, 0, 0, after])], "padded")
+        if used < length:
+            x = add("Slice", [x, const("start", [0]), const("end", [used]), const("axis", [2])], "cut")
+        x = add("Reshape", [x, const("hops", [0, frames + hops - 1, s])], "hops")
+        axis = const("axis1", [1])
+        cuts = [add("Slice", [x, const(f"from{j}", [j]), const(f"to{j}", [j + frames]), axis], f"hop{j}")
+                for j in range(hops)]
+        x = add("Concat", cuts, "windows", axis=2)
+        w_name = f"{conv.input[1]}_frames"
+        if w_name not in made:   # two convs may share one weight: one matrix
+            made.add(w_name)
+            consts.append(numpy_helper.from_array(np.ascontiguousarray(weight.reshape(len(weight), taps).T), w_name))
+        readers[conv.input[1]] -= 1
+        if not readers[conv.input[1]]:
+            g.initializer.remove(inits[conv.input[1]])
+        nodes.append(helper.make_node("MatMul", [x, w_name], [f"{name}_frames_out"], name=conv.name))
+        x = nodes[-1].output[0]
+        if len(conv.input) > 2 and conv.input[2]:
+            x = add("Add", [x, conv.input[2]], "biased")
+        nodes.append(helper.make_node("Transpose", [x], list(conv.output), perm=[0, 2, 1], name=f"{name}_frames_back"))
+        at = list(g.node).index(conv)
+        g.node.remove(conv)
+        for node in reversed(nodes):
+            g.node.insert(at, node)
+        g.initializer.extend(consts)
+        rewritten.append({"node": conv.name, "reason": FRAMES_REASON.format(taps=taps, hops=hops, stride=s)})
+    return {"rewritten": [r["node"] for r in rewritten], "reason": rewritten[0]["reason"]} if rewritten \
+        else {"rewritten": []}
 
 # measured on MTCNN ONet (facenet-pytorch: Conv -> PRelu -> MaxPool x3, Conv -> PRelu, Gemm -> PRelu; batch 1,
 # interleaved, load 6-9, benchmarks/ANYMODEL_RESULTS.md): INT8 vs FP32 with PRelu float between a DQ and a Q
@@ -339,10 +509,10 @@ def integer_pads(model) -> list[str]:
 
 
 def integer_inputs_from_static_codes(model) -> list[str]:
-    """After the dynamic pass: DQ(x; s, z) -> DynamicQuantizeLinear -> ConvInteger becomes the ConvInteger reading
-    x's static uint8 codes with (s, z): DQ(x) is already on that grid, so re-quantizing it per call only rounds
-    again (silero-vad's STFT Conv: two nodes fewer per call, its output 34.7 -> 34.9 dB). MatMulInteger is left
-    as it is: not measured (PP-OCR's dynamic MatMuls read static conv outputs). Returns the ConvIntegers rewired."""
+    """After the dynamic pass: DQ(x; s, z) -> DynamicQuantizeLinear -> ConvInteger or MatMulInteger becomes the
+    integer op reading x's static uint8 codes with (s, z): DQ(x) is already on that grid, so re-quantizing it per
+    call only rounds again (silero-vad's STFT Conv: two nodes fewer per call, its output 34.7 -> 34.9 dB; as frames,
+    ORT then fuses MatMulInteger -> Cast -> Mul into one MatMulIntegerToFloat). Returns the integer ops rewired."""
     g = model.graph
     producer, consumers, outputs = _links(g)
     zero_types = {i.name: i.data_type for i in g.initializer}
@@ -356,7 +526,7 @@ def integer_inputs_from_static_codes(model) -> list[str]:
                 users.append(n)
         if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3 or zero_types.get(dq.input[2]) != 2 \
                 or any(o in outputs for o in dyn.output) \
-                or not all(u.op_type in ("ConvInteger", "Mul") for u in users) \
+                or not all(u.op_type in ("ConvInteger", "MatMulInteger", "Mul") for u in users) \
                 or any(u.input[0] != codes for u in users if u.op_type != "Mul"):   # uint8 (2) codes only
             continue
         for u in users:
@@ -369,5 +539,6 @@ def integer_inputs_from_static_codes(model) -> list[str]:
     return rewired
 
 
-__all__ = ["strided_convs_as_phases", "phase_candidates", "static_shapes", "integer_pads", "prelus_as_max",
-           "integer_max", "batchnorms_as_convs", "integer_inputs_from_static_codes"]
+__all__ = ["strided_convs_as_phases", "phase_candidates", "strided_convs_as_frames", "frame_candidates",
+           "static_shapes", "integer_pads", "prelus_as_max", "integer_max", "batchnorms_as_convs",
+           "integer_inputs_from_static_codes"]

@@ -202,6 +202,31 @@ def cosine_score(refs: list, outs: list) -> float:
     return float(min(output_cosine(Agreement().update(r, o)) for r, o in zip(refs, outs)))
 
 
+def _mixed_parts(fp32_path, session, names, refs) -> list:
+    """(name, output index, (axis, start, stop)) of each part of a joined output whose parts' peaks differ
+    metrics.MIXED_PART_RATIO or more (NudeNet's boxes and scores): the fallback scores them as the gate does."""
+    from edgec.exporters.compare import output_batch_axis
+    from edgec.exporters.metrics import MIXED_PART_RATIO, joined_parts
+    found = []
+    for name, (axis, sizes) in joined_parts(fp32_path).items():
+        i = names.index(name) if name in names else None
+        if i is None or output_batch_axis(session, i) != 0 or refs[i].ndim <= axis or refs[i].shape[axis] != sum(sizes):
+            continue
+        bounds = np.cumsum([0, *sizes])
+        peaks = [float(np.abs(np.take(refs[i], range(a, b), axis=axis)).max()) for a, b in zip(bounds, bounds[1:])]
+        if min(peaks) > 0 and max(peaks) >= MIXED_PART_RATIO * min(peaks):
+            found += [(f"{name}[{a}:{b}]", i, (axis, int(a), int(b))) for a, b in zip(bounds, bounds[1:])]
+    return found
+
+
+def _with_parts(checks, names: list, parts: list):
+    """The checks with the parts as outputs of task none; a task or labels given for the only output stay its."""
+    import dataclasses
+    tasks = {(names[0] if k == "" and len(names) == 1 else k): v for k, v in checks.tasks.items()}
+    label_output = checks.label_output or (names[0] if len(names) == 1 else None)
+    return dataclasses.replace(checks, tasks={**tasks, **{p: "none" for p in parts}}, label_output=label_output)
+
+
 @dataclass(frozen=True)
 class _Measure:
     score: float                           # the budget's figure as a fraction (accuracy, agreement, cosine)
@@ -239,20 +264,27 @@ class _Evaluator:
         del parts
         self.available, self.n = n, done
         self.x = x if done == n else x.take(np.arange(done))
-        self.scorer = CandidateScore([o.name for o in session.get_outputs()], self.refs,
-                                     y if done == n else take_labels(y, np.arange(done)),
-                                     checks if checks is not None else CheckOptions(), num_classes)
+        names, checks = [o.name for o in session.get_outputs()], checks if checks is not None else CheckOptions()
+        self.joined = _mixed_parts(fp32_path, session, names, self.refs)
+        if self.joined:   # each part of a joined output scored as an output of its own (task none)
+            checks = _with_parts(checks, names, [n for n, _, _ in self.joined])
+            names = names + [n for n, _, _ in self.joined]
+            self.refs = self.refs + self._parts(self.refs)
+        self.scorer = CandidateScore(names, self.refs, y if done == n else take_labels(y, np.arange(done)),
+                                     checks, num_classes)
         self.task_metric = self.scorer.metric if self.scorer.gated else None
         self.metric, self.fp32_score = ("cosine", 1.0) if cosine else (self.scorer.metric, self.scorer.fp32_score)
         self.session_seconds = self.run_seconds = 0.0   # of the last candidate: its session's start, its run
         self.run_rows = 0
 
-    @staticmethod
-    def _outputs(session, feed, outs) -> list:
+    def _outputs(self, session, feed, outs) -> list:
         from edgec.exporters.metrics import batch_first, padding_mask, without_padding
         # token models: padded positions count for nothing (metrics.py)
         (outs,), _ = without_padding(padding_mask(feed), batch_first(session, outs))
-        return outs
+        return outs + self._parts(outs) if getattr(self, "joined", None) else outs
+
+    def _parts(self, outs) -> list:
+        return [np.take(outs[i], range(start, stop), axis=axis) for _, i, (axis, start, stop) in self.joined]
 
     def __call__(self, path, *, rows: int | None = None, error_only: bool = False) -> _Measure:
         """The candidate's figures on the scored samples (`rows`: the first that many); `error_only`: the output

@@ -117,31 +117,11 @@ def separable(tmp_path_factory):
     """A depthwise-separable CNN trained 3 epochs on the embedded digits (a few seconds), exported to ONNX: the
     subject of test_transforms and test_adaround. Tests write into "dir" (this worker's own folder), never next to
     the shared fp32.onnx."""
-    from test_transforms import _digits, _export
+    from test_transforms import _digits, train_separable
     x, y = _digits()
 
     def make(folder):
-        import torch
-        import torch.nn.functional as F
-        from torch import nn
-        torch.manual_seed(0)
-        net = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 64, 1), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1, groups=64), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.Conv2d(64, 64, 1), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-        opt = torch.optim.Adam(net.parameters(), 3e-3)
-        xt, yt = torch.from_numpy(x[:1400]), torch.from_numpy(y[:1400])
-        net.train()
-        for _ in range(3):
-            for i in range(0, 1400, 64):
-                loss = F.cross_entropy(net(xt[i:i + 64]), yt[i:i + 64])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        _export(net, x, folder / "fp32.onnx")
+        train_separable(folder / "fp32.onnx", seed=0)
         return str(folder)
     fp32 = Path(made_once(tmp_path_factory, "separable", make)) / "fp32.onnx"
     return {"dir": tmp_path_factory.mktemp("transforms"), "fp32": fp32, "calib": x[:512], "x": x[1400:],

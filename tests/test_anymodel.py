@@ -82,9 +82,12 @@ def test_token_ids_and_mask_are_fed_never_calibrated(tmp_path):
     mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int64)
     np.savez(tmp_path / "t.npz", ids=ids * mask, mask=mask)
     out = tmp_path / "text.edgec"
+    # an untrained model's class scores are close: one of these 80 flips on some hosts (98.75 % top-1 agreement
+    # on an AVX-512 VNNI one), past the default 1-point gate; what is tested here is the feed, the gate elsewhere
     code, stdout, stderr = run_cli("build", save_weights(tmp_path, "tiny_text"), "--arch", arch("tiny_text"),
                                    "--data", tmp_path / "t.npz", "--input-shape", "ids=batch,seq",
-                                   "--input-shape", "mask=batch,seq", "-o", out, "--json", *FAST)
+                                   "--input-shape", "mask=batch,seq", "-o", out, "--json", *FAST,
+                                   "--max-accuracy-drop", "5")
     assert code == 0, stderr
     g = int8_graph_inputs(out)
     assert g["dims"] == {"ids": ["batch", "seq"], "mask": ["batch", "seq"]}

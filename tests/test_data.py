@@ -79,3 +79,19 @@ def test_validate_shape_channels_and_labels():
     with pytest.raises(DataError, match="labels span 0..9 but the model has 5 outputs"):
         d.validate((1, 3, 32, 32), num_classes=5)
     d.validate((1, 3, 32, 32), num_classes=10)
+
+
+def test_a_channels_last_array_the_model_takes_as_saved_is_not_transposed(tmp_path):
+    """openWakeWord's embedding model reads (N, 76, 32, 1) mel windows: the NHWC->NCHW guess made them
+    (1, 76, 32) and the data was refused against the model's own shape. Bound to that shape, they stay as saved;
+    a model that takes NCHW still gets its channels-last images transposed."""
+    from edgec.core.feeds import InputSpec
+    rng = np.random.default_rng(0)
+    windows = rng.standard_normal((5, 76, 32, 1)).astype(np.float32)
+    np.savez(tmp_path / "w.npz", input_1=windows)
+    d = load_data(str(tmp_path / "w.npz")).bind([InputSpec("input_1", "float32", ["batch", 76, 32, 1])])
+    assert d.sample_shape == (76, 32, 1) and "as saved" in d.preprocess["layout"]
+    np.testing.assert_array_equal(d.x[:], windows)
+    np.savez(tmp_path / "i.npz", x=rng.standard_normal((5, 8, 8, 3)).astype(np.float32))
+    d = load_data(str(tmp_path / "i.npz")).bind([InputSpec("x", "float32", ["batch", 3, 8, 8])])
+    assert d.sample_shape == (3, 8, 8) and d.preprocess["layout"] == "NHWC->NCHW"

@@ -82,6 +82,9 @@ def test_task_detection_is_recorded_and_safe():
     assert detect_task(1 / (1 + np.exp(-logits)))[0] == "multilabel"
     assert detect_task(emb / np.linalg.norm(emb, axis=1, keepdims=True))[0] == "embed"
     assert detect_task(emb)[0] == "embed"
+    # Resemblyzer's speaker embedding: ReLU then L2 norm, every value in [0, 1]; unit rows, not 256 sigmoids
+    relu = np.maximum(emb, 0)
+    assert detect_task(relu / np.linalg.norm(relu, axis=1, keepdims=True))[0] == "embed"
     assert detect_task(logits[:, :1])[0] == detect_task(logits[:, 0])[0] == "score"
     assert detect_task(logits, np.arange(64) % 10, num_classes=10)[0] == "classify"
     # digits labels on a 64-D embedding are no class ids of it: no fake accuracy

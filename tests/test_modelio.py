@@ -269,3 +269,25 @@ def test_malformed_structure_is_refused(tmp_path, edit, message):
     torch.save(obj, tmp_path / "bad.pt")
     with pytest.raises(ModelError, match=message):
         load_model(tmp_path / "bad.pt")
+
+
+def test_a_training_checkpoint_loads_its_one_state_dict_and_leaves_out_loose_loss_tensors(resnet, capsys):
+    """Resemblyzer's pretrained.pt: {"step", "model_state", "optimizer_state"}, and model_state holds the GE2E
+    loss's similarity_weight/bias beside the layers. The one tensor dict is the state_dict; top-level tensors of
+    no layer are left out with a note; a layer's weight that does not belong stays an error."""
+    d, m = resnet
+    state = {**m.state_dict(), "similarity_weight": torch.tensor([10.0]), "similarity_bias": torch.tensor([-5.0])}
+    torch.save({"step": 1000, "model_state": state, "optimizer_state": {"state": {}, "param_groups": [{"lr": 1e-4}]}},
+               d / "train.pt")
+    loaded = load_model(d / "train.pt", ARCH)
+    assert _same(loaded.module, m)
+    assert "similarity_weight" in capsys.readouterr().err
+    torch.save({"a": m.state_dict(), "b": m.state_dict()}, d / "two.pt")
+    with pytest.raises(ModelError, match="several state_dicts \\(a, b\\)"):
+        load_model(d / "two.pt", ARCH)
+    torch.save({"step": 3, "note": "x"}, d / "none.pt")
+    with pytest.raises(ModelError, match="keys: step, note"):
+        load_model(d / "none.pt", ARCH)
+    torch.save({**m.state_dict(), "layer5.0.weight": torch.zeros(3)}, d / "extra_layer.pt")
+    with pytest.raises(ModelError, match="1 unexpected"):
+        load_model(d / "extra_layer.pt", ARCH)

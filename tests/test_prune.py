@@ -200,3 +200,31 @@ def test_a_pruned_parameter_outside_any_layer_is_replayed_on_load(tmp_path):
     again = load_model(save_model(tmp_path / "l.pt", pruned, arch, (1, 3, 8, 8)), arch)
     x = torch.randn(2, 3, 8, 8)
     assert again.module.scale.shape == (8, 1, 1) and torch.equal(again.module(x), pruned(x))
+
+
+def test_a_dependency_analysis_that_does_not_end_is_stopped_with_a_model_error(monkeypatch):
+    """torch-pruning's analysis of a graph it cannot map (Swin-T: 4 GB in two minutes, no end) is stopped by time
+    or by memory growth, whichever comes first, with a model error; the timer is gone afterwards."""
+    import signal
+    import time
+    from edgec.core.errors import ModelError
+    from edgec import prune
+    monkeypatch.setattr(prune, "ANALYSIS_SECONDS", 1)
+    started = time.monotonic()
+    with pytest.raises(ModelError, match="dependency analysis of this model ran"):
+        with prune._bounded_analysis():
+            while time.monotonic() - started < 30:
+                sum(range(1000))
+    assert time.monotonic() - started < 10
+    monkeypatch.setattr(prune, "ANALYSIS_SECONDS", 600)
+    monkeypatch.setattr(prune, "ANALYSIS_GROWTH_MB", 64)
+    held = []
+    with pytest.raises(ModelError, match="grew by"):
+        with prune._bounded_analysis():
+            while time.monotonic() - started < 30:
+                held.append(bytearray(8 * 2 ** 20))   # 8 MB a step, touched
+                held[-1][::4096] = b"x" * len(held[-1][::4096])
+                time.sleep(0.02)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    with prune._bounded_analysis():   # a normal analysis passes through untouched
+        assert sum(range(10)) == 45

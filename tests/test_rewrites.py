@@ -172,3 +172,119 @@ def test_two_strided_convs_sharing_one_weight_each_get_their_phase_form(tmp_path
     x = np.random.default_rng(0).standard_normal((3, 1, 200)).astype(np.float32)
     with torch.no_grad():
         np.testing.assert_allclose(_run(model, x), module(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-4)
+
+
+class FilterBank(nn.Module):
+    """An STFT as a conv (silero-vad's front end): a long window on one channel at a hop of a half or a quarter
+    of it, then a normal conv."""
+
+    def __init__(self, conv, pad):
+        super().__init__()
+        self.conv, self.pad, self.next = conv, pad, nn.Conv1d(conv.out_channels, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.next(torch.relu(self.conv(nn.functional.pad(x, self.pad, mode="reflect") if self.pad else x)))
+
+
+@pytest.mark.parametrize("conv, length, pad", [
+    (nn.Conv1d(1, 16, 64, stride=32, bias=False), 200, (16, 16)),   # F.pad (reflect) before, 2 hops, 8 cut
+    (nn.Conv1d(1, 8, 128, stride=32, padding=10), 300, None),       # the Conv's pads and bias, 4 hops
+])
+def test_a_filter_bank_of_few_hops_becomes_frames_times_one_matrix(tmp_path, conv, length, pad):
+    """Through edgec's export: no strided Conv left, a MatMul named as the Conv was, and the written file computes
+    what torch does, at another batch size too."""
+    from edgec.exporters.onnx_export import export_onnx
+    from edgec.exporters.rewrites import strided_convs_as_frames
+    torch.manual_seed(0)
+    module = FilterBank(conv, pad).eval()
+    info = export_onnx(module, torch.randn(2, 1, length), tmp_path / "bank.onnx")
+    rec = info.simplified["strided_convs_as_frames"]
+    assert rec["rewritten"] == ["/conv/Conv"] and "frames" in rec["reason"], info.simplified
+    model = onnx.load(str(tmp_path / "bank.onnx"))
+    assert [n.op_type for n in model.graph.node if n.name == "/conv/Conv"] == ["MatMul"]
+    assert [n.op_type for n in model.graph.node].count("Conv") == 1   # the next conv only
+    x = np.random.default_rng(0).standard_normal((3, 1, length)).astype(np.float32)
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_run(model, x), ref, rtol=1e-4, atol=1e-4)
+    assert strided_convs_as_frames(model)["rewritten"] == []
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv1d(2, 8, 64, stride=32),     # two channels
+    nn.Conv1d(1, 8, 64, stride=8),      # 8 hops
+    nn.Conv1d(1, 8, 32, stride=16),     # a short kernel: not a filter bank
+    nn.Conv1d(1, 8, 100, stride=32),    # taps not a multiple of the stride
+    nn.Conv1d(1, 8, 64, stride=32, dilation=2),
+])
+def test_convs_outside_the_frame_rule_stay(tmp_path, conv):
+    from edgec.exporters.rewrites import strided_convs_as_frames
+    model = onnx.load(str(_export(FilterBank(conv, None), torch.randn(2, conv.in_channels, 400), tmp_path / "f.onnx")))
+    before = model.SerializeToString()
+    assert strided_convs_as_frames(model)["rewritten"] == []
+    assert model.SerializeToString() == before
+def test_one_weight_read_by_convs_of_different_strides_gets_a_phase_form_per_stride(tmp_path):
+    """basic-pitch's CQT (a TF export) reads one 256-tap kernel with convs of stride 2, 4, ... 256: the phase weight
+    of stride 4 has 4 channels, that of stride 2 two; one copy for both made ORT fail (kernel channels 16 vs C 2)."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.random.default_rng(0).standard_normal((4, 1, 1, 32)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], [f"y{s}"], name=f"conv_s{s}", strides=[1, s], kernel_shape=[1, 32])
+             for s in (2, 4)]
+    nodes.append(helper.make_node("Concat", ["y2", "y4"], ["output"], axis=3))
+    graph = helper.make_graph(nodes, "cqt", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 1, 128])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 4, 1, 74])],
+                              [numpy_helper.from_array(w, "w")])
+    graph.node.insert(0, helper.make_node("Identity", ["input"], ["x"], name="id"))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(1).standard_normal((2, 1, 1, 128)).astype(np.float32)
+    ref = _run(model, x)
+    assert strided_convs_as_phases(model)["rewritten"] == ["conv_s2", "conv_s4"]
+    onnx.checker.check_model(model)
+    np.testing.assert_allclose(_run(model, x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_bias_two_convs_share_is_copied_under_an_unused_name_before_quantization(tmp_path):
+    """ORT's quantizer copies a shared bias as name + "0" (then "1", ...) without checking node outputs: with a conv output already
+    called so (basic-pitch's TF names) its INT8 file did not load. edgec gives each conv its own copy first."""
+    from onnx import TensorProto, helper, numpy_helper
+    from edgec.exporters.quantize import QuantOptions, quantize_int8
+    g = np.random.default_rng(0)
+    w = numpy_helper.from_array(g.standard_normal((4, 2, 3)).astype(np.float32), "w")
+    w2 = numpy_helper.from_array(g.standard_normal((4, 2, 3)).astype(np.float32), "w2")
+    b = numpy_helper.from_array(g.standard_normal(4).astype(np.float32), "b")
+    nodes = [helper.make_node("Conv", ["input", "w", "b"], ["b0"], name="c1", pads=[1, 1]),   # output named as ORT names its copy
+             helper.make_node("Tanh", ["b0"], ["r"], name="tanh"),
+             helper.make_node("Conv", ["input", "w2", "b"], ["c2"], name="c2", pads=[1, 1]),
+             helper.make_node("Add", ["r", "c2"], ["output"], name="add")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 2, 16])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 4, 16])], [w, w2, b])
+    path = tmp_path / "shared.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = g.standard_normal((48, 2, 16)).astype(np.float32)
+    info = quantize_int8(path, tmp_path / "int8.onnx", [{"input": x[i:i + 16]} for i in range(0, 32, 16)],
+                         QuantOptions(force_calibration_data=True))
+    assert info.pre_process["unshared_biases"] == ["c2"]
+    ref, got = _run(onnx.load(str(path)), x[32:]), _run(onnx.load(str(tmp_path / "int8.onnx")), x[32:])
+    assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25
+
+
+def test_a_matmul_plus_row_bias_quantizes(tmp_path):
+    """Magika's last Dense: MatMul + Add of a (1, N) bias, which ORT's optimiser fuses into a Gemm whose bias its
+    quantizer cannot index (an internal error, no INT8 file). The bias is made (N,) first."""
+    from onnx import TensorProto, helper, numpy_helper
+    from edgec.exporters.quantize import QuantOptions, quantize_int8
+    g = np.random.default_rng(0)
+    w = numpy_helper.from_array(g.standard_normal((16, 8)).astype(np.float32), "w")
+    b = numpy_helper.from_array(g.standard_normal((1, 8)).astype(np.float32), "b")
+    nodes = [helper.make_node("Tanh", ["input"], ["t"], name="tanh"),
+             helper.make_node("MatMul", ["t", "w"], ["m"], name="dense"),
+             helper.make_node("Add", ["m", "b"], ["output"], name="bias")]
+    graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 8])], [w, b])
+    path = tmp_path / "dense.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = g.standard_normal((48, 16)).astype(np.float32)
+    info = quantize_int8(path, tmp_path / "int8.onnx", [{"input": x[:32]}], QuantOptions(force_calibration_data=True))
+    assert len(info.pre_process["one_dim_biases"]) == 1, info.pre_process
+    ref, got = _run(onnx.load(str(path)), x[32:]), _run(onnx.load(str(tmp_path / "int8.onnx")), x[32:])
+    assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25

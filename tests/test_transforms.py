@@ -105,31 +105,70 @@ def _digits(size=12):
     return ((x - 0.3) / 0.4).repeat(1, 3, 1, 1).numpy(), d[:, 64].astype(np.int64)
 
 
+
+def train_separable(path, seed: int):
+    """A depthwise-separable CNN trained 3 epochs on the embedded digits (a few seconds), exported to `path`."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    x, y = _digits()
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1, groups=64), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    xt, yt = torch.from_numpy(x[:1400]), torch.from_numpy(y[:1400])
+    net.train()
+    for _ in range(3):
+        for i in range(0, 1400, 64):
+            loss = F.cross_entropy(net(xt[i:i + 64]), yt[i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    _export(net, x, path)
+    return path
+
 def _shift(fp32, int8, x):
     """Systematic output error: mean over outputs of |E[int8 - fp32]| over the samples."""
     ref, got = run_onnx(ort_session(fp32), x)[0], run_onnx(ort_session(int8), x)[0]
     return float(np.abs((got - ref).mean(0)).mean()), float(np.abs(got - ref).mean())
 
 
-@pytest.mark.parametrize("method", ["fast", "empirical"])
-def test_bias_correction_reduces_the_output_error(separable, method):
-    d, errs = separable["dir"], {}
+def _bias_correction_errors(fp32, d, calib, x, method):
+    errs = {}
     for bc in (False, True):
         # minmax ranges and 7-bit weights everywhere: the weight-rounding shift alone is what is measured (mse
         # ranges add a clipping shift the analytic correction does not model, and 8-bit depthwise weights leave
         # so little rounding shift that the others dominate it on this small CNN)
         opts = QuantOptions(method="minmax", per_channel=False, equalize=False, bias_correction=bc,
                             num_samples=None, bias_method=method, reduce_range=True)
-        info = quantize_int8(separable["fp32"], d / f"bc{bc}.onnx", [separable["calib"]], opts)
-        errs[bc] = _shift(separable["fp32"], d / f"bc{bc}.onnx", separable["x"])
+        info = quantize_int8(fp32, d / f"bc{bc}.onnx", [calib], opts)
+        errs[bc] = _shift(fp32, d / f"bc{bc}.onnx", x)
         assert info.transforms["bias_correction"]["applied"] is bc
-    record = info.transforms["bias_correction"]
+    return errs, info.transforms["bias_correction"]
+
+
+@pytest.mark.parametrize("method", ["fast", "empirical"])
+def test_bias_correction_reduces_the_output_error(separable, method):
+    d = separable["dir"]
+    errs, record = _bias_correction_errors(separable["fp32"], d, separable["calib"], separable["x"], method)
     assert record["layers"] == 6 and record["mean_abs_shift"] > 0 and record["kind"].startswith(
         "analytic" if method == "fast" else "empirical")
     if method == "fast":
-        # the analytic correction removes each layer's own weight-rounding shift only (measured here, per-tensor
-        # weights: 0.064 -> 0.051); the sequential one also removes the shift that upstream layers pass on
-        assert errs[True][0] < errs[False][0]
+        # the analytic correction removes each layer's own weight-rounding shift only, so on one trained instance
+        # what upstream layers pass on can outweigh it (the fixture's weights depend on the CPU and thread count:
+        # 0.064 -> 0.051 on one host, 0.017 -> 0.031 on another); over three instances it is smaller (measured,
+        # per-tensor weights: 0.116 -> 0.072 in sum); the sequential one also removes what upstream layers pass on
+        total = {bc: errs[bc][0] for bc in errs}
+        for seed in (1, 2):
+            more, _ = _bias_correction_errors(train_separable(d / f"fp32_{seed}.onnx", seed), d, separable["calib"],
+                                              separable["x"], method)
+            total = {bc: total[bc] + more[bc][0] for bc in total}
+        assert total[True] < 0.85 * total[False], total
         return
     assert record["samples"] == 64
     assert errs[True][0] < 0.7 * errs[False][0]          # the systematic part shrinks

@@ -369,6 +369,11 @@ class Dataset:
         for spec in specs:
             if spec.name not in columns:
                 continue
+            if _model_layout(spec, columns[spec.name]):
+                pre = self.preprocess.get(spec.name) if isinstance(self.preprocess.get(spec.name), dict) \
+                    else self.preprocess
+                if pre.get("layout") == "NHWC->NCHW":
+                    pre["layout"] = "as saved (the model takes channels last)"
             bound.append(_bind_column(spec, columns[spec.name], self.source))
         self.columns = {s.name: columns[s.name] for s in specs if s.name in columns}
         self.specs = bound
@@ -423,6 +428,23 @@ def check_memory(model_bytes: int, output_bytes_per_sample: int, calib: Dataset,
 
 def _base(column: Column) -> Column:
     return column.base if isinstance(column, Subset) else column
+
+
+def _model_layout(spec: InputSpec, column: Column) -> bool:
+    """Undo the NHWC->NCHW guess for an array the model takes as saved: openWakeWord's embedding model reads
+    (N, 76, 32, 1) mel windows, which looked like channels-last images. True when undone."""
+    base = _base(column)
+    if not (isinstance(base, ArrayColumn) and base.transpose == (0, 3, 1, 2) and spec.shape is not None
+            and len(spec.shape) == 4 and spec.batch_axis == 0):
+        return False
+
+    def fits(sample):
+        return all(not isinstance(d, int) or d <= 0 or d == g for d, g in zip(spec.shape[1:], sample))
+    saved = base.raw.shape[1:]
+    if fits(saved) and not fits([saved[i - 1] for i in base.transpose[1:]]):
+        base.transpose = None
+        return True
+    return False
 
 
 def _bind_column(spec: InputSpec, column: Column, source: str) -> InputSpec:

@@ -3,7 +3,8 @@
 Formats read (see README "Model files"):
 - edgec model files (`edgec.model/1`, written by `prune`, `distill`, `demo`): architecture spec, input
   shape, module structure (channel counts after pruning) and weights; load with `weights_only=True`.
-- checkpoints / state_dicts (bare, `{"state_dict": ...}`, `{"model": ...}`, `module.` prefixes) + `--arch`.
+- checkpoints / state_dicts (bare, `{"state_dict": ...}`, `{"model": ...}`, the one tensor dict of a training
+  checkpoint, `module.` prefixes) + `--arch`.
 - TorchScript (`torch.jit.save`) and `torch.export` programs (`.pt2`).
 - a fully pickled nn.Module only with `trust_pickle=True` (`--trust-pickle`).
 """
@@ -260,14 +261,23 @@ def _zip_names(path: Path) -> list[str] | None:
         raise ModelError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _unwrap_state_dict(obj):
-    if isinstance(obj, dict):
-        for key in _WRAPPER_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                obj = inner
-                break
-    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+def _tensor_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap_state_dict(obj, path):
+    """The state_dict in a checkpoint: the object itself, a known wrapper key, or the one tensor dict among its
+    values (a training checkpoint: {"step": .., "model_state": .., "optimizer_state": ..}, as Resemblyzer's)."""
+    if isinstance(obj, dict) and not _tensor_dict(obj):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if _tensor_dict(obj.get(k))), None)
+        if inner is None:
+            found = [k for k, v in obj.items() if _tensor_dict(v)]
+            if len(found) > 1:
+                raise ModelError(f"{path} holds several state_dicts ({', '.join(map(str, found))}); save the one "
+                                 f"to build alone: torch.save(ckpt[{found[0]!r}], 'weights.pt')")
+            inner = obj[found[0]] if found else None
+        obj = inner if inner is not None else obj
+    if not _tensor_dict(obj):
         return None
     if all(k.startswith("module.") for k in obj):  # saved from DataParallel / DDP
         obj = {k[len("module."):]: v for k, v in obj.items()}
@@ -280,6 +290,16 @@ def load_weights(model: nn.Module, state_dict: dict, path, arch: str) -> None:
     unexpected = [k for k in state_dict if k not in own]
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
              if k in state_dict and state_dict[k].shape != v.shape]
+    loose = [k for k in unexpected if "." not in k]
+    if loose and len(loose) == len(unexpected) and not missing and not wrong:
+        # top-level tensors of no layer, with every layer's weights there: the training loss's own parameters
+        # (Resemblyzer's GE2E similarity_weight/bias), which the model does not use; a layer's weight is never
+        # dropped (resnet34's into resnet18 stays an error)
+        from edgec.core.progress import note
+        note(f"{path}: {len(loose)} tensor(s) that belong to no layer of --arch {arch} left out "
+             f"({', '.join(loose[:4])}); every layer's weights loaded")
+        state_dict = {k: v for k, v in state_dict.items() if k not in loose}
+        unexpected = []
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -350,9 +370,10 @@ def _load_model(path: Path, arch: str | None, trust_pickle: bool, input_shape: t
         return LoadedModel(obj.eval(), "pickle", path, arch=arch, input_shape=input_shape)
     if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
         return _from_edgec_dict(obj, path, input_shape, arch)
-    state_dict = _unwrap_state_dict(obj)
+    state_dict = _unwrap_state_dict(obj, path)
     if state_dict is None:
-        raise ModelError(f"{path} holds a {type(obj).__name__}, not a model, checkpoint or state_dict")
+        keys = f" (keys: {', '.join(map(str, list(obj)[:8]))})" if isinstance(obj, dict) and obj else ""
+        raise ModelError(f"{path} holds a {type(obj).__name__}{keys}, not a model, checkpoint or state_dict")
     check_tensor_sizes(path, state_dict)
     if arch is None:
         raise ModelError(f"{path} is a state_dict (weights only); pass --arch, e.g. "

@@ -16,7 +16,12 @@ record (`regroupings`) names those layers.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import signal
+import threading
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -286,6 +291,48 @@ def _shape_of(model) -> dict:
 
 # ---------------------------------------------------------------- pruning
 
+# torch-pruning's dependency analysis of a graph it cannot map may never end: on Swin-T its index mapping of the
+# window partitions grew past 7.8 GB in 3 minutes (benchmarks/ANYMODEL_RESULTS.md). ResNet-50's takes seconds and
+# a few hundred MB; past these the analysis is stopped with a model error
+ANALYSIS_SECONDS = 600
+ANALYSIS_GROWTH_MB = 4096
+
+
+def _rss_mb() -> float | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def _bounded_analysis():
+    """Stop torch-pruning's graph analysis (pure Python) when it runs past ANALYSIS_SECONDS or grows the process by
+    ANALYSIS_GROWTH_MB (or half the free memory): a once-a-second timer signal checks, in the main thread only."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+    from edgec.core.memory import available_mb   # cgroup- and ulimit-aware
+    started, base = time.monotonic(), _rss_mb()
+    limit = min(ANALYSIS_GROWTH_MB, max(512.0, available_mb()[0] / 2))
+
+    def check(signum, frame):
+        grown = (_rss_mb() or 0) - (base or 0) if base is not None else 0
+        spent = time.monotonic() - started
+        if grown > limit or spent > ANALYSIS_SECONDS:
+            what = f"grew by {grown / 1024:.1f} GB" if grown > limit else f"ran {spent:.0f} s"
+            raise ModelError(f"torch-pruning's dependency analysis of this model {what} without finishing "
+                             f"({spent:.0f} s): the graph has an operation it cannot map (e.g. Swin's shifted window "
+                             "partitions); --ignore the layers around it, or prune another architecture")
+    previous = signal.signal(signal.SIGALRM, check)
+    signal.setitimer(signal.ITIMER_REAL, 1.0, 1.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
 class _Run:
     """One configured torch-pruning pruner on a model (a copy: the caller's model never changes)."""
 
@@ -300,7 +347,7 @@ class _Run:
         self.regroupings = Regroupings(model)
         barriers = self.regroupings.find(example)
         try:
-            with self.regroupings.tracing():
+            with self.regroupings.tracing(), _bounded_analysis():
                 self.pruner = tp.pruner.BasePruner(   # a tuple of example inputs: torch-pruning calls model(*example)
                     model, example, importance=_importance(cfg.importance), global_pruning=cfg.global_pruning,
                     pruning_ratio=ratio, max_pruning_ratio=max(0.9, ratio) if cfg.global_pruning else MAX_LAYER_RATIO,

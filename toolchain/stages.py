@@ -414,14 +414,14 @@ def evaluate(data, model: OnnxModel, reference: OnnxModel, checks,
     """The gate of build and of compare --package: `model` vs `reference` (the FP32 model it was made from) on
     held-out `data` (Source.check_data), every output; a failed check is BudgetExceeded."""
     from edgec.exporters.compare import auto_batch
-    from edgec.exporters.metrics import compare_models, failures
+    from edgec.exporters.metrics import compare_models, failures, worst_part_text
     with timed(EvaluateRecord) as t:   # streamed in batches of ~8 MB of inputs: ORT arenas stay small
         batches = data.batches(auto_batch(data.bytes_per_sample()))
         outputs = compare_models(reference.path, model.path, batches, data.labels, checks,
                                  num_classes=num_classes(data))
         for o in outputs:
             note(f"output {o['name']}: {o['task']} ({o['chosen']}{': ' + o['why'] if o['why'] else ''}); "
-                 + "SQNR " + ("identical" if o["identical"] else f"{o['sqnr_db']} dB")
+                 + "SQNR " + ("identical" if o["identical"] else f"{o['sqnr_db']} dB") + worst_part_text(o)
                  + (f", {o['metric']} FP32 {o['fp32']:.2f} INT8 {o['int8']:.2f}" if o.get("metric") else ""))
         record = EvaluateRecord(checks=checks, data=data.describe(), outputs=outputs,
                                 agreement=agreement_summary(outputs), failures=failures(outputs, checks))
@@ -449,7 +449,7 @@ def score(data, model: OnnxModel, baseline: OnnxModel, checks, sqnr_reference: O
     import math
 
     from edgec.exporters.compare import auto_batch
-    from edgec.exporters.metrics import compare_models, failures
+    from edgec.exporters.metrics import compare_models, failures, worst_part_text
     with timed(EvaluateRecord, "every output against FP32: task figures (labels) or agreement, SQNR"):
         batch = auto_batch(data.bytes_per_sample())
         outputs = compare_models(baseline.path, model.path, data.batches(batch), data.labels, checks,

@@ -136,5 +136,6 @@ def quantize_cmd(model, as_json, **kw):
     for out in s["outputs"]:
         sqnr = "identical" if out["identical"] else f"SQNR {out['sqnr_db']} dB"
         figure = (f", {out['metric']} FP32 {out['fp32']:.2f} INT8 {out['int8']:.2f}" if out.get("metric") else "")
+        from edgec.exporters.metrics import worst_part_text
         click.echo(f"  output {out['name']} ({out['task']}) on {s['eval_samples']} samples of {s['eval_data']}: "
-                   f"{sqnr}{figure}")
+                   f"{sqnr}{worst_part_text(out)}{figure}")

@@ -133,12 +133,35 @@ def check_onnx_file(path) -> None:
     """An ONNX model file, or a one-line model error (not a protobuf traceback)."""
     import onnx
     try:
-        onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(str(path), load_external_data=False)
     except FileNotFoundError:
         raise ModelError(f"{path} not found") from None
     except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and friends for a file that is not ONNX
         raise ModelError(f"{path} is not an ONNX model ({type(e).__name__}); pass a .onnx file, e.g. from "
                          "edgec export") from None
+    check_finite_initializers(path, proto.graph)
+
+
+_WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}   # op -> input index of its weight
+
+
+def check_finite_initializers(path, graph) -> None:
+    """NaN in any stored tensor, or Inf in a weight, is refused before quantizing (its scale assertion was an
+    internal error); a -inf constant elsewhere (an attention mask) is legitimate. Tensors kept as external data
+    are not read here."""
+    from onnx import TensorProto, numpy_helper
+    weights = {n.input[i] for n in graph.node if n.op_type in _WEIGHT_OPS for i in (0, _WEIGHT_OPS[n.op_type])
+               if len(n.input) > i}
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+    for t in graph.initializer:
+        if t.data_type not in floats or t.data_location == TensorProto.EXTERNAL:
+            continue
+        a = numpy_helper.to_array(t)
+        bad = np.isnan(a) if t.name not in weights else ~np.isfinite(a)
+        if bad.any():
+            what = "NaN/Inf" if t.name in weights else "NaN"
+            raise ModelError(f"{path}: initializer {t.name} holds {int(bad.sum()):,} {what} value(s) of {a.size:,}; "
+                             "the model is corrupt or its training diverged: export it again from a good checkpoint")
 
 
 def _torchscript_export(module, args, file, opset, specs, output_names, dynamic, out_axes):

@@ -87,7 +87,7 @@ class QuantOptions:
         if self.method not in METHODS:
             raise OptionError(f"unknown --calibration {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.num_samples is not None and self.num_samples < 1:
-            raise OptionError(f"--calib-samples must be at least 1, got {self.num_samples}")
+            raise OptionError(f"--samples must be at least 1, got {self.num_samples}")
         if self.quant_format not in ("QDQ", "QOperator"):
             raise OptionError(f"unknown quant format {self.quant_format!r}; choose QDQ or QOperator")
         for what, value in (("activation", self.activation_type), ("weight", self.weight_type)):

@@ -122,9 +122,17 @@ def bench_cmd(models, eps, threads, batch, shapes, warmup, runs, budgets, baseli
     doc = document(results, config, gate)
     _ci_reports(results, checks, not breaches, seconds, doc["created"], junit, markdown)
     if record:
+        from pathlib import Path
+
+        from edgec.core.package import SIGNATURE_FILE
         for r in results:
             path = record_result(r)
             click.echo(f"[edgec] recorded latency.{r.ep} in {path}", err=True)
+        for folder in dict.fromkeys(Path(r.path) for r in results):
+            if (folder / SIGNATURE_FILE).is_file():   # said, not left for `verify --key` to find out on the device
+                click.echo(f"[edgec] warning: {folder} was signed; recording changed its manifest, so its "
+                           f"{SIGNATURE_FILE} no longer matches: sign it again (edgec sign {folder} --key NAME.key)",
+                           err=True)
 
     if as_json:
         from edgec.runtime.report import print_json

@@ -2,6 +2,8 @@
 and the session options every edgec session is created with."""
 from __future__ import annotations
 
+import os
+
 import onnxruntime as ort
 
 from edgec.core.errors import OptionError, ProviderError
@@ -70,6 +72,10 @@ def session_options(threads: int | None = None, opt_level: str = "all", profile_
     if threads is not None:
         if threads < 1:
             raise OptionError(f"--threads must be at least 1, got {threads}")
+        most = max(16, 4 * (os.cpu_count() or 1))   # ORT starts them all at once: 10**5 hung, unkillable
+        if threads > most:
+            raise OptionError(f"--threads {threads} is far more than this machine's {os.cpu_count()} cores; use "
+                              f"at most {most} (one per core measures best)")
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1   # sequential execution: the intra-op pool is the only one that matters
     so.graph_optimization_level = OPT_LEVELS[opt_level]

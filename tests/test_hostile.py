@@ -338,3 +338,145 @@ def test_keygen_never_leaves_half_a_pair(tmp_path):
     assert (tmp_path / "a.key").read_bytes() != before and oct((tmp_path / "a.key").stat().st_mode)[-3:] == "600"
     assert oct((tmp_path / "a.pub").stat().st_mode)[-3:] == "644"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.key", "a.pub", "b.pub"]   # no temporaries left
+
+
+# ---------------------------------------------------------------- NaN/Inf weights, diverged training, bad options
+
+@pytest.fixture()
+def small_model(tmp_path):
+    from conftest import SMALL_ARCH
+    from edgec.modelio import build_arch, save_model
+    import torch
+    torch.manual_seed(0)
+    path = tmp_path / "m.pt"
+    save_model(path, build_arch(SMALL_ARCH), SMALL_ARCH, (1, 3, 32, 32))
+    return path
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_weights_are_refused_at_load(tmp_path, value):
+    import torch
+    from conftest import SMALL_ARCH
+    from edgec.modelio import build_arch, save_model
+    model = build_arch(SMALL_ARCH)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = value
+    save_model(tmp_path / "bad.pt", model, SMALL_ARCH, (1, 3, 32, 32))
+    for args in (["export", tmp_path / "bad.pt", "-o", tmp_path / "o.onnx"],   # was: "ONNX Runtime disagrees"
+                 ["prune", tmp_path / "bad.pt", "--ratio", "0.5", "-o", tmp_path / "o.pt"]):   # was: exit 0
+        code, _, err = run_cli(*args)
+        _one_line(code, err, 3, "holds 1 NaN/Inf value(s)", "retrain or restore it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
+
+
+def test_a_minus_inf_buffer_is_legitimate():
+    import torch
+    from edgec.modelio import check_finite_weights
+    net = torch.nn.Linear(2, 2)
+    net.register_buffer("mask", torch.full((2, 2), -float("inf")))
+    check_finite_weights("m.pt", net)   # an attention mask of -inf loads
+    net.mask[0, 0] = float("nan")
+    with pytest.raises(Exception, match="buffer mask holds 1 NaN"):
+        check_finite_weights("m.pt", net)
+
+
+def test_nan_weights_in_an_onnx_model_are_refused_before_quantizing(tiny_onnx, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+    proto = onnx.load(str(tiny_onnx))
+    w = numpy_helper.to_array(proto.graph.initializer[0]).copy()
+    w.flat[0] = np.nan
+    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, proto.graph.initializer[0].name))
+    onnx.save(proto, str(tmp_path / "nan.onnx"))
+    data = _npz(tmp_path / "d.npz", x=np.random.default_rng(0).random((64, 3, 16, 16)).astype(np.float32))
+    code, _, err = run_cli("quantize", tmp_path / "nan.onnx", "--data", data, "-o", tmp_path / "q.onnx")
+    _one_line(code, err, 3, "initializer w holds 1 NaN/Inf value(s)")   # was an internal "scale issue"
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_diverged_training_writes_no_model_of_nans(small_model, tmp_path, digits):
+    data = _npz(tmp_path / "d.npz", x=np.asarray(digits[0].x[:96]), y=digits[0].y[:96])
+    out = tmp_path / "s.pt"
+    code, _, err = run_cli("distill", small_model, "--student", small_model, "--data", data, "--epochs", "1",
+                           "--lr", "1e30", "-o", out)
+    _one_line(code, err, 2, "training diverged in epoch 1", "lower --lr")   # was exit 0 and NaN weights
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,word", [
+    (["distill", "{m}", "--student", "{m}", "--weight-decay", "-1", "-o", "{out}"], "--weight-decay -1.0"),
+    (["prune", "{m}", "--ratio", "0.5", "--steps", "100000", "-o", "{out}"], "--steps 100000 must be 1 to 100"),
+    (["quantize", "{onnx}", "--std", "0,0,0", "-o", "{out}"], "--std 0.0,0.0,0.0"),
+])
+def test_options_that_ran_for_hours_or_crashed(small_model, tiny_onnx, tmp_path, args, word):
+    out = tmp_path / "out"
+    code, _, err = run_cli(*[a.format(m=small_model, onnx=tiny_onnx, out=out) for a in args])
+    _one_line(code, err, 2, word)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,code,word", [
+    (["--ep", "cuda"], 6, "'cuda'"),                # was found only after every recipe had been trained
+    (["--qat-epochs", "-1"], 2, "--qat-epochs -1"),   # was accepted: a qat-kd row with no training
+    (["--bench-seconds", "-1"], 2, "--bench-seconds -1.0"),
+])
+def test_compare_checks_its_options_first(small_model, tmp_path, args, code, word):
+    if args[0] == "--ep":
+        import onnxruntime as ort
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            pytest.skip("this onnxruntime has CUDA")
+    out = tmp_path / "cmp"
+    got, _, err = run_cli("compare", small_model, "-o", out, "--recipes", "fp32,qat-kd", *args)
+    _one_line(got, err, code, word)
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- data hooks that never end or exit
+
+def test_a_data_hook_that_never_ends_or_exits(tiny_onnx, tmp_path, monkeypatch):
+    from edgec.core.memory import rss_mb
+    (tmp_path / "hook.py").write_text(
+        "import numpy as np, sys\n"
+        "def endless():\n"
+        "    while True:\n"
+        "        yield {'x': np.random.rand(64, 3, 16, 16).astype(np.float32)}\n"
+        "def exits():\n"
+        "    sys.exit(3)\n")
+    out = tmp_path / "q.onnx"
+    code, _, err = run_cli("quantize", tiny_onnx, "--data", f"{tmp_path / 'hook.py'}:exits", "-o", out)
+    _one_line(code, err, 4, "failed: SystemExit: 3")   # was exit 3 and no message at all
+    monkeypatch.setenv("EDGEC_MEMORY_MB", str(int(rss_mb()) + 100))   # a small box: the hook may hand ~50 MB
+    code, _, err = run_cli("quantize", tiny_onnx, "--data", f"{tmp_path / 'hook.py'}:endless", "-o", out)
+    _one_line(code, err, 4, "an endless generator?")   # was a hang until the memory ran out
+    assert not out.exists()
+
+
+def test_recording_into_a_signed_package_says_the_signature_is_void(built_package, tmp_path):
+    pkg = copy_package(built_package[0], tmp_path / "signed.edgec")
+    assert run_cli("keygen", "-o", tmp_path / "k")[0] == 0
+    assert run_cli("sign", pkg, "--key", tmp_path / "k.key")[0] == 0
+    code, _, err = run_cli("bench", pkg, "--runs", "3", "--no-inspect", "--record")
+    assert code == 0 and "was signed; recording changed its manifest" in err and "sign it again" in err, err
+    assert run_cli("verify", pkg, "--key", tmp_path / "k.pub")[0] == 9   # what the warning said
+    assert run_cli("sign", pkg, "--key", tmp_path / "k.key")[0] == 0
+    assert run_cli("verify", pkg, "--key", tmp_path / "k.pub")[0] == 0
+
+
+def test_a_model_file_recording_a_huge_builtin_architecture(tmp_path):
+    # the spec of an edgec file builds without an opt-in when it is built-in: its options could ask for 486 GB
+    import torch
+    from conftest import SMALL_ARCH
+    from edgec.modelio import build_arch, save_model
+    save_model(tmp_path / "m.pt", build_arch(SMALL_ARCH), SMALL_ARCH, (1, 3, 32, 32))
+    obj = torch.load(tmp_path / "m.pt", weights_only=True)
+    obj["arch"] = SMALL_ARCH + "?width=30000"
+    torch.save(obj, tmp_path / "wide.pt")
+    code, _, err = run_cli("export", tmp_path / "wide.pt", "-o", tmp_path / "o.onnx")
+    _one_line(code, err, 3, "builds 486.0 GB of weights", "width=30000")   # was the kernel's OOM kill
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_bench_refuses_absurd_thread_counts(tiny_onnx):
+    code, _, err = run_cli("bench", tiny_onnx, "--threads", "100000", "--runs", "3", "--no-inspect")
+    _one_line(code, err, 2, "--threads 100000 is far more")   # ORT started them all: the run hung, unkillable
+    assert run_cli("bench", tiny_onnx, "--threads", "2", "--runs", "3", "--no-inspect")[0] == 0

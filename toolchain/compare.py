@@ -85,6 +85,13 @@ class CompareOptions:
             raise OptionError(f"--prune-ratio {self.prune_ratio} must be between 0 and 1")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise OptionError(f"--max-accuracy-drop {self.max_accuracy_drop}: a budget in points, 0 or more")
+        if self.qat_epochs < 1:   # -1 ran the qat-kd row with no training at all and reported it
+            raise OptionError(f"--qat-epochs {self.qat_epochs} must be at least 1")
+        if not 0 <= self.bench_seconds < float("inf"):
+            raise OptionError(f"--bench-seconds {self.bench_seconds}: 0 (no benchmark) or more")
+        from edgec.runtime.providers import resolve
+        for ep in self.providers if self.bench_seconds > 0 else ():   # a missing provider fails now, not after
+            resolve(ep)                                                 # every recipe is trained
         self.distill.validate()
         self.checks().validate()
         from edgec.recommend import parse_budgets

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgec.core.errors import DataError
+from edgec.core.errors import DataError, OptionError
 from edgec.core.feeds import FeedLayout, InputSpec, kind_of
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -527,6 +527,9 @@ def _check_finite(x: np.ndarray, source: str, batch_axis: int = 0) -> None:
 
 def load_data(spec: str, *, image_size: int | None = None, mean: Sequence[float] | None = None,
               std: Sequence[float] | None = None) -> Dataset:
+    if std is not None and not all(np.isfinite(v) and v > 0 for v in std):   # x / 0 made every sample Inf
+        raise OptionError(f"--std {','.join(map(str, std))}: every value must be a positive number (the spread "
+                          "each channel is divided by), e.g. 0.229,0.224,0.225")
     if spec.startswith("builtin:"):
         return load_builtin(spec)
     hook = HOOK_RE.match(spec)
@@ -684,6 +687,12 @@ def _column(a: np.ndarray, mean, std) -> tuple[ArrayColumn, dict]:
     return ArrayColumn(a, transpose=transpose, scale=scale, mean=mean, std=std), pre
 
 
+def _hook_limit_bytes() -> float:
+    """What a data hook may hand over: half the memory available now, at most 8 GB (held in memory)."""
+    from edgec.core.memory import available_mb
+    return min(8e9, available_mb()[0] * 2 ** 20 / 2)
+
+
 def load_hook(path: Path, func: str) -> Dataset:
     """Run `func()` from the Python file `path` (user code: the user named it on the command line) and collect
     the dict batches it returns; held in memory (big data: save an .npz instead)."""
@@ -701,7 +710,12 @@ def load_hook(path: Path, func: str) -> Dataset:
         batches = fn()
         per_key: dict[str, list] = {}
         labels: dict[str, list] = {}
+        held, limit = 0, _hook_limit_bytes()
         for i, batch in enumerate(batches):
+            if held > limit:   # an endless generator would fill the memory: stop while the error can be printed
+                raise DataError(f"data hook {path}:{func} has yielded {held / 1e9:.1f} GB in {i} batches and is "
+                                "not done (an endless generator?); return a finite list of batches, or save the "
+                                "data as an .npz (memory-mapped)")
             if not isinstance(batch, dict):
                 raise DataError(f"data hook {path}:{func} yields a {type(batch).__name__} (batch {i}); yield dicts "
                                 "{input_name: array} (optional 'y' labels)")
@@ -717,12 +731,14 @@ def load_hook(path: Path, func: str) -> Dataset:
                     raise DataError(f"data hook {path}:{func}: input {k!r} of batch {i} is not a numeric array "
                                     "with a batch axis")
                 per_key[k].append(a)
+                held += a.nbytes
             for k in batch:
                 if k == LABEL_KEY or k.startswith(LABEL_PREFIX):
                     labels.setdefault(k, []).append(np.asarray(batch[k]))
     except DataError:
         raise
-    except Exception as e:  # noqa: BLE001 - the user's code: its error, not ours
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's code: its error, not ours (sys.exit in it
+        # ended edgec with that code and no message)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"data hook {path}:{func} failed: {type(e).__name__}: {first[:200]}") from None
     finally:

@@ -74,7 +74,7 @@ def arch_is_builtin(spec: str) -> bool:
     return source == "torchvision" or source == "edgec.models" or source.startswith("edgec.models.")
 
 
-def build_arch(spec: str) -> nn.Module:
+def build_arch(spec: str, *, sized: bool = False) -> nn.Module:
     """`torchvision:NAME[?k=v&...]`, `path/to/file.py:factory[?k=v]` or `package.module:factory[?k=v]`.
 
     The last two import (run) the named file or module and call the factory: only for code the user named."""
@@ -89,6 +89,8 @@ def build_arch(spec: str) -> nn.Module:
             raise ModelError(f"--arch {spec!r}: option {item!r} needs key=value")
         kwargs[key] = _parse_value(value)
     source, _, name = target.rpartition(":")
+    if kwargs and arch_is_builtin(spec) and not sized:   # options read from a model file build without an
+        _check_arch_size(spec)                           # opt-in: sized first
     if source == "torchvision":
         import torchvision
         try:
@@ -108,6 +110,24 @@ def build_arch(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelError(f"--arch {spec!r}: {name}() returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _check_arch_size(spec: str) -> None:
+    """A built-in architecture with options (`digits_cnn?width=20000`, from --arch or a model file's record) is
+    built on the meta device first: weights that cannot fit are refused with the reason instead of the kernel
+    killing the process mid-allocation."""
+    from edgec.core.memory import available_mb
+    query = spec.partition("?")[2]
+    try:
+        with torch.device("meta"):
+            meta = build_arch(spec, sized=True)
+    except Exception:  # noqa: BLE001 - a bad option: the real build gives the error
+        return
+    need = sum(t.numel() * t.element_size() for t in (*meta.parameters(), *meta.buffers()))
+    avail, where = available_mb()
+    if need > avail * 2 ** 20 / 2:
+        raise ModelError(f"--arch {spec!r} builds {need / 1e9:,.1f} GB of weights, more than half of the "
+                         f"{avail / 1024:,.1f} GB available ({where}); check its options ({query})")
 
 
 def _first_line(e: BaseException) -> str:
@@ -305,7 +325,23 @@ def load_model(path, arch: str | None = None, *, trust_pickle: bool = False,
     stderr in front of the one error line; silenced while loading."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _load_model(Path(path), arch, trust_pickle, input_shape)
+        loaded = _load_model(Path(path), arch, trust_pickle, input_shape)
+    check_finite_weights(loaded.path, loaded.module)
+    return loaded
+
+
+def check_finite_weights(path, module: nn.Module) -> None:
+    """NaN or Inf in a weight (a diverged training, a corrupt file) is refused at load: such a model exported,
+    quantized and was scored as if fine, or failed later as "ONNX Runtime disagrees with torch". Buffers may
+    hold -inf on purpose (attention masks): only NaN counts there."""
+    for kind, tensors, bad in (("weight", module.named_parameters(), lambda t: ~torch.isfinite(t)),
+                               ("buffer", module.named_buffers(), torch.isnan)):
+        for name, t in tensors:
+            if t.is_floating_point() and t.layout == torch.strided and t.numel():
+                count = int(bad(t.detach()).sum())
+                if count:
+                    raise ModelError(f"{path}: {kind} {name} holds {count:,} NaN/Inf value(s) of {t.numel():,}; "
+                                     "the model is corrupt or its training diverged: retrain or restore it")
 
 
 def _load_model(path: Path, arch: str | None, trust_pickle: bool, input_shape: tuple | None) -> LoadedModel:

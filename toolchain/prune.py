@@ -34,6 +34,7 @@ from edgec.regroup import ChannelBarrier, Regroupings, barrier_pruner
 from edgec.source import require_eager
 
 IMPORTANCE = ("l1", "l2", "bn", "taylor")
+MAX_STEPS = 100   # iterative pruning steps: more than there are channels to take in turn is no finer
 MAX_LAYER_RATIO = 0.95   # never empty a layer: at least 5% of its channels stay
 
 
@@ -62,8 +63,9 @@ class PruneConfig:
             raise OptionError(f"--ratio {self.ratio} would empty layers; use at most {MAX_LAYER_RATIO}")
         if self.importance not in IMPORTANCE:
             raise OptionError(f"--importance {self.importance!r} is not one of {', '.join(IMPORTANCE)}")
-        if self.steps < 1:
-            raise OptionError(f"--steps {self.steps} must be at least 1")
+        if not 1 <= self.steps <= MAX_STEPS:   # each step re-ranks and re-traces: 10**5 of them ran for hours
+            raise OptionError(f"--steps {self.steps} must be 1 to {MAX_STEPS} (each step re-ranks the channels "
+                              "and removes a slice of them)")
         if self.round_to is not None and self.round_to < 1:
             raise OptionError(f"--round-to {self.round_to} must be a positive channel count, e.g. 8")
 

@@ -72,6 +72,8 @@ class TrainConfig:
             raise OptionError("--epochs, --batch-size and --lr must be positive")
         if not 0.0 <= self.alpha <= 1.0:
             raise OptionError(f"--alpha {self.alpha} is outside 0..1")
+        if not 0 <= self.weight_decay < math.inf:   # torch's optimizers raise a bare ValueError on it
+            raise OptionError(f"--weight-decay {self.weight_decay} must be zero or positive, e.g. 5e-4")
         if not 0 < self.temperature < math.inf:
             raise OptionError(f"--temperature {self.temperature} must be positive")
         if self.optimizer not in ("sgd", "adamw") or self.schedule not in ("cosine", "constant"):
@@ -464,6 +466,15 @@ def _check_labels(student: nn.Module, example: tuple, data: Dataset, label_outpu
     return sets
 
 
+def _check_finite_training(student: nn.Module, total_loss: float, epoch: int, cfg: TrainConfig) -> None:
+    """A diverged run (NaN/Inf loss or weights, e.g. --lr 1e30) stops with the fix instead of writing a model of
+    NaN weights that loads, exports and scores 10%; the same on every rank (the loss is summed over ranks)."""
+    if math.isfinite(total_loss) and all(bool(torch.isfinite(p).all()) for p in student.parameters()):
+        return
+    raise OptionError(f"training diverged in epoch {epoch + 1}: the loss or the weights became NaN/Inf; lower --lr "
+                      f"(it was {cfg.lr:g}), or check the data and labels for extreme values")
+
+
 def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_data: Dataset | None = None,
           teacher: nn.Module | None = None, label: str = "train", stop_after: int | None = None) -> dict:
     """Train `student` in place; keeps the weights of the best epoch on eval_data. Returns metrics.
@@ -571,6 +582,7 @@ def train(student: nn.Module, train_data: Dataset, cfg: TrainConfig, *, eval_dat
                 if start + cfg.batch_size < len(order):  # the epoch's last step is shown with its accuracy
                     bar.advance(f"epoch {epoch + 1}/{cfg.epochs} loss {loss_value:.3f}")
             total_loss, seen = _sum_over_ranks([total_loss, seen], world, device)
+            _check_finite_training(student, total_loss, epoch, cfg)
             _sync_buffers(student, world)
             acc = evaluate(student, eval_data, label_output=cfg.label_output) if rank == 0 else None
             acc = _broadcast(acc, world)

@@ -480,3 +480,23 @@ def test_bench_refuses_absurd_thread_counts(tiny_onnx):
     code, _, err = run_cli("bench", tiny_onnx, "--threads", "100000", "--runs", "3", "--no-inspect")
     _one_line(code, err, 2, "--threads 100000 is far more")   # ORT started them all: the run hung, unkillable
     assert run_cli("bench", tiny_onnx, "--threads", "2", "--runs", "3", "--no-inspect")[0] == 0
+
+
+def test_the_export_check_never_passes_on_outputs_that_overflow(tmp_path):
+    import torch
+    from edgec.core.errors import DataError
+    from edgec.exporters.onnx_export import check_onnx_against_torch, export_onnx
+    net = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        net.weight.fill_(1e30)   # finite weights, finite inputs: the outputs overflow to inf
+    export_onnx(net.eval(), torch.zeros(1, 4), tmp_path / "m.onnx")
+    x = np.full((4, 4), 1e10, np.float32)
+    x[:, 1] = -1e10   # 1e40 - 1e40: NaN in torch and ONNX Runtime alike
+    with pytest.raises(DataError, match="NaN/Inf value"):   # was a pass: a NaN error is never over a tolerance
+        check_onnx_against_torch(net, tmp_path / "m.onnx", x)
+    class Masked(torch.nn.Module):
+        def forward(self, x):
+            return torch.where(x > 0, x, torch.full_like(x, -float("inf")))
+    export_onnx(Masked().eval(), torch.zeros(1, 4), tmp_path / "masked.onnx")
+    check = check_onnx_against_torch(Masked(), tmp_path / "masked.onnx", np.eye(4, dtype=np.float32))
+    assert check["samples"] == 4   # the same -inf in the same places agrees; the rest is compared

@@ -147,10 +147,13 @@ def resolve_shapes(model: ModelFile, inputs: list[InputInfo], shapes: dict[str, 
                     given.append(batch or 1)
                 elif hint and len(hint) == len(declared) and isinstance(hint[axis], int) and hint[axis] > 0:
                     given.append(hint[axis])
-                else:
+                else:   # the sizes it runs at are the user's to say: a detector at 1x1 pixels measures nothing
+                    dims = [str(x) if isinstance(x, int) and x > 0 else "1" if i == 0 else (str(x) if x else f"D{i}")
+                            for i, x in enumerate(declared)]
+                    free = [x for i, x in enumerate(dims) if i and not x.isdigit()]
                     raise DataError(f"input '{inp.name}' of {model.label} has a dynamic dimension '{d}' at axis "
-                                    f"{axis} ({_fmt(declared)}); pass --shape {inp.name}=" +
-                                    ",".join("1" if not (isinstance(x, int) and x > 0) else str(x) for x in declared))
+                                    f"{axis} ({_fmt(declared)}); pass --shape {inp.name}={','.join(dims)} with the "
+                                    f"size{'s' if len(free) > 1 else ''} it runs at for {', '.join(free)}")
         for axis, (d, g) in enumerate(zip(declared, given)):
             if isinstance(d, int) and d > 0 and d != g:
                 raise DataError(f"input '{inp.name}' of {model.label} is {_fmt(declared)} but the requested shape "

@@ -338,7 +338,6 @@ def prelus_as_max(model, keep=()) -> dict:
     """PRelu(x; a) with constant slopes all <= 1 -> Max(x, Mul(x, a)): equal, as x >= a x exactly when x >= 0
     (for a <= 1), and a x is the product PRelu computes. The Mul quantizes (QLinearMul); `integer_max` then
     moves the Max onto integers after quantization. PRelus named in `keep` (kept float by the user) stay."""
-    import numpy as np
     from onnx import helper, numpy_helper
     g = model.graph
     inits = {i.name: i for i in g.initializer}

@@ -59,36 +59,32 @@ def stream_samples(calibration: Iterable, limit: int | None, specs: Sequence[Inp
 _DECADES = np.linspace(-30, 30, 1201)
 
 
-def underflow_fractions(calibration: Iterable, limit: int | None = 256,
-                        specs: Sequence[InputSpec] | None = None) -> dict[str, float]:
-    """Per float input of the calibration feeds: the share of its nonzero values that one 8-bit scale over the
-    input's range rounds to zero. A power spectrum fed raw spans decades (Resemblyzer's mels: 85 %); a speech
-    waveform measured 11 %, images and log-mels under 2 %. One pass, a log-magnitude histogram per input."""
-    hist, span = {}, {}
-    for feed in stream_samples(calibration, limit, specs):   # specs: each input's batch axis (a state's is 1)
-        for name, x in feed.items():
-            x = np.asarray(x)
-            if not np.issubdtype(x.dtype, np.floating):
-                continue
-            x = x[np.isfinite(x)]
-            if not x.size:
-                continue
-            a = np.abs(x.astype(np.float64, copy=False))
-            lo, hi = span.get(name, (math.inf, -math.inf))
-            span[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
-            nz = a[a > 0]
-            h = np.histogram(np.log10(nz), _DECADES)[0] if nz.size else np.zeros(len(_DECADES) - 1, np.int64)
-            hist[name] = hist.get(name, 0) + h
-    out = {}
-    for name, h in hist.items():
-        lo, hi = span[name]
-        total = int(h.sum())
-        if not total or hi <= lo:
-            continue
-        half_step = (hi - lo) / 255 / 2
-        below = int(h[_DECADES[1:] <= math.log10(half_step)].sum())   # whole bins under half a step
-        out[name] = below / total
-    return out
+class _Underflow:
+    """Per float graph input: the share of its nonzero values that one 8-bit scale over the input's range rounds
+    to zero, from a log-magnitude histogram kept during the calibration pass. A power spectrum fed raw spans
+    decades (Resemblyzer's mels: 85 %); a speech waveform measured 11 %, images and log-mels under 2 %."""
+
+    def __init__(self):
+        self.hist, self.span = {}, {}
+
+    def update(self, name: str, x: np.ndarray) -> None:
+        x = x[np.isfinite(x)]
+        if not x.size:
+            return
+        lo, hi = self.span.get(name, (math.inf, -math.inf))
+        self.span[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
+        nz = np.abs(x[x != 0].astype(np.float64, copy=False))
+        h = np.histogram(np.log10(nz), _DECADES)[0] if nz.size else np.zeros(len(_DECADES) - 1, np.int64)
+        self.hist[name] = self.hist.get(name, 0) + h
+
+    def result(self) -> dict[str, float]:
+        out = {}
+        for name, h in self.hist.items():
+            lo, hi = self.span[name]
+            total = int(h.sum())
+            if total and hi > lo:   # whole bins under half a step
+                out[name] = int(h[_DECADES[1:] <= math.log10((hi - lo) / 255 / 2)].sum()) / total
+        return out
 
 
 def rechunk(batches: Iterable[dict], size: int, layout: FeedLayout | None = None):
@@ -368,6 +364,7 @@ class CalibrationResult:
     sample_check: SampleCheck | None = None
     channel_means: dict = field(default_factory=dict)  # tensor -> (per-channel mean over axis 1, spatial shape)
     bounded: int = 0               # tensors calibrated on values clamped to what their readers can see
+    underflow: dict = field(default_factory=dict)   # float input -> share of its values one 8-bit scale zeroes
 
     def summary(self) -> dict:
         return {"method": self.method, "samples": self.samples, "chunk_size": self.chunk_size,
@@ -464,6 +461,7 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
     stats = {n: TensorStats(bins, histogram=method != "minmax") for n in shapes}
     bounds = {k: v for k, v in (bounds or {}).items() if k in stats and k not in outputs}
     means = _ChannelMeans(set(channel_means) & set(shapes))
+    underflow = _Underflow()
 
     stream = stream_samples(calibration, num_samples, specs)
     first = next(stream, None)
@@ -490,6 +488,7 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
             if name in stats:
                 stats[name].update(value)
                 means.update(name, value)
+                underflow.update(name, value)
         peak = max(peak, rss_mb())
         done += batch_len(feed, layout)
         if progress:
@@ -506,7 +505,8 @@ def calibrate(model_path, calibration: Iterable, *, method: str = "minmax", num_
     # 96.7% -> 91.9%), and inputs are bounded by preprocessing anyway.
     ranges, chosen = _choose(stats, method, symmetric, qrange, percentile, keep_full=outputs | input_names)
     return CalibrationResult(ranges, method, done, chunk, len(stats), per_sample, estimated, peak,
-                             time.perf_counter() - started, chosen, chk, means.result(), len(bounds))
+                             time.perf_counter() - started, chosen, chk, means.result(), len(bounds),
+                             underflow.result())
 
 
 class _ChannelMeans:

@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from edgec.core.errors import DataError, OptionError
+from edgec.exporters.policy import MIXED_RANGE_RATIO
 
 TASKS = ("classify", "multilabel", "regress", "score", "embed", "none")
 LABELLED_TASKS = ("classify", "multilabel", "regress", "score")
@@ -623,8 +624,9 @@ def batch_first(session, outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [np.moveaxis(o, output_batch_axis(session, i), 0) for i, o in enumerate(outputs)]
 
 
-# parts of a joined output whose largest values differ this much are checked each on its own
-MIXED_PART_RATIO = 8.0
+# parts of a joined output whose largest values differ this much are checked each on its own: the ratio at which
+# the policy keeps such a join float
+MIXED_PART_RATIO = MIXED_RANGE_RATIO
 
 
 def joined_parts(model_path) -> dict:

@@ -336,7 +336,7 @@ def _lone_small(g: _Graph, excluded: set) -> list[dict]:
     for node in compute:
         if sizes[node.name] > LONE_MAX_WEIGHTS or sizes[node.name] * 100 >= total:
             continue
-        island, todo, lone = [node.name], deque([node]), True
+        island, todo, lone = {node.name: None}, deque([node]), True   # a dict: insertion order, set lookups
         while todo and lone:
             n = todo.popleft()
             for m in [g.producer[i] for i in n.input if i in g.producer] + \
@@ -346,10 +346,10 @@ def _lone_small(g: _Graph, excluded: set) -> list[dict]:
                 if m.op_type in COMPUTE:
                     lone = False
                     break
-                island.append(m.name)
+                island[m.name] = None
                 todo.append(m)
         if lone:
-            found.append({"kind": "lone_small", "nodes": island,
+            found.append({"kind": "lone_small", "nodes": list(island),
                           "reason": LONE_REASON.format(op=node.op_type, name=node.name, weights=sizes[node.name],
                                                        share=100 * sizes[node.name] / total)})
     return found
@@ -452,7 +452,7 @@ def transformer_mode(model) -> tuple[str, str]:
 def plan(model, *, enabled: bool = True, ranges: dict | None = None, underflow: dict | None = None) -> dict:
     """The default exclusions and the MatMul mode for `model` (the graph about to be quantized); `ranges` (tensor ->
     calibrated (lo, hi)) finds the joined outputs whose parts one scale cannot hold, `underflow` (input -> share
-    of its values one scale zeroes: calibration.underflow_fractions) the inputs that span decades."""
+    of its values one scale zeroes: CalibrationResult.underflow) the inputs that span decades."""
     mode, mode_reason = transformer_mode(model)
     if not enabled:
         return {"enabled": False, "exclusions": [], "nodes": [], "mode": "static",

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Iterable
 
 from edgec.core.errors import ModelError, OptionError
-from edgec.core.feeds import onnx_input_specs
 from edgec.exporters.calibration import (METHODS, CalibrationResult, Progress, calibrate, default_progress,
                                          save_ranges)
 from edgec.exporters.target import QuantScheme, scheme_for
@@ -406,13 +405,10 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
                           channel_means=wanted, bounds=bounds)
         cache = workdir / "ranges.json"
         save_ranges(calib.ranges, cache)
-        from edgec.exporters.calibration import underflow_fractions
         from edgec.exporters.policy import plan
         model = onnx.load(str(pre), load_external_data=False)
-        underflow = underflow_fractions(calibration, options.num_samples, onnx_input_specs(
-            model.graph.input, [i.name for i in model.graph.initializer])) if options.policy else {}
         p = Prepared(workdir, pre, cache, fp32_path, options, scheme, calib, record, node_ops, transforms,
-                     policy=plan(model, enabled=options.policy, ranges=calib.ranges, underflow=underflow),
+                     policy=plan(model, enabled=options.policy, ranges=calib.ranges, underflow=calib.underflow),
                      depthwise_weights=tuple(depthwise_weights(model)))
         del model
         exclude = p.resolve_exclusions(options.exclude_nodes, options.exclude_op_types)  # fail before quantizing

@@ -16,7 +16,7 @@ is a few hops (an STFT: silero-vad's 256 taps at hop 128) is instead frames time
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 # C_in x stride at most this: the phase form's input channels (1-4 channel waveforms and their first strides)
 PHASE_MAX_CHANNELS = 16
@@ -122,6 +122,19 @@ def phase_candidates(model, keep=()) -> list:
             and n.input[1] in inits and len(inits[n.input[1]].dims) >= 3 and _phase_axis(n, inits[n.input[1]])]
 
 
+def _replace_conv(g, conv, nodes, consts, readers: Counter, inits) -> None:
+    """`nodes` where `conv` was (the graph stays in topological order), `consts` added, and the weight `conv` read
+    dropped once no other node reads it (two convs may share one)."""
+    readers[conv.input[1]] -= 1
+    if not readers[conv.input[1]]:
+        g.initializer.remove(inits[conv.input[1]])
+    at = list(g.node).index(conv)
+    g.node.remove(conv)
+    for node in reversed(nodes):
+        g.node.insert(at, node)
+    g.initializer.extend(consts)
+
+
 def strided_convs_as_phases(model, keep=(), shapes: dict | None = None) -> dict:
     """Conv(x, w) with stride s on one spatial axis (kernel taps a multiple of s, C_in * s small, static spatial
     size) -> Conv over x's s phases as channels: x[n, c, s*u + p] -> x'[n, c*s + p, u], w[o, c, s*j + p] ->
@@ -141,10 +154,7 @@ def strided_convs_as_phases(model, keep=(), shapes: dict | None = None) -> dict:
         return {"rewritten": []}
     inits = {i.name: i for i in g.initializer}
     shapes = static_shapes(model) if shapes is None else shapes
-    readers: dict = {}
-    for n in g.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    readers = Counter(i for n in g.node for i in n.input)
     rewritten, made = [], set()
     for conv in candidates:
         axis, s = _phase_axis(conv, inits[conv.input[1]])
@@ -195,19 +205,12 @@ def strided_convs_as_phases(model, keep=(), shapes: dict | None = None) -> dict:
         if w_name not in made:
             made.add(w_name)
             consts.append(numpy_helper.from_array(np.ascontiguousarray(w).astype(weight.dtype), w_name))
-        readers[conv.input[1]] -= 1
-        if not readers[conv.input[1]]:
-            g.initializer.remove(inits[conv.input[1]])
         pads[axis] = pads[axis + rank] = 0
         new_attrs = {**{k: v for k, v in attrs.items() if k not in ("strides", "pads", "kernel_shape")},
                      "strides": [1] * rank, "pads": pads, "kernel_shape": new_taps}
         new = helper.make_node("Conv", [nodes[-1].output[0], w_name, *conv.input[2:]], list(conv.output),
                                name=conv.name, **new_attrs)
-        at = list(g.node).index(conv)
-        g.node.remove(conv)
-        for node in reversed([*nodes, new]):
-            g.node.insert(at, node)
-        g.initializer.extend(consts)
+        _replace_conv(g, conv, [*nodes, new], consts, readers, inits)
         rewritten.append({"node": conv.name, "reason": PHASES_REASON.format(channels=channels, taps=taps[axis],
                                                                             stride=s)})
     return {"rewritten": [r["node"] for r in rewritten], "reason": rewritten[0]["reason"]} if rewritten \
@@ -265,10 +268,7 @@ def strided_convs_as_frames(model, keep=(), shapes: dict | None = None) -> dict:
         return {"rewritten": []}
     inits = {i.name: i for i in g.initializer}
     shapes = static_shapes(model) if shapes is None else shapes
-    readers: dict = defaultdict(int)
-    for n in g.node:
-        for i in n.input:
-            readers[i] += 1
+    readers = Counter(i for n in g.node for i in n.input)
     rewritten, made = [], set()
     for conv in candidates:
         s, hops = _frame_hops(conv, inits[conv.input[1]])
@@ -306,19 +306,12 @@ def strided_convs_as_frames(model, keep=(), shapes: dict | None = None) -> dict:
         if w_name not in made:   # two convs may share one weight: one matrix
             made.add(w_name)
             consts.append(numpy_helper.from_array(np.ascontiguousarray(weight.reshape(len(weight), taps).T), w_name))
-        readers[conv.input[1]] -= 1
-        if not readers[conv.input[1]]:
-            g.initializer.remove(inits[conv.input[1]])
         nodes.append(helper.make_node("MatMul", [x, w_name], [f"{name}_frames_out"], name=conv.name))
         x = nodes[-1].output[0]
         if len(conv.input) > 2 and conv.input[2]:
             x = add("Add", [x, conv.input[2]], "biased")
         nodes.append(helper.make_node("Transpose", [x], list(conv.output), perm=[0, 2, 1], name=f"{name}_frames_back"))
-        at = list(g.node).index(conv)
-        g.node.remove(conv)
-        for node in reversed(nodes):
-            g.node.insert(at, node)
-        g.initializer.extend(consts)
+        _replace_conv(g, conv, nodes, consts, readers, inits)
         rewritten.append({"node": conv.name, "reason": FRAMES_REASON.format(taps=taps, hops=hops, stride=s)})
     return {"rewritten": [r["node"] for r in rewritten], "reason": rewritten[0]["reason"]} if rewritten \
         else {"rewritten": []}

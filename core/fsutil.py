@@ -23,6 +23,10 @@ from edgec.core.errors import OptionError, OutputExists
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
+# Temporaries being written now, with the parent folders their call created: what a forced exit after SIGTERM
+# (edgec.runtime.cli) removes when the normal unwinding did not get to run.
+_LIVE: dict[Path, list[Path]] = {}
+
 
 # ---------------------------------------------------------------- what may be written where
 
@@ -171,6 +175,7 @@ def atomic_path(path, force: bool = False, directory: bool = False, *, inputs=()
     except OSError as e:
         _remove_created(created)
         raise OptionError(f"-o {path}: cannot write in {path.parent} ({e.strerror}); choose another -o") from None
+    _LIVE[tmp] = created
     try:
         yield tmp
         _move_into_place(tmp, path, force, directory, replaceable)
@@ -178,6 +183,18 @@ def atomic_path(path, force: bool = False, directory: bool = False, *, inputs=()
         _remove(tmp)
         _remove_created(created)
         raise
+    finally:
+        _LIVE.pop(tmp, None)
+
+
+def remove_live_temporaries() -> None:
+    """Remove every temporary output still being written (and the folders made for it): the last resort of an
+    exit that cannot unwind."""
+    for tmp, created in list(_LIVE.items()):
+        with contextlib.suppress(OSError):
+            _remove(tmp)
+        _remove_created(created)
+        _LIVE.pop(tmp, None)
 
 
 def _remove_created(created: list[Path]) -> None:

@@ -3,11 +3,13 @@ latency gate, plus the package commands (inspect, verify, ...). The full `edgec`
 command, so both gate with one implementation, one JSON schema and the same exit codes."""
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import signal
 import sys
 import threading
+import time
 
 import click
 
@@ -75,8 +77,6 @@ def bench_cmd(models, eps, threads, batch, shapes, warmup, runs, budgets, baseli
 
     Exit codes: 0 ok, 2 bad option/budget, 3 bad model, 4 bad shape, 6 provider unavailable, 7 budget breached.
     """
-    import time
-
     from edgec.runtime import benchmark, document, load_baseline, parse_budget
     from edgec.runtime import record as record_result
     from edgec.runtime.gate import budget_checks, parse_percent, regression_checks
@@ -210,9 +210,41 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (CI timeouts, `timeout`, containers) unwinds like Ctrl-C: every temporary output is removed."""
 
 
-def _terminate(signum, frame):
+# After SIGTERM the unwinding gets this long to end the process; then it is ended without it (the temporaries
+# are removed from fsutil's record). Code that swallows a KeyboardInterrupt (a bare `except:`) must not keep a
+# terminated build running to the end.
+TERMINATE_GRACE_S = 30.0
+
+
+def _in_import(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_first_sigterm: list[float] = []
+
+
+def _terminate(prog_name: str, signum, frame):
+    _first_sigterm[:] = _first_sigterm or [time.monotonic()]
+    if _in_import(frame) and time.monotonic() - _first_sigterm[0] < TERMINATE_GRACE_S:
+        # An exception raised inside an import runs through native modules' initialisers, where it was seen to
+        # be swallowed or to end in SIGABRT after a traceback: the signal is sent again once the import is over.
+        threading.Timer(0.02, os.kill, (os.getpid(), signum)).start()
+        return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    threading.Thread(target=_end_after_grace, args=(prog_name,), daemon=True).start()
     raise Terminated()
+
+
+def _end_after_grace(prog_name: str) -> None:
+    from edgec.core.fsutil import remove_live_temporaries
+    time.sleep(TERMINATE_GRACE_S)
+    remove_live_temporaries()
+    sys.stderr.write(f"{prog_name}: terminated (without unwinding: it took over {TERMINATE_GRACE_S:.0f} s)\n")
+    _exit_now(143)
 
 
 def _exit_now(code: int) -> None:
@@ -229,9 +261,12 @@ def run(group: click.Group, prog_name: str, argv=None) -> None:
     `PROG: error: ...` line on stderr and its documented exit code (edgec.core.errors); anything else is our bug,
     exit 1 (--debug shows the traceback); SIGTERM exits 143 after the same cleanup as Ctrl-C."""
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    previous = signal.signal(signal.SIGTERM, functools.partial(_terminate, prog_name)) if in_main else None
     try:
         _run(group, prog_name, argv)
+    except Terminated:  # raised where click does not turn it into Abort (between its handlers)
+        click.echo(f"{prog_name}: terminated", err=True)
+        _exit_now(143)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

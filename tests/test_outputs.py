@@ -123,6 +123,43 @@ def test_sigterm_cleans_up(model, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+_SIGTERM_SCRIPT = """
+import os, signal, sys, threading, time
+from pathlib import Path
+import click
+import edgec.runtime.cli as cli
+from edgec.core.fsutil import atomic_path
+cli.TERMINATE_GRACE_S = 1
+
+@click.command()
+def work():
+    with atomic_path(Path(sys.argv[1]) / "out.txt") as tmp:
+        tmp.write_text("partial")
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        sys.path.insert(0, sys.argv[1])
+        while True:
+            try:            # a library's bare except: swallows the Terminated
+                if "slow_module" not in sys.modules:
+                    import slow_module  # the signal arrives during this import
+                time.sleep(60)
+            except BaseException:
+                pass
+
+cli.run(work, "work", [])
+"""
+
+
+def test_sigterm_waits_for_an_import_and_ends_code_that_swallows_it(tmp_path):
+    (tmp_path / "slow_module.py").write_text(
+        "import time\nprint('started', flush=True)\nend = time.time() + 1\nwhile time.time() < end:\n    pass\n")
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stdout == "started\n"     # one import: not interrupted and run again
+    assert "work: terminated (without unwinding" in proc.stderr and "Traceback" not in proc.stderr
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out.txt").exists()
+
+
 # ---------------------------------------------------------------- refused up front
 
 def _foreign(tmp_path):

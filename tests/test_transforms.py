@@ -152,24 +152,32 @@ def _bias_correction_errors(fp32, d, calib, x, method):
     return errs, info.transforms["bias_correction"]
 
 
-@pytest.mark.parametrize("method", ["fast", "empirical"])
-def test_bias_correction_reduces_the_output_error(separable, method):
+def test_fast_bias_correction_removes_the_output_shift_of_a_linear_stack(tmp_path):
+    """Through linear layers the analytic correction is exact in expectation: each layer's bias absorbs its own
+    weight-rounding shift (W_q - W) E[x], so the mean of every layer's output, and so of the model's, is FP32's up
+    to the activations' rounding. (Between nonlinearities it is not: what activation noise shifts through a ReLU is
+    left, and on a small trained CNN that can outweigh the correction; tests/test_adaround.py checks the shift
+    itself, QUANT_RESULTS.md what it gains on real models.)"""
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                        nn.Conv2d(16, 16, 1), nn.Conv2d(16, 8, 3, stride=2, padding=1), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 10))
+    rng = np.random.default_rng(0)
+    offsets = np.array([0.5, 2.0, -1.0], np.float32).reshape(1, 3, 1, 1)
+    calib, x = (rng.normal(size=(n, 3, 12, 12)).astype(np.float32) + offsets for n in (256, 256))
+    _export(net, calib, tmp_path / "fp32.onnx")
+    errs, record = _bias_correction_errors(tmp_path / "fp32.onnx", tmp_path, calib, x, "fast")
+    assert record["layers"] == 5 and record["kind"].startswith("analytic"), record
+    assert errs[True][0] < 0.3 * errs[False][0], errs         # the systematic part all but goes
+    assert errs[True][1] < errs[False][1], errs               # and with it the mean absolute error
+
+
+def test_sequential_bias_correction_reduces_the_output_error(separable):
     d = separable["dir"]
-    errs, record = _bias_correction_errors(separable["fp32"], d, separable["calib"], separable["x"], method)
-    assert record["layers"] == 6 and record["mean_abs_shift"] > 0 and record["kind"].startswith(
-        "analytic" if method == "fast" else "empirical")
-    if method == "fast":
-        # the analytic correction removes each layer's own weight-rounding shift only, so on one trained instance
-        # what upstream layers pass on can outweigh it (the fixture's weights depend on the CPU and thread count:
-        # 0.064 -> 0.051 on one host, 0.017 -> 0.031 on another); over three instances it is smaller (measured,
-        # per-tensor weights: 0.116 -> 0.072 in sum); the sequential one also removes what upstream layers pass on
-        total = {bc: errs[bc][0] for bc in errs}
-        for seed in (1, 2):
-            more, _ = _bias_correction_errors(train_separable(d / f"fp32_{seed}.onnx", seed), d, separable["calib"],
-                                              separable["x"], method)
-            total = {bc: total[bc] + more[bc][0] for bc in total}
-        assert total[True] < 0.85 * total[False], total
-        return
+    errs, record = _bias_correction_errors(separable["fp32"], d, separable["calib"], separable["x"], "empirical")
+    assert record["layers"] == 6 and record["mean_abs_shift"] > 0 and record["kind"].startswith("empirical")
     assert record["samples"] == 64
     assert errs[True][0] < 0.7 * errs[False][0]          # the systematic part shrinks
     assert errs[True][1] < errs[False][1]                # and with it the mean absolute error

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from edgec.core.feeds import batch_len, onnx_input_specs
+from edgec.exporters.staged import StagedRun
 
 CONV_LIKE = ("Conv", "Gemm")
 RELU6_MARGIN = 1.25        # unseen inputs may exceed the calibrated maximum by this much before ReLU6 differs
@@ -308,38 +309,16 @@ def _levels(model, targets: list) -> list[list]:
     return [groups[k] for k in sorted(groups)]
 
 
-def _channel_means(sess, feeds_for, outputs, chunks) -> dict:
-    """Per-channel (axis 1) mean of `outputs` over every sample of `chunks`."""
+def _channel_means(batches) -> tuple[dict, int]:
+    """Per-channel (axis 1) mean of each tensor over every sample of `batches` (dicts of name -> array)."""
     sums, count = {}, 0
-    for x in chunks:
-        for name, v in zip(outputs, sess.run(outputs, feeds_for(x))):
+    for values in batches:
+        for name, v in values.items():
             v = v.astype(np.float64)
             part = v.reshape(v.shape[0], v.shape[1], -1).mean(axis=2).sum(axis=0)   # mean over positions
             sums[name] = sums.get(name, 0) + part
-        count += batch_len(x)
+        count += next(iter(values.values())).shape[0]
     return {k: v / count for k, v in sums.items()}, count
-
-
-def _prefix(model, outputs: list[str]):
-    """The part of `model` that computes `outputs`, with them as its only outputs."""
-    import onnx
-    producers = {o: n for n in model.graph.node for o in n.output}
-    need, stack, keep = set(), list(outputs), set()
-    while stack:
-        t = stack.pop()
-        if t in need:
-            continue
-        need.add(t)
-        node = producers.get(t)
-        if node is not None and id(node) not in keep:
-            keep.add(id(node))
-            stack.extend(i for i in node.input if i)
-    graph = onnx.helper.make_graph(
-        [n for n in model.graph.node if id(n) in keep], model.graph.name,
-        [i for i in model.graph.input if i.name in need],
-        [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs],
-        [i for i in model.graph.initializer if i.name in need])
-    return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
 def _session(model, path: Path | None):
@@ -378,7 +357,8 @@ def bias_correct(model, qdq_model, calibration, num_samples: int, workdir, exclu
     for n in targets:
         fp.graph.output.append(onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None))
     sess = _session(fp, Path(workdir) / "bc-fp32.onnx")
-    ref, seen = _channel_means(sess, lambda x: x, [n.output[0] for n in targets], chunks)
+    outs = [n.output[0] for n in targets]
+    ref, seen = _channel_means(dict(zip(outs, sess.run(outs, x))) for x in chunks)
     del sess, fp
 
     # INT8 graph with each target's bias as an input (its dequantized value to start with).
@@ -394,36 +374,33 @@ def bias_correct(model, qdq_model, calibration, num_samples: int, workdir, exclu
         while len(qn.input) < 3:
             qn.input.append("")
         qn.input[2] = feed
-        q.graph.output.append(onnx.helper.make_tensor_value_info(qn.output[0], onnx.TensorProto.FLOAT, None))
 
-    def feeds(x, names):
-        values = {f"edgec_bias_correction/{k}": v.astype(np.float32) for k, v in current.items()}
-        return {k: x[k] if k in x else values[k] for k in names}
+    def biases(names):
+        return {k: current[k[len("edgec_bias_correction/"):]].astype(np.float32) for k in names
+                if k.startswith("edgec_bias_correction/")}
 
     total = {n.name: 0.0 for n in targets}
     levels = _levels(model, targets)
-    # One pass per level, in order: a layer's shift is measured with every upstream layer corrected. Correcting
+    # One stage per level, in order: a layer's shift is measured with every upstream layer corrected. Correcting
     # all layers at once and repeating (Jacobi sweeps) diverged on EfficientNet-Lite0 (mean cosine 0.98 -> 0.54
-    # after one sweep, ~0 after four): shifts grow through the depth. Each pass runs only the graph up to its
-    # level (ORT computes every node whatever is fetched), which halves the cost on average.
-    schedule = levels
-    for group in schedule:
-        outs = [qnodes[n.name].output[0] for n in group]
-        sess = _session(_prefix(q, outs), None)
-        names = [i.name for i in sess.get_inputs()]
-        got, _ = _channel_means(sess, lambda x: feeds(x, names), outs, chunks)
+    # after one sweep, ~0 after four): shifts grow through the depth. Each stage computes only what the earlier
+    # ones did not (exporters/staged.py), so the whole correction costs about one pass over the INT8 graph.
+    staged = StagedRun(q, [[qnodes[n.name].output[0] for n in group] for group in levels], chunks,
+                       lambda m: _session(m, None))
+    for k, group in enumerate(levels):
+        got, _ = _channel_means(staged.run(k, biases))
         for n in group:
-            shift = got[qnodes[n.name].output[0]] - ref[n.output[0]]
+            out = qnodes[n.name].output[0]
+            shift = got[out] - ref[n.output[0]]
             current[n.name] = current[n.name] - shift / beta[n.name]
             total[n.name] = total[n.name] + shift
-    del sess
     (Path(workdir) / "bc-fp32.onnx").unlink(missing_ok=True)
 
     originals, shifts = {}, []
     for n in targets:
         _set_bias(g, n, total[n.name] / beta[n.name], originals)
         shifts.append(float(np.abs(total[n.name]).mean()))
-    record = {"applied": True, "layers": len(originals), "levels": len(levels), "passes": len(schedule),
+    record = {"applied": True, "layers": len(originals), "levels": len(levels), "passes": len(levels),
               "samples": seen,
               "skipped": dict(skipped), "mean_abs_shift": round(float(np.mean(shifts)), 6),
               "max_layer_mean_abs_shift": round(float(np.max(shifts)), 6),

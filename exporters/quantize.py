@@ -39,6 +39,7 @@ EMPIRICAL_BIAS_MAX_MB = 1024
 # ... and on models with hard-swish / hard-sigmoid up to this: activation noise through them shifts the means
 # downstream, which only the sequential pass measures (the analytic one models weight rounding only). PP-OCR rec
 # (PP-LCNetV3, 38 levels x 150 MB = 5.6 GiB): mean cosine 0.9869 fast -> 0.9950 empirical, 135-175 s more at load 8
+# when each level ran from the inputs; run stage by stage (transforms.bias_correct) it is 22.6 s at load 3.7
 EMPIRICAL_BIAS_HARD_SWISH_MAX_MB = 8192
 SATURATING = ("HardSigmoid", "HardSwish")
 ADAROUND_OFF = ("off by default: not shown to earn its time on a hard model yet (EfficientNet-Lite0 on a loaded "

@@ -71,9 +71,9 @@ class StagedRun:
         self.read_last = read_last
         self.kept: dict[str, list[np.ndarray]] = {}
 
-    def run(self, k: int, extra_feeds) -> list[dict]:
-        """Stage k over every chunk: per chunk, its wanted tensors (name -> array). Their values (and what later
-        stages read) are kept until their last reader."""
+    def run(self, k: int, extra_feeds):
+        """Stage k over every chunk: yields per chunk its wanted tensors (name -> array), one chunk at a time;
+        what later stages read is kept until its last reader. Consume it whole before the next stage."""
         import onnx
         plan = self.plans[k]
         needed = {i for n in plan["nodes"] for i in node_inputs(n) if i}
@@ -88,16 +88,15 @@ class StagedRun:
         sess = self._session(onnx.helper.make_model(graph, opset_imports=self.model.opset_import,
                                                     ir_version=self.model.ir_version))
         names = [i.name for i in sess.get_inputs()]
-        results, kept = [], defaultdict(list)
+        kept = defaultdict(list)
         extra = extra_feeds([n for n in names if n not in plan["reads"]])
         for c, chunk in enumerate(self.chunks):
             feeds = {n: self.kept[n][c] if n in self.kept else chunk[n] if n in chunk else extra[n] for n in names}
             values = dict(zip(outputs, sess.run(outputs, feeds)))
-            results.append({t: values[t] for t in plan["wanted"]})
+            yield {t: values[t] for t in plan["wanted"]}
             for t in outputs:
                 if t in self.read_last:
                     kept[t].append(values[t])
         for t in [t for t in self.kept if self.read_last[t] <= k]:
             del self.kept[t]                          # no later stage reads it
         self.kept.update(kept)
-        return results

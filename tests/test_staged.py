@@ -49,7 +49,7 @@ def test_stages_give_what_the_whole_graph_gives_with_the_biases_of_their_time():
     full.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in ("c1", "c2", "c3"))
     whole = _session(full, None)
     for k, wanted in enumerate(["c1", "c2", "c3", "out"]):
-        got = staged.run(k, lambda names: {n: biases[n] for n in names if n in biases})
+        got = list(staged.run(k, lambda names: {n: biases[n] for n in names if n in biases}))
         for chunk, values in zip(chunks, got):
             ref = whole.run([wanted], {**chunk, **biases})[0]
             np.testing.assert_allclose(values[wanted], ref, rtol=1e-6, atol=1e-6)

@@ -318,6 +318,7 @@ def _channel_means(batches) -> tuple[dict, int]:
             part = v.reshape(v.shape[0], v.shape[1], -1).mean(axis=2).sum(axis=0)   # mean over positions
             sums[name] = sums.get(name, 0) + part
         count += next(iter(values.values())).shape[0]
+        del values, v   # before the next batch is computed: one batch of outputs alive at a time
     return {k: v / count for k, v in sums.items()}, count
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from edgec.core.package import Latency, Manifest, ModelMetrics, OutputCheck, Sensitivity, TensorSpec, escape
 
+# INT8 slower than FP32 by more than bench noise (p50 of runs alone): said under the summary
+SLOWER_NOTE_RATIO = 0.95
+
 
 def mb(n) -> str:
     return f"{n / 1e6:.2f} MB" if n is not None else "-"
@@ -61,6 +64,25 @@ def _latency(lat: Latency | None) -> str:
     return f"{lat.p50_ms:.3f} ms" if lat is not None else "-"
 
 
+def _speed(fp32_over_int8: float) -> str:
+    return f"{fp32_over_int8:.2f}x faster" if fp32_over_int8 >= 1 else f"{1 / fp32_over_int8:.2f}x slower"
+
+
+def slower_notes(manifest: Manifest) -> list[str]:
+    """One line per provider where the INT8 model ran clearly slower than FP32 (measured the same way): the user
+    should know before shipping it, and has the FP32 file in the package."""
+    lines = []
+    for ep, lat in manifest.latency.items():
+        base = manifest.metrics.fp32.latency.get(ep)
+        if base is None or base.how != lat.how or not lat.p50_ms or base.p50_ms / lat.p50_ms >= SLOWER_NOTE_RATIO:
+            continue
+        lines.append(f"note: INT8 ran {lat.p50_ms / base.p50_ms:.2f}x slower than FP32 on {escape(ep)} here (p50 "
+                     f"{lat.p50_ms:.3f} vs {base.p50_ms:.3f} ms); the package holds the FP32 model too "
+                     f"(model.fp32.onnx): compare both where it will run with `edgec bench PKG/model.onnx "
+                     f"PKG/model.fp32.onnx`")
+    return lines
+
+
 def summary_rows(manifest: Manifest) -> list[tuple[str, str, str, str]]:
     """(metric, FP32, INT8, change) rows: what a user wants to see first."""
     m = manifest.metrics
@@ -81,7 +103,7 @@ def summary_rows(manifest: Manifest) -> list[tuple[str, str, str, str]]:
     for ep, lat in manifest.latency.items():
         base = fp.latency.get(ep)
         same = base is not None and base.how == lat.how   # a ratio only of figures measured the same way
-        speed = f"{base.p50_ms / lat.p50_ms:.2f}x faster" if same and lat.p50_ms else ""
+        speed = _speed(base.p50_ms / lat.p50_ms) if same and lat.p50_ms else ""
         fp_text = _latency(base) + (f" ({base.how})" if base is not None and not same else "")
         rows.append((f"latency p50 ({escape(ep)}, {lat.how})", fp_text, _latency(lat), speed))
     return rows
@@ -96,7 +118,10 @@ def print_summary(manifest: Manifest, title: str, file=None) -> None:
         table.add_column(col, justify="left" if not col else "right")
     for row in summary_rows(manifest):
         table.add_row(*(markup(c) for c in row))
-    Console(file=file, width=110).print(table)
+    console = Console(file=file, width=110)
+    console.print(table)
+    for line in slower_notes(manifest):
+        console.print(markup(line), highlight=False)
 
 
 def inspect_lines(manifest: Manifest) -> list[str]:
@@ -141,6 +166,7 @@ def render_markdown(manifest: Manifest) -> str:
            "## Summary", "", _md_table(["", "FP32", "INT8", "change"], summary_rows(manifest)), "",
            "Latency: \"alone\" is one model in its session, as `edgec bench` and the gate measure it; "
            "\"interleaved\" alternates INT8 and FP32 runs (for their ratio).", "",
+           *[f"{line}\n" for line in slower_notes(manifest)],
            "## Inputs and outputs", ""]
     out += [f"- input `{escape(i.name)}` {shape_text(i.shape)} {escape(i.dtype)}"
             + (f" (built with {shape_text(i.example)})" if i.example else "") for i in manifest.inputs]

@@ -258,16 +258,18 @@ class Prepared:
 
     def _finish(self, path, keep, fmt: str, *, dynamic: bool) -> None:
         """Exact moves onto the integers of ORT's output (rewrites.py): the Max of the PRelus rewritten as Max(x, a x)
-        (and a MaxPool after it), Pads left in float between equal quantizers, dynamic convs that can read a static
+        (and a MaxPool after it), Pads left in float between equal quantizers, MaxPools as strided Slices' Max (ORT's
+        integer MaxPool is slow), dynamic convs that can read a static
         quantizer's codes; and large embedding tables to INT8 rows (policy.py). One load, when there is anything
         to look at."""
         prelu = self.pre_process.get("prelu") or {}
         ops = set(self.node_ops.values())
-        if not self.options.policy or not (prelu.get("rewritten") or dynamic or ops & {"Pad", "Gather"}):
+        if not self.options.policy or not (prelu.get("rewritten") or dynamic or ops & {"Pad", "Gather", "MaxPool"}):
             return
         import onnx
         from edgec.exporters.policy import drop_unused_initializers, int8_embeddings
-        from edgec.exporters.rewrites import (INTEGER_PAD_REASON, integer_inputs_from_static_codes, integer_max,
+        from edgec.exporters.rewrites import (INTEGER_MAXPOOL_REASON, INTEGER_PAD_REASON,
+                                              integer_inputs_from_static_codes, integer_max, integer_maxpools,
                                               integer_pads)
         model = onnx.load(str(path))
         qdq = fmt == "QDQ"
@@ -275,10 +277,13 @@ class Prepared:
             prelu["integer_max"] = integer_max(model, prelu["rewritten"])
         pads = integer_pads(model) if qdq else []
         self.pre_process["integer_pads"] = {"pads": pads, "reason": INTEGER_PAD_REASON} if pads else {"pads": []}
+        pools = integer_maxpools(model) if qdq else []
+        self.pre_process["integer_maxpools"] = ({"pools": pools, "reason": INTEGER_MAXPOOL_REASON} if pools
+                                                else {"pools": []})
         self.pre_process["static_code_inputs"] = integer_inputs_from_static_codes(model) if dynamic else []
         self.pre_process["int8_embeddings"] = int8_embeddings(model, keep)
         if prelu.get("integer_max") or any(self.pre_process[k] for k in ("static_code_inputs", "int8_embeddings")) \
-                or pads:
+                or pads or pools:
             drop_unused_initializers(model)   # the quantizers' scales the moves left behind
             onnx.save_model(model, str(path))
 

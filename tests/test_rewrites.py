@@ -144,6 +144,58 @@ def test_pads_between_equal_quantizers_pad_the_integers_bit_for_bit(tmp_path):
     np.testing.assert_array_equal(_run(model, x), _run(onnx.load(str(plain)), x))
 
 
+def test_maxpools_over_codes_become_strided_slices_bit_for_bit(tmp_path):
+    """ORT's integer MaxPool is scalar code: a MaxPool between equal quantizers becomes Pad (lowest code) and the
+    Max of strided Slices per axis; the INT8 model's outputs are the same bits. A dilated pool stays."""
+    from edgec.exporters.quantize import QuantOptions, prepare
+    from edgec.exporters.rewrites import integer_maxpools
+    torch.manual_seed(0)
+
+    class Pools(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+            self.d = nn.Conv1d(4, 4, 1)
+
+        def forward(self, x):
+            x = nn.functional.max_pool2d(torch.relu(self.a(x)), 3, stride=2, padding=1)
+            x = nn.functional.max_pool2d(self.b(x), (2, 3), stride=(2, 1), padding=(0, 1))
+            x = nn.functional.max_pool2d(self.c(x), 2, stride=1, dilation=2)
+            return nn.functional.max_pool1d(self.d(x.mean(2)), 3, stride=2)
+
+    path = _export(Pools(), torch.randn(2, 3, 21, 30), tmp_path / "p.onnx")
+    x = np.random.default_rng(3).standard_normal((16, 3, 21, 30)).astype(np.float32)
+    prepared = prepare(path, [{"input": x}], QuantOptions(force_calibration_data=True, policy=False))
+    try:
+        plain = prepared.quantize(tmp_path / "plain.onnx", [])
+    finally:
+        prepared.cleanup()
+    model = onnx.load(str(plain))
+    done = integer_maxpools(model)
+    pools = [n for n in model.graph.node if n.op_type == "MaxPool"]
+    assert len(done) == 3 and len(pools) == 1 and any(a.name == "dilations" for a in pools[0].attribute)
+    assert sum(n.op_type == "Slice" for n in model.graph.node) == 3 + 3 + 2 + 3 + 3
+    onnx.checker.check_model(model)
+    np.testing.assert_array_equal(_run(model, x), _run(onnx.load(str(plain)), x))
+
+
+def test_quantize_leaves_no_integer_maxpool_after_a_prelu(tmp_path):
+    """The default quantization moves a PRelu's Max and the MaxPool after it onto the integers (integer_max), then
+    the MaxPool becomes strided Slices: no MaxPool left, recorded, and the model still matches FP32."""
+    from edgec.exporters.compare import ort_session, run_onnx
+    from edgec.exporters.quantize import QuantOptions, quantize_int8
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.PReLU(16), nn.MaxPool2d(3, 2, ceil_mode=False), nn.Conv2d(16, 8, 3),
+                        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 5 * 5, 4)).eval()
+    path = _export(net, torch.randn(2, 3, 28, 28), tmp_path / "n.onnx")
+    x = np.random.default_rng(4).standard_normal((64, 3, 28, 28)).astype(np.float32)
+    info = quantize_int8(path, tmp_path / "n.int8.onnx", [{"input": x}], QuantOptions(force_calibration_data=True))
+    assert len(info.pre_process["integer_maxpools"]["pools"]) == 2 and info.pre_process["prelu"]["integer_max"]
+    assert not [n for n in onnx.load(str(tmp_path / "n.int8.onnx")).graph.node if n.op_type == "MaxPool"]
+    ref, got = (run_onnx(ort_session(p), x)[0] for p in (path, tmp_path / "n.int8.onnx"))
+    assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25
+
+
 def prod_is_not_dq(model, node):
     producer = {o: n for n in model.graph.node for o in n.output}
     return node.input[0] not in producer or producer[node.input[0]].op_type != "DequantizeLinear"

@@ -264,13 +264,14 @@ class Prepared:
         to look at."""
         prelu = self.pre_process.get("prelu") or {}
         ops = set(self.node_ops.values())
-        if not self.options.policy or not (prelu.get("rewritten") or dynamic or ops & {"Pad", "Gather", "MaxPool"}):
+        if not self.options.policy or not (prelu.get("rewritten") or dynamic
+                                           or ops & {"Pad", "Gather", "MaxPool", "HardSigmoid"}):
             return
         import onnx
         from edgec.exporters.policy import drop_unused_initializers, int8_embeddings
-        from edgec.exporters.rewrites import (INTEGER_MAXPOOL_REASON, INTEGER_PAD_REASON,
-                                              integer_inputs_from_static_codes, integer_max, integer_maxpools,
-                                              integer_pads)
+        from edgec.exporters.rewrites import (FLOAT_HARD_SWISH_REASON, INTEGER_MAXPOOL_REASON, INTEGER_PAD_REASON,
+                                              float_hard_swishes, integer_inputs_from_static_codes, integer_max,
+                                              integer_maxpools, integer_pads)
         model = onnx.load(str(path))
         qdq = fmt == "QDQ"
         if prelu.get("rewritten") and qdq:
@@ -280,10 +281,13 @@ class Prepared:
         pools = integer_maxpools(model) if qdq else []
         self.pre_process["integer_maxpools"] = ({"pools": pools, "reason": INTEGER_MAXPOOL_REASON} if pools
                                                 else {"pools": []})
+        swishes = float_hard_swishes(model) if qdq else []
+        self.pre_process["float_hard_swishes"] = ({"muls": swishes, "reason": FLOAT_HARD_SWISH_REASON} if swishes
+                                                  else {"muls": []})
         self.pre_process["static_code_inputs"] = integer_inputs_from_static_codes(model) if dynamic else []
         self.pre_process["int8_embeddings"] = int8_embeddings(model, keep)
         if prelu.get("integer_max") or any(self.pre_process[k] for k in ("static_code_inputs", "int8_embeddings")) \
-                or pads or pools:
+                or pads or pools or swishes:
             drop_unused_initializers(model)   # the quantizers' scales the moves left behind
             onnx.save_model(model, str(path))
 

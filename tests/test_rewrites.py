@@ -196,6 +196,53 @@ def test_quantize_leaves_no_integer_maxpool_after_a_prelu(tmp_path):
     assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25
 
 
+def test_hard_swish_runs_in_float_between_the_quantizers(tmp_path, monkeypatch):
+    """x * HardSigmoid(x) quantized by ORT rounds the HardSigmoid to 8 bits and multiplies in QLinearMul; as one
+    float HardSwish between x's quantizer and the product's it is rounded once: no HardSigmoid left, recorded,
+    opset 13 raised to 14, and the INT8 model is closer to FP32 than without the rewrite."""
+    import edgec.exporters.rewrites as rewrites
+    from edgec.exporters.compare import ort_session, run_onnx
+    from edgec.exporters.quantize import QuantOptions, quantize_int8
+    torch.manual_seed(2)
+
+    class Swish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList([nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3, groups=16), nn.Conv2d(16, 8, 1)])
+
+        def forward(self, x):
+            for conv in self.convs:
+                x = conv(x)
+                x = x * nn.functional.hardsigmoid(x)
+            return x.mean((2, 3))
+
+    path = tmp_path / "s.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Swish().eval(), (torch.randn(2, 3, 20, 20),), str(path), dynamo=False, opset_version=13,
+                          input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "n"}})
+    x = np.random.default_rng(5).standard_normal((64, 3, 20, 20)).astype(np.float32)
+    ref = run_onnx(ort_session(path), x)[0]
+
+    def sqnr(out):
+        got = run_onnx(ort_session(out), x)[0]
+        return 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum())
+
+    opts = QuantOptions(force_calibration_data=True, bias_correction=False)
+    info = quantize_int8(path, tmp_path / "float.onnx", [{"input": x}], opts)
+    model = onnx.load(str(tmp_path / "float.onnx"))
+    assert len(info.pre_process["float_hard_swishes"]["muls"]) == 3
+    assert [n.op_type for n in model.graph.node].count("HardSwish") == 3
+    assert "HardSigmoid" not in {n.op_type for n in model.graph.node}
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 14
+    monkeypatch.setattr(rewrites, "float_hard_swishes", lambda m: [])
+    quantize_int8(path, tmp_path / "rounded.onnx", [{"input": x}], opts)
+    assert sqnr(tmp_path / "float.onnx") > sqnr(tmp_path / "rounded.onnx") + 0.3
+    old = onnx.load(str(tmp_path / "rounded.onnx"))
+    next(o for o in old.opset_import if o.domain in ("", "ai.onnx")).version = 12
+    assert rewrites.float_hard_swishes(old) == []     # no HardSwish before opset 14: an opset-12 graph stays
+
+
 def prod_is_not_dq(model, node):
     producer = {o: n for n in model.graph.node for o in n.output}
     return node.input[0] not in producer or producer[node.input[0]].op_type != "DequantizeLinear"

@@ -126,6 +126,12 @@ def _quiet():
     previous = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     stack.callback(logging.disable, previous)
+    # the TorchScript exporter's C++ log is always on (torch tests the function _jit_is_onnx_log_enabled, not its
+    # result) and writes the whole Torch IR graph to stderr on a failed export (PESTO: 150 lines before edgec's one)
+    import torch
+    log = torch._C._jit_onnx_log
+    torch._C._jit_onnx_log = lambda *args: None
+    stack.callback(setattr, torch._C, "_jit_onnx_log", log)
     return stack
 
 

@@ -5,6 +5,8 @@ small seeded networks in eval mode; quality checks live in test_quantize.py with
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -242,3 +244,27 @@ def test_constant_folding_never_allocates_a_large_tensor_to_refuse_it():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert _fold_small_constants(model) == 1
     assert [n.op_type for n in model.graph.node] == ["ConstantOfShape", "Add"]
+
+
+class Complex(nn.Module):
+    """PESTO's CQT: view_as_complex, which no opset of the TorchScript exporter takes."""
+
+    def forward(self, t):
+        return torch.view_as_complex(t.reshape(t.shape[0], -1, 2)).abs()
+
+
+def test_a_failed_torchscript_export_prints_nothing_but_the_error(tmp_path):
+    """torch's exporter logs the whole Torch IR graph to stderr from C++ on a failed export (its log switch is
+    tested as a function, so always on): PESTO printed 150 lines before edgec's one-line error. In a fresh
+    process, as the CLI runs it, whose stdout must hold nothing but --json's JSON."""
+    import subprocess
+    import sys
+    code = ("import torch, test_export as t; from edgec.core.errors import ExportError\n"
+            "x = torch.zeros(2, 8)\n"
+            "try:\n    t.export_onnx(torch.jit.trace(t.Complex(), x), x, r'%s')\n"
+            "except ExportError as e:\n    print('ERROR', e)\n") % (tmp_path / "c.onnx")
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(Path(__file__).parent))
+    assert "ERROR" in run.stdout and "view_as_complex" in run.stdout, run.stdout + run.stderr
+    printed = run.stdout + run.stderr   # the C++ log goes to stdout here: it would break --json too
+    assert "Torch IR graph" not in printed and "graph(" not in printed, printed[:300]

@@ -305,6 +305,7 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
             proto = onnx.load(str(raw), load_external_data=True)
             feed = {sp.name: a.detach().cpu().numpy() for sp, a in zip(specs, args)}
             proto, simplified = _simplify(proto, large, feed)
+            _keep_unused_inputs(proto, specs, feed)
             written = _written_opset(proto)
             if written != opset:
                 notes.append(f"asked for opset {opset}, the {exporter} exporter wrote opset {written}")
@@ -318,6 +319,26 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
                     file_bytes=path.stat().st_size + (info or 0), seconds=round(time.perf_counter() - started, 3),
                     warnings=notes, simplified=simplified, **info_io)
     return ex
+
+
+def _keep_unused_inputs(proto, specs, feed: dict) -> None:
+    """torch's exporters drop an input the model never reads (attacut's seq_lengths); put it back, unread, so the
+    ONNX model takes the inputs the model declares and the same data feeds torch, the export check and ORT."""
+    from onnx import helper
+    present = {i.name: i for i in proto.graph.input}
+    if all(s.name in present for s in specs):
+        return
+    inputs = []
+    for s in specs:
+        if s.name in present:
+            inputs.append(present.pop(s.name))
+            continue
+        a = feed[s.name]
+        dims = [d if isinstance(d, (int, str)) else int(n) for d, n in zip(s.shape or a.shape, a.shape)]
+        dims[s.batch_axis] = BATCH
+        inputs.append(helper.make_tensor_value_info(s.name, helper.np_dtype_to_tensor_dtype(a.dtype), dims))
+    del proto.graph.input[:]
+    proto.graph.input.extend(inputs + list(present.values()))   # in the declared order
 
 
 def _simplify(proto, large: bool, feed: dict):

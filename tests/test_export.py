@@ -268,3 +268,30 @@ def test_a_failed_torchscript_export_prints_nothing_but_the_error(tmp_path):
     assert "ERROR" in run.stdout and "view_as_complex" in run.stdout, run.stdout + run.stderr
     printed = run.stdout + run.stderr   # the C++ log goes to stdout here: it would break --json too
     assert "Torch IR graph" not in printed and "graph(" not in printed, printed[:300]
+
+
+class IgnoresLengths(nn.Module):
+    """attacut's forward reads (x, seq_lengths) and never uses seq_lengths."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.out = nn.Embedding(20, 8), nn.Linear(8, 1)
+
+    def forward(self, x, lengths):
+        return self.out(self.emb(x)).squeeze(-1)
+
+
+def test_an_input_the_model_never_reads_stays_an_input_of_the_onnx_model(tmp_path):
+    """torch's exporter drops it; the data (which must name every declared input) then named an input the ONNX
+    model lacked, and the build stopped on 'the data names lengths, which the model does not take'."""
+    from edgec.core.feeds import InputSpec
+    ids = torch.randint(0, 20, (3, 6))
+    lengths = torch.full((3,), 6)
+    specs = [InputSpec("x", "int64", ["batch", 6]), InputSpec("lengths", "int64", ["batch"])]
+    export_onnx(IgnoresLengths().eval(), {"x": ids, "lengths": lengths}, tmp_path / "l.onnx", inputs=specs)
+    sess = ort_session(tmp_path / "l.onnx")
+    assert [(i.name, i.shape) for i in sess.get_inputs()] == [("x", ["batch", 6]), ("lengths", ["batch"])]
+    feed = {"x": ids.numpy(), "lengths": lengths.numpy()}
+    check_onnx_against_torch(IgnoresLengths().eval(), tmp_path / "l.onnx", feed)
+    assert sess.run(None, {"x": np.zeros((5, 6), np.int64), "lengths": np.ones(5, np.int64)})[0].shape == (5, 6)

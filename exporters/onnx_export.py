@@ -231,9 +231,14 @@ def _output_batch_axes(module, args, specs, outs) -> list:
         bigger = _outputs_tuple(module(*doubled))
     except Exception:  # noqa: BLE001 - a model with a fixed batch: outputs keep axis 0 as their batch
         return [0 if o.ndim else None for o in outs]
+    n = int(args[0].shape[specs[0].batch_axis])
     axes = []
-    for o, b in zip(outs, bigger):
+    for k, (o, b) in enumerate(zip(outs, bigger)):
         grown = [i for i, (x, y) in enumerate(zip(o.shape, b.shape)) if y == 2 * x and x > 0]
+        if grown and o.shape[grown[0]] != n:   # attacut's out.view(-1): (batch x 64,) grows, and is no batch axis
+            raise ModelError(f"output {k} (shape {tuple(o.shape)} for {n} sample(s)) folds the batch into axis "
+                             f"{grown[0]} of size {o.shape[grown[0]]}; edgec checks and quantizes outputs sample by "
+                             "sample: return the batch as an axis of its own (view(batch, -1), not view(-1))")
         axes.append(grown[0] if grown else None)
     return axes
 

@@ -295,3 +295,20 @@ def test_an_input_the_model_never_reads_stays_an_input_of_the_onnx_model(tmp_pat
     feed = {"x": ids.numpy(), "lengths": lengths.numpy()}
     check_onnx_against_torch(IgnoresLengths().eval(), tmp_path / "l.onnx", feed)
     assert sess.run(None, {"x": np.zeros((5, 6), np.int64), "lengths": np.ones(5, np.int64)})[0].shape == (5, 6)
+
+
+class FoldsBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.lin(x).view(-1)     # (batch x 16,), as attacut returns its per-character logits
+
+
+def test_an_output_that_folds_the_batch_into_another_axis_is_a_model_error(tmp_path):
+    from edgec.core.errors import ModelError
+    with pytest.raises(ModelError, match=r"folds the batch into axis 0 of size 16.*view\(batch, -1\)"):
+        export_onnx(FoldsBatch().eval(), torch.zeros(1, 16, 4), tmp_path / "f.onnx")
+    assert not (tmp_path / "f.onnx").exists()

@@ -312,6 +312,16 @@ def _needs_symbolic_shapes(model) -> bool:
     return any(o and o not in known for n in inferred.graph.node for o in n.output)
 
 
+def _keep_declared_interface(model, before) -> None:
+    """The graph inputs and outputs keep the types and shapes the FP32 file declares: ORT's symbolic shape inference
+    rewrote PLCMOS's scalar output (a Squeeze without axes, exported at batch 1) to [batch_size], and the INT8 file
+    then warned on every run at batch 1."""
+    declared = {vi.name: vi.type for vi in [*before.graph.input, *before.graph.output]}
+    for vi in [*model.graph.input, *model.graph.output]:
+        if vi.name in declared and vi.type != declared[vi.name]:
+            vi.type.CopyFrom(declared[vi.name])
+
+
 def _pre_process(fp32_path: Path, out: Path, enabled: bool) -> dict:
     import onnx
     import onnx.version_converter
@@ -346,6 +356,8 @@ def _pre_process(fp32_path: Path, out: Path, enabled: bool) -> dict:
             record["error"] = str(last_error).splitlines()[0][:200] if str(last_error) else type(last_error).__name__
             record["enabled"] = False
     model = onnx.load(str(out)) if record["enabled"] else before
+    if record["enabled"]:
+        _keep_declared_interface(model, before)
     if record["enabled"]:  # the optimiser copies weights that If branches share into each branch: share them again
         from edgec.exporters.policy import dedupe_initializers
         record["shared_initializers"] = dedupe_initializers(model)

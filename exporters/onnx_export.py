@@ -331,12 +331,14 @@ def _keep_unused_inputs(proto, specs, feed: dict) -> None:
     ONNX model takes the inputs the model declares and the same data feeds torch, the export check and ORT."""
     from onnx import helper
     present = {i.name: i for i in proto.graph.input}
-    if all(s.name in present for s in specs):
+    if all(s.name in present or s.name not in feed for s in specs):
         return
     inputs = []
     for s in specs:
         if s.name in present:
             inputs.append(present.pop(s.name))
+            continue
+        if s.name not in feed:   # an optional input the example left out
             continue
         a = feed[s.name]
         dims = [d if isinstance(d, (int, str)) else int(n) for d, n in zip(s.shape or a.shape, a.shape)]

@@ -212,11 +212,12 @@ MAKERS = {"resemblyzer": resemblyzer, "nudenet": nudenet, "orientation": orienta
           "basicpitch": basic_pitch, "magika": magika, "wakeword": wakeword, "layout": layout}
 
 
-def main() -> None:
+def main(makers=None) -> None:
+    makers = makers or MAKERS
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    for name in sys.argv[2:] or MAKERS:
-        MAKERS[name](out)
+    for name in sys.argv[2:] or makers:
+        makers[name](out)
         print("wrote", name, "to", out)
 
 

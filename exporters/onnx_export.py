@@ -126,6 +126,12 @@ def _quiet():
     previous = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     stack.callback(logging.disable, previous)
+    # the TorchScript exporter's C++ log is always on (torch tests the function _jit_is_onnx_log_enabled, not its
+    # result) and writes the whole Torch IR graph to stderr on a failed export (PESTO: 150 lines before edgec's one)
+    import torch
+    log = torch._C._jit_onnx_log
+    torch._C._jit_onnx_log = lambda *args: None
+    stack.callback(setattr, torch._C, "_jit_onnx_log", log)
     return stack
 
 
@@ -225,9 +231,14 @@ def _output_batch_axes(module, args, specs, outs) -> list:
         bigger = _outputs_tuple(module(*doubled))
     except Exception:  # noqa: BLE001 - a model with a fixed batch: outputs keep axis 0 as their batch
         return [0 if o.ndim else None for o in outs]
+    n = int(args[0].shape[specs[0].batch_axis])
     axes = []
-    for o, b in zip(outs, bigger):
+    for k, (o, b) in enumerate(zip(outs, bigger)):
         grown = [i for i, (x, y) in enumerate(zip(o.shape, b.shape)) if y == 2 * x and x > 0]
+        if grown and o.shape[grown[0]] != n:   # attacut's out.view(-1): (batch x 64,) grows, and is no batch axis
+            raise ModelError(f"output {k} (shape {tuple(o.shape)} for {n} sample(s)) folds the batch into axis "
+                             f"{grown[0]} of size {o.shape[grown[0]]}; edgec checks and quantizes outputs sample by "
+                             "sample: return the batch as an axis of its own (view(batch, -1), not view(-1))")
         axes.append(grown[0] if grown else None)
     return axes
 
@@ -299,6 +310,7 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
             proto = onnx.load(str(raw), load_external_data=True)
             feed = {sp.name: a.detach().cpu().numpy() for sp, a in zip(specs, args)}
             proto, simplified = _simplify(proto, large, feed)
+            _keep_unused_inputs(proto, specs, feed)
             written = _written_opset(proto)
             if written != opset:
                 notes.append(f"asked for opset {opset}, the {exporter} exporter wrote opset {written}")
@@ -312,6 +324,28 @@ def export_onnx(model, example, path, *, opset: int = 17, input_name: str = "inp
                     file_bytes=path.stat().st_size + (info or 0), seconds=round(time.perf_counter() - started, 3),
                     warnings=notes, simplified=simplified, **info_io)
     return ex
+
+
+def _keep_unused_inputs(proto, specs, feed: dict) -> None:
+    """torch's exporters drop an input the model never reads (attacut's seq_lengths); put it back, unread, so the
+    ONNX model takes the inputs the model declares and the same data feeds torch, the export check and ORT."""
+    from onnx import helper
+    present = {i.name: i for i in proto.graph.input}
+    if all(s.name in present or s.name not in feed for s in specs):
+        return
+    inputs = []
+    for s in specs:
+        if s.name in present:
+            inputs.append(present.pop(s.name))
+            continue
+        if s.name not in feed:   # an optional input the example left out
+            continue
+        a = feed[s.name]
+        dims = [d if isinstance(d, (int, str)) else int(n) for d, n in zip(s.shape or a.shape, a.shape)]
+        dims[s.batch_axis] = BATCH
+        inputs.append(helper.make_tensor_value_info(s.name, helper.np_dtype_to_tensor_dtype(a.dtype), dims))
+    del proto.graph.input[:]
+    proto.graph.input.extend(inputs + list(present.values()))   # in the declared order
 
 
 def _simplify(proto, large: bool, feed: dict):

@@ -108,24 +108,34 @@ def _outer_inputs(node) -> set[str]:
 
 def _stft_like(g: _Graph, node) -> bool:
     """A fixed filter bank on a raw signal: a Conv on one input channel with long constant kernels (>= 64), or
-    the same as rewrites.strided_convs_as_frames writes it: a (taps, C_out) MatMul over frames (a Concat of Slices
-    of one Reshape)."""
+    a (taps >= 64, C_out) product over frames cut from one signal: a MatMul (as rewrites.strided_convs_as_frames
+    writes it) or a kernel-1 Conv with the taps as channels (as keras2onnx writes a Keras STFT layer: DNSMOS)."""
     w = g.weight(node)
     if node.op_type == "MatMul":
         return w is not None and len(w.dims) == 2 and w.dims[0] >= 64 and _frames(g, node.input[0])
-    return (node.op_type == "Conv" and w is not None and len(w.dims) >= 3 and w.dims[1] == 1
-            and max(w.dims[2:]) >= 64)
+    if node.op_type != "Conv" or w is None or len(w.dims) < 3:
+        return False
+    if all(d == 1 for d in w.dims[2:]):
+        return w.dims[1] >= 64 and _frames(g, node.input[0])
+    return w.dims[1] == 1 and max(w.dims[2:]) >= 64
 
 
 def _frames(g: _Graph, name: str) -> bool:
-    """`name` holds frames cut from one signal: a Concat of two or more Slices of one Reshape."""
+    """`name` holds frames cut from one signal (through Transposes): a Concat of two or more Slices of one
+    Reshape (hops, then a Slice per hop), or of two or more Reshapes of Slices of one tensor (an offset crop per
+    hop, each reshaped into frames)."""
     cat = g.producer.get(name)
+    while cat is not None and cat.op_type == "Transpose":
+        cat = g.producer.get(cat.input[0])
     if cat is None or cat.op_type != "Concat" or len(cat.input) < 2:
         return False
-    cuts = [g.producer.get(i) for i in cat.input]
-    if any(c is None or c.op_type != "Slice" for c in cuts) or len({c.input[0] for c in cuts}) != 1:
+    parts = [g.producer.get(i) for i in cat.input]
+    if all(p is not None and p.op_type == "Reshape" for p in parts):
+        parts = [g.producer.get(p.input[0]) for p in parts]
+        return all(p is not None and p.op_type == "Slice" for p in parts) and len({p.input[0] for p in parts}) == 1
+    if any(c is None or c.op_type != "Slice" for c in parts) or len({c.input[0] for c in parts}) != 1:
         return False
-    return getattr(g.producer.get(cuts[0].input[0]), "op_type", None) == "Reshape"
+    return getattr(g.producer.get(parts[0].input[0]), "op_type", None) == "Reshape"
 
 
 def _spectral(g: _Graph) -> list[dict]:

@@ -322,6 +322,16 @@ def _needs_symbolic_shapes(model) -> bool:
     return any(o and o not in known for n in inferred.graph.node for o in n.output)
 
 
+def _keep_declared_interface(model, before) -> None:
+    """The graph inputs and outputs keep the types and shapes the FP32 file declares: ORT's symbolic shape inference
+    rewrote PLCMOS's scalar output (a Squeeze without axes, exported at batch 1) to [batch_size], and the INT8 file
+    then warned on every run at batch 1."""
+    declared = {vi.name: vi.type for vi in [*before.graph.input, *before.graph.output]}
+    for vi in [*model.graph.input, *model.graph.output]:
+        if vi.name in declared and vi.type != declared[vi.name]:
+            vi.type.CopyFrom(declared[vi.name])
+
+
 def _pre_process(fp32_path: Path, out: Path, enabled: bool) -> dict:
     import onnx
     import onnx.version_converter
@@ -356,6 +366,8 @@ def _pre_process(fp32_path: Path, out: Path, enabled: bool) -> dict:
             record["error"] = str(last_error).splitlines()[0][:200] if str(last_error) else type(last_error).__name__
             record["enabled"] = False
     model = onnx.load(str(out)) if record["enabled"] else before
+    if record["enabled"]:
+        _keep_declared_interface(model, before)
     if record["enabled"]:  # the optimiser copies weights that If branches share into each branch: share them again
         from edgec.exporters.policy import dedupe_initializers
         record["shared_initializers"] = dedupe_initializers(model)
@@ -383,16 +395,17 @@ def prepare(fp32_path, calibration, options: QuantOptions, *, progress: Progress
         from edgec.exporters.activations import fuse_hard_swish, saturation_bounds
         model, changed = onnx.load(str(pre)), False   # the exact rewrites, on one load of the graph
         if options.policy:   # no INT8 kernel for PRelu or a lone BatchNorm: equal functions that have one
-            from edgec.exporters.rewrites import (batchnorms_as_convs, prelus_as_max, strided_convs_as_frames,
-                                                  strided_convs_as_phases)
+            from edgec.exporters.rewrites import (affines_into_convs, batchnorms_as_convs, prelus_as_max,
+                                                  strided_convs_as_frames, strided_convs_as_phases)
             record["prelu"] = prelus_as_max(model, keep=options.exclude_nodes)
+            record["affine_into_conv"] = affines_into_convs(model, keep=options.exclude_nodes)
             record["batchnorm_as_conv"] = batchnorms_as_convs(model, keep=options.exclude_nodes)
             # edgec's export did these already; a file from elsewhere gets them here (QLinearConv 0.95 -> 0.33 ms,
             # ConvInteger 37.5 -> 12.7 us)
             record["strided_convs_as_phases"] = strided_convs_as_phases(model, keep=options.exclude_nodes)
             record["strided_convs_as_frames"] = strided_convs_as_frames(model, keep=options.exclude_nodes)
-            changed = any(record[k]["rewritten"] for k in ("prelu", "batchnorm_as_conv", "strided_convs_as_phases",
-                                                           "strided_convs_as_frames"))
+            changed = any(record[k]["rewritten"] for k in ("prelu", "affine_into_conv", "batchnorm_as_conv",
+                                                           "strided_convs_as_phases", "strided_convs_as_frames"))
         record["hard_swish_fused"] = fuse_hard_swish(model)   # exact: two quantizers fewer per hard-swish
         from edgec.exporters.rewrites import one_dim_biases, unshare_biases
         record["unshared_biases"] = unshare_biases(model)     # exact: ORT's own copies can take a used name

@@ -1,7 +1,8 @@
 """Exact graph rewrites that give ONNX Runtime a faster (or an INT8) kernel for the same function.
 
-Before quantization: `prelus_as_max` (PRelu has no INT8 kernel), `batchnorms_as_convs` (nor has a BatchNorm that
-follows no Conv), `strided_convs_as_phases` (also at export: it speeds FP32 too), `strided_convs_as_frames` (in
+Before quantization: `prelus_as_max` (PRelu has no INT8 kernel), `affines_into_convs` (a constant Mul/Add after a
+Conv, which ORT's optimiser leaves there for a scalar: one rounding each), `batchnorms_as_convs` (nor has a
+BatchNorm that follows no Conv), `strided_convs_as_phases` (also at export: it speeds FP32 too), `strided_convs_as_frames` (in
 quantize only: mixed in FP32). After ORT's QDQ quantization, on the integers: `integer_max` (the PRelus' Max and a MaxPool after it),
 `integer_pads`, `integer_maxpools` (ORT's integer MaxPool is scalar code), `integer_inputs_from_static_codes`;
 and `float_hard_swishes` (x * HardSigmoid(x) as one float HardSwish between the quantizers: one rounding fewer). `unshare_biases` is no speed-up but a name fix for ORT's
@@ -393,6 +394,93 @@ def batchnorms_as_convs(model, keep=()) -> dict:
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)
     return {"rewritten": rewritten, "reason": BATCHNORM_REASON} if rewritten else {"rewritten": []}
+
+
+AFFINE_REASON = ("a Mul and/or Add by constants after a Conv (a per-channel or scalar affine: PaddlePaddle's "
+                 "learnable affine blocks, a BatchNorm written out) folded into the Conv's weights and bias, the same "
+                 "function: in QDQ each of them was one more 8-bit rounding and a Q/DQ pair")
+
+
+def _channel_constant(init, channels: int, rank: int):
+    """An initializer that scales a Conv output (N, C, ...) per channel: a scalar, or C values on axis 1 ->
+    (C,) float64; else None."""
+    import numpy as np
+    from onnx import numpy_helper
+    a = numpy_helper.to_array(init)
+    if a.dtype.kind != "f":
+        return None
+    if a.size == 1:
+        return np.full(channels, float(a.reshape(())), np.float64)
+    shape = list(a.shape)
+    spatial = rank - 2
+    if len(shape) in (spatial + 1, spatial + 2) and shape[-spatial - 1] == channels and a.size == channels:
+        return a.reshape(channels).astype(np.float64)
+    return None
+
+
+def affines_into_convs(model, keep=()) -> dict:
+    """Conv(x, W, b) -> Mul(k) -> Add(c) (either or both, k and c scalars or per output channel, each read only
+    by the next) -> Conv(x, k W, k b + c). Convs named in `keep` stay as they are."""
+    import numpy as np
+    from onnx import numpy_helper
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consts = {n.output[0]: a.t for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"}
+    readers = Counter(i for n in g.node for i in n.input)
+    outputs = {o.name for o in g.output}
+    consumer = {i: n for n in g.node for i in n.input}
+    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.input, *g.value_info, *g.output]
+            if v.type.tensor_type.HasField("shape")}
+    rewritten, dropped = [], []
+    for conv in [n for n in g.node if n.op_type == "Conv" and n.name not in keep]:
+        if len(conv.input) < 2 or conv.input[1] not in inits or (len(conv.input) > 2 and conv.input[2] and
+                                                                 conv.input[2] not in inits):
+            continue
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and \
+            conv.input[2] else np.zeros(w.shape[0])
+        out, chain = conv.output[0], []
+        for op in ("Mul", "Add"):
+            nxt = consumer.get(out)
+            if nxt is None or nxt.op_type != op or readers[out] != 1 or out in outputs:
+                break
+            other = [i for i in nxt.input if i != out]
+            const = inits.get(other[0], consts.get(other[0])) if len(other) == 1 else None
+            k = _channel_constant(const, w.shape[0], rank.get(out, w.ndim)) if const is not None else None
+            if k is None:
+                break
+            if op == "Mul":
+                w, b = w * k.reshape(-1, *[1] * (w.ndim - 1)), b * k
+            else:
+                b = b + k
+            chain.append(nxt)
+            out = nxt.output[0]
+        if not chain:
+            continue
+        name = conv.name or conv.output[0]
+        wn, bn = f"{name}_affine_weight", f"{name}_affine_bias"
+        dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
+        g.initializer.extend([numpy_helper.from_array(w.astype(dtype), wn), numpy_helper.from_array(b.astype(dtype), bn)])
+        del conv.input[1:]
+        conv.input.extend([wn, bn])
+        conv.output[0] = out
+        for n in chain:
+            g.node.remove(n)
+        rewritten.append(name)
+        dropped += [n.name for n in chain]
+    used = {i for n in g.node for i in n.input} | outputs
+    for n in [n for n in g.node if n.op_type == "Constant" and n.output[0] in consts and n.output[0] not in used]:
+        g.node.remove(n)
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    if rewritten:   # the Conv's output now has the last folded node's shape entry; drop the stale inner ones
+        gone = set()
+        for v in list(g.value_info):
+            if v.name not in used and v.name not in outputs:
+                gone.add(v.name)
+        for v in [v for v in g.value_info if v.name in gone]:
+            g.value_info.remove(v)
+    return {"rewritten": rewritten, "folded": dropped, "reason": AFFINE_REASON} if rewritten else {"rewritten": []}
 
 
 def _links(g):

@@ -5,6 +5,8 @@ small seeded networks in eval mode; quality checks live in test_quantize.py with
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -242,3 +244,71 @@ def test_constant_folding_never_allocates_a_large_tensor_to_refuse_it():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert _fold_small_constants(model) == 1
     assert [n.op_type for n in model.graph.node] == ["ConstantOfShape", "Add"]
+
+
+class Complex(nn.Module):
+    """PESTO's CQT: view_as_complex, which no opset of the TorchScript exporter takes."""
+
+    def forward(self, t):
+        return torch.view_as_complex(t.reshape(t.shape[0], -1, 2)).abs()
+
+
+def test_a_failed_torchscript_export_prints_nothing_but_the_error(tmp_path):
+    """torch's exporter logs the whole Torch IR graph to stderr from C++ on a failed export (its log switch is
+    tested as a function, so always on): PESTO printed 150 lines before edgec's one-line error. In a fresh
+    process, as the CLI runs it, whose stdout must hold nothing but --json's JSON."""
+    import subprocess
+    import sys
+    code = ("import torch, test_export as t; from edgec.core.errors import ExportError\n"
+            "x = torch.zeros(2, 8)\n"
+            "try:\n    t.export_onnx(torch.jit.trace(t.Complex(), x), x, r'%s')\n"
+            "except ExportError as e:\n    print('ERROR', e)\n") % (tmp_path / "c.onnx")
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(Path(__file__).parent))
+    assert "ERROR" in run.stdout and "view_as_complex" in run.stdout, run.stdout + run.stderr
+    printed = run.stdout + run.stderr   # the C++ log goes to stdout here: it would break --json too
+    assert "Torch IR graph" not in printed and "graph(" not in printed, printed[:300]
+
+
+class IgnoresLengths(nn.Module):
+    """attacut's forward reads (x, seq_lengths) and never uses seq_lengths."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.out = nn.Embedding(20, 8), nn.Linear(8, 1)
+
+    def forward(self, x, lengths):
+        return self.out(self.emb(x)).squeeze(-1)
+
+
+def test_an_input_the_model_never_reads_stays_an_input_of_the_onnx_model(tmp_path):
+    """torch's exporter drops it; the data (which must name every declared input) then named an input the ONNX
+    model lacked, and the build stopped on 'the data names lengths, which the model does not take'."""
+    from edgec.core.feeds import InputSpec
+    ids = torch.randint(0, 20, (3, 6))
+    lengths = torch.full((3,), 6)
+    specs = [InputSpec("x", "int64", ["batch", 6]), InputSpec("lengths", "int64", ["batch"])]
+    export_onnx(IgnoresLengths().eval(), {"x": ids, "lengths": lengths}, tmp_path / "l.onnx", inputs=specs)
+    sess = ort_session(tmp_path / "l.onnx")
+    assert [(i.name, i.shape) for i in sess.get_inputs()] == [("x", ["batch", 6]), ("lengths", ["batch"])]
+    feed = {"x": ids.numpy(), "lengths": lengths.numpy()}
+    check_onnx_against_torch(IgnoresLengths().eval(), tmp_path / "l.onnx", feed)
+    assert sess.run(None, {"x": np.zeros((5, 6), np.int64), "lengths": np.ones(5, np.int64)})[0].shape == (5, 6)
+
+
+class FoldsBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.lin(x).view(-1)     # (batch x 16,), as attacut returns its per-character logits
+
+
+def test_an_output_that_folds_the_batch_into_another_axis_is_a_model_error(tmp_path):
+    from edgec.core.errors import ModelError
+    with pytest.raises(ModelError, match=r"folds the batch into axis 0 of size 16.*view\(batch, -1\)"):
+        export_onnx(FoldsBatch().eval(), torch.zeros(1, 16, 4), tmp_path / "f.onnx")
+    assert not (tmp_path / "f.onnx").exists()

@@ -412,3 +412,38 @@ def test_cosine_budget_judges_one_value_outputs_over_all_samples():
     two[:8] = 1e-3   # an eighth of the samples near the origin
     noisy = two + 1e-3 * rng.normal(size=two.shape)
     assert output_agreement(two, noisy)["mean_cosine"] < 0.99 < cosine_score([two], [noisy])
+
+
+def test_the_int8_file_declares_the_inputs_and_outputs_the_fp32_file_declares(tmp_path):
+    """PLCMOS (speechmos): a Squeeze without axes after its last Gemm, exported at batch 1, declares a scalar
+    output; ORT's symbolic shape inference (run because ONNX's leaves the Squeeze's shape unknown) rewrote it to
+    [batch_size], and every run of the INT8 file then printed ORT's 'Expected shape ... does not match' warning.
+    The file from elsewhere keeps its declared interface."""
+    import warnings
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1)).eval()
+
+    class Score(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return torch.sigmoid(self.net(x).squeeze()) * 4 + 1
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Score(), (torch.zeros(1, 16),), str(tmp_path / "s.onnx"), dynamo=False, opset_version=11,
+                          input_names=["x"], output_names=["mos"], dynamic_axes={"x": {0: "batch_size"}})
+    declared = onnx.load(str(tmp_path / "s.onnx")).graph.output[0].type
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    info = quantize_int8(tmp_path / "s.onnx", tmp_path / "s8.onnx", [x[i:i + 1] for i in range(64)], QuantOptions())
+    assert info.pre_process["symbolic_shape_inference"], "the case needs ORT's symbolic shape inference"
+    int8 = onnx.load(str(tmp_path / "s8.onnx"))
+    assert int8.graph.output[0].type == declared, int8.graph.output[0]
+    assert [i.type for i in int8.graph.input] == [i.type for i in onnx.load(str(tmp_path / "s.onnx")).graph.input]
+    out = ort.InferenceSession(str(tmp_path / "s8.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x[:1]})
+    assert np.shape(out[0]) == ()

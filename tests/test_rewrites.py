@@ -394,3 +394,47 @@ def test_a_matmul_plus_row_bias_quantizes(tmp_path):
     assert len(info.pre_process["one_dim_biases"]) == 1, info.pre_process
     ref, got = _run(onnx.load(str(path)), x[32:]), _run(onnx.load(str(tmp_path / "int8.onnx")), x[32:])
     assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25
+
+
+class AffineAfterConv(nn.Module):
+    """PaddlePaddle's learnable affine block (PP-OCRv4's PPLCNetV3) after each conv: scale and bias scalars, here
+    also a per-channel bias; and a conv whose output has a second reader (that one cannot fold)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.scale, self.bias = nn.Parameter(torch.tensor([1.7])), nn.Parameter(torch.tensor([-0.4]))
+        self.cbias = nn.Parameter(torch.randn(1, 8, 1, 1))
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x) * self.scale + self.bias)
+        h = nn.functional.hardswish(self.c2(h) * 0.5 + self.cbias)
+        y = self.c3(h)
+        return y * 2.0 + y
+
+
+def test_a_constant_affine_after_a_conv_folds_into_it_and_stays_the_same_function(tmp_path):
+    from edgec.exporters.quantize import QuantOptions, quantize_int8
+    from edgec.exporters.rewrites import affines_into_convs
+    path = _export(AffineAfterConv(), torch.randn(2, 3, 12, 12), tmp_path / "affine.onnx")
+    model = onnx.load(str(path))
+    before = sum(n.op_type in ("Mul", "Add") for n in model.graph.node)
+    x = np.random.default_rng(0).standard_normal((64, 3, 12, 12)).astype(np.float32)
+    ref = _run(model, x)
+    rec = affines_into_convs(model)
+    assert rec["rewritten"] == ["/c1/Conv", "/c2/Conv"] and len(rec["folded"]) == 4, rec
+    assert sum(n.op_type in ("Mul", "Add") for n in model.graph.node) == before - 4   # c3's y * 2 + y stays
+    onnx.checker.check_model(model)
+    np.testing.assert_allclose(_run(model, x), ref, rtol=1e-5, atol=1e-5)
+    # through quantize: recorded, and each folded Mul/Add is one 8-bit rounding (and Q/DQ pair) fewer
+    on = quantize_int8(path, tmp_path / "on.onnx", [{"input": x[i:i + 16]} for i in range(0, 48, 16)],
+                       QuantOptions(force_calibration_data=True))
+    assert "/c1/Conv" in on.pre_process["affine_into_conv"]["rewritten"]   # (ORT's optimiser may fold c2's first)
+    q = onnx.load(str(tmp_path / "on.onnx"))
+    assert not {"/Mul", "/Add"} & {n.name for n in q.graph.node}   # c1's affine; c3's y * 2 + y stays
+    assert {"/Mul_2", "/Add_2"} <= {n.name for n in q.graph.node}
+    got = ort.InferenceSession(str(tmp_path / "on.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x[48:]})[0]
+    err = 10 * np.log10((ref[48:] ** 2).sum() / ((ref[48:] - got) ** 2).sum())
+    assert err > 25, err

@@ -34,6 +34,9 @@ def files(tmp_path_factory):
         Image.new("RGB", (40, 40)).save(d / "bomb/b" / f"ok{i}.png")
     os.mkfifo(d / "fifo/a/x.jpg")  # reading it would block forever
     (d / "random.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
+    # attacut's forward(self, inputs): x, lengths = inputs, traced with a tuple as the one argument
+    torch.jit.save(torch.jit.trace(TupleArg().eval(), ((torch.zeros(2, 8), torch.ones(2)),)), d / "tuple.ts.pt")
+    np.savez(d / "tuple.npz", inputs=np.zeros((40, 8), np.float32))
     digits = load_data("builtin:digits:train")
     np.savez(d / "one.npz", x=digits.head(1)["x"], y=digits.y[:1])
     np.savez(d / "badlabels.npz", x=digits.head(64)["x"], y=np.full(64, 57))
@@ -41,6 +44,16 @@ def files(tmp_path_factory):
     json.dump({"schema": "edgec.bench/1", "results": [{"ep": "cpu", "latency_ms": {"p50": "fast"}}]},
               open(d / "text.json", "w"))
     return d
+
+
+def TupleArg():
+    import torch
+
+    class Unpacks(torch.nn.Module):
+        def forward(self, inputs):
+            x, lengths = inputs
+            return x * lengths[:, None]
+    return Unpacks()
 
 
 BUILD = ["build", "{d}/m.pt", "-o", "{out}"]
@@ -63,6 +76,7 @@ MISTAKES = [
     (BUILD + ["--opset", "9"], 2, "opset 17 to 20"),
     (["export", "{d}/m.pt", "-o", "{out}", "--opset", "99"], 2, "opset"),
     (["quantize", "{d}/random.onnx", "-o", "{out}"], 3, "not an ONNX model"),
+    (["build", "{d}/tuple.ts.pt", "--data", "{d}/tuple.npz", "-o", "{out}"], 3, "is a Tuple[Tensor, Tensor]"),
     (["quantize", "{d}/m.onnx", "--data", "{d}/one.npz", "-o", "{out}"], 4, "at least 32"),
     (["bench", "{d}/m.onnx", "--batch", "100000000"], 2, "--batch"),
     (["bench", "{d}/m.onnx", "--batch", "0"], 2, "--batch"),

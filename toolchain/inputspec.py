@@ -129,6 +129,11 @@ def _from_schema(module) -> list[InputSpec]:
     for a in args:
         kind = str(a.type)
         optional = a.default_value is not None or kind.startswith("Optional")
+        if "Tensor" in kind and kind.replace("Optional[", "").startswith(("Tuple", "List", "Dict", "(")):
+            # fed one tensor, such a forward fails deep inside torch with a type error
+            raise ModelError(f"the model's input {a.name!r} is a {kind}, several tensors in one argument; edgec "
+                             "feeds one tensor per argument: save a module whose forward takes each tensor as its "
+                             "own argument and passes them on together (forward(self, a, b): return model((a, b)))")
         if "Tensor" not in kind:
             if optional:
                 continue   # a non-tensor setting with a default: left at its default

@@ -224,27 +224,40 @@ def _in_import(frame) -> bool:
     return False
 
 
-_first_sigterm: list[float] = []
+# What the SIGTERM handler tells the watchdog thread. The handler itself starts no thread and takes no lock: it
+# can run in the middle of any bytecode, Thread.start()'s own locked section included (a Timer started there
+# deadlocked a test under load).
+_sigterm = {"first": None, "again": False, "raised": None}
 
 
 def _terminate(prog_name: str, signum, frame):
-    _first_sigterm[:] = _first_sigterm or [time.monotonic()]
-    if _in_import(frame) and time.monotonic() - _first_sigterm[0] < TERMINATE_GRACE_S:
+    now = time.monotonic()
+    _sigterm["first"] = _sigterm["first"] or now
+    if _in_import(frame) and now - _sigterm["first"] < TERMINATE_GRACE_S:
         # An exception raised inside an import runs through native modules' initialisers, where it was seen to
-        # be swallowed or to end in SIGABRT after a traceback: the signal is sent again once the import is over.
-        threading.Timer(0.02, os.kill, (os.getpid(), signum)).start()
+        # be swallowed or to end in SIGABRT after a traceback: the watchdog sends the signal again shortly.
+        _sigterm["again"] = True
         return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
-    threading.Thread(target=_end_after_grace, args=(prog_name,), daemon=True).start()
+    _sigterm["raised"] = now
     raise Terminated()
 
 
-def _end_after_grace(prog_name: str) -> None:
+def _watchdog(prog_name: str, running: list) -> None:
+    """Daemon thread, for as long as the command runs: sends a deferred SIGTERM again, and ends the process when
+    the unwinding after one has not within TERMINATE_GRACE_S (temporaries removed from fsutil's record)."""
     from edgec.core.fsutil import remove_live_temporaries
-    time.sleep(TERMINATE_GRACE_S)
-    remove_live_temporaries()
-    sys.stderr.write(f"{prog_name}: terminated (without unwinding: it took over {TERMINATE_GRACE_S:.0f} s)\n")
-    _exit_now(143)
+    while running[0]:
+        time.sleep(0.02 if _sigterm["first"] else 0.25)
+        if _sigterm["again"]:
+            _sigterm["again"] = False
+            os.kill(os.getpid(), signal.SIGTERM)
+        raised = _sigterm["raised"]
+        if raised is not None and time.monotonic() - raised > TERMINATE_GRACE_S:
+            remove_live_temporaries()
+            os.write(2, f"{prog_name}: terminated (without unwinding: it took over {TERMINATE_GRACE_S:.0f} s)\n"
+                     .encode())
+            os._exit(143)   # no flush: the main thread may hold the stream locks
 
 
 def _exit_now(code: int) -> None:
@@ -262,12 +275,16 @@ def run(group: click.Group, prog_name: str, argv=None) -> None:
     exit 1 (--debug shows the traceback); SIGTERM exits 143 after the same cleanup as Ctrl-C."""
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, functools.partial(_terminate, prog_name)) if in_main else None
+    running = [True]
+    if in_main:
+        threading.Thread(target=_watchdog, args=(prog_name, running), name="edgec-sigterm", daemon=True).start()
     try:
         _run(group, prog_name, argv)
     except Terminated:  # raised where click does not turn it into Abort (between its handlers)
         click.echo(f"{prog_name}: terminated", err=True)
         _exit_now(143)
     finally:
+        running[0] = False
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -2,10 +2,11 @@
 
 Before quantization: `prelus_as_max` (PRelu has no INT8 kernel), `affines_into_convs` (a constant Mul/Add after a
 Conv, which ORT's optimiser leaves there for a scalar: one rounding each), `batchnorms_as_convs` (nor has a
-BatchNorm that follows no Conv), `strided_convs_as_phases` (also at export: it speeds FP32 too), `strided_convs_as_frames` (in
-quantize only: mixed in FP32). After ORT's QDQ quantization, on the integers: `integer_max` (the PRelus' Max and a MaxPool after it),
-`integer_pads`, `integer_maxpools` (ORT's integer MaxPool is scalar code), `integer_inputs_from_static_codes`;
-and `float_hard_swishes` (x * HardSigmoid(x) as one float HardSwish between the quantizers: one rounding fewer). `unshare_biases` is no speed-up but a name fix for ORT's
+BatchNorm that follows no Conv), `strided_convs_as_phases` (also at export: it speeds FP32 too),
+`strided_convs_as_frames` (in quantize only: mixed in FP32). After ORT's QDQ quantization, on the integers:
+`integer_max` (the PRelus' Max and a MaxPool after it), `integer_pads`, `integer_maxpools` (ORT's integer MaxPool
+is scalar code), `integer_inputs_from_static_codes`; and `float_hard_swishes` (x * HardSigmoid(x) as one float
+HardSwish between the quantizers: one rounding fewer). `unshare_biases` is no speed-up but a name fix for ORT's
 quantizer (see there).
 
 `strided_convs_as_phases`: a strided convolution over few input channels with a long kernel (an audio front end
@@ -460,7 +461,8 @@ def affines_into_convs(model, keep=()) -> dict:
         name = conv.name or conv.output[0]
         wn, bn = f"{name}_affine_weight", f"{name}_affine_bias"
         dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
-        g.initializer.extend([numpy_helper.from_array(w.astype(dtype), wn), numpy_helper.from_array(b.astype(dtype), bn)])
+        g.initializer.extend([numpy_helper.from_array(w.astype(dtype), wn),
+                              numpy_helper.from_array(b.astype(dtype), bn)])
         del conv.input[1:]
         conv.input.extend([wn, bn])
         conv.output[0] = out

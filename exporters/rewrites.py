@@ -495,6 +495,22 @@ def _links(g):
     return producer, consumers, {o.name for o in g.output}
 
 
+def _attr(node, name, default):
+    from onnx import helper
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _same_quantizer(a, b, inits) -> bool:
+    """Two Quantize/DequantizeLinear nodes with scale and zero point initializers of the same values."""
+    import numpy as np
+    from onnx import numpy_helper
+    if len(a.input) < 3 or len(b.input) < 3:
+        return False
+    va, vb = ([numpy_helper.to_array(inits[n]) if n in inits else None for n in q.input[1:3]] for q in (a, b))
+    return all(x is not None and y is not None and x.shape == y.shape and np.array_equal(x, y)
+               for x, y in zip(va, vb))
+
+
 _DATA_MOVES = {"MaxPool", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
 
@@ -556,7 +572,7 @@ def integer_pads(model) -> list[str]:
     (Q(DQ(q)) = q for every code, and Q(0) = z for the padding), without the float round trip. Constant-mode
     Pads with a zero (or no) pad value, and edge/reflect Pads, which only copy codes. Returns the Pads moved."""
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     producer, consumers, outputs = _links(g)
@@ -564,20 +580,15 @@ def integer_pads(model) -> list[str]:
     def value(name):
         return numpy_helper.to_array(inits[name]) if name in inits else None
 
-    def same(a, b):   # two quantizers' scale and zero point inputs, the same values
-        va, vb = [value(n) for n in a[1:3]], [value(n) for n in b[1:3]]
-        return len(a) >= 3 and len(b) >= 3 and all(x is not None and y is not None and x.shape == y.shape
-                                                   and np.array_equal(x, y) for x, y in zip(va, vb))
-
     moved = []
     for pad in [n for n in g.node if n.op_type == "Pad"]:
         dq = producer.get(pad.input[0])
         users = consumers.get(pad.output[0], [])
-        mode = next((helper.get_attribute_value(a) for a in pad.attribute if a.name == "mode"), b"constant")
+        mode = _attr(pad, "mode", b"constant")
         fill = value(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
         if dq is None or dq.op_type != "DequantizeLinear" or len(users) != 1 or users[0].op_type != "QuantizeLinear" \
                 or pad.output[0] in outputs or fill is None or mode == b"constant" and np.any(fill != 0) \
-                or not same(dq.input, users[0].input) or value(dq.input[2]) is None \
+                or not _same_quantizer(dq, users[0], inits) \
                 or value(dq.input[2]).size != 1 or len(pad.input) > 3 and pad.input[3]:
             continue
         q = users[0]
@@ -631,27 +642,18 @@ def integer_maxpools(model) -> list[str]:
     producer, consumers, outputs = _links(g)
     shapes = None
 
-    def attr(n, name, default):
-        return next((helper.get_attribute_value(a) for a in n.attribute if a.name == name), default)
-
-    def equal_quantizers(a, b):
-        va = [numpy_helper.to_array(inits[n]) if n in inits else None for n in a.input[1:3]]
-        vb = [numpy_helper.to_array(inits[n]) if n in inits else None for n in b.input[1:3]]
-        return len(va) == len(vb) == 2 and all(x is not None and y is not None and x.shape == y.shape
-                                               and np.array_equal(x, y) for x, y in zip(va, vb))
-
     done = []
     for pool in [n for n in g.node if n.op_type == "MaxPool"]:
-        k = list(attr(pool, "kernel_shape", []))
+        k = list(_attr(pool, "kernel_shape", []))
         d = len(k)
-        if len(pool.output) > 1 and pool.output[1] or attr(pool, "ceil_mode", 0) \
-                or any(v != 1 for v in attr(pool, "dilations", [1] * d)) \
-                or attr(pool, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
+        if len(pool.output) > 1 and pool.output[1] or _attr(pool, "ceil_mode", 0) \
+                or any(v != 1 for v in _attr(pool, "dilations", [1] * d)) \
+                or _attr(pool, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
             continue
         src, out, drop = pool.input[0], pool.output[0], []
         dq, users = producer.get(src), consumers.get(out, [])
         if dq is not None and dq.op_type == "DequantizeLinear" and len(users) == 1 \
-                and users[0].op_type == "QuantizeLinear" and out not in outputs and equal_quantizers(dq, users[0]):
+                and users[0].op_type == "QuantizeLinear" and out not in outputs and _same_quantizer(dq, users[0], inits):
             dtype = _zero_point_dtype(users[0], inits)
             src, out, drop = dq.input[0], users[0].output[0], [users[0]]
         else:
@@ -662,8 +664,8 @@ def integer_maxpools(model) -> list[str]:
         dims = shapes.get(pool.input[0]) or ()
         if len(dims) != d + 2 or any(v is None for v in dims[2:]):
             continue
-        strides = list(attr(pool, "strides", [1] * d))
-        pads = list(attr(pool, "pads", [0] * 2 * d))
+        strides = list(_attr(pool, "strides", [1] * d))
+        pads = list(_attr(pool, "pads", [0] * 2 * d))
         sizes = [dims[2 + a] + pads[a] + pads[a + d] for a in range(d)]
         counts = [(sizes[a] - k[a]) // strides[a] + 1 for a in range(d)]
         if any(c < 1 for c in counts):
@@ -724,7 +726,7 @@ def float_hard_swishes(model) -> list[str]:
     ORT's QLinearMul for it (faster). HardSwish needs opset 14: an opset-13 model is raised to 14 (its ops' meaning
     is the same there); an older one is left alone. Returns the Muls replaced."""
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import helper
     g = model.graph
     default = next((o for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if default is None or default.version < 13:
@@ -732,19 +734,10 @@ def float_hard_swishes(model) -> list[str]:
     inits = {i.name: i for i in g.initializer}
     producer, consumers, outputs = _links(g)
 
-    def attr(n, name, default_value):
-        return next((helper.get_attribute_value(a) for a in n.attribute if a.name == name), default_value)
-
     def op(t, kind):
         n = producer.get(t)
         return n if n is not None and n.op_type == kind and len(consumers.get(t, [])) == 1 and t not in outputs \
             else None
-
-    def same_codes(a, b):   # two DequantizeLinears of the same codes with the same scale and zero point
-        va = [numpy_helper.to_array(inits[n]) if n in inits else None for n in a.input[1:]]
-        vb = [numpy_helper.to_array(inits[n]) if n in inits else None for n in b.input[1:]]
-        return a.input[0] == b.input[0] and len(va) == len(vb) and all(
-            x is not None and y is not None and np.array_equal(x, y) for x, y in zip(va, vb))
 
     done = []
     for mul in [n for n in g.node if n.op_type == "Mul" and len(n.input) == 2]:
@@ -754,8 +747,9 @@ def float_hard_swishes(model) -> list[str]:
             hs = op(q_h.input[0], "HardSigmoid") if q_h is not None else None
             dq_in = producer.get(hs.input[0]) if hs is not None else None
             if dq_x is None or dq_x.op_type != "DequantizeLinear" or dq_in is None \
-                    or dq_in.op_type != "DequantizeLinear" or not same_codes(dq_x, dq_in) \
-                    or not np.isclose(attr(hs, "alpha", 0.2), 1 / 6) or not np.isclose(attr(hs, "beta", 0.5), 0.5):
+                    or dq_in.op_type != "DequantizeLinear" or dq_x.input[0] != dq_in.input[0] \
+                    or not _same_quantizer(dq_x, dq_in, inits) \
+                    or not np.isclose(_attr(hs, "alpha", 0.2), 1 / 6) or not np.isclose(_attr(hs, "beta", 0.5), 0.5):
                 continue
             swish = helper.make_node("HardSwish", [mul.input[x_side]], list(mul.output), name=f"{mul.name}_hard_swish")
             g.node.insert(list(g.node).index(mul), swish)

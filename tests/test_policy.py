@@ -262,9 +262,12 @@ def test_a_filter_bank_over_frames_as_keras_writes_it_stays_out_of_static_int8(t
     assert s_on > s_off + 3, (s_on, s_off)
     # a kernel-1 Conv over ordinary channels (not frames) is no filter bank
     plain = nn.Sequential(nn.Conv1d(128, 64, 1), nn.ReLU(), nn.Conv1d(64, 8, 1))
-    assert not [grp for grp in plan(onnx.load(str(_export(plain, torch.randn(2, 128, 10), tmp_path / "p.onnx"))))[
-        "exclusions"] if grp["kind"] == "spectral"]
+    assert not _excluded(_export(plain, torch.randn(2, 128, 10), tmp_path / "p.onnx"), "spectral")
 
+
+def _excluded(path, kind: str) -> list:
+    """The policy's exclusion groups of this kind for the ONNX file at `path`."""
+    return [grp for grp in plan(onnx.load(str(path)))["exclusions"] if grp["kind"] == kind]
 
 
 class Detector(nn.Module):
@@ -290,14 +293,13 @@ def test_a_tiny_op_with_float_on_every_side_stays_float(tmp_path):
     lone = [grp for grp in info.policy["exclusions"] if grp["kind"] == "lone_small"]
     assert len(lone) == 1 and "64 weights" in lone[0]["reason"] and "no INT8 neighbour" in lone[0]["reason"], lone
     head = lone[0]["nodes"][0]
-    assert onnx.load(str(fp32)).graph.node[[n.name for n in onnx.load(str(fp32)).graph.node].index(head)].op_type \
-        in ("Gemm", "MatMul")
+    assert {n.name: n.op_type for n in onnx.load(str(fp32)).graph.node}[head] in ("Gemm", "MatMul")
     assert info.ops["by_type"]["Conv"] == {"int8": 2, "float": 0} and info.ops["int8_weight_share"] > 0.99
     assert _sqnr(_run(fp32, x), _run(tmp_path / "det.int8.onnx", x)) > 20
     # the same head after INT8 convs is not alone: nothing excluded for its size
     conv_head = nn.Sequential(nn.Conv1d(1, 32, 9), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 56, 1))
-    assert not [grp for grp in plan(onnx.load(str(_export(conv_head, torch.randn(2, 1, 64), tmp_path / "c.onnx"))))[
-        "exclusions"] if grp["kind"] == "lone_small"]
+    assert not _excluded(_export(conv_head, torch.randn(2, 1, 64), tmp_path / "c.onnx"), "lone_small")
+
 
 class Encoder(nn.Module):
     def __init__(self):
